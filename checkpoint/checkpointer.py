@@ -1,0 +1,140 @@
+"""The user API: `Checkpointer` and its synchronous implementation.
+
+`Checkpointer` holds the checks every implementation shares (arguments,
+closed state) and calls the implementation's `_save` / `_load`; the async
+checkpointer (checkpoint.async_checkpointer) drops in beside the sync one.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Mapping
+from concurrent.futures import Future
+from typing import Any
+
+from checkpoint.reader import CheckpointReader
+from checkpoint.types import STATE_DICT
+from checkpoint.writer import CheckpointWriter
+
+logger = logging.getLogger(__name__)
+
+
+class Checkpointer(abc.ABC):
+    """Saves and loads state dicts; every rank of the job calls `save` together.
+
+    Call order: any number of `save`/`load` calls, then `close()` once. After
+    `close()` every call raises `RuntimeError`.
+    """
+
+    def __init__(self) -> None:
+        self._closed = False
+
+    def save(self, state_dict: STATE_DICT, path: str, **kwargs: Any) -> tuple[Future, Future] | None:
+        """Save `state_dict` at `path` (every rank calls it).
+
+        Args:
+            state_dict: nested dicts/lists/tuples of tensors, DTensors, JSON-able values,
+                `RankLocal` values and objects with `state_dict()`/`load_state_dict()`.
+            path: local path, `file://` URL or any fsspec URL of the checkpoint directory.
+            overwrite: replace an existing complete checkpoint (default False: refuse).
+            allow_pickle: store non-JSON values pickled (default False: refuse).
+
+        Returns:
+            None for a synchronous checkpointer; `(stage_future, write_future)` for an async one.
+        """
+        self._check_open()
+        if isinstance(state_dict, str) and not isinstance(path, str):
+            raise TypeError("save() takes (state_dict, path): the arguments are swapped")
+        if not isinstance(path, str) or not path:
+            raise TypeError(f"path must be a non-empty str, got {type(path).__name__}")
+        if not isinstance(state_dict, (Mapping, list, tuple)) and not hasattr(state_dict, "state_dict"):
+            raise TypeError(f"state_dict must be a dict (or list/tuple/stateful object), got {type(state_dict).__name__}")
+        return self._save(state_dict, path, **kwargs)
+
+    def load(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None = None,
+        *,
+        default_map_location: Any = None,
+        strict: bool = False,
+        **kwargs: Any,
+    ) -> STATE_DICT:
+        """Load the checkpoint at `path`.
+
+        Args:
+            path: the checkpoint directory (local path or fsspec URL).
+            state_dict: target whose tensors are filled in place and whose layout
+                (shapes, DTensor placements, world size) decides what each rank reads.
+                None returns the whole checkpoint as plain CPU tensors, same nesting.
+            default_map_location: device (or callable) for tensors loaded without a target.
+            strict: raise `MissingKeysError` listing target keys the checkpoint lacks.
+            allow_pickle: allow pickled values to be unpickled (default False).
+            verify: verify checksums of the bytes read (default True).
+
+        Returns:
+            The filled target (or the whole checkpoint).
+
+        Raises:
+            FileNotFoundError: nothing at `path`; `IncompleteCheckpointError` (a subclass)
+                when shard files exist without committed metadata.
+            MismatchError: a saved tensor's shape or dtype differs from the target's.
+        """
+        self._check_open()
+        if not isinstance(path, str) or not path:
+            raise TypeError(f"path must be a non-empty str, got {type(path).__name__}")
+        return self._load(path, state_dict, default_map_location=default_map_location, strict=strict, **kwargs)
+
+    def close(self) -> None:
+        """Release resources; safe to call more than once."""
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+
+    @abc.abstractmethod
+    def _save(self, state_dict: STATE_DICT, path: str, **kwargs: Any) -> tuple[Future, Future] | None: ...
+
+    @abc.abstractmethod
+    def _load(self, path: str, state_dict: STATE_DICT | None, *, default_map_location: Any, strict: bool, **kwargs: Any) -> STATE_DICT: ...
+
+    @abc.abstractmethod
+    def _close(self) -> None: ...
+
+
+class SyncCheckpointer(Checkpointer):
+    """Saves and loads in the calling thread: `save` returns once the checkpoint is committed.
+
+    Example:
+        >>> ckpt = SyncCheckpointer(writer, reader)
+        >>> ckpt.save({"w": torch.ones(3)}, "/tmp/ckpt/step-1")
+        >>> ckpt.load("/tmp/ckpt/step-1")["w"]
+        tensor([1., 1., 1.])
+    """
+
+    def __init__(self, writer: CheckpointWriter, reader: CheckpointReader) -> None:
+        super().__init__()
+        self._writer = writer
+        self._reader = reader
+
+    def _save(self, state_dict: STATE_DICT, path: str, **kwargs: Any) -> None:
+        self._writer.write(path, state_dict, **kwargs)
+        return None
+
+    def _load(self, path: str, state_dict: STATE_DICT | None, *, default_map_location: Any, strict: bool, **kwargs: Any) -> STATE_DICT:
+        loaded, _ = self._reader.read(path, state_dict, map_location=default_map_location, strict=strict, **kwargs)
+        return loaded
+
+    def _close(self) -> None:
+        self._writer.close()
+        logger.debug("SyncCheckpointer closed")

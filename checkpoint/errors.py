@@ -1,0 +1,35 @@
+"""The exceptions of shardsafe (defined in `planners.errors`, re-exported for users)."""
+
+from planners.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointTimeoutError,
+    CorruptCheckpointError,
+    DistributedCheckpointError,
+    IncompleteCheckpointError,
+    InvalidCheckpointError,
+    InvalidStateDictError,
+    MismatchError,
+    MissingKeysError,
+    PickleNotAllowedError,
+    PlanCoverageError,
+    RankLocalError,
+    WriterProcessError,
+)
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointTimeoutError",
+    "CorruptCheckpointError",
+    "DistributedCheckpointError",
+    "IncompleteCheckpointError",
+    "InvalidCheckpointError",
+    "InvalidStateDictError",
+    "MismatchError",
+    "MissingKeysError",
+    "PickleNotAllowedError",
+    "PlanCoverageError",
+    "RankLocalError",
+    "WriterProcessError",
+]

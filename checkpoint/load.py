@@ -1,0 +1,266 @@
+"""The load path: read the metadata, plan this rank's reads, fetch, verify, copy.
+
+Loading needs no collective: every rank reads the (small) metadata, plans
+the reads its own target needs (planners.load_plan) and fetches only those
+byte ranges, several files at once. Bytes are verified against the block
+checksums before anything is copied into the target.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import crc32c
+import torch
+
+from planners.boxes import Box, coalesce, full_box
+from planners.dtypes import dtype_from_name
+from planners.errors import (
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    InvalidCheckpointError,
+    MissingKeysError,
+    RankLocalError,
+)
+from planners.flatten import FlatStateDict, fill_target, flatten_state_dict, rebuild
+from planners.load_plan import LoadTarget, ReadItem, build_index, check_compatible, element_strides, plan_tensor_reads
+from planners.metadata import METADATA_FILE, SHARD_FILE_RE, ChunkRecord, Metadata, TensorRecord, parse_metadata
+from planners.values import decode_value
+from storage.backend import CheckpointStorage
+
+logger = logging.getLogger(__name__)
+
+# Runs closer than this are fetched in one request: a few wasted bytes cost
+# less than another round trip.
+COALESCE_GAP_BYTES = 64 * 1024
+# Keys named in a missing-keys error before "and N more".
+_MAX_KEYS_SHOWN = 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadOptions:
+    map_location: Any = None
+    allow_pickle: bool = False
+    verify: bool = True
+    strict: bool = False
+    io_threads: int = 8
+
+
+def read_metadata(storage: CheckpointStorage) -> Metadata:
+    """The committed metadata; a path with shard files but no metadata is incomplete."""
+    try:
+        data = storage.read_bytes(METADATA_FILE)
+    except FileNotFoundError:
+        names = storage.list_names()
+        if any(SHARD_FILE_RE.fullmatch(n) for n in names):
+            raise IncompleteCheckpointError(
+                f"checkpoint at {storage.url} is incomplete: it has shard files but no {METADATA_FILE} "
+                "(the save was interrupted or is still running); load an earlier checkpoint"
+            ) from None
+        raise FileNotFoundError(f"no checkpoint at {storage.url}: {METADATA_FILE} not found") from None
+    except IsADirectoryError as e:
+        raise InvalidCheckpointError(f"{storage.url}: {METADATA_FILE} is a directory") from e
+    return parse_metadata(data, where=storage.url)
+
+
+def load_checkpoint(
+    storage: CheckpointStorage, target: Any, *, rank: int, world_size: int, options: LoadOptions
+) -> tuple[Any, list[str]]:
+    """Load into `target` (or, when None, the whole checkpoint); returns it and the missing keys."""
+    start = time.perf_counter()
+    metadata = read_metadata(storage)
+    reader = _ChunkReader(storage, metadata, verify=options.verify, io_threads=options.io_threads)
+    if target is None:
+        result, missing = _load_everything(metadata, reader, rank=rank, world_size=world_size, options=options), []
+    else:
+        result, missing = _load_into(target, metadata, reader, rank=rank, world_size=world_size, options=options)
+    logger.info(
+        "loaded %s on rank %d: %d bytes read in %.3fs", storage.url, rank, reader.bytes_read, time.perf_counter() - start
+    )
+    return result, missing
+
+
+def _load_into(target: Any, metadata: Metadata, reader: _ChunkReader, *, rank: int, world_size: int, options: LoadOptions) -> tuple[Any, list[str]]:
+    flat = flatten_state_dict(target)
+    where = reader.storage.url
+    missing: list[str] = []
+    jobs: list[tuple[ReadItem, torch.Tensor]] = []
+    for fqn, leaf in flat.tensors.items():
+        if leaf.local.device.type == "meta":
+            raise InvalidCheckpointError(f"{where}: target key {fqn!r} is on the meta device; materialise it (e.g. to_empty()) before loading")
+        record = metadata.tensors.get(fqn)
+        if record is None:
+            missing.append(fqn)
+            continue
+        lt = LoadTarget(fqn=fqn, dtype=leaf.local.dtype, global_shape=leaf.global_shape, box=leaf.box)
+        check_compatible(lt, record, where=where)
+        jobs += [(item, leaf.local) for item in reader.plan(lt, record)]
+    new_values = {}
+    for fqn in flat.values:
+        if fqn in metadata.values:
+            new_values[fqn] = decode_value(metadata.values[fqn], key=fqn, allow_pickle=options.allow_pickle)
+        elif fqn in metadata.tensors:
+            raise InvalidCheckpointError(f"{where}: key {fqn!r} is a tensor in the checkpoint but not in the target")
+        else:
+            missing.append(fqn)
+    for fqn, holder in flat.rank_local.items():
+        record = metadata.rank_local.get(fqn)
+        if record is None:
+            missing.append(fqn)
+            continue
+        if record.world_size != world_size:
+            raise RankLocalError(
+                f"{where}: rank-local key {fqn!r} was saved by {record.world_size} ranks and cannot go back to "
+                f"rank {rank} of {world_size}; load it with the saving world size, or drop it from the target"
+            )
+        new_values[fqn] = _rank_local_value(record, rank, holder.value, reader, jobs, fqn, options)
+    if options.strict and missing:
+        shown = ", ".join(repr(k) for k in sorted(missing)[:_MAX_KEYS_SHOWN])
+        more = f" and {len(missing) - _MAX_KEYS_SHOWN} more" if len(missing) > _MAX_KEYS_SHOWN else ""
+        raise MissingKeysError(f"checkpoint at {where} lacks {len(missing)} key(s) the target asks for: {shown}{more}", sorted(missing))
+    reader.run(jobs)
+    return fill_target(target, flat, new_values), sorted(missing)
+
+
+def _rank_local_value(record: Any, rank: int, current: Any, reader: _ChunkReader, jobs: list, fqn: str, options: LoadOptions) -> Any:
+    entry = record.tensors[rank]
+    if entry is None:
+        return decode_value(record.values[rank], key=fqn, allow_pickle=options.allow_pickle)
+    dtype_name, chunk = entry
+    dtype = dtype_from_name(dtype_name, where=reader.storage.url)
+    shape = chunk.box.sizes
+    if isinstance(current, torch.Tensor) and current.dtype == dtype and tuple(current.shape) == shape and current.device.type != "meta":
+        dest = current  # filled in place, like any other target tensor
+    else:
+        dest = torch.empty(shape, dtype=dtype)
+    record_t = TensorRecord(dtype=dtype_name, shape=shape, chunks=(chunk,))
+    jobs += [(item, dest) for item in reader.plan(LoadTarget(fqn=fqn, dtype=dtype, global_shape=shape, box=full_box(shape)), record_t)]
+    return dest
+
+
+def _load_everything(metadata: Metadata, reader: _ChunkReader, *, rank: int, world_size: int, options: LoadOptions) -> Any:
+    jobs: list[tuple[ReadItem, torch.Tensor]] = []
+    tensors = {}
+    for fqn, record in metadata.tensors.items():
+        dtype = dtype_from_name(record.dtype, where=reader.storage.url)
+        dest = tensors[fqn] = torch.empty(record.shape, dtype=dtype)
+        jobs += [(item, dest) for item in reader.plan(LoadTarget(fqn=fqn, dtype=dtype, global_shape=record.shape, box=full_box(record.shape)), record)]
+    rank_local = {
+        fqn: [_rank_local_value(rec, r, None, reader, jobs, fqn, options) for r in range(rec.world_size)]
+        for fqn, rec in metadata.rank_local.items()
+    }
+    reader.run(jobs)
+    place = _placer(options.map_location)
+
+    def leaf(kind: str, fqn: str) -> Any:
+        if kind == "tensor":
+            return place(tensors[fqn])
+        if kind == "rank_local":
+            return [place(v) if isinstance(v, torch.Tensor) else v for v in rank_local[fqn]]
+        return decode_value(metadata.values[fqn], key=fqn, allow_pickle=options.allow_pickle)
+
+    return rebuild(metadata.structure, leaf)
+
+
+def _placer(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    if map_location is None:
+        return lambda t: t
+    if callable(map_location):
+        return map_location
+    return lambda t: t.to(map_location)
+
+
+class _ChunkReader:
+    """Plans and runs the byte-range reads of one load."""
+
+    def __init__(self, storage: CheckpointStorage, metadata: Metadata, *, verify: bool, io_threads: int) -> None:
+        self.storage = storage
+        self.metadata = metadata
+        self.verify = verify
+        self.io_threads = io_threads
+        self.bytes_read = 0
+        self._indexes: dict[int, Any] = {}
+
+    def plan(self, target: LoadTarget, record: TensorRecord) -> list[ReadItem]:
+        index = self._indexes.get(id(record))
+        if index is None:
+            index = self._indexes[id(record)] = (record, build_index(record))
+        block = self.metadata.checksum_block_bytes if self.verify else None
+        return plan_tensor_reads(target, record, index[1], block_bytes=block)
+
+    def run(self, jobs: Sequence[tuple[ReadItem, torch.Tensor]]) -> None:
+        by_file: dict[str, list[tuple[ReadItem, torch.Tensor]]] = defaultdict(list)
+        for item, dest in jobs:
+            by_file[item.chunk.file].append((item, dest))
+        if self.io_threads > 1 and len(by_file) > 1:
+            with ThreadPoolExecutor(max_workers=min(self.io_threads, len(by_file)), thread_name_prefix="shardsafe-read") as pool:
+                list(pool.map(self._run_file, by_file.items()))
+        else:
+            for entry in by_file.items():
+                self._run_file(entry)
+
+    def _run_file(self, entry: tuple[str, list[tuple[ReadItem, torch.Tensor]]]) -> None:
+        name, jobs = entry
+        wanted = [(item.chunk.offset_bytes + s, n) for item, _ in jobs for s, n in item.runs]
+        merged = coalesce(wanted, max_gap=COALESCE_GAP_BYTES)
+        buffers = self.storage.read_ranges(name, merged)
+        self.bytes_read += sum(n for _, n in merged)
+        starts = [s for s, _ in merged]
+        verified: set[tuple[int, int]] = set()
+        for item, dest in jobs:
+            pieces = [(run, self._slice(merged, starts, buffers, item.chunk.offset_bytes + run[0], run[1])) for run in item.runs]
+            if self.verify:
+                self._check(name, item, pieces, verified)
+            _copy_region(item, _span_bytes(item, pieces), dest)
+
+    @staticmethod
+    def _slice(merged: list[tuple[int, int]], starts: list[int], buffers: list[memoryview], offset: int, n: int) -> memoryview:
+        i = bisect.bisect_right(starts, offset) - 1
+        base = merged[i][0]
+        return buffers[i][offset - base : offset - base + n]
+
+    def _check(self, name: str, item: ReadItem, pieces: list, verified: set[tuple[int, int]]) -> None:
+        block = self.metadata.checksum_block_bytes
+        chunk = item.chunk
+        for (start, n), data in pieces:
+            for b in range(start, start + n, block):
+                key = (chunk.offset_bytes, b)
+                if key in verified:
+                    continue
+                got = crc32c.crc32c(data[b - start : b - start + block])
+                if got != chunk.checksums[b // block]:
+                    raise CorruptCheckpointError(
+                        f"{self.storage.url}: file {name}, key {item.fqn!r}: checksum mismatch in bytes "
+                        f"[{chunk.offset_bytes + b}, {chunk.offset_bytes + min(b + block, chunk.nbytes)}) "
+                        f"(crc32c {got:#010x}, recorded {chunk.checksums[b // block]:#010x}); the file is corrupt"
+                    )
+                verified.add(key)
+
+
+def _span_bytes(item: ReadItem, pieces: list[tuple[tuple[int, int], memoryview]]) -> memoryview:
+    """The bytes from the region's first to its last element, without a copy when one run holds them."""
+    first, end = item.span
+    for (start, n), data in pieces:
+        if start <= first and end <= start + n:
+            return data[first - start : end - start]
+    out = bytearray(end - first)
+    for (start, n), data in pieces:
+        lo, hi = max(start, first), min(start + n, end)
+        if lo < hi:
+            out[lo - first : hi - first] = data[lo - start : hi - start]
+    return memoryview(out)
+
+
+def _copy_region(item: ReadItem, span: memoryview, dest: torch.Tensor) -> None:
+    """Copy the region (viewed in place inside `span`) into its box of `dest`."""
+    src = torch.frombuffer(span, dtype=torch.uint8).view(item.dtype) if len(span) else torch.empty(0, dtype=item.dtype)
+    src = src.as_strided(item.region.sizes, element_strides(item.chunk.box.sizes), 0)
+    index = tuple(slice(o, o + n) for o, n in zip(item.dest.offsets, item.dest.sizes))
+    dest[index].copy_(src)

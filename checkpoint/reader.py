@@ -1,0 +1,67 @@
+"""CheckpointReader: loading on one rank, into a target layout or whole."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from checkpoint.config import CheckpointReaderConfig
+from checkpoint.load import LoadOptions, load_checkpoint
+from checkpoint.types import STATE_DICT, RankInfo
+from checkpoint.writer import check_options
+from storage.backend import open_storage
+
+LOAD_OPTIONS = frozenset({"allow_pickle", "verify", "strict"})
+
+
+class CheckpointReader:
+    """Reads checkpoints on this rank; needs no collective, so ranks may load independently.
+
+    Example:
+        >>> reader = CheckpointReader(RankInfo.detect())
+        >>> state, missing = reader.read("/tmp/ckpt/step-1")
+    """
+
+    def __init__(
+        self,
+        rank_info: RankInfo,
+        *,
+        config: CheckpointReaderConfig | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self._rank_info = rank_info
+        self._config = config or CheckpointReaderConfig()
+        self._storage_options = storage_options
+
+    def read(
+        self, path: str, state_dict: STATE_DICT | None = None, *, map_location: Any = None, **kwargs: Any
+    ) -> tuple[STATE_DICT, list[str]]:
+        """Load the checkpoint at `path`.
+
+        Args:
+            path: local path or fsspec URL of a committed checkpoint.
+            state_dict: the target; its tensors are filled in place (their shapes and
+                placements decide what is read). None loads everything as plain CPU tensors.
+            map_location: device (or callable on each tensor) for tensors loaded without a target.
+            allow_pickle: allow pickled values to be unpickled (default False: refuse).
+            verify: check crc32c of every byte read (default from the reader config).
+            strict: raise `MissingKeysError` when the target asks for keys the checkpoint lacks.
+
+        Returns:
+            The loaded state dict and the sorted list of target keys the checkpoint lacked.
+        """
+        check_options(kwargs, LOAD_OPTIONS, "load")
+        options = LoadOptions(
+            map_location=map_location,
+            allow_pickle=kwargs.get("allow_pickle", False),
+            verify=kwargs.get("verify", self._config.verify_checksums),
+            strict=kwargs.get("strict", False),
+            io_threads=self._config.io_threads,
+        )
+        storage = open_storage(path, storage_options=self._storage_options)
+        try:
+            return load_checkpoint(
+                storage, state_dict, rank=self._rank_info.global_rank,
+                world_size=self._rank_info.global_world_size, options=options,
+            )
+        finally:
+            storage.close()

@@ -1,0 +1,370 @@
+"""The save protocol, in the order every rank runs it.
+
+1. `describe_local`: flatten-derived local plan, encoded values (no I/O).
+2. `prepare_save`: the coordinator learns whether every rank's plan digest
+   matches the cached global plan; only if not are full local plans gathered
+   and a new global plan scattered. The coordinator also checks the path.
+3. `write_rank_files`: each rank streams its shard files (any process: the
+   trainer for a sync save, the writer process for an async one).
+4. `commit_save`: write results go to the coordinator, which writes the
+   metadata last; every rank learns the outcome, so all raise together.
+
+Every rank joins every exchange even after a local failure; the failure
+travels in the exchange instead of leaving the others waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import secrets
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from checkpoint.collectives import COORDINATOR, Exchange
+from planners.boxes import Box, full_box
+from planners.dtypes import dtype_name
+from planners.errors import CheckpointError, CheckpointExistsError, DistributedCheckpointError
+from planners.flatten import FlatStateDict
+from planners.metadata import (
+    CHECKSUM_BLOCK_BYTES,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    SHARD_FILE_RE,
+    ChunkRecord,
+    FileRecord,
+    Metadata,
+    RankLocalRecord,
+    TensorRecord,
+    shard_file_name,
+)
+from planners.save_plan import FilePlan, GlobalPlan, LocalPlan, RankPlan, WriteItem, plan_global
+from planners.values import JSON, encode_value
+from storage.backend import CheckpointStorage
+from storage.safetensors_io import WrittenTensor, write_safetensors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalSave:
+    """One rank's view of a save: its plan, the tensors behind it, its encoded values."""
+
+    plan: LocalPlan
+    tensors: dict[str, torch.Tensor]  # fqn -> this rank's chunk (or rank-local tensor)
+    values: dict[str, JSON]
+    rank_local_values: dict[str, JSON]
+    structure: JSON
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetadataDraft:
+    """What the coordinator knows before the writes; completed by the write results."""
+
+    global_plan: GlobalPlan
+    values: dict[str, JSON]
+    structure: JSON
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreparedSave:
+    """Everything a rank needs to write and commit one save (picklable: it goes to the writer process)."""
+
+    url: str
+    save_id: str
+    rank: int
+    world_size: int
+    files: tuple[FilePlan, ...]
+    rank_local_values: dict[str, JSON]
+    draft: MetadataDraft | None  # coordinator only
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WrittenChunk:
+    fqn: str
+    box: Box
+    dtype: str
+    rank_local: bool
+    file: str
+    written: WrittenTensor
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankWriteResult:
+    rank: int
+    files: dict[str, int] = field(default_factory=dict)  # name -> nbytes
+    chunks: tuple[WrittenChunk, ...] = ()
+    rank_local_values: dict[str, JSON] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class PlanCache:
+    """The last global plan, reused while no rank's plan digest changes."""
+
+    digests: list[str] | None = None  # coordinator only
+    rank_plan: RankPlan | None = None
+    draft_plan: GlobalPlan | None = None  # coordinator only
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Decision:
+    save_id: str
+    reuse: bool
+    error: BaseException | None = None
+    failures: dict[int, BaseException] = field(default_factory=dict)
+
+
+def describe_local(flat: FlatStateDict, rank: int, *, allow_pickle: bool) -> LocalSave:
+    """Local plan and encoded values of one rank (raises on unsupported leaves)."""
+    items = [
+        WriteItem(
+            fqn=leaf.fqn, dtype=dtype_name(leaf.local.dtype, key=leaf.fqn), global_shape=leaf.global_shape,
+            box=leaf.box, nbytes=leaf.local.numel() * leaf.local.element_size(),
+        )
+        for leaf in flat.tensors.values()
+        if leaf.local.numel() or not leaf.box.numel  # a rank's empty shard holds nothing to write
+    ]
+    tensors = {leaf.fqn: leaf.local for leaf in flat.tensors.values()}
+    rank_local_values = {}
+    for fqn, holder in flat.rank_local.items():
+        if isinstance(holder.value, torch.Tensor):
+            t = holder.value
+            items.append(
+                WriteItem(fqn=fqn, dtype=dtype_name(t.dtype, key=fqn), global_shape=tuple(t.shape), box=full_box(t.shape),
+                          nbytes=t.numel() * t.element_size(), rank_local=True)
+            )
+            tensors[fqn] = t
+        else:
+            rank_local_values[fqn] = encode_value(holder.value, key=fqn, allow_pickle=allow_pickle)
+    values = {fqn: encode_value(v, key=fqn, allow_pickle=allow_pickle) for fqn, v in flat.values.items()}
+    keys = tuple(sorted([*flat.tensors, *flat.values, *flat.rank_local]))
+    plan = LocalPlan(rank=rank, items=tuple(items), keys=keys)
+    return LocalSave(plan=plan, tensors=tensors, values=values, rank_local_values=rank_local_values, structure=flat.structure)
+
+
+def portable_error(e: BaseException) -> BaseException:
+    """`e` if it survives pickling (it travels to other ranks), else a CheckpointError with its text."""
+    try:
+        pickle.loads(pickle.dumps(e))  # allow_pickle: our own exception object, never a file
+        return e
+    except Exception:
+        return CheckpointError(f"{type(e).__name__}: {e}")
+
+
+def _raise_failures(rank: int, failures: Mapping[int, BaseException], url: str) -> None:
+    if not failures:
+        return
+    if rank in failures:
+        raise failures[rank]
+    raise DistributedCheckpointError(
+        f"save to {url} failed on rank(s) {sorted(failures)}; nothing was committed",
+        {r: f"{type(e).__name__}: {e}" for r, e in failures.items()},
+    )
+
+
+def prepare_save(
+    local: LocalSave | BaseException,
+    exchange: Exchange,
+    storage: CheckpointStorage,
+    cache: PlanCache,
+    *,
+    overwrite: bool,
+    max_file_bytes: int,
+) -> PreparedSave:
+    """Agree on the plan for this save (collective: every rank calls it, even after a local error)."""
+    coordinator = exchange.rank == COORDINATOR
+    digests = exchange.gather(portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint())
+    decision = None
+    if coordinator:
+        assert digests is not None
+        decision = _decide(digests, storage, cache, overwrite=overwrite)
+    decision = exchange.broadcast(decision)
+    if decision.error is not None:
+        raise decision.error
+    _raise_failures(exchange.rank, decision.failures, storage.url)
+    assert isinstance(local, LocalSave)
+    if not decision.reuse:
+        _replan(local, exchange, cache, max_file_bytes=max_file_bytes, url=storage.url)
+    assert cache.rank_plan is not None
+    draft = None
+    if coordinator:
+        assert cache.draft_plan is not None
+        draft = MetadataDraft(global_plan=cache.draft_plan, values=local.values, structure=local.structure)
+    return PreparedSave(
+        url=storage.url, save_id=decision.save_id, rank=exchange.rank, world_size=exchange.world_size,
+        files=cache.rank_plan.files, rank_local_values=local.rank_local_values, draft=draft,
+    )
+
+
+def _decide(digests: list[Any], storage: CheckpointStorage, cache: PlanCache, *, overwrite: bool) -> _Decision:
+    save_id = secrets.token_hex(6)
+    failures = {r: d for r, d in enumerate(digests) if isinstance(d, BaseException)}
+    if failures:
+        return _Decision(save_id=save_id, reuse=False, failures=failures)
+    try:
+        storage.prepare()
+        if storage.exists(METADATA_FILE) and not overwrite:
+            raise CheckpointExistsError(
+                f"a complete checkpoint already exists at {storage.url}; pass overwrite=True to save() to replace it"
+            )
+    except Exception as e:
+        return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
+    return _Decision(save_id=save_id, reuse=cache.digests == digests)
+
+
+def _replan(local: LocalSave, exchange: Exchange, cache: PlanCache, *, max_file_bytes: int, url: str) -> None:
+    plans = exchange.gather(local.plan)
+    answer: list[Any] | None = None
+    if exchange.rank == COORDINATOR:
+        assert plans is not None
+        try:
+            global_plan = plan_global(plans, max_file_bytes=max_file_bytes)
+            answer = list(global_plan.rank_plans)
+            cache.draft_plan = global_plan
+            cache.digests = [p.fingerprint() for p in plans]
+        except Exception as e:
+            answer = [portable_error(e)] * exchange.world_size
+            cache.digests = None
+    mine = exchange.scatter(answer)
+    if isinstance(mine, BaseException):
+        raise mine
+    cache.rank_plan = mine
+
+
+def write_rank_files(
+    storage: CheckpointStorage,
+    prepared: PreparedSave,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    io_threads: int,
+) -> RankWriteResult:
+    """Write this rank's shard files; failures are returned, not raised, so the commit can report them."""
+    try:
+        header = {"format": "shardsafe", "save_id": prepared.save_id, "rank": str(prepared.rank)}
+
+        def one(fp: FilePlan) -> tuple[str, int, list[WrittenChunk]]:
+            name = shard_file_name(prepared.save_id, fp.stem)
+            entries = [(item.fqn, tensors[item.fqn]) for item in fp.items]
+            with storage.open_write(name) as f:
+                written, nbytes = write_safetensors(f, entries, metadata=header, block_bytes=CHECKSUM_BLOCK_BYTES)
+            chunks = [
+                WrittenChunk(fqn=i.fqn, box=i.box, dtype=i.dtype, rank_local=i.rank_local, file=name, written=w)
+                for i, w in zip(fp.items, written)
+            ]
+            return name, nbytes, chunks
+
+        if len(prepared.files) > 1 and io_threads > 1:
+            with ThreadPoolExecutor(max_workers=min(io_threads, len(prepared.files)), thread_name_prefix="shardsafe-write") as pool:
+                done = list(pool.map(one, prepared.files))
+        else:
+            done = [one(fp) for fp in prepared.files]
+        return RankWriteResult(
+            rank=prepared.rank, files={n: b for n, b, _ in done}, chunks=tuple(c for _, _, cs in done for c in cs),
+            rank_local_values=prepared.rank_local_values,
+        )
+    except Exception as e:
+        logger.exception("rank %d: writing shard files to %s failed", prepared.rank, prepared.url)
+        return RankWriteResult(rank=prepared.rank, error=f"{type(e).__name__}: {e}")
+
+
+def commit_save(
+    storage: CheckpointStorage, exchange: Exchange, prepared: PreparedSave, result: RankWriteResult
+) -> Metadata | None:
+    """Gather write results; the coordinator writes the metadata last (collective).
+
+    Raises:
+        DistributedCheckpointError: on every rank, when any rank failed to write or the commit failed.
+    """
+    results = exchange.gather(result)
+    outcome: dict[int, str] | None = None
+    metadata = None
+    if exchange.rank == COORDINATOR:
+        assert results is not None and prepared.draft is not None
+        outcome = {r.rank: r.error for r in results if r.error is not None}
+        if not outcome:
+            try:
+                metadata = build_metadata(prepared, results)
+                storage.publish(METADATA_FILE, metadata.to_json())
+            except Exception as e:
+                logger.exception("committing %s failed", prepared.url)
+                outcome = {COORDINATOR: f"commit failed: {type(e).__name__}: {e}"}
+        if not outcome:
+            _remove_leftovers(storage, metadata)
+    outcome = exchange.broadcast(outcome)
+    if outcome:
+        raise DistributedCheckpointError(f"save to {prepared.url} failed; the checkpoint was not committed", outcome)
+    return metadata
+
+
+def build_metadata(prepared: PreparedSave, results: list[RankWriteResult]) -> Metadata:
+    """Complete the coordinator's draft with every rank's written byte ranges."""
+    draft = prepared.draft
+    assert draft is not None
+    chunks: dict[str, list[ChunkRecord]] = {fqn: [] for fqn in draft.global_plan.tensors}
+    rank_local_tensors: dict[str, list[Any]] = {}
+    rank_local_values: dict[str, list[JSON]] = {}
+    files = {}
+    for r in results:
+        files.update({name: FileRecord(nbytes=n, rank=r.rank) for name, n in r.files.items()})
+        for c in r.chunks:
+            record = ChunkRecord(
+                box=c.box, file=c.file, key=c.written.key, offset_bytes=c.written.offset_bytes,
+                nbytes=c.written.nbytes, checksums=c.written.checksums,
+            )
+            if c.rank_local:
+                rank_local_tensors.setdefault(c.fqn, [None] * len(results))[r.rank] = (c.dtype, record)
+            else:
+                chunks[c.fqn].append(record)
+        for fqn, v in r.rank_local_values.items():
+            rank_local_values.setdefault(fqn, [None] * len(results))[r.rank] = v
+    rank_local = {}
+    for fqn in set(rank_local_tensors) | set(rank_local_values):
+        ts = rank_local_tensors.get(fqn, [None] * len(results))
+        vs = rank_local_values.get(fqn, [None] * len(results))
+        rank_local[fqn] = RankLocalRecord(tensors=tuple(ts), values=tuple(vs))
+    tensors = {
+        fqn: TensorRecord(dtype=dtype, shape=shape, chunks=tuple(sorted(chunks[fqn], key=lambda c: c.box.offsets)))
+        for fqn, (dtype, shape) in draft.global_plan.tensors.items()
+    }
+    return Metadata(
+        version=FORMAT_VERSION, save_id=prepared.save_id, world_size=prepared.world_size,
+        checksum_block_bytes=CHECKSUM_BLOCK_BYTES, tensors=tensors, values=draft.values, rank_local=rank_local,
+        files=files, structure=draft.structure,
+    )
+
+
+def _remove_leftovers(storage: CheckpointStorage, metadata: Metadata | None) -> None:
+    """Delete shard files of earlier or crashed saves at this path (only names shardsafe writes)."""
+    if metadata is None:
+        return
+    stale = [
+        n for n in storage.list_names()
+        if (m := SHARD_FILE_RE.fullmatch(n)) and m["save_id"] != metadata.save_id
+        or n.startswith(f".{METADATA_FILE}.tmp-")
+    ]
+    try:
+        storage.remove(stale)
+    except Exception:  # the new checkpoint is committed; leftovers only cost space
+        logger.warning("could not remove %d stale files at %s", len(stale), storage.url, exc_info=True)
+
+
+def timed(label: str, timings: dict[str, float]):
+    """Context manager that adds the elapsed seconds of a phase to `timings`."""
+    return _Timer(label, timings)
+
+
+class _Timer:
+    def __init__(self, label: str, timings: dict[str, float]) -> None:
+        self.label, self.timings = label, timings
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.label] = self.timings.get(self.label, 0.0) + time.perf_counter() - self.start

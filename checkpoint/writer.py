@@ -1,0 +1,124 @@
+"""CheckpointWriter: one synchronous save, on every rank of the job.
+
+The writer runs the save protocol of `checkpoint.save` over the training
+job's process group: plan (reused while the structure is unchanged), write
+this rank's shard files, commit. It keeps the plan cache between saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch.distributed as dist
+
+from checkpoint.barriers import Barrier
+from checkpoint.collectives import Exchange, ProcessGroupExchange, SingleRankExchange
+from checkpoint.config import CheckpointWriterConfig
+from checkpoint.hooks import WriterHook
+from checkpoint.save import LocalSave, PlanCache, commit_save, describe_local, prepare_save, timed, write_rank_files
+from checkpoint.types import STATE_DICT, RankInfo
+from planners.flatten import flatten_state_dict
+from storage.backend import open_storage
+
+logger = logging.getLogger(__name__)
+
+SAVE_OPTIONS = frozenset({"overwrite", "allow_pickle"})
+
+
+def check_options(kwargs: dict[str, Any], allowed: frozenset[str], what: str) -> None:
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise TypeError(f"{what}() got unexpected keyword argument(s) {unknown}; accepted: {sorted(allowed)}")
+
+
+def make_exchange(rank_info: RankInfo) -> Exchange:
+    if rank_info.global_world_size == 1:
+        return SingleRankExchange()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"rank_info says {rank_info.global_world_size} ranks but no process group is initialised")
+    return ProcessGroupExchange()
+
+
+class CheckpointWriter:
+    """Writes checkpoints from this rank (every rank calls `write` together).
+
+    Example:
+        >>> writer = CheckpointWriter(CheckpointWriterConfig(), RankInfo.detect())
+        >>> writer.write("/tmp/ckpt/step-1", {"w": torch.ones(2)})
+    """
+
+    def __init__(
+        self,
+        config: CheckpointWriterConfig,
+        rank_info: RankInfo,
+        barrier: Barrier | None = None,
+        commit_hook: WriterHook | None = None,
+        *,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self._config = config
+        self._rank_info = rank_info
+        self._barrier = barrier
+        self._commit_hook = commit_hook
+        self._storage_options = storage_options
+        self._cache = PlanCache()
+        self._exchange: Exchange | None = None
+
+    def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> None:
+        """Save `state_dict` at `path` (collective).
+
+        Args:
+            path: local path or fsspec URL of the checkpoint directory.
+            state_dict: what to save (see the README for what it may hold).
+            overwrite: replace a complete checkpoint at `path` (default False: refuse).
+            allow_pickle: store values that are not JSON-able pickled (default False: refuse).
+
+        Raises:
+            CheckpointExistsError: a complete checkpoint is at `path` and overwrite is False.
+            InvalidStateDictError / PickleNotAllowedError: a leaf cannot be saved.
+            DistributedCheckpointError: some rank failed; nothing was committed.
+        """
+        check_options(kwargs, SAVE_OPTIONS, "save")
+        if self._exchange is None:
+            self._exchange = make_exchange(self._rank_info)
+        timings: dict[str, float] = {}
+        storage = open_storage(path, storage_options=self._storage_options)
+        try:
+            with timed("plan", timings):
+                local: LocalSave | BaseException
+                try:
+                    flat = flatten_state_dict(state_dict)
+                    local = describe_local(flat, self._rank_info.global_rank, allow_pickle=kwargs.get("allow_pickle", False))
+                except Exception as e:  # reported through the exchange so other ranks do not hang
+                    local = e
+                prepared = prepare_save(local, self._exchange, storage, self._cache, overwrite=kwargs.get("overwrite", False),
+                                        max_file_bytes=self._config.max_file_bytes)
+            assert isinstance(local, LocalSave)
+            with timed("write", timings):
+                result = write_rank_files(storage, prepared, local.tensors, io_threads=self._config.io_threads)
+            if self._commit_hook is not None and result.error is None:
+                try:
+                    self._commit_hook.pre_commit(path, rank=self._rank_info.global_rank)
+                except Exception as e:  # fail the save on every rank, through the commit exchange
+                    result = dataclasses.replace(result, error=f"pre_commit hook failed: {type(e).__name__}: {e}")
+            with timed("commit", timings):
+                commit_save(storage, self._exchange, prepared, result)
+            if self._barrier is not None:
+                self._barrier.execute_barrier()
+            if self._commit_hook is not None:
+                self._commit_hook.post_commit(path, rank=self._rank_info.global_rank)
+        finally:
+            storage.close()
+        nbytes = sum(result.files.values())
+        logger.info(
+            "saved %s rank %d: %d bytes in %d files; plan %.3fs write %.3fs commit %.3fs",
+            storage.url, self._rank_info.global_rank, nbytes, len(result.files),
+            timings.get("plan", 0.0), timings.get("write", 0.0), timings.get("commit", 0.0),
+        )
+
+    def close(self) -> None:
+        """Drop the cached plan (nothing else is held between saves)."""
+        self._cache = PlanCache()
+

@@ -1,0 +1,221 @@
+"""Flattening a state dict into keyed leaves, and putting values back.
+
+A state dict is nested dicts, lists and tuples whose leaves are tensors,
+DTensors, plain values, `RankLocal` wrappers, or objects with
+`state_dict()`/`load_state_dict()` (models, optimizers, torchtitan-style
+wrappers). Flattening gives every leaf a fully qualified name (FQN: the path
+joined with dots) and records the nesting as a small JSON tree, so a load
+without a target can rebuild the same nesting.
+
+A container with no tensor anywhere below it is one value leaf (stored as
+typed JSON): on load it replaces the target's value whole, whatever its
+length, as an optimizer's `param_groups` should.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, Partial
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from planners.boxes import Box, full_box
+from planners.errors import InvalidStateDictError
+from planners.values import JSON
+
+Path = tuple[Any, ...]
+
+
+class RankLocal:
+    """Marks a value that belongs to the rank that saves it.
+
+    Plain tensors and values are taken as replicated and written once; wrap
+    per-rank state (RNG state, data loader position) in `RankLocal` and each
+    rank gets its own value back on load. That needs the same world size on
+    load; otherwise `RankLocalError` is raised.
+
+    Example:
+        >>> state = {"rng": RankLocal(torch.get_rng_state())}
+        >>> # after load, state["rng"].value holds this rank's saved value
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"RankLocal({self.value!r})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorLeaf:
+    """This rank's chunk of one (possibly distributed) tensor."""
+
+    fqn: str
+    local: torch.Tensor
+    global_shape: tuple[int, ...]
+    box: Box
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlatStateDict:
+    """A flattened state dict; `structure` is the JSON nesting tree."""
+
+    tensors: dict[str, TensorLeaf]
+    values: dict[str, Any]
+    rank_local: dict[str, RankLocal]
+    structure: JSON
+    # Stateful objects met on the way, by path, with the dict their state_dict() gave.
+    stateful: dict[Path, tuple[Any, Any]] = field(default_factory=dict)
+
+
+def is_stateful(obj: Any) -> bool:
+    return (
+        not isinstance(obj, (torch.Tensor, Mapping, list, tuple))
+        and callable(getattr(obj, "state_dict", None))
+        and callable(getattr(obj, "load_state_dict", None))
+    )
+
+
+def fqn_of(path: Path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def flatten_state_dict(state_dict: Any) -> FlatStateDict:
+    """Flatten `state_dict` (calls `state_dict()` on stateful objects)."""
+    flat = FlatStateDict(tensors={}, values={}, rank_local={}, structure=None)
+    paths: dict[str, Path] = {}
+    structure = _walk(state_dict, (), flat, paths)
+    return FlatStateDict(
+        tensors=flat.tensors, values=flat.values, rank_local=flat.rank_local, structure=structure, stateful=flat.stateful
+    )
+
+
+def _claim(fqn: str, path: Path, paths: dict[str, Path]) -> None:
+    if fqn in paths:
+        raise InvalidStateDictError(
+            f"paths {list(paths[fqn])} and {list(path)} both flatten to the key {fqn!r}; rename one of them"
+        )
+    paths[fqn] = path
+
+
+def _walk(obj: Any, path: Path, flat: FlatStateDict, paths: dict[str, Path]) -> JSON:
+    fqn = fqn_of(path)
+    if isinstance(obj, RankLocal):
+        _claim(fqn, path, paths)
+        flat.rank_local[fqn] = obj
+        return {"rank_local": fqn}
+    if isinstance(obj, torch.Tensor):
+        _claim(fqn, path, paths)
+        flat.tensors[fqn] = tensor_leaf(fqn, obj)
+        return {"tensor": fqn}
+    if is_stateful(obj):
+        sd = obj.state_dict()
+        if not isinstance(sd, Mapping):
+            raise InvalidStateDictError(f"key {fqn!r}: {type(obj).__qualname__}.state_dict() returned {type(sd).__qualname__}, not a dict")
+        flat.stateful[path] = (obj, sd)
+        return _walk_container(sd, path, flat, paths)
+    if isinstance(obj, (Mapping, list, tuple)) and (not path or contains_tensor(obj)):
+        return _walk_container(obj, path, flat, paths)
+    if not path:
+        raise InvalidStateDictError(f"a state dict must be a dict, list or tuple, not {type(obj).__qualname__}")
+    _claim(fqn, path, paths)
+    flat.values[fqn] = obj
+    return {"value": fqn}
+
+
+def _walk_container(obj: Any, path: Path, flat: FlatStateDict, paths: dict[str, Path]) -> JSON:
+    if isinstance(obj, Mapping):
+        items = []
+        for k, v in obj.items():
+            if type(k) not in (str, int):
+                raise InvalidStateDictError(
+                    f"key {fqn_of(path + (k,))!r}: dict keys must be str or int, not {type(k).__qualname__}"
+                )
+            items.append([k, _walk(v, path + (k,), flat, paths)])
+        return {"dict": items}
+    kind = "tuple" if isinstance(obj, tuple) else "list"
+    return {kind: [_walk(v, path + (i,), flat, paths) for i, v in enumerate(obj)]}
+
+
+def contains_tensor(obj: Any) -> bool:
+    """Whether a tensor, `RankLocal` or stateful object lies anywhere inside `obj`."""
+    if isinstance(obj, (torch.Tensor, RankLocal)) or is_stateful(obj):
+        return True
+    if isinstance(obj, Mapping):
+        return any(contains_tensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(contains_tensor(v) for v in obj)
+    return False
+
+
+def tensor_leaf(fqn: str, tensor: torch.Tensor) -> TensorLeaf:
+    """Where this rank's part of `tensor` lies in the global tensor."""
+    if not isinstance(tensor, DTensor):
+        return TensorLeaf(fqn=fqn, local=tensor, global_shape=tuple(tensor.shape), box=full_box(tensor.shape))
+    if any(isinstance(p, Partial) for p in tensor.placements):
+        raise InvalidStateDictError(
+            f"key {fqn!r}: DTensor with a Partial placement holds unreduced values; "
+            "redistribute it to Shard/Replicate before saving"
+        )
+    global_shape = tuple(tensor.shape)
+    local = tensor.to_local()
+    sizes, offsets = compute_local_shape_and_global_offset(global_shape, tensor.device_mesh, tensor.placements)
+    if tuple(local.shape) != tuple(sizes):
+        raise InvalidStateDictError(
+            f"key {fqn!r}: local tensor shape {list(local.shape)} does not match the shape "
+            f"{list(sizes)} its placements {tensor.placements} imply"
+        )
+    return TensorLeaf(fqn=fqn, local=local, global_shape=global_shape, box=Box(offsets=tuple(offsets), sizes=tuple(sizes)))
+
+
+def rebuild(structure: JSON, leaf: Callable[[str, str], Any]) -> Any:
+    """Build the nesting recorded in `structure`; `leaf(kind, fqn)` supplies each leaf."""
+    ((kind, body),) = structure.items()
+    if kind == "dict":
+        return {k: rebuild(v, leaf) for k, v in body}
+    if kind == "list":
+        return [rebuild(v, leaf) for v in body]
+    if kind == "tuple":
+        return tuple(rebuild(v, leaf) for v in body)
+    return leaf(kind, body)
+
+
+def fill_target(target: Any, flat: FlatStateDict, new_values: Mapping[str, Any]) -> Any:
+    """Put loaded values into `target`; tensors were already filled in place.
+
+    Dicts and lists are updated in place, tuples rebuilt, and each stateful
+    object gets `load_state_dict()` with its filled state dict.
+    """
+    return _fill(target, (), flat, new_values)
+
+
+def _fill(obj: Any, path: Path, flat: FlatStateDict, new_values: Mapping[str, Any]) -> Any:
+    fqn = fqn_of(path)
+    if isinstance(obj, RankLocal):
+        if fqn in new_values:
+            obj.value = new_values[fqn]
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if path in flat.stateful:
+        owner, sd = flat.stateful[path]
+        owner.load_state_dict(_fill_container(sd, path, flat, new_values))
+        return owner
+    if isinstance(obj, (Mapping, list, tuple)) and (not path or contains_tensor(obj)):
+        return _fill_container(obj, path, flat, new_values)
+    return new_values.get(fqn, obj)
+
+
+def _fill_container(obj: Any, path: Path, flat: FlatStateDict, new_values: Mapping[str, Any]) -> Any:
+    if isinstance(obj, tuple):
+        filled = [_fill(v, path + (i,), flat, new_values) for i, v in enumerate(obj)]
+        return tuple(filled) if type(obj) is tuple else type(obj)(*filled)  # namedtuples take fields
+    keys = obj.keys() if isinstance(obj, Mapping) else range(len(obj))
+    for k in list(keys):
+        obj[k] = _fill(obj[k], path + (k,), flat, new_values)
+    return obj

@@ -1,0 +1,252 @@
+"""The checkpoint's metadata: the complete map from every key to its bytes.
+
+The coordinator writes it last; its presence is what makes a checkpoint
+complete. It is JSON with a format version, and everything in it is
+validated when read, since a checkpoint may come from anyone: file names
+must be plain shard names inside the checkpoint, every byte range must lie
+inside its file, shapes and sizes must agree, dtypes must be known. The
+on-disk schema is documented in docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from planners.boxes import Box, tiling_problem
+from planners.dtypes import dtype_from_name
+from planners.errors import InvalidCheckpointError
+
+FORMAT_NAME = "shardsafe"
+# Bump on any change a version-1 reader would misread; readers accept every
+# version up to their own.
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+# Shard file names: shard-<save id>-r<rank>-<index>.safetensors. Nothing else
+# is ever read as data, and nothing else is ever deleted by cleanup.
+SHARD_FILE_RE = re.compile(r"^shard-(?P<save_id>[0-9a-f]{8,32})-r(?P<rank>\d{5,})-(?P<index>\d{3,})\.safetensors$")
+# Checksums cover blocks of this many bytes of each chunk, so a resharded load
+# that reads part of a chunk can still verify what it read, at the cost of
+# reading at most one block more at each end of a byte run.
+CHECKSUM_BLOCK_BYTES = 512 * 1024
+# Anything this big is a hostile file, not a tensor (bytes, elements).
+MAX_NUMEL = 1 << 50
+MAX_FILE_BYTES = 1 << 52
+
+
+def shard_file_name(save_id: str, stem: str) -> str:
+    return f"shard-{save_id}-{stem}.safetensors"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChunkRecord:
+    """Where one chunk's bytes lie: `nbytes` at `offset_bytes` of `file`, under safetensors key `key`."""
+
+    box: Box
+    file: str
+    key: str
+    offset_bytes: int
+    nbytes: int
+    checksums: tuple[int, ...]  # crc32c of each checksum block of the chunk's bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorRecord:
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[ChunkRecord, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankLocalRecord:
+    """One rank-local key: per saving rank, a whole tensor (dtype, chunk) or a typed-JSON value."""
+
+    tensors: tuple[tuple[str, ChunkRecord] | None, ...]  # per rank: (dtype, chunk) or None
+    values: tuple[Any, ...]  # per rank: typed JSON when tensors[rank] is None
+
+    @property
+    def world_size(self) -> int:
+        return len(self.tensors)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileRecord:
+    nbytes: int
+    rank: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Metadata:
+    version: int
+    save_id: str
+    world_size: int
+    checksum_block_bytes: int
+    tensors: dict[str, TensorRecord]
+    values: dict[str, Any]  # fqn -> typed JSON (see planners.values)
+    rank_local: dict[str, RankLocalRecord]
+    files: dict[str, FileRecord]
+    structure: Any
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "save_id": self.save_id,
+            "world_size": self.world_size,
+            "checksum_block_bytes": self.checksum_block_bytes,
+            "files": {n: {"nbytes": f.nbytes, "rank": f.rank} for n, f in sorted(self.files.items())},
+            "tensors": {
+                k: {"dtype": t.dtype, "shape": list(t.shape), "chunks": [_chunk_json(c) for c in t.chunks]}
+                for k, t in self.tensors.items()
+            },
+            "values": self.values,
+            "rank_local": {
+                k: [
+                    {"tensor": {"dtype": t[0], **_chunk_json(t[1])}} if t is not None else {"value": v}
+                    for t, v in zip(r.tensors, r.values)
+                ]
+                for k, r in self.rank_local.items()
+            },
+            "structure": self.structure,
+        }
+        return json.dumps(doc, indent=1, allow_nan=False).encode()
+
+
+def _chunk_json(c: ChunkRecord) -> dict[str, Any]:
+    return {
+        "offsets": list(c.box.offsets),
+        "sizes": list(c.box.sizes),
+        "file": c.file,
+        "key": c.key,
+        "offset_bytes": c.offset_bytes,
+        "nbytes": c.nbytes,
+        "crc32c": list(c.checksums),
+    }
+
+
+def parse_metadata(data: bytes, *, where: str) -> Metadata:
+    """Parse and validate untrusted metadata bytes.
+
+    Raises:
+        InvalidCheckpointError: anything malformed, out of range or unsafe, naming `where` and the key.
+    """
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise InvalidCheckpointError(f"{where}: metadata is not valid JSON: {e}") from e
+    v = _Validator(where)
+    v.check(isinstance(doc, dict) and doc.get("format") == FORMAT_NAME, "not a shardsafe metadata file")
+    version = v.int_(doc.get("version"), "version", low=1)
+    v.check(version <= FORMAT_VERSION, f"format version {version} is newer than this reader ({FORMAT_VERSION}); upgrade shardsafe")
+    world_size = v.int_(doc.get("world_size"), "world_size", low=1)
+    block = v.int_(doc.get("checksum_block_bytes"), "checksum_block_bytes", low=4096, high=1 << 40)
+    save_id = doc.get("save_id")
+    v.check(isinstance(save_id, str) and re.fullmatch(r"[0-9a-f]{8,32}", save_id) is not None, "bad save_id")
+    v.block = block
+    files = {
+        v.file_name(n): FileRecord(nbytes=v.int_(f.get("nbytes"), f"files[{n!r}].nbytes", high=MAX_FILE_BYTES), rank=v.int_(f.get("rank"), f"files[{n!r}].rank"))
+        for n, f in v.dict_(doc.get("files"), "files").items()
+        if v.dict_(f, f"files[{n!r}]") is not None
+    }
+    tensors = {k: v.tensor(k, t, files) for k, t in v.dict_(doc.get("tensors"), "tensors").items()}
+    rank_local = {k: v.rank_local(k, r, files) for k, r in v.dict_(doc.get("rank_local"), "rank_local").items()}
+    values = v.dict_(doc.get("values"), "values")
+    structure = doc.get("structure")
+    v.structure(structure, set(tensors), set(values), set(rank_local))
+    return Metadata(
+        version=version, save_id=save_id, world_size=world_size, checksum_block_bytes=block, tensors=tensors, values=values,
+        rank_local=rank_local, files=files, structure=structure,
+    )
+
+
+class _Validator:
+    """Checks for untrusted metadata; every failure names the checkpoint and the field."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.block = CHECKSUM_BLOCK_BYTES
+
+    def check(self, ok: bool, problem: str) -> None:
+        if not ok:
+            raise InvalidCheckpointError(f"{self.where}: invalid metadata: {problem}")
+
+    def int_(self, x: Any, field: str, *, low: int = 0, high: int = MAX_FILE_BYTES) -> int:
+        self.check(type(x) is int and low <= x <= high, f"{field} must be an integer in [{low}, {high}], got {str(x)[:40]!r}")
+        return x
+
+    def dict_(self, x: Any, field: str) -> dict:
+        self.check(isinstance(x, dict), f"{field} must be an object")
+        return x
+
+    def ints(self, x: Any, field: str, ndim: int | None = None) -> tuple[int, ...]:
+        self.check(isinstance(x, list) and len(x) <= 64, f"{field} must be a list of at most 64 integers")
+        self.check(ndim is None or len(x) == ndim, f"{field} has {len(x)} dims, expected {ndim}")
+        return tuple(self.int_(i, field, high=MAX_NUMEL) for i in x)
+
+    def file_name(self, name: Any) -> str:
+        self.check(isinstance(name, str) and SHARD_FILE_RE.fullmatch(name) is not None,
+                   f"file name {str(name)[:80]!r} is not a shard file name (paths, '..' and URLs are refused)")
+        return name
+
+    def chunk(self, key: str, c: Any, shape: tuple[int, ...], itemsize: int, files: dict[str, FileRecord]) -> ChunkRecord:
+        c = self.dict_(c, f"chunk of {key!r}")
+        box = Box(offsets=self.ints(c.get("offsets"), f"{key!r} offsets", len(shape)), sizes=self.ints(c.get("sizes"), f"{key!r} sizes", len(shape)))
+        self.check(box.within(shape), f"key {key!r}: chunk {list(box.offsets)}+{list(box.sizes)} lies outside shape {list(shape)}")
+        name = self.file_name(c.get("file"))
+        self.check(name in files, f"key {key!r}: file {name!r} is not listed in files")
+        offset, nbytes = self.int_(c.get("offset_bytes"), f"{key!r} offset_bytes"), self.int_(c.get("nbytes"), f"{key!r} nbytes")
+        self.check(nbytes == box.numel * itemsize, f"key {key!r}: nbytes {nbytes} != {box.numel} elements x {itemsize} bytes")
+        self.check(offset + nbytes <= files[name].nbytes, f"key {key!r}: bytes [{offset}, {offset + nbytes}) lie outside file {name!r} of {files[name].nbytes} bytes")
+        self.check(isinstance(c.get("key"), str), f"key {key!r}: chunk key must be a string")
+        crcs = c.get("crc32c")
+        nblocks = -(-nbytes // self.block)
+        self.check(isinstance(crcs, list) and len(crcs) == nblocks, f"key {key!r}: expected {nblocks} block checksums")
+        checksums = tuple(self.int_(x, f"{key!r} crc32c", high=0xFFFFFFFF) for x in crcs)
+        return ChunkRecord(box=box, file=name, key=c["key"], offset_bytes=offset, nbytes=nbytes, checksums=checksums)
+
+    def tensor(self, key: str, t: Any, files: dict[str, FileRecord]) -> TensorRecord:
+        t = self.dict_(t, f"tensors[{key!r}]")
+        dtype = dtype_from_name(t.get("dtype"), where=f"{self.where}: key {key!r}")
+        shape = self.ints(t.get("shape"), f"{key!r} shape")
+        self.check(math.prod(shape) <= MAX_NUMEL, f"key {key!r}: shape {list(shape)} is too large")
+        chunks = tuple(self.chunk(key, c, shape, dtype.itemsize, files) for c in (t.get("chunks") if isinstance(t.get("chunks"), list) else self.check(False, f"{key!r} chunks must be a list") or []))
+        problem = tiling_problem(shape, [c.box for c in chunks])
+        self.check(problem is None, f"key {key!r}: {problem}")
+        return TensorRecord(dtype=t["dtype"], shape=shape, chunks=chunks)
+
+    def rank_local(self, key: str, per_rank: Any, files: dict[str, FileRecord]) -> RankLocalRecord:
+        self.check(isinstance(per_rank, list) and per_rank, f"rank_local[{key!r}] must be a non-empty list")
+        tensors, values = [], []
+        for r, entry in enumerate(per_rank):
+            entry = self.dict_(entry, f"rank_local[{key!r}][{r}]")
+            if "tensor" in entry:
+                t = self.dict_(entry["tensor"], f"rank_local[{key!r}][{r}].tensor")
+                dtype = dtype_from_name(t.get("dtype"), where=f"{self.where}: key {key!r}")
+                shape = self.ints(t.get("sizes"), f"{key!r} sizes")
+                tensors.append((t["dtype"], self.chunk(key, t, shape, dtype.itemsize, files)))
+                values.append(None)
+            else:
+                self.check("value" in entry, f"rank_local[{key!r}][{r}] needs 'tensor' or 'value'")
+                tensors.append(None)
+                values.append(entry["value"])
+        return RankLocalRecord(tensors=tuple(tensors), values=tuple(values))
+
+    def structure(self, node: Any, tensors: set[str], values: set[str], rank_local: set[str], depth: int = 0) -> None:
+        self.check(depth <= 256, "structure nested deeper than 256 levels")
+        self.check(isinstance(node, dict) and len(node) == 1, f"structure node {str(node)[:60]!r} is malformed")
+        ((kind, body),) = node.items()
+        if kind in ("list", "tuple"):
+            self.check(isinstance(body, list), f"structure {kind} must hold a list")
+            for child in body:
+                self.structure(child, tensors, values, rank_local, depth + 1)
+        elif kind == "dict":
+            self.check(isinstance(body, list), "structure dict must hold a list of pairs")
+            for pair in body:
+                self.check(isinstance(pair, list) and len(pair) == 2 and type(pair[0]) in (str, int), "structure dict pair is malformed")
+                self.structure(pair[1], tensors, values, rank_local, depth + 1)
+        else:
+            known = {"tensor": tensors, "value": values, "rank_local": rank_local}.get(kind)
+            self.check(known is not None and body in known, f"structure leaf {kind}:{str(body)[:60]!r} names no saved key")

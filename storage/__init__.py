@@ -1,0 +1,10 @@
+"""Bytes in and out for shardsafe: shard files and the metadata file.
+
+`open_storage` turns a plain path or any fsspec URL into a
+`CheckpointStorage`; `write_safetensors` streams tensors into a shard file.
+"""
+
+from storage.backend import CheckpointStorage, open_storage
+from storage.safetensors_io import WrittenTensor, tensor_bytes, write_safetensors
+
+__all__ = ["CheckpointStorage", "WrittenTensor", "open_storage", "tensor_bytes", "write_safetensors"]
