@@ -127,6 +127,11 @@ class SyncCheckpointer(Checkpointer):
         self._writer = writer
         self._reader = reader
 
+    @property
+    def last_save(self) -> Any:
+        """`SaveStats` of this rank's last save (plan reuse, bytes, phase seconds), or None."""
+        return self._writer.last_save
+
     def _save(self, state_dict: STATE_DICT, path: str, **kwargs: Any) -> None:
         self._writer.write(path, state_dict, **kwargs)
         return None

@@ -82,6 +82,7 @@ class PreparedSave:
     files: tuple[FilePlan, ...]
     rank_local_values: dict[str, JSON]
     draft: MetadataDraft | None  # coordinator only
+    plan_reused: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,6 +200,7 @@ def prepare_save(
     return PreparedSave(
         url=storage.url, save_id=decision.save_id, rank=exchange.rank, world_size=exchange.world_size,
         files=cache.rank_plan.files, rank_local_values=local.rank_local_values, draft=draft,
+        plan_reused=decision.reuse,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
@@ -25,6 +26,17 @@ from storage.backend import open_storage
 logger = logging.getLogger(__name__)
 
 SAVE_OPTIONS = frozenset({"overwrite", "allow_pickle"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveStats:
+    """What this rank did in its last save (also logged at INFO)."""
+
+    path: str
+    plan_reused: bool
+    bytes_written: int
+    files_written: int
+    seconds: dict[str, float]
 
 
 def check_options(kwargs: dict[str, Any], allowed: frozenset[str], what: str) -> None:
@@ -65,6 +77,7 @@ class CheckpointWriter:
         self._storage_options = storage_options
         self._cache = PlanCache()
         self._exchange: Exchange | None = None
+        self.last_save: SaveStats | None = None
 
     def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> None:
         """Save `state_dict` at `path` (collective).
@@ -112,9 +125,11 @@ class CheckpointWriter:
         finally:
             storage.close()
         nbytes = sum(result.files.values())
+        self.last_save = SaveStats(path=storage.url, plan_reused=prepared.plan_reused, bytes_written=nbytes,
+                                   files_written=len(result.files), seconds=dict(timings))
         logger.info(
-            "saved %s rank %d: %d bytes in %d files; plan %.3fs write %.3fs commit %.3fs",
-            storage.url, self._rank_info.global_rank, nbytes, len(result.files),
+            "saved %s rank %d: %d bytes in %d files; plan %.3fs (reused=%s) write %.3fs commit %.3fs",
+            storage.url, self._rank_info.global_rank, nbytes, len(result.files), prepared.plan_reused,
             timings.get("plan", 0.0), timings.get("write", 0.0), timings.get("commit", 0.0),
         )
 
