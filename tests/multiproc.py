@@ -1,0 +1,206 @@
+"""Run a test function on N real ``torch.distributed`` ranks, one process each.
+
+Checkpoint code is only trustworthy when every rank runs in its own process and the collectives (gather plans,
+scatter, barrier) really cross process boundaries, so tests go through :func:`run_ranks` instead of faking
+``dist.get_rank``. Each rank is a ``spawn`` child (no forked torch state) that joins a fresh gloo group on a free
+loopback port, runs ``fn(rank, world_size, *args)`` and sends back its pickled return value or its traceback on a
+pipe of its own. The parent waits on those pipes and on the process sentinels, never on a sleep, so a rank that
+raises, dies without a word (``os._exit``, SIGKILL, segfault) or hangs is reported with its rank number, and every
+failing rank's traceback ends up in one :class:`RankFailures`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# Once one rank has failed, its peers usually fail within milliseconds (gloo sees the closed connection), so wait
+# this long for their own errors before killing them; longer only delays the report of a broken test.
+FAILURE_GRACE_S = 5.0
+
+
+class RankFailures(Exception):
+    """Ranks raised, died without reporting, or were killed; ``failures`` maps rank to traceback or what was seen."""
+
+    def __init__(self, failures: Mapping[int, str], *, what: str = "rank(s) failed") -> None:
+        self.failures = dict(sorted(failures.items()))
+        parts = [f"--- rank {rank} ---\n{text.rstrip()}" for rank, text in self.failures.items()]
+        super().__init__(f"{what}: ranks {sorted(self.failures)}\n" + "\n".join(parts))
+
+
+class RankTimeout(RankFailures, TimeoutError):
+    """The ranks did not all finish within ``timeout_s``; the ones still running were killed."""
+
+
+def free_port() -> int:
+    """Returns a TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    args: tuple[Any, ...],
+    env: Mapping[str, str],
+    timeout_s: float,
+    conn: Connection,
+) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    try:
+        # A collective waiting on a dead peer must not outlive the parent's own deadline.
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        # Plain pickle, not torch's ForkingPickler: that one moves tensors to shared memory whose file descriptors
+        # vanish when this process exits. Pickling here also turns an unpicklable result into a reported failure.
+        message = pickle.dumps((True, result))
+    except Exception:
+        message = pickle.dumps((False, traceback.format_exc()))
+    conn.send_bytes(message)
+    conn.close()
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 120.0,
+    env: Mapping[str, str] | None = None,
+) -> list[Any]:
+    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks and returns their results.
+
+    Args:
+        fn: a module-level (picklable) function; its return value must be picklable too.
+        world_size: number of ranks (processes) to start.
+        *args: extra picklable arguments passed to ``fn`` on every rank.
+        timeout_s: deadline for the whole run, start-up included; also the process group's collective timeout.
+        env: extra environment variables set in every rank before the process group is created.
+
+    Returns:
+        The return values, indexed by rank.
+
+    Raises:
+        RankFailures: a rank raised (its traceback is included) or exited without reporting (its exit code is).
+        RankTimeout: ranks were still running after ``timeout_s``; they are killed and named.
+
+    Example:
+        >>> def _sum_of_ranks(rank: int, world_size: int) -> int:  # module level in the test file
+        ...     t = torch.tensor([rank])
+        ...     dist.all_reduce(t)
+        ...     return int(t)
+        >>> run_ranks(_sum_of_ranks, 3)  # doctest: +SKIP
+        [3, 3, 3]
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    deadline = time.monotonic() + timeout_s
+    procs: list[BaseProcess] = []
+    readers: list[Connection] = []
+    try:
+        for rank in range(world_size):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(
+                target=_rank_main,
+                args=(fn, rank, world_size, port, args, dict(env or {}), timeout_s, writer),
+                name=f"rank{rank}",
+            )
+            proc.start()
+            writer.close()  # the child holds the only write end, so its death shows up as EOF here
+            procs.append(proc)
+            readers.append(reader)
+        results, failures, timed_out = _collect(procs, readers, deadline)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+        for reader in readers:
+            reader.close()
+    if timed_out:
+        raise RankTimeout(failures, what=f"ranks did not finish within {timeout_s} s")
+    if failures:
+        raise RankFailures(failures)
+    return [results[rank] for rank in range(world_size)]
+
+
+def _collect(
+    procs: list[BaseProcess], readers: list[Connection], deadline: float
+) -> tuple[dict[int, Any], dict[int, str], bool]:
+    """Waits for every rank's report or death, then kills the ranks still running.
+
+    Returns ``(results, failures, timed_out)``; ``timed_out`` is set only when no rank had failed by itself.
+    """
+    results: dict[int, Any] = {}
+    failures: dict[int, str] = {}
+    pending = set(range(len(procs)))
+    while pending and (remaining := deadline - time.monotonic()) > 0:
+        wait([readers[r] for r in pending] + [procs[r].sentinel for r in pending], timeout=remaining)
+        for rank in sorted(pending):
+            report = _read_report(procs[rank], readers[rank])
+            if report is None:
+                continue
+            pending.discard(rank)
+            ok, payload = report
+            if ok:
+                results[rank] = payload
+            else:
+                failures[rank] = payload
+                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+    timed_out = bool(pending) and not failures
+    why = (
+        "at the deadline"
+        if timed_out
+        else f"{FAILURE_GRACE_S} s after rank {next(iter(failures), -1)} failed"
+    )
+    for rank in pending:
+        procs[rank].kill()
+        failures[rank] = f"still running {why}; killed with SIGKILL"
+    return results, failures, timed_out
+
+
+def _read_report(proc: BaseProcess, reader: Connection) -> tuple[bool, Any] | None:
+    """Returns ``(ok, result or error text)`` once the rank has reported or died, else None."""
+    # Read the exit state before polling: a rank that sent and then exited has its report in the pipe already.
+    exited = proc.exitcode is not None
+    if reader.poll():
+        try:
+            return pickle.loads(reader.recv_bytes())
+        except (EOFError, OSError):
+            proc.join(timeout=1.0)  # the pipe closes as the process exits; the exit code follows at once
+    elif not exited:
+        return None
+    code = proc.exitcode
+    if code is not None and code < 0:
+        return (
+            False,
+            f"died from signal {signal.Signals(-code).name} (exit code {code}) without reporting a result",
+        )
+    return False, f"exited with code {code} without reporting a result"
