@@ -46,11 +46,18 @@ def check_options(kwargs: dict[str, Any], allowed: frozenset[str], what: str) ->
 
 
 def make_exchange(rank_info: RankInfo) -> Exchange:
+    """The exchange for a save's small object collectives (called by every rank at its first save).
+
+    Object collectives on an NCCL group would stage every pickled plan through
+    GPU memory; jobs on NCCL get a gloo group of their own for them instead.
+    """
     if rank_info.global_world_size == 1:
         return SingleRankExchange()
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"rank_info says {rank_info.global_world_size} ranks but no process group is initialised")
-    return ProcessGroupExchange()
+    if "gloo" in str(dist.get_backend()):
+        return ProcessGroupExchange()
+    return ProcessGroupExchange(dist.new_group(backend="gloo"))
 
 
 class CheckpointWriter:
