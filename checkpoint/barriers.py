@@ -76,12 +76,23 @@ class TCPStoreBarrier(Barrier):
 
     barrier_type = "tcp_store"
 
-    def __init__(self, *, host: str, port: int, rank: int, world_size: int, timeout_secs: float = 600.0, prefix: str = "shardsafe-barrier") -> None:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        timeout_secs: float = 600.0,
+        prefix: str = "shardsafe-barrier",
+    ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.timeout = timedelta(seconds=timeout_secs)
         self.prefix = prefix
-        self.store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=self.timeout, wait_for_workers=False)
+        self.store = dist.TCPStore(
+            host, port, world_size, is_master=rank == 0, timeout=self.timeout, wait_for_workers=False
+        )
         self._generation = 0
 
     def execute_barrier(self) -> None:

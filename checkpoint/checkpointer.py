@@ -49,7 +49,9 @@ class Checkpointer(abc.ABC):
         if not isinstance(path, str) or not path:
             raise TypeError(f"path must be a non-empty str, got {type(path).__name__}")
         if not isinstance(state_dict, (Mapping, list, tuple)) and not hasattr(state_dict, "state_dict"):
-            raise TypeError(f"state_dict must be a dict (or list/tuple/stateful object), got {type(state_dict).__name__}")
+            raise TypeError(
+                f"state_dict must be a dict (or list/tuple/stateful object), got {type(state_dict).__name__}"
+            )
         return self._save(state_dict, path, **kwargs)
 
     def load(
@@ -84,7 +86,9 @@ class Checkpointer(abc.ABC):
         self._check_open()
         if not isinstance(path, str) or not path:
             raise TypeError(f"path must be a non-empty str, got {type(path).__name__}")
-        return self._load(path, state_dict, default_map_location=default_map_location, strict=strict, **kwargs)
+        return self._load(
+            path, state_dict, default_map_location=default_map_location, strict=strict, **kwargs
+        )
 
     def close(self) -> None:
         """Release resources; safe to call more than once."""
@@ -106,7 +110,15 @@ class Checkpointer(abc.ABC):
     def _save(self, state_dict: STATE_DICT, path: str, **kwargs: Any) -> tuple[Future, Future] | None: ...
 
     @abc.abstractmethod
-    def _load(self, path: str, state_dict: STATE_DICT | None, *, default_map_location: Any, strict: bool, **kwargs: Any) -> STATE_DICT: ...
+    def _load(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None,
+        *,
+        default_map_location: Any,
+        strict: bool,
+        **kwargs: Any,
+    ) -> STATE_DICT: ...
 
     @abc.abstractmethod
     def _close(self) -> None: ...
@@ -136,8 +148,18 @@ class SyncCheckpointer(Checkpointer):
         self._writer.write(path, state_dict, **kwargs)
         return None
 
-    def _load(self, path: str, state_dict: STATE_DICT | None, *, default_map_location: Any, strict: bool, **kwargs: Any) -> STATE_DICT:
-        loaded, _ = self._reader.read(path, state_dict, map_location=default_map_location, strict=strict, **kwargs)
+    def _load(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None,
+        *,
+        default_map_location: Any,
+        strict: bool,
+        **kwargs: Any,
+    ) -> STATE_DICT:
+        loaded, _ = self._reader.read(
+            path, state_dict, map_location=default_map_location, strict=strict, **kwargs
+        )
         return loaded
 
     def _close(self) -> None:

@@ -60,8 +60,11 @@ class CheckpointReader:
         storage = open_storage(path, storage_options=self._storage_options)
         try:
             return load_checkpoint(
-                storage, state_dict, rank=self._rank_info.global_rank,
-                world_size=self._rank_info.global_world_size, options=options,
+                storage,
+                state_dict,
+                rank=self._rank_info.global_rank,
+                world_size=self._rank_info.global_world_size,
+                options=options,
             )
         finally:
             storage.close()

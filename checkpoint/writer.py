@@ -18,7 +18,15 @@ from checkpoint.barriers import Barrier
 from checkpoint.collectives import Exchange, ProcessGroupExchange, SingleRankExchange
 from checkpoint.config import CheckpointWriterConfig
 from checkpoint.hooks import WriterHook
-from checkpoint.save import LocalSave, PlanCache, commit_save, describe_local, prepare_save, timed, write_rank_files
+from checkpoint.save import (
+    LocalSave,
+    PlanCache,
+    commit_save,
+    describe_local,
+    prepare_save,
+    timed,
+    write_rank_files,
+)
 from checkpoint.types import STATE_DICT, RankInfo
 from planners.flatten import flatten_state_dict
 from storage.backend import open_storage
@@ -54,7 +62,9 @@ def make_exchange(rank_info: RankInfo) -> Exchange:
     if rank_info.global_world_size == 1:
         return SingleRankExchange()
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"rank_info says {rank_info.global_world_size} ranks but no process group is initialised")
+        raise RuntimeError(
+            f"rank_info says {rank_info.global_world_size} ranks but no process group is initialised"
+        )
     if "gloo" in str(dist.get_backend()):
         return ProcessGroupExchange()
     return ProcessGroupExchange(dist.new_group(backend="gloo"))
@@ -110,19 +120,31 @@ class CheckpointWriter:
                 local: LocalSave | BaseException
                 try:
                     flat = flatten_state_dict(state_dict)
-                    local = describe_local(flat, self._rank_info.global_rank, allow_pickle=kwargs.get("allow_pickle", False))
+                    local = describe_local(
+                        flat, self._rank_info.global_rank, allow_pickle=kwargs.get("allow_pickle", False)
+                    )
                 except Exception as e:  # reported through the exchange so other ranks do not hang
                     local = e
-                prepared = prepare_save(local, self._exchange, storage, self._cache, overwrite=kwargs.get("overwrite", False),
-                                        max_file_bytes=self._config.max_file_bytes)
+                prepared = prepare_save(
+                    local,
+                    self._exchange,
+                    storage,
+                    self._cache,
+                    overwrite=kwargs.get("overwrite", False),
+                    max_file_bytes=self._config.max_file_bytes,
+                )
             assert isinstance(local, LocalSave)
             with timed("write", timings):
-                result = write_rank_files(storage, prepared, local.tensors, io_threads=self._config.io_threads)
+                result = write_rank_files(
+                    storage, prepared, local.tensors, io_threads=self._config.io_threads
+                )
             if self._commit_hook is not None and result.error is None:
                 try:
                     self._commit_hook.pre_commit(path, rank=self._rank_info.global_rank)
                 except Exception as e:  # fail the save on every rank, through the commit exchange
-                    result = dataclasses.replace(result, error=f"pre_commit hook failed: {type(e).__name__}: {e}")
+                    result = dataclasses.replace(
+                        result, error=f"pre_commit hook failed: {type(e).__name__}: {e}"
+                    )
             with timed("commit", timings):
                 commit_save(storage, self._exchange, prepared, result)
             if self._barrier is not None:
@@ -132,15 +154,25 @@ class CheckpointWriter:
         finally:
             storage.close()
         nbytes = sum(result.files.values())
-        self.last_save = SaveStats(path=storage.url, plan_reused=prepared.plan_reused, bytes_written=nbytes,
-                                   files_written=len(result.files), seconds=dict(timings))
+        self.last_save = SaveStats(
+            path=storage.url,
+            plan_reused=prepared.plan_reused,
+            bytes_written=nbytes,
+            files_written=len(result.files),
+            seconds=dict(timings),
+        )
         logger.info(
             "saved %s rank %d: %d bytes in %d files; plan %.3fs (reused=%s) write %.3fs commit %.3fs",
-            storage.url, self._rank_info.global_rank, nbytes, len(result.files), prepared.plan_reused,
-            timings.get("plan", 0.0), timings.get("write", 0.0), timings.get("commit", 0.0),
+            storage.url,
+            self._rank_info.global_rank,
+            nbytes,
+            len(result.files),
+            prepared.plan_reused,
+            timings.get("plan", 0.0),
+            timings.get("write", 0.0),
+            timings.get("commit", 0.0),
         )
 
     def close(self) -> None:
         """Drop the cached plan (nothing else is held between saves)."""
         self._cache = PlanCache()
-

@@ -79,7 +79,12 @@ def snapshot(model: nn.Module, optim: torch.optim.Optimizer) -> dict:
 
 def app_state(model: nn.Module, optim: torch.optim.Optimizer, step: int) -> dict:
     model_sd, optim_sd = get_state_dict(model, optim)
-    return {"model": model_sd, "optim": optim_sd, "step": step, "rng": checkpoint.RankLocal(torch.get_rng_state())}
+    return {
+        "model": model_sd,
+        "optim": optim_sd,
+        "step": step,
+        "rng": checkpoint.RankLocal(torch.get_rng_state()),
+    }
 
 
 def main() -> None:
@@ -105,7 +110,9 @@ def main() -> None:
         if rank == 0:
             with open(record, "w") as f:
                 json.dump({"saved": saved, "loss": loss, "after": after}, f)
-            print(f"[train] {world} ranks: saved {path} after {STEPS_BEFORE_SAVE} steps; next-step loss {loss:.6f}")
+            print(
+                f"[train] {world} ranks: saved {path} after {STEPS_BEFORE_SAVE} steps; next-step loss {loss:.6f}"
+            )
     else:
         # The resumed job has another world size, so the rank-local RNG state cannot come back;
         # load everything else (the model and optimizer reshard 2 -> 3 ranks).
@@ -121,12 +128,15 @@ def main() -> None:
         same_state = loaded == expected["saved"]
         same_loss = loss == expected["loss"]
         drift = max(
-            (v.full_tensor() - torch.tensor(expected["after"][k])).abs().max().item() for k, v in after.items()
+            (v.full_tensor() - torch.tensor(expected["after"][k])).abs().max().item()
+            for k, v in after.items()
         )
         if rank == 0:
-            print(f"[resume] {world} ranks: loaded {path} at step {state['step']}: parameters and AdamW state "
-                  f"match exactly={same_state}; next-step loss {loss:.6f} (recorded {expected['loss']:.6f}) "
-                  f"match exactly={same_loss}; parameter drift after that step {drift:.2e}")
+            print(
+                f"[resume] {world} ranks: loaded {path} at step {state['step']}: parameters and AdamW state "
+                f"match exactly={same_state}; next-step loss {loss:.6f} (recorded {expected['loss']:.6f}) "
+                f"match exactly={same_loss}; parameter drift after that step {drift:.2e}"
+            )
         if not (same_state and same_loss and state["step"] == STEPS_BEFORE_SAVE):
             raise SystemExit("resumed run differs from the original")
     ckpt.close()

@@ -91,7 +91,9 @@ class ChunkIndex:
                 if inter is not None and inter.numel:
                     found.append((i, inter))
         if sum(b.numel for _, b in found) != query.numel:
-            found = [(i, x) for i, b in enumerate(self._boxes) if (x := b.intersect(query)) is not None and x.numel]
+            found = [
+                (i, x) for i, b in enumerate(self._boxes) if (x := b.intersect(query)) is not None and x.numel
+            ]
         found.sort(key=lambda pair: pair[0])
         return found
 
@@ -102,7 +104,9 @@ def tiling_problem(shape: Sequence[int], boxes: Iterable[Box]) -> str | None:
     total = math.prod(shape)
     for b in boxes:
         if not b.within(shape):
-            return f"chunk at offsets {list(b.offsets)} sizes {list(b.sizes)} lies outside shape {list(shape)}"
+            return (
+                f"chunk at offsets {list(b.offsets)} sizes {list(b.sizes)} lies outside shape {list(shape)}"
+            )
     if total == 0:
         return None if boxes else "no chunk was saved for this empty tensor"
     boxes = [b for b in boxes if b.numel]
@@ -116,7 +120,10 @@ def tiling_problem(shape: Sequence[int], boxes: Iterable[Box]) -> str | None:
 
 def _overlap_problem(shape: Sequence[int], boxes: list[Box]) -> str | None:
     """With the volumes equal, a gap implies an overlap; find one through grid cells."""
-    bounds = [sorted({0, n, *(b.offsets[d] for b in boxes), *(b.end(d) for b in boxes)}) for d, n in enumerate(shape)]
+    bounds = [
+        sorted({0, n, *(b.offsets[d] for b in boxes), *(b.end(d) for b in boxes)})
+        for d, n in enumerate(shape)
+    ]
     ncells = math.prod(len(x) - 1 for x in bounds)
     if ncells > MAX_TILING_CELLS:
         return _pairwise_overlap(boxes)
@@ -172,7 +179,9 @@ def byte_runs(chunk: Box, region: Box, itemsize: int, *, max_runs: int) -> list[
         return [(first, last - first)]
     outer = [range(region.offsets[d], region.offsets[d] + region.sizes[d]) for d in range(split)]
     base = region.offsets[split] * strides[split]
-    return [(base + sum(i * strides[d] for d, i in enumerate(idx)), run_len) for idx in itertools.product(*outer)]
+    return [
+        (base + sum(i * strides[d] for d, i in enumerate(idx)), run_len) for idx in itertools.product(*outer)
+    ]
 
 
 def coalesce(runs: Sequence[tuple[int, int]], *, max_gap: int) -> list[tuple[int, int]]:

@@ -91,7 +91,11 @@ def flatten_state_dict(state_dict: Any) -> FlatStateDict:
     paths: dict[str, Path] = {}
     structure = _walk(state_dict, (), flat, paths)
     return FlatStateDict(
-        tensors=flat.tensors, values=flat.values, rank_local=flat.rank_local, structure=structure, stateful=flat.stateful
+        tensors=flat.tensors,
+        values=flat.values,
+        rank_local=flat.rank_local,
+        structure=structure,
+        stateful=flat.stateful,
     )
 
 
@@ -116,13 +120,17 @@ def _walk(obj: Any, path: Path, flat: FlatStateDict, paths: dict[str, Path]) -> 
     if is_stateful(obj):
         sd = obj.state_dict()
         if not isinstance(sd, Mapping):
-            raise InvalidStateDictError(f"key {fqn!r}: {type(obj).__qualname__}.state_dict() returned {type(sd).__qualname__}, not a dict")
+            raise InvalidStateDictError(
+                f"key {fqn!r}: {type(obj).__qualname__}.state_dict() returned {type(sd).__qualname__}, not a dict"
+            )
         flat.stateful[path] = (obj, sd)
         return _walk_container(sd, path, flat, paths)
     if isinstance(obj, (Mapping, list, tuple)) and (not path or contains_tensor(obj)):
         return _walk_container(obj, path, flat, paths)
     if not path:
-        raise InvalidStateDictError(f"a state dict must be a dict, list or tuple, not {type(obj).__qualname__}")
+        raise InvalidStateDictError(
+            f"a state dict must be a dict, list or tuple, not {type(obj).__qualname__}"
+        )
     _claim(fqn, path, paths)
     flat.values[fqn] = obj
     return {"value": fqn}
@@ -164,13 +172,17 @@ def tensor_leaf(fqn: str, tensor: torch.Tensor) -> TensorLeaf:
         )
     global_shape = tuple(tensor.shape)
     local = tensor.to_local()
-    sizes, offsets = compute_local_shape_and_global_offset(global_shape, tensor.device_mesh, tensor.placements)
+    sizes, offsets = compute_local_shape_and_global_offset(
+        global_shape, tensor.device_mesh, tensor.placements
+    )
     if tuple(local.shape) != tuple(sizes):
         raise InvalidStateDictError(
             f"key {fqn!r}: local tensor shape {list(local.shape)} does not match the shape "
             f"{list(sizes)} its placements {tensor.placements} imply"
         )
-    return TensorLeaf(fqn=fqn, local=local, global_shape=global_shape, box=Box(offsets=tuple(offsets), sizes=tuple(sizes)))
+    return TensorLeaf(
+        fqn=fqn, local=local, global_shape=global_shape, box=Box(offsets=tuple(offsets), sizes=tuple(sizes))
+    )
 
 
 def rebuild(structure: JSON, leaf: Callable[[str, str], Any]) -> Any:

@@ -89,8 +89,12 @@ def plan_tensor_reads(
             runs = widen_to_blocks(runs, block_bytes, chunk.nbytes)
         items.append(
             ReadItem(
-                fqn=target.fqn, chunk=chunk, dtype=target.dtype, region=region,
-                dest=overlap.relative_to(target.box), runs=tuple(runs),
+                fqn=target.fqn,
+                chunk=chunk,
+                dtype=target.dtype,
+                region=region,
+                dest=overlap.relative_to(target.box),
+                runs=tuple(runs),
             )
         )
     return items

@@ -104,9 +104,7 @@ def plan_global(local_plans: Sequence[LocalPlan], *, max_file_bytes: int) -> Glo
         RankPlan(rank=p.rank, plan_id=digest, files=_pack_files(p.rank, items, max_file_bytes))
         for p, items in zip(plans, assigned)
     )
-    return GlobalPlan(
-        plan_id=digest, world_size=len(plans), rank_plans=rank_plans, tensors=tensors
-    )
+    return GlobalPlan(plan_id=digest, world_size=len(plans), rank_plans=rank_plans, tensors=tensors)
 
 
 def _describe(keys: set[str]) -> str:

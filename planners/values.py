@@ -55,7 +55,9 @@ def encode_value(value: Any, *, key: str, allow_pickle: bool) -> JSON:
     try:
         payload = pickle.dumps(value)
     except Exception as e:
-        raise InvalidStateDictError(f"key {key!r}: value of type {type(value).__qualname__} cannot be pickled: {e}") from e
+        raise InvalidStateDictError(
+            f"key {key!r}: value of type {type(value).__qualname__} cannot be pickled: {e}"
+        ) from e
     return {"pickle": base64.b64encode(payload).decode("ascii")}
 
 

@@ -67,7 +67,12 @@ def build_state(layout: str, world_size: int, *, zeros: bool = False) -> dict:
 
 def check_state(state: dict) -> None:
     """Every tensor of `state` equals its global tensor exactly (DTensors gathered first)."""
-    got = {"w": state["model"]["w"], "b": state["model"]["b"], "i": state["ints"][0], "nested.x.y": state["nested"]["x.y"]}
+    got = {
+        "w": state["model"]["w"],
+        "b": state["model"]["b"],
+        "i": state["ints"][0],
+        "nested.x.y": state["nested"]["x.y"],
+    }
     for name, t in got.items():
         full = t.full_tensor() if isinstance(t, DTensor) else t
         expected = global_tensor(name)

@@ -104,7 +104,9 @@ def save_trained(rank: int, world_size: int, kind: str, path: str) -> dict | Non
     return snap if rank == 0 else None
 
 
-def load_and_compare(rank: int, world_size: int, kind: str, path: str, expected: dict, saved_world_size: int) -> str:
+def load_and_compare(
+    rank: int, world_size: int, kind: str, path: str, expected: dict, saved_world_size: int
+) -> str:
     model = build(kind, world_size, seed=123)  # different initial values: the load must overwrite all
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model_sd, optim_sd = get_state_dict(model, optim)

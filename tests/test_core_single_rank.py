@@ -22,9 +22,24 @@ from checkpoint import (
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE
 
 ALL_DTYPES = [
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-    torch.int8, torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.bool, torch.float8_e4m3fn,
-    torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz, torch.complex64,
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2,
+    torch.float8_e5m2fnuz,
+    torch.complex64,
 ]
 
 
@@ -40,7 +55,11 @@ def _tensor(dtype: torch.dtype, shape: tuple[int, ...] = (3, 4)) -> torch.Tensor
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 class Counter:
@@ -111,7 +130,12 @@ def test_values_keep_their_types(ckpt, tmp_path):
     assert full["int_keys"] == {0: "a", 1: (2, 3)}
     target = {"w": torch.zeros(2), "step": 0, "betas": None, "int_keys": {}}
     out = ckpt.load(str(tmp_path / "c"), state_dict=target)
-    assert out is target and out["step"] == 12 and out["betas"] == (0.9, 0.999) and out["int_keys"] == {0: "a", 1: (2, 3)}
+    assert (
+        out is target
+        and out["step"] == 12
+        and out["betas"] == (0.9, 0.999)
+        and out["int_keys"] == {0: "a", 1: (2, 3)}
+    )
     assert torch.equal(target["w"], torch.ones(2))
 
 
@@ -155,7 +179,9 @@ def test_files_are_safetensors_and_metadata_is_json(ckpt, tmp_path):
 
 
 def test_max_file_bytes_splits_a_rank_into_several_files(tmp_path):
-    config = checkpoint.CheckpointerConfig(writer_config=checkpoint.CheckpointWriterConfig(max_file_bytes=1000))
+    config = checkpoint.CheckpointerConfig(
+        writer_config=checkpoint.CheckpointWriterConfig(max_file_bytes=1000)
+    )
     ckpt = checkpoint.make_sync_checkpointer(config)
     state = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}  # 400 bytes each
     ckpt.save(state, str(tmp_path / "c"))
@@ -194,7 +220,9 @@ def test_strict_lists_missing_keys(ckpt, tmp_path):
 
 def test_shape_and_dtype_mismatch_name_the_key(ckpt, tmp_path):
     ckpt.save({"layer": {"w": torch.ones(2, 3)}}, str(tmp_path / "c"))
-    with pytest.raises(MismatchError, match=r"'layer\.w'.*shape \[2, 3\] dtype float32.*shape \[3, 2\] dtype float32"):
+    with pytest.raises(
+        MismatchError, match=r"'layer\.w'.*shape \[2, 3\] dtype float32.*shape \[3, 2\] dtype float32"
+    ):
         ckpt.load(str(tmp_path / "c"), state_dict={"layer": {"w": torch.zeros(3, 2)}})
     with pytest.raises(MismatchError, match=r"'layer\.w'.*dtype float32.*dtype bfloat16"):
         ckpt.load(str(tmp_path / "c"), state_dict={"layer": {"w": torch.zeros(2, 3, dtype=torch.bfloat16)}})

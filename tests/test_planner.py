@@ -15,8 +15,21 @@ from planners.errors import InvalidStateDictError, PlanCoverageError
 from planners.save_plan import LocalPlan, WriteItem, plan_global
 
 
-def _item(fqn: str, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...], *, dtype: str = "float32") -> WriteItem:
-    return WriteItem(fqn=fqn, dtype=dtype, global_shape=shape, box=Box(offsets=offsets, sizes=sizes), nbytes=4 * math.prod(sizes))
+def _item(
+    fqn: str,
+    shape: tuple[int, ...],
+    offsets: tuple[int, ...],
+    sizes: tuple[int, ...],
+    *,
+    dtype: str = "float32",
+) -> WriteItem:
+    return WriteItem(
+        fqn=fqn,
+        dtype=dtype,
+        global_shape=shape,
+        box=Box(offsets=offsets, sizes=sizes),
+        nbytes=4 * math.prod(sizes),
+    )
 
 
 def _plan(rank: int, items: list[WriteItem]) -> LocalPlan:
@@ -57,10 +70,14 @@ def test_gaps_and_overlaps_are_refused_before_writing():
 def test_ranks_must_agree_on_keys_dtypes_and_shapes():
     a = _plan(0, [_item("w", (2,), (0,), (2,)), _item("only0", (1,), (0,), (1,))])
     b = _plan(1, [_item("w", (2,), (0,), (2,)), _item("only1", (1,), (0,), (1,))])
-    with pytest.raises(InvalidStateDictError, match=r"rank 1 has keys rank 0 lacks: 'only1'; lacks keys rank 0 has: 'only0'"):
+    with pytest.raises(
+        InvalidStateDictError, match=r"rank 1 has keys rank 0 lacks: 'only1'; lacks keys rank 0 has: 'only0'"
+    ):
         plan_global([a, b], max_file_bytes=1 << 30)
     c = _plan(1, [_item("w", (2,), (0,), (2,), dtype="bfloat16")])
-    with pytest.raises(InvalidStateDictError, match=r"'w': rank 0 has dtype float32.*rank 1 has dtype bfloat16"):
+    with pytest.raises(
+        InvalidStateDictError, match=r"'w': rank 0 has dtype float32.*rank 1 has dtype bfloat16"
+    ):
         plan_global([_plan(0, [_item("w", (2,), (0,), (2,))]), c], max_file_bytes=1 << 30)
 
 
