@@ -12,34 +12,59 @@ Example:
     tensor([1., 1., 1., 1.])
 """
 
+import warnings
+
+from checkpoint.async_checkpointer import AsyncCheckpointer
 from checkpoint.barriers import Barrier, BarrierConfig, DistBarrier, TCPStoreBarrier
-from checkpoint.builder import make_sync_checkpointer
+from checkpoint.builder import make_async_checkpointer, make_sync_checkpointer
 from checkpoint.checkpointer import Checkpointer, SyncCheckpointer
-from checkpoint.config import CheckpointerConfig, CheckpointReaderConfig, CheckpointWriterConfig
+from checkpoint.config import (
+    CheckpointerConfig,
+    CheckpointProcessConfig,
+    CheckpointReaderConfig,
+    CheckpointStagerConfig,
+    CheckpointWriterConfig,
+)
 from checkpoint.errors import *  # noqa: F403
 from checkpoint.errors import __all__ as _errors
 from checkpoint.hooks import WriterHook
+from checkpoint.process import CheckpointProcess
 from checkpoint.reader import CheckpointReader
+from checkpoint.staging import CheckpointStager, DefaultStager
 from checkpoint.types import STATE_DICT, RankInfo
+from checkpoint.verify import VerifyReport, verify
 from checkpoint.writer import CheckpointWriter
 from planners.flatten import RankLocal
 
 __all__ = [
     "STATE_DICT",
+    "AsyncCheckpointer",
     "Barrier",
     "BarrierConfig",
+    "CheckpointProcess",
+    "CheckpointProcessConfig",
     "CheckpointReader",
     "CheckpointReaderConfig",
+    "CheckpointStager",
+    "CheckpointStagerConfig",
     "CheckpointWriter",
     "CheckpointWriterConfig",
     "Checkpointer",
     "CheckpointerConfig",
+    "DefaultStager",
     "DistBarrier",
     "RankInfo",
     "RankLocal",
     "SyncCheckpointer",
     "TCPStoreBarrier",
+    "VerifyReport",
     "WriterHook",
+    "make_async_checkpointer",
     "make_sync_checkpointer",
+    "verify",
     *_errors,
 ]
+
+# `python -m checkpoint.verify` runs that module as __main__ after this package imported it for
+# `checkpoint.verify()`; the second copy keeps no state, so runpy's warning about it is only noise.
+warnings.filterwarnings("ignore", message="'checkpoint.verify' found in sys.modules", category=RuntimeWarning)

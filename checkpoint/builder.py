@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from checkpoint.barriers import create_barrier_from_config
+from checkpoint.async_checkpointer import AsyncCheckpointer
+from checkpoint.barriers import DistBarrier, create_barrier_from_config
 from checkpoint.checkpointer import SyncCheckpointer
 from checkpoint.config import CheckpointerConfig
 from checkpoint.hooks import WriterHook
+from checkpoint.process import CheckpointProcess
 from checkpoint.reader import CheckpointReader
+from checkpoint.staging import DefaultStager
 from checkpoint.types import RankInfo
 from checkpoint.writer import CheckpointWriter
 
@@ -36,3 +39,56 @@ def make_sync_checkpointer(
     )
     reader = CheckpointReader(rank_info, config=config.reader_config, storage_options=config.storage_options)
     return SyncCheckpointer(writer, reader)
+
+
+def make_async_checkpointer(
+    config: CheckpointerConfig | None = None,
+    rank_info: RankInfo | None = None,
+    commit_hook: WriterHook | None = None,
+) -> AsyncCheckpointer:
+    """An async checkpointer for this rank: staging into a reused shared buffer, a writer process per rank.
+
+    Collective when the world has more than one rank (rank 0 hosts the store the writer
+    processes commit through), so every rank builds it at the same point. The writer
+    process is spawned, so the training script needs the usual
+    `if __name__ == "__main__":` guard.
+
+    Args:
+        config: tunables; defaults are fine for most jobs. Staging must use shared memory.
+        rank_info: defaults to the default process group's rank and size (one rank without one).
+        commit_hook: runs around each commit in the writer process, on every rank (pickled
+            once to reach it, so it must be picklable).
+
+    Raises:
+        ValueError: the config asks for something an async save cannot do (private staging
+            buffers, a barrier over the training process group, CUDA-only options without CUDA).
+
+    Example:
+        >>> ckpt = make_async_checkpointer()
+        >>> stage_future, write_future = ckpt.save({"w": torch.ones(2)}, "/tmp/run/step-100")
+        >>> write_future.result()
+        >>> ckpt.close()
+    """
+    config = config or CheckpointerConfig()
+    rank_info = rank_info or RankInfo.detect()
+    if not config.staging_config.use_shared_memory:
+        raise ValueError(
+            "the async writer process reads staged tensors from shared memory; "
+            "CheckpointStagerConfig(use_shared_memory=False) works only with a stager used on its own"
+        )
+    if config.barrier_config.barrier_type == DistBarrier.barrier_type:
+        raise ValueError(
+            f"barrier_type {DistBarrier.barrier_type!r} needs the training process group, which the writer "
+            "process does not join; use 'tcp_store' or no barrier (the commit already waits for every rank)"
+        )
+    stager = DefaultStager(config.staging_config)
+    process = CheckpointProcess(
+        rank_info,
+        config.process_config,
+        writer_config=config.writer_config,
+        barrier_config=config.barrier_config,
+        commit_hook=commit_hook,
+        storage_options=config.storage_options,
+    )
+    reader = CheckpointReader(rank_info, config=config.reader_config, storage_options=config.storage_options)
+    return AsyncCheckpointer(stager, process, reader)

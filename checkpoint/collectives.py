@@ -6,17 +6,24 @@ training job's process group; the async writer processes use a TCPStore,
 so their traffic never interleaves with training collectives. Both give
 the same three operations, each of which every rank must call, in the same
 order: that is what keeps a failing rank from leaving the others hanging.
+A rank whose process dies cannot take part, so every wait also ends: by a
+timeout, or at once when the transport sees the dead peer's connection drop,
+and the error names the rank that is gone.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Protocol
 
 import torch.distributed as dist
 
-from planners.errors import CheckpointTimeoutError
+from planners.errors import CheckpointTimeoutError, DistributedCheckpointError
+
+logger = logging.getLogger(__name__)
 
 COORDINATOR = 0
 
@@ -55,29 +62,102 @@ class SingleRankExchange:
 
 
 class ProcessGroupExchange:
-    """Object collectives over a torch.distributed process group (default: the world)."""
+    """Object collectives over a torch.distributed process group (default: the world).
+
+    A collective whose peer died fails at once (gloo sees the connection
+    drop) or after the group's timeout, with a transport error that does not
+    say which rank is gone. So each rank also counts, in the job's store, the
+    exchanges it has entered: a failed exchange becomes a
+    `DistributedCheckpointError` naming the ranks that never reached it, or
+    rank 0 when the store, which lives in rank 0's process unless a launcher
+    hosts it, stops answering.
+    """
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self._global = [
+            dist.get_global_rank(group, r) if group is not None else r for r in range(self.world_size)
+        ]
+        self._store, self._prefix = _job_store(group)
 
     def gather(self, obj: Any) -> list[Any] | None:
         out: list[Any] | None = [None] * self.world_size if self.rank == COORDINATOR else None
-        dist.gather_object(obj, out, dst=dist.get_global_rank(self.group, COORDINATOR) if self.group else COORDINATOR, group=self.group)
+        self._run(
+            "gather", lambda: dist.gather_object(obj, out, dst=self._global[COORDINATOR], group=self.group)
+        )
         return out
 
     def scatter(self, objs: list[Any] | None) -> Any:
         out: list[Any] = [None]
-        src = dist.get_global_rank(self.group, COORDINATOR) if self.group else COORDINATOR
-        dist.scatter_object_list(out, objs if self.rank == COORDINATOR else None, src=src, group=self.group)
+        mine = objs if self.rank == COORDINATOR else None
+        self._run(
+            "scatter",
+            lambda: dist.scatter_object_list(out, mine, src=self._global[COORDINATOR], group=self.group),
+        )
         return out[0]
 
     def broadcast(self, obj: Any) -> Any:
         box = [obj if self.rank == COORDINATOR else None]
-        src = dist.get_global_rank(self.group, COORDINATOR) if self.group else COORDINATOR
-        dist.broadcast_object_list(box, src=src, group=self.group)
+        self._run(
+            "broadcast",
+            lambda: dist.broadcast_object_list(box, src=self._global[COORDINATOR], group=self.group),
+        )
         return box[0]
+
+    def _run(self, op: str, collective: Callable[[], None]) -> None:
+        step = self._arrive()
+        try:
+            collective()
+        except RuntimeError as e:  # gloo and NCCL report a dead peer or a timeout as RuntimeError (DistError)
+            text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            raise DistributedCheckpointError(
+                f"rank {self.rank}: the {op} exchange between ranks failed ({type(e).__name__}: {text}); "
+                "a rank died, was killed or is stuck, so this save failed",
+                self._absent_ranks(op, step) or {self.rank: f"{op} failed: {text}"},
+            ) from e
+
+    def _arrive(self) -> int | None:
+        """Count this rank into the next exchange; the count is how far the rank got."""
+        if self._store is None:
+            return None
+        try:
+            return int(self._store.add(f"{self._prefix}/{self._global[self.rank]}", 1))
+        except Exception:  # the store only serves the diagnosis; the collective still decides
+            logger.debug("could not record exchange arrival in the store", exc_info=True)
+            return None
+
+    def _absent_ranks(self, op: str, step: int | None) -> dict[int, str]:
+        """The ranks that never reached exchange number `step`, by their counts in the store."""
+        if self._store is None or step is None:
+            return {}
+        try:
+            reached = {r: int(self._store.add(f"{self._prefix}/{g}", 0)) for r, g in enumerate(self._global)}
+        except Exception:
+            return {
+                COORDINATOR: "unreachable: the job's store stopped answering, and it lives in rank 0's "
+                "process unless a launcher hosts it, so rank 0 most likely died"
+            }
+        return {
+            r: f"never reached this {op}: its process died, was killed or is stuck"
+            for r, n in reached.items()
+            if n < step
+        }
+
+
+def _job_store(group: dist.ProcessGroup | None) -> tuple[dist.Store | None, str]:
+    """The default group's store (None where torch does not expose it) and this group's key prefix.
+
+    Every rank calls a group's collectives in the same order, so counting
+    them per (group, rank) gives numbers that agree across ranks.
+    """
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        name = (group if group is not None else dist.group.WORLD).group_name
+    except Exception:  # a private torch API: without it, errors just cannot name the dead rank
+        return None, ""
+    return store, f"shardsafe/exchange/{name}"
 
 
 class StoreExchange:

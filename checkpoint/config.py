@@ -61,16 +61,19 @@ class CheckpointStagerConfig:
     """How an async save copies tensors off the training tensors.
 
     Attributes:
-        use_pinned_memory: page-lock the staging buffers (needs CUDA) for fast device-to-host copies.
-        use_shared_memory: put the buffers in shared memory, so the writer process reads them without a copy.
+        use_pinned_memory: page-lock the staging buffers for fast device-to-host copies. None (the
+            default): where CUDA is available; True without CUDA is an error.
+        use_shared_memory: put the buffers in shared memory, so the writer process reads them without a copy
+            (the async checkpointer needs it).
         use_async_staging: return from save() once copies are issued; the stage future says when they finish.
-        use_non_blocking_copy: issue device-to-host copies non-blocking on a dedicated CUDA stream.
+        use_non_blocking_copy: issue device-to-host copies non-blocking on a dedicated CUDA stream. None (the
+            default): where CUDA is available; True without CUDA is an error.
     """
 
-    use_pinned_memory: bool = True
+    use_pinned_memory: bool | None = None
     use_shared_memory: bool = True
     use_async_staging: bool = True
-    use_non_blocking_copy: bool = True
+    use_non_blocking_copy: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,14 +83,21 @@ class CheckpointProcessConfig:
     Attributes:
         subprocess_init_timeout_secs: longest wait for the writer process to start.
         subprocess_shutdown_timeout_secs: longest wait for a graceful stop before it is killed.
+        write_timeout_secs: longest a save's write and commit may take in the writer process; past it
+            the save fails and the process is killed (the next save starts a new one).
     """
 
     subprocess_init_timeout_secs: float = 60.0
     subprocess_shutdown_timeout_secs: float = 60.0
+    write_timeout_secs: float = 3600.0
 
     def __post_init__(self) -> None:
-        _positive(self, subprocess_init_timeout_secs=self.subprocess_init_timeout_secs,
-                  subprocess_shutdown_timeout_secs=self.subprocess_shutdown_timeout_secs)
+        _positive(
+            self,
+            subprocess_init_timeout_secs=self.subprocess_init_timeout_secs,
+            subprocess_shutdown_timeout_secs=self.subprocess_shutdown_timeout_secs,
+            write_timeout_secs=self.write_timeout_secs,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +106,8 @@ class CheckpointerConfig:
 
     Attributes:
         storage_options: passed to fsspec for remote paths (endpoint, credentials, ...). Never
-            logged, never written to a checkpoint, hidden from repr().
+            logged, never written to a checkpoint, hidden from repr(). For S3, e.g.
+            `{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ..., "region_name": ...}}`.
     """
 
     writer_config: CheckpointWriterConfig = field(default_factory=CheckpointWriterConfig)

@@ -14,6 +14,7 @@ from planners.errors import (
     PickleNotAllowedError,
     PlanCoverageError,
     RankLocalError,
+    StorageError,
     WriterProcessError,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "PickleNotAllowedError",
     "PlanCoverageError",
     "RankLocalError",
+    "StorageError",
     "WriterProcessError",
 ]

@@ -2,8 +2,10 @@
 
 Loading needs no collective: every rank reads the (small) metadata, plans
 the reads its own target needs (planners.load_plan) and fetches only those
-byte ranges, several files at once. Bytes are verified against the block
-checksums before anything is copied into the target.
+byte ranges, several files at once. Every block read from a file is
+verified against its checksum before anything from that file is copied into
+the target, so a corrupt chunk never reaches it. Nothing is allocated from
+sizes the metadata claims until the files are known to hold those bytes.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ import torch
 from planners.boxes import Box, coalesce, full_box
 from planners.dtypes import dtype_from_name
 from planners.errors import (
+    CheckpointError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     InvalidCheckpointError,
+    InvalidStateDictError,
     MissingKeysError,
+    PickleNotAllowedError,
     RankLocalError,
 )
 from planners.flatten import FlatStateDict, fill_target, flatten_state_dict, rebuild
@@ -67,6 +72,8 @@ def read_metadata(storage: CheckpointStorage) -> Metadata:
         raise FileNotFoundError(f"no checkpoint at {storage.url}: {METADATA_FILE} not found") from None
     except IsADirectoryError as e:
         raise InvalidCheckpointError(f"{storage.url}: {METADATA_FILE} is a directory") from e
+    except NotADirectoryError:
+        raise CheckpointError(f"checkpoint path {storage.url} is a file, not a checkpoint directory") from None
     return parse_metadata(data, where=storage.url)
 
 
@@ -94,7 +101,7 @@ def _load_into(target: Any, metadata: Metadata, reader: _ChunkReader, *, rank: i
     jobs: list[tuple[ReadItem, torch.Tensor]] = []
     for fqn, leaf in flat.tensors.items():
         if leaf.local.device.type == "meta":
-            raise InvalidCheckpointError(f"{where}: target key {fqn!r} is on the meta device; materialise it (e.g. to_empty()) before loading")
+            raise InvalidStateDictError(f"{where}: target key {fqn!r} is on the meta device; materialise it (e.g. to_empty()) before loading")
         record = metadata.tensors.get(fqn)
         if record is None:
             missing.append(fqn)
@@ -105,7 +112,7 @@ def _load_into(target: Any, metadata: Metadata, reader: _ChunkReader, *, rank: i
     new_values = {}
     for fqn in flat.values:
         if fqn in metadata.values:
-            new_values[fqn] = decode_value(metadata.values[fqn], key=fqn, allow_pickle=options.allow_pickle)
+            new_values[fqn] = _decode(metadata.values[fqn], fqn, options, where)
         elif fqn in metadata.tensors:
             raise InvalidCheckpointError(f"{where}: key {fqn!r} is a tensor in the checkpoint but not in the target")
         else:
@@ -132,13 +139,14 @@ def _load_into(target: Any, metadata: Metadata, reader: _ChunkReader, *, rank: i
 def _rank_local_value(record: Any, rank: int, current: Any, reader: _ChunkReader, jobs: list, fqn: str, options: LoadOptions) -> Any:
     entry = record.tensors[rank]
     if entry is None:
-        return decode_value(record.values[rank], key=fqn, allow_pickle=options.allow_pickle)
+        return _decode(record.values[rank], fqn, options, reader.storage.url)
     dtype_name, chunk = entry
     dtype = dtype_from_name(dtype_name, where=reader.storage.url)
     shape = chunk.box.sizes
     if isinstance(current, torch.Tensor) and current.dtype == dtype and tuple(current.shape) == shape and current.device.type != "meta":
         dest = current  # filled in place, like any other target tensor
     else:
+        reader.require_bytes(fqn, chunk)
         dest = torch.empty(shape, dtype=dtype)
     record_t = TensorRecord(dtype=dtype_name, shape=shape, chunks=(chunk,))
     jobs += [(item, dest) for item in reader.plan(LoadTarget(fqn=fqn, dtype=dtype, global_shape=shape, box=full_box(shape)), record_t)]
@@ -150,6 +158,8 @@ def _load_everything(metadata: Metadata, reader: _ChunkReader, *, rank: int, wor
     tensors = {}
     for fqn, record in metadata.tensors.items():
         dtype = dtype_from_name(record.dtype, where=reader.storage.url)
+        for chunk in record.chunks:  # the chunks tile the tensor, so this bounds the allocation by real bytes
+            reader.require_bytes(fqn, chunk)
         dest = tensors[fqn] = torch.empty(record.shape, dtype=dtype)
         jobs += [(item, dest) for item in reader.plan(LoadTarget(fqn=fqn, dtype=dtype, global_shape=record.shape, box=full_box(record.shape)), record)]
     rank_local = {
@@ -164,9 +174,17 @@ def _load_everything(metadata: Metadata, reader: _ChunkReader, *, rank: int, wor
             return place(tensors[fqn])
         if kind == "rank_local":
             return [place(v) if isinstance(v, torch.Tensor) else v for v in rank_local[fqn]]
-        return decode_value(metadata.values[fqn], key=fqn, allow_pickle=options.allow_pickle)
+        return _decode(metadata.values[fqn], fqn, options, reader.storage.url)
 
     return rebuild(metadata.structure, leaf)
+
+
+def _decode(value: Any, fqn: str, options: LoadOptions, where: str) -> Any:
+    """A value leaf, refused with the checkpoint named when it is malformed or pickled without opt-in."""
+    try:
+        return decode_value(value, key=fqn, allow_pickle=options.allow_pickle)
+    except (InvalidCheckpointError, PickleNotAllowedError) as e:
+        raise type(e)(f"{where}: {e}") from None
 
 
 def _placer(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -187,6 +205,25 @@ class _ChunkReader:
         self.io_threads = io_threads
         self.bytes_read = 0
         self._indexes: dict[int, Any] = {}
+        self._sizes: dict[str, int] = {}
+
+    def require_bytes(self, fqn: str, chunk: ChunkRecord) -> None:
+        """Refuse a chunk its file is too short to hold, before anything is allocated for it.
+
+        The metadata's sizes are only claims; checking them against the real
+        file keeps a forged shape from sizing an allocation.
+        """
+        size = self._sizes.get(chunk.file)
+        if size is None:
+            try:
+                size = self._sizes[chunk.file] = self.storage.size(chunk.file)
+            except FileNotFoundError:
+                raise _missing_file(self.storage.url, chunk.file, fqn) from None
+        if chunk.offset_bytes + chunk.nbytes > size:
+            raise InvalidCheckpointError(
+                f"{self.storage.url}: file {chunk.file}, key {fqn!r}: chunk bytes [{chunk.offset_bytes}, "
+                f"{chunk.offset_bytes + chunk.nbytes}) lie outside the file of {size} bytes; the file is truncated"
+            )
 
     def plan(self, target: LoadTarget, record: TensorRecord) -> list[ReadItem]:
         index = self._indexes.get(id(record))
@@ -210,15 +247,22 @@ class _ChunkReader:
         name, jobs = entry
         wanted = [(item.chunk.offset_bytes + s, n) for item, _ in jobs for s, n in item.runs]
         merged = coalesce(wanted, max_gap=COALESCE_GAP_BYTES)
-        buffers = self.storage.read_ranges(name, merged)
+        try:
+            buffers = self.storage.read_ranges(name, merged)
+        except FileNotFoundError:
+            raise _missing_file(self.storage.url, name, jobs[0][0].fqn) from None
         self.bytes_read += sum(n for _, n in merged)
         starts = [s for s, _ in merged]
         verified: set[tuple[int, int]] = set()
-        for item, dest in jobs:
-            pieces = [(run, self._slice(merged, starts, buffers, item.chunk.offset_bytes + run[0], run[1])) for run in item.runs]
-            if self.verify:
-                self._check(name, item, pieces, verified)
-            _copy_region(item, _span_bytes(item, pieces), dest)
+        pieces = [
+            [(run, self._slice(merged, starts, buffers, item.chunk.offset_bytes + run[0], run[1])) for run in item.runs]
+            for item, _ in jobs
+        ]
+        if self.verify:  # every block of the file first: a corrupt file contributes nothing to the target
+            for (item, _), item_pieces in zip(jobs, pieces, strict=True):
+                self._check(name, item, item_pieces, verified)
+        for (item, dest), item_pieces in zip(jobs, pieces, strict=True):
+            _copy_region(item, _span_bytes(item, item_pieces), dest)
 
     @staticmethod
     def _slice(merged: list[tuple[int, int]], starts: list[int], buffers: list[memoryview], offset: int, n: int) -> memoryview:
@@ -242,6 +286,12 @@ class _ChunkReader:
                         f"(crc32c {got:#010x}, recorded {chunk.checksums[b // block]:#010x}); the file is corrupt"
                     )
                 verified.add(key)
+
+
+def _missing_file(url: str, name: str, fqn: str) -> IncompleteCheckpointError:
+    return IncompleteCheckpointError(
+        f"{url}: shard file {name} (key {fqn!r}) listed in the metadata is missing; the checkpoint is damaged"
+    )
 
 
 def _span_bytes(item: ReadItem, pieces: list[tuple[tuple[int, int], memoryview]]) -> memoryview:

@@ -29,7 +29,12 @@ import torch
 from checkpoint.collectives import COORDINATOR, Exchange
 from planners.boxes import Box, full_box
 from planners.dtypes import dtype_name
-from planners.errors import CheckpointError, CheckpointExistsError, DistributedCheckpointError
+from planners.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    DistributedCheckpointError,
+    InvalidStateDictError,
+)
 from planners.flatten import FlatStateDict
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
@@ -123,6 +128,11 @@ class _Decision:
 
 def describe_local(flat: FlatStateDict, rank: int, *, allow_pickle: bool) -> LocalSave:
     """Local plan and encoded values of one rank (raises on unsupported leaves)."""
+    held = [(leaf.fqn, leaf.local) for leaf in flat.tensors.values()]
+    held += [(fqn, h.value) for fqn, h in flat.rank_local.items() if isinstance(h.value, torch.Tensor)]
+    for fqn, t in held:
+        if t.device.type == "meta":
+            raise InvalidStateDictError(f"key {fqn!r}: tensor is on the meta device and holds no data; materialise it before saving")
     items = [
         WriteItem(
             fqn=leaf.fqn, dtype=dtype_name(leaf.local.dtype, key=leaf.fqn), global_shape=leaf.global_shape,

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 # Past this many grid cells the exact tiling check enumerates too much; the
 # volume check plus the pairwise check over few chunks is used instead.
 MAX_TILING_CELLS = 2_000_000
+# The pairwise check compares each chunk with those its sweep line crosses. A
+# DTensor layout is a grid and never gets here; a layout needing more
+# comparisons than this (seconds of Python) comes from a hostile metadata
+# file and is refused rather than checked for minutes.
+MAX_PAIR_CHECKS = 2_000_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,15 +146,26 @@ def _overlap_problem(shape: Sequence[int], boxes: list[Box]) -> str | None:
 
 
 def _pairwise_overlap(boxes: list[Box]) -> str | None:
-    boxes = sorted(boxes, key=lambda b: b.offsets)
-    for i, a in enumerate(boxes):
-        for b in boxes[i + 1 :]:
-            if b.offsets[0] >= a.end(0):
-                break
-            inter = a.intersect(b)
-            if inter is not None and inter.numel:
+    """Sweep along the dimension that crosses the fewest boxes, comparing only boxes the sweep line crosses."""
+    dim = min(range(len(boxes[0].sizes)), key=lambda d: _sweep_cost(boxes, d))
+    cost = _sweep_cost(boxes, dim)
+    if cost > MAX_PAIR_CHECKS:
+        return f"{len(boxes)} chunks in an irregular layout need {cost} comparisons to check for overlaps; refused"
+    active: list[Box] = []
+    for b in sorted(boxes, key=lambda b: b.offsets[dim]):
+        active = [a for a in active if a.end(dim) > b.offsets[dim]]
+        for a in active:
+            if all(a.offsets[d] < b.end(d) and b.offsets[d] < a.end(d) for d in range(len(b.sizes))):
                 return f"chunks at offsets {list(a.offsets)} and {list(b.offsets)} overlap"
+        active.append(b)
     return None
+
+
+def _sweep_cost(boxes: list[Box], dim: int) -> int:
+    """How many comparisons a sweep along `dim` makes: for each box, the earlier boxes still open at its start."""
+    starts = sorted(b.offsets[dim] for b in boxes)
+    ends = sorted(b.end(dim) for b in boxes)
+    return sum(bisect.bisect_right(starts, b.offsets[dim]) - bisect.bisect_right(ends, b.offsets[dim]) - 1 for b in boxes)
 
 
 def byte_runs(chunk: Box, region: Box, itemsize: int, *, max_runs: int) -> list[tuple[int, int]]:

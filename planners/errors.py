@@ -74,6 +74,10 @@ class WriterProcessError(CheckpointError, RuntimeError):
     """The background writer process failed or died."""
 
 
+class StorageError(CheckpointError, OSError):
+    """The storage backend refused a request (no such bucket, access denied) or kept failing it through every retry."""
+
+
 class DistributedCheckpointError(CheckpointError, RuntimeError):
     """One or more ranks failed a collective save or load step.
 

@@ -146,8 +146,9 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
     save_id = doc.get("save_id")
     v.check(isinstance(save_id, str) and re.fullmatch(r"[0-9a-f]{8,32}", save_id) is not None, "bad save_id")
     v.block = block
+    v.world_size = world_size
     files = {
-        v.file_name(n): FileRecord(nbytes=v.int_(f.get("nbytes"), f"files[{n!r}].nbytes", high=MAX_FILE_BYTES), rank=v.int_(f.get("rank"), f"files[{n!r}].rank"))
+        v.file_name(n): FileRecord(nbytes=v.int_(f.get("nbytes"), f"files[{n!r}].nbytes", high=MAX_FILE_BYTES), rank=v.int_(f.get("rank"), f"files[{n!r}].rank", high=world_size - 1))
         for n, f in v.dict_(doc.get("files"), "files").items()
         if v.dict_(f, f"files[{n!r}]") is not None
     }
@@ -168,6 +169,7 @@ class _Validator:
     def __init__(self, where: str) -> None:
         self.where = where
         self.block = CHECKSUM_BLOCK_BYTES
+        self.world_size = 1
 
     def check(self, ok: bool, problem: str) -> None:
         if not ok:
@@ -218,7 +220,7 @@ class _Validator:
         return TensorRecord(dtype=t["dtype"], shape=shape, chunks=chunks)
 
     def rank_local(self, key: str, per_rank: Any, files: dict[str, FileRecord]) -> RankLocalRecord:
-        self.check(isinstance(per_rank, list) and per_rank, f"rank_local[{key!r}] must be a non-empty list")
+        self.check(isinstance(per_rank, list) and len(per_rank) == self.world_size, f"rank_local[{key!r}] must list one entry per saving rank ({self.world_size})")
         tensors, values = [], []
         for r, entry in enumerate(per_rank):
             entry = self.dict_(entry, f"rank_local[{key!r}][{r}]")
@@ -249,4 +251,4 @@ class _Validator:
                 self.structure(pair[1], tensors, values, rank_local, depth + 1)
         else:
             known = {"tensor": tensors, "value": values, "rank_local": rank_local}.get(kind)
-            self.check(known is not None and body in known, f"structure leaf {kind}:{str(body)[:60]!r} names no saved key")
+            self.check(known is not None and isinstance(body, str) and body in known, f"structure leaf {kind}:{str(body)[:60]!r} names no saved key")

@@ -5,6 +5,16 @@
 """
 
 from storage.backend import CheckpointStorage, open_storage
+from storage.remote import TransferConfig
+from storage.retry import RetryPolicy
 from storage.safetensors_io import WrittenTensor, tensor_bytes, write_safetensors
 
-__all__ = ["CheckpointStorage", "WrittenTensor", "open_storage", "tensor_bytes", "write_safetensors"]
+__all__ = [
+    "CheckpointStorage",
+    "RetryPolicy",
+    "TransferConfig",
+    "WrittenTensor",
+    "open_storage",
+    "tensor_bytes",
+    "write_safetensors",
+]

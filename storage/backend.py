@@ -1,10 +1,17 @@
 """The storage interface and the choice of backend for a path.
 
-Call order for a save (all in the process that writes: the trainer rank for a
-sync save, the writer process for an async one): `prepare()` on the
-coordinator, `open_write()` per shard file on every rank, then `publish()` of
-the metadata on the coordinator, last. A load calls `read_bytes()` for the
-metadata and `read_ranges()` for shard bytes, on every rank.
+A checkpoint path is a plain local path, a `file://` URL, or any fsspec URL (`memory://`, `s3://`,
+`gs://`, `az://`, chained URLs, ...). Local paths get `LocalStorage` (fsync, atomic rename, mmap);
+everything else `FsspecStorage` (multipart streaming on S3, concurrent ranged reads, retries). fsspec
+storage options (endpoint, region, credentials) come from `CheckpointerConfig.storage_options`; they
+are handed to fsspec and to nothing else, and their credential values are scrubbed from any error
+text shardsafe shows.
+
+Call order for a save (all in the process that writes: the trainer rank for a sync save, the writer
+process for an async one): `prepare()` on the coordinator, `open_write()` per shard file on every
+rank, then `publish()` of the metadata on the coordinator, last. A load calls `read_bytes()` for the
+metadata and `read_ranges()` for shard bytes, on every rank; cleanup calls `list_names()` and
+`remove()` on the coordinator. Every implementation passes `tests/test_storage_conformance.py`.
 """
 
 from __future__ import annotations
@@ -16,22 +23,36 @@ from typing import Any, BinaryIO, Protocol, runtime_checkable
 import fsspec
 
 from planners.errors import CheckpointError
+from storage.redact import Redactor, display_url, secret_values
+from storage.remote import TransferConfig
 
-# Extras that provide each object-store protocol, for the error when missing.
-_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+# The pip extra that provides each object-store protocol, for the error when its package is missing.
+_EXTRAS = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "az": "azure",
+    "abfs": "azure",
+    "abfss": "azure",
+    "adl": "azure",
+}
 
 
 @runtime_checkable
 class CheckpointStorage(Protocol):
     """A checkpoint directory on some backend; names are plain file names inside it."""
 
-    url: str
+    url: str  # for messages: never holds credentials
 
     def prepare(self) -> None:
-        """Create the directory if needed; fail if the path is a file."""
+        """Create the directory if needed; fail if the path is a file or its bucket does not exist."""
 
     def open_write(self, name: str) -> AbstractContextManager[BinaryIO]:
-        """A stream for one shard file; its bytes are durable once the context exits cleanly."""
+        """A stream for one shard file; the file exists, whole and durable, once the context exits cleanly.
+
+        When the body of the `with` raises, nothing is left under `name` (best effort).
+        """
 
     def publish(self, name: str, data: bytes) -> None:
         """Write a small file atomically and durably: readers see all of it or none."""
@@ -40,7 +61,13 @@ class CheckpointStorage(Protocol):
         """A whole (small) file; `FileNotFoundError` if absent."""
 
     def read_ranges(self, name: str, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
-        """The bytes `[offset, offset + nbytes)` for each `(offset, nbytes)` of `ranges`."""
+        """The bytes `[offset, offset + nbytes)` for each `(offset, nbytes)` of `ranges`.
+
+        The views are writable (private to the caller), so tensors can be built on them without a copy.
+
+        Raises:
+            InvalidCheckpointError: a range reaches past the end of the file.
+        """
 
     def size(self, name: str) -> int:
         """Size of a file in bytes; `FileNotFoundError` if absent."""
@@ -58,28 +85,51 @@ class CheckpointStorage(Protocol):
         """Release open handles (memory maps, connections)."""
 
 
-def open_storage(path: str, *, storage_options: Mapping[str, Any] | None = None) -> CheckpointStorage:
+def open_storage(
+    path: str, *, storage_options: Mapping[str, Any] | None = None, transfer: TransferConfig | None = None
+) -> CheckpointStorage:
     """The storage for a plain local path or any fsspec URL.
 
+    Args:
+        path: the checkpoint directory: a local path, `file://...`, or an fsspec URL.
+        storage_options: keyword arguments for the fsspec file system, e.g. for S3
+            `{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ..., "region_name": ...}}`.
+            Ignored for local paths.
+        transfer: part sizes, concurrency and retries of remote transfers (defaults suit most stores).
+
     Raises:
-        CheckpointError: the URL's protocol needs a package that is not installed.
+        CheckpointError: the URL's protocol is unknown, or needs a package that is not installed
+            (the message names the extra to install, e.g. `shardsafe[s3]`).
+
+    Example:
+        >>> storage = open_storage("s3://bucket/run/step-100", storage_options={"anon": False})
+        >>> storage.url
+        's3://bucket/run/step-100'
     """
     from storage.local import LocalStorage
     from storage.remote import FsspecStorage
 
     if "://" not in path:
         return LocalStorage(path)
-    protocol = path.split("://", 1)[0]
-    if protocol == "file":
+    protocol = path.split("://", 1)[0].rsplit("::", 1)[-1]
+    if path.startswith("file://"):
         return LocalStorage(path.removeprefix("file://"))
+    shown = display_url(path)
+    redact = Redactor(secret_values(storage_options))
     try:
         fs, root = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
     except ImportError as e:
         extra = _EXTRAS.get(protocol)
-        hint = f"pip install 'shardsafe[{extra}]'" if extra else f"install the fsspec implementation for {protocol}://"
-        raise CheckpointError(f"cannot open {path}: the {protocol}:// backend is not installed ({e}); {hint}") from e
-    except ValueError as e:
-        raise CheckpointError(f"cannot open {path}: {e}") from e
+        hint = (
+            f"pip install 'shardsafe[{extra}]'"
+            if extra
+            else f"install the fsspec implementation for {protocol}://"
+        )
+        raise CheckpointError(
+            f"cannot open {shown}: the {protocol}:// backend is not installed ({redact(str(e))}); {hint}"
+        ) from None
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot open {shown}: {type(e).__name__}: {redact(str(e))}") from None
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
         return LocalStorage(root)
-    return FsspecStorage(fs, root, url=path)
+    return FsspecStorage(fs, root, url=shown, transfer=transfer, redact=redact)

@@ -1,9 +1,14 @@
-"""Local (or network-mounted) disk: fsync'd data, atomic metadata, mmap reads.
+"""Local (or network-mounted) disk: fdatasync'd data, atomically renamed metadata, memory-mapped reads.
 
-Commit rule: shard files are fsync'd when closed; the metadata goes to a
-temporary name, is fsync'd, renamed over its final name (atomic on POSIX)
-and the directory is fsync'd, so after a crash either the old metadata or
-the new one is on disk, never a torn file.
+Commit rule: each shard file is written under its final name and fdatasync'd before `open_write`
+returns; the metadata is written to a temporary name, fsync'd, renamed over `metadata.json` (atomic on
+POSIX) and then the directory is fsync'd, which also makes the shard files' directory entries durable.
+After a crash the directory holds either the old metadata or the new one, never a torn file; shard
+files without metadata are an incomplete save that a load reports as such. A shard file whose
+producer failed is deleted at once.
+
+Reads memory-map each file once per load, so a byte range is a view into the page cache: no copy, no
+read call, and only the pages a resharded load touches are ever read from disk.
 """
 
 from __future__ import annotations
@@ -15,7 +20,18 @@ import secrets
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
-from planners.errors import CheckpointError
+from planners.errors import CheckpointError, InvalidCheckpointError
+
+# fdatasync flushes the data and the size, which is all a reader needs; fsync where it is missing.
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class LocalStorage:
@@ -26,37 +42,52 @@ class LocalStorage:
         self.url = self.root
         self._maps: dict[str, mmap.mmap] = {}
 
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.root!r})"
+
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name)
 
     def prepare(self) -> None:
         if os.path.exists(self.root) and not os.path.isdir(self.root):
-            raise CheckpointError(f"checkpoint path {self.root} is a file, not a directory; choose another path")
-        os.makedirs(self.root, exist_ok=True)
+            raise CheckpointError(
+                f"checkpoint path {self.root} is a file, not a directory; choose another path"
+            )
+        if not os.path.isdir(self.root):
+            os.makedirs(self.root, exist_ok=True)
+            _fsync_dir(os.path.dirname(self.root))  # the new directory's own entry must survive a crash too
 
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[BinaryIO]:
-        with open(self._path(name), "wb", buffering=0) as f:
-            yield f
-            os.fsync(f.fileno())
+        path = self._path(name)
+        self._maps.pop(name, None)
+        produced = False
+        try:
+            with open(path, "wb", buffering=0) as f:
+                yield f
+                _datasync(f.fileno())
+                produced = True
+        finally:
+            if not produced:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def publish(self, name: str, data: bytes) -> None:
         tmp = self._path(f".{name}.tmp-{secrets.token_hex(6)}")
+        renamed = False
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._path(name))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
+            renamed = True
         finally:
-            os.close(fd)
+            if not renamed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        self._maps.pop(name, None)
+        _fsync_dir(self.root)
 
     def read_bytes(self, name: str) -> bytes:
         with open(self._path(name), "rb") as f:
@@ -79,7 +110,10 @@ class LocalStorage:
         out = []
         for offset, n in ranges:
             if offset < 0 or n < 0 or offset + n > size:
-                raise CheckpointError(f"{self._path(name)}: bytes [{offset}, {offset + n}) lie outside the file of {size} bytes")
+                raise InvalidCheckpointError(
+                    f"{self._path(name)}: bytes [{offset}, {offset + n}) lie outside the file of {size} bytes; "
+                    "the file is truncated"
+                )
             out.append(memoryview(m)[offset : offset + n] if m is not None else memoryview(b""))
         return out
 

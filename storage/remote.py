@@ -1,76 +1,309 @@
-"""Any fsspec file system (object stores, memory://, ...).
+"""Any fsspec file system: object stores (S3, GCS, Azure), `memory://`, and the rest.
 
-Commit rule: object stores have no rename, but a single PUT is atomic. Shard
-files are complete once their upload (multipart for large ones) has
-finished, which `open_write` waits for; the coordinator publishes the
-metadata object with one PUT only after every rank reported its uploads
-done, so a reader that sees the metadata sees complete data.
+Commit rule on object stores: there is no rename, but one PUT is atomic and an object exists only
+once its upload has completed. `open_write` returns only after the store confirmed the shard file
+(`CompleteMultipartUpload`, or the final request of the backend's own stream); the coordinator
+publishes `metadata.json` with a single PUT, and only after every rank has reported its shard files
+confirmed. So a reader that finds the metadata finds every byte it names; a save that died before
+that point leaves shard files without metadata, which a load reports as incomplete. Other fsspec
+file systems follow the same rule through `fs.open(..., "wb")` and `pipe_file`.
+
+Throughput: on S3 a shard file streams as a multipart upload with several parts in flight
+(`storage.multipart`); other backends use their own write stream. Reads split large byte ranges
+into parts and fetch all of a file's parts with one `cat_ranges` call, which async backends run
+concurrently. Every request is retried on transient errors (`storage.retry`); shardsafe never
+creates a bucket, so a missing one fails the save at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any, BinaryIO
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, NoReturn, TypeVar, cast
 
-from planners.errors import CheckpointError
+from planners.errors import CheckpointError, InvalidCheckpointError, StorageError
+from storage.multipart import MIN_PART_BYTES, PartUpload, S3Parts
+from storage.redact import Redactor
+from storage.retry import (
+    RetryPolicy,
+    call_with_retry,
+    error_code,
+    gives_up,
+    http_status,
+    raise_storage_error,
+    retry_delay_s,
+)
 
-# Part size for streamed uploads: large enough for throughput, small enough
-# to keep few parts in memory (s3 needs at least 5 MiB per part).
-UPLOAD_PART_BYTES = 32 * 1024 * 1024
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MiB = 1024 * 1024
+# Part size of streamed uploads: large enough that per-request overhead is small, small enough that
+# the parts in flight (times this) stay a modest amount of memory.
+UPLOAD_PART_BYTES = 16 * MiB
+# Parts of one storage's files in flight at once: enough to fill a link that a single request
+# cannot (one TCP stream), and below the default connection pool of s3fs (10).
+MAX_PARTS_IN_FLIGHT = 8
+# Byte ranges longer than this are fetched as several concurrent ranged GETs.
+READ_PART_BYTES = 16 * MiB
+# Protocols with buckets instead of directories: nothing to create, and a missing bucket is an error.
+_OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferConfig:
+    """Tunables of remote transfers.
+
+    Attributes:
+        upload_part_bytes: part size of streamed uploads (S3: at least 5 MiB).
+        max_parts_in_flight: upload parts in flight at once, over all files of one storage.
+        read_part_bytes: byte ranges longer than this are read as several concurrent requests.
+        retry: how transient errors are retried.
+    """
+
+    upload_part_bytes: int = UPLOAD_PART_BYTES
+    max_parts_in_flight: int = MAX_PARTS_IN_FLIGHT
+    read_part_bytes: int = READ_PART_BYTES
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        if self.upload_part_bytes < MIN_PART_BYTES:
+            raise ValueError(
+                f"TransferConfig.upload_part_bytes must be at least {MIN_PART_BYTES} (the S3 minimum part), "
+                f"got {self.upload_part_bytes!r}"
+            )
+        for name in ("max_parts_in_flight", "read_part_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TransferConfig.{name} must be positive, got {getattr(self, name)!r}")
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = getattr(fs, "protocol", ())
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _speaks_s3(fs: Any) -> bool:
+    """An s3fs file system (or subclass) in blocking mode, whose requests `PartUpload` can issue."""
+    return (
+        callable(getattr(fs, "_call_s3", None))
+        and callable(getattr(fs, "split_path", None))
+        and not getattr(fs, "asynchronous", False)
+    )
 
 
 class FsspecStorage:
-    """A checkpoint directory on an fsspec file system."""
+    """A checkpoint directory on an fsspec file system.
 
-    def __init__(self, fs: Any, root: str, *, url: str) -> None:
+    Args:
+        fs: the file system (its instance is shared with fsspec's cache, so it is never closed here).
+        root: the directory's path on `fs`, without protocol.
+        url: the directory as shown in messages (credentials already removed).
+        transfer: part sizes, concurrency and retries.
+        redact: hides credentials in the text of client errors.
+    """
+
+    def __init__(
+        self,
+        fs: Any,
+        root: str,
+        *,
+        url: str,
+        transfer: TransferConfig | None = None,
+        redact: Redactor | None = None,
+    ) -> None:
         self.fs = fs
         self.root = root.rstrip("/")
-        self.url = url
+        self.url = url.rstrip("/")
+        self.transfer = transfer or TransferConfig()
+        self._redact = redact or Redactor()
+        self._s3 = _speaks_s3(fs)
+        self._object_store = self._s3 or bool(_OBJECT_STORE_PROTOCOLS.intersection(_protocols(fs)))
+        self._part_slots = threading.BoundedSemaphore(self.transfer.max_parts_in_flight)
+
+    def __repr__(self) -> str:
+        return f"FsspecStorage({self.url!r})"
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
+    def _where(self, name: str | None) -> str:
+        return self.url if name is None else f"{self.url}/{name}"
+
+    def _call(self, what: str, name: str | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return call_with_retry(
+            lambda: fn(*args, **kwargs),
+            policy=self.transfer.retry,
+            what=what,
+            where=self._where(name),
+            redact=self._redact,
+        )
+
+    def _info(self, name: str | None) -> dict[str, Any] | None:
+        path = self.root if name is None else self._path(name)
+        self.fs.invalidate_cache(path)  # another rank may have written it since fsspec last listed
+        try:
+            return self._call("stat", name, self.fs.info, path)
+        except FileNotFoundError:
+            return None
+
     def prepare(self) -> None:
-        if self.fs.isfile(self.root):
-            raise CheckpointError(f"checkpoint path {self.url} is a file, not a directory; choose another path")
-        with contextlib.suppress(FileExistsError):
-            self.fs.makedirs(self.root, exist_ok=True)
+        if self._object_store:
+            bucket = self.root.split("/", 1)[0]
+            try:
+                self._call("check bucket", None, self.fs.info, bucket)
+            except FileNotFoundError:
+                raise StorageError(
+                    f"{self.url}: bucket {bucket!r} does not exist; create it first (shardsafe never creates buckets)"
+                ) from None
+        info = self._info(None)
+        if info is not None and info.get("type") == "file":
+            raise CheckpointError(
+                f"checkpoint path {self.url} is a file, not a directory; choose another path"
+            )
+        if not self._object_store:
+            with contextlib.suppress(FileExistsError):
+                self._call("create directory", None, self.fs.makedirs, self.root, exist_ok=True)
 
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[BinaryIO]:
-        with self.fs.open(self._path(name), "wb", block_size=UPLOAD_PART_BYTES) as f:
-            yield f
+        if self._s3:
+            upload = PartUpload(
+                S3Parts(self.fs, self._path(name)),
+                part_bytes=self.transfer.upload_part_bytes,
+                slots=self._part_slots,
+                retry=self.transfer.retry,
+                where=self._where(name),
+                redact=self._redact,
+            )
+            produced = False
+            try:
+                yield cast(BinaryIO, upload)
+                produced = True
+            finally:
+                if not produced:
+                    upload.abort()
+            upload.commit()
+            return
+        f = self._call(
+            "open for writing",
+            name,
+            self.fs.open,
+            self._path(name),
+            "wb",
+            block_size=self.transfer.upload_part_bytes,
+        )
+        stream = _CheckedStream(f, self, name)
+        produced = False
+        try:
+            yield cast(BinaryIO, stream)
+            produced = True
+        finally:
+            if not produced:
+                stream.discard()
+        stream.finish()
 
     def publish(self, name: str, data: bytes) -> None:
-        self.fs.pipe_file(self._path(name), data)
+        self._call("write", name, self.fs.pipe_file, self._path(name), data)
 
     def read_bytes(self, name: str) -> bytes:
-        return self.fs.cat_file(self._path(name))
+        return self._call("read", name, self.fs.cat_file, self._path(name))
 
     def read_ranges(self, name: str, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
-        if not ranges:
-            return []
-        path = self._path(name)
-        blobs = self.fs.cat_ranges([path] * len(ranges), [o for o, _ in ranges], [o + n for o, n in ranges], on_error="raise")
+        pieces: list[tuple[int, int]] = []  # (start, end) of each request
+        owner: list[int] = []  # index into `ranges` of each request
+        step = self.transfer.read_part_bytes
+        for i, (offset, n) in enumerate(ranges):
+            if offset < 0 or n < 0:
+                raise InvalidCheckpointError(
+                    f"{self._where(name)}: invalid byte range [{offset}, {offset + n})"
+                )
+            for start in range(offset, offset + n, step):
+                pieces.append((start, min(start + step, offset + n)))
+                owner.append(i)
+        blobs = self._fetch(name, pieces) if pieces else []
+        parts: list[list[bytes]] = [[] for _ in ranges]
+        for i, blob in zip(owner, blobs, strict=True):
+            parts[i].append(blob)
         out = []
-        for (offset, n), blob in zip(ranges, blobs):
-            if isinstance(blob, Exception):
-                raise blob
-            if len(blob) != n:
-                raise CheckpointError(f"{self.url}/{name}: bytes [{offset}, {offset + n}) lie outside the file (got {len(blob)} bytes)")
-            out.append(memoryview(blob))
+        for (offset, n), got in zip(ranges, parts, strict=True):
+            if sum(map(len, got)) != n:
+                raise InvalidCheckpointError(
+                    f"{self._where(name)}: bytes [{offset}, {offset + n}) lie outside the file "
+                    f"(got {sum(map(len, got))} bytes); the file is truncated"
+                )
+            # Copied into writable memory, which torch.frombuffer takes without a warning (bytes are read-only).
+            buffer = bytearray(n)
+            start = 0
+            for blob in got:
+                buffer[start : start + len(blob)] = blob
+                start += len(blob)
+            out.append(memoryview(buffer))
         return out
 
+    def _fetch(self, name: str, pieces: list[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each `(start, end)`, all requested at once; only failed requests are retried."""
+        path = self._path(name)
+        results: list[bytes] = [b""] * len(pieces)
+        todo = list(range(len(pieces)))
+        attempt = 1
+        while True:
+            try:
+                got = self.fs.cat_ranges(
+                    [path] * len(todo),
+                    [pieces[i][0] for i in todo],
+                    [pieces[i][1] for i in todo],
+                    on_error="return",
+                )
+            except Exception as e:  # a backend that raises instead of returning per-range errors
+                got = [e] * len(todo)
+            failed = []
+            for i, blob in zip(todo, got, strict=True):
+                if not isinstance(blob, Exception):
+                    results[i] = blob
+                    continue
+                what = f"read bytes [{pieces[i][0]}, {pieces[i][1]})"
+                if error_code(blob) == "InvalidRange" or http_status(blob) == 416:
+                    raise InvalidCheckpointError(
+                        f"{self._where(name)}: {what}: the range lies outside the file"
+                    ) from blob
+                if gives_up(blob, attempt, self.transfer.retry):
+                    raise_storage_error(
+                        blob, what=what, where=self._where(name), attempts=attempt, redact=self._redact
+                    )
+                failed.append((i, blob))
+            if not failed:
+                return results
+            i, blob = failed[0]
+            time.sleep(
+                retry_delay_s(
+                    blob,
+                    what=f"read of {len(failed)} byte range(s)",
+                    where=self._where(name),
+                    attempt=attempt,
+                    policy=self.transfer.retry,
+                    redact=self._redact,
+                )
+            )
+            todo = [i for i, _ in failed]
+            attempt += 1
+
     def size(self, name: str) -> int:
-        return int(self.fs.size(self._path(name)))
+        info = self._info(name)
+        if info is None:
+            raise FileNotFoundError(f"{self._where(name)}: no such file")
+        return int(info["size"])
 
     def exists(self, name: str) -> bool:
-        return bool(self.fs.exists(self._path(name)))
+        return self._info(name) is not None
 
     def list_names(self) -> list[str]:
+        self.fs.invalidate_cache(self.root)
         try:
-            entries = self.fs.ls(self.root, detail=False)
+            entries = self._call("list", None, self.fs.ls, self.root, detail=False)
         except FileNotFoundError:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
@@ -78,7 +311,64 @@ class FsspecStorage:
     def remove(self, names: Sequence[str]) -> None:
         for name in names:
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self._path(name))
+                self._call("delete", name, self.fs.rm_file, self._path(name))
 
     def close(self) -> None:
-        pass
+        """Nothing to release: connections belong to the (cached, shared) file system instance."""
+
+
+class _CheckedStream:
+    """A backend's own write stream whose failures name the file (for backends without `PartUpload`).
+
+    A failure inside the stream cannot be retried here: the bytes already handed over are gone.
+    Opening is retried; backends retry their own requests underneath.
+    """
+
+    def __init__(self, f: Any, storage: FsspecStorage, name: str) -> None:
+        self._f = f
+        self._storage = storage
+        self._name = name
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except Exception as e:
+            self._fail(e, "write")
+
+    def finish(self) -> None:
+        """Close the stream, which completes the upload: the file then exists whole."""
+        try:
+            self._f.close()
+        except Exception as e:
+            self._remove_quietly()
+            self._fail(e, "finish upload")
+
+    def discard(self) -> None:
+        """The producer failed: drop what was written (best effort; cleanup removes leftovers later)."""
+        try:
+            self._f.close()
+        except Exception as e:
+            self._log_failure("close", e)
+        self._remove_quietly()
+
+    def _remove_quietly(self) -> None:
+        try:
+            self._storage.remove([self._name])
+        except Exception as e:
+            self._log_failure("remove a partly written file", e)
+
+    def _log_failure(self, what: str, error: Exception) -> None:
+        # The text only, redacted: a client's traceback may quote what it sent.
+        text = self._storage._redact(f"{type(error).__name__}: {error}")
+        logger.warning("%s: could not %s: %s", self._storage._where(self._name), what, text)
+
+    def _fail(self, error: Exception, what: str) -> NoReturn:
+        raise_storage_error(
+            error, what=what, where=self._storage._where(self._name), attempts=1, redact=self._storage._redact
+        )

