@@ -160,6 +160,7 @@ def _summary(results: list[dict], total_bytes: int, world_size: int, saves: int)
         "saves": saves,
         "copy_s": statistics.median(slowest["copy"]),
         "clone_s": statistics.median(slowest["clone"]),
+        "samples_s": slowest,  # per save, slowest rank: for spreads
     }
     for name in ("ours", "ours_return", "dcp", "dcp_process"):
         out[f"{name}_first_s"] = slowest[name][0]

@@ -114,7 +114,7 @@ class ProcessGroupExchange:
             text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             raise DistributedCheckpointError(
                 f"rank {self.rank}: the {op} exchange between ranks failed ({type(e).__name__}: {text}); "
-                "a rank died, was killed or is stuck, so this save failed",
+                "a rank died, was killed or is stuck (checkpoint.verify() tells whether the save was committed)",
                 self._absent_ranks(op, step) or {self.rank: f"{op} failed: {text}"},
             ) from e
 
@@ -130,15 +130,17 @@ class ProcessGroupExchange:
 
     def _absent_ranks(self, op: str, step: int | None) -> dict[int, str]:
         """The ranks that never reached exchange number `step`, by their counts in the store."""
-        if self._store is None or step is None:
+        if self._store is None:
             return {}
-        try:
+        try:  # also when counting this rank in failed: a store that stopped answering says who died
             reached = {r: int(self._store.add(f"{self._prefix}/{g}", 0)) for r, g in enumerate(self._global)}
         except Exception:
             return {
                 COORDINATOR: "unreachable: the job's store stopped answering, and it lives in rank 0's "
                 "process unless a launcher hosts it, so rank 0 most likely died"
             }
+        if step is None:
+            return {}
         return {
             r: f"never reached this {op}: its process died, was killed or is stuck"
             for r, n in reached.items()

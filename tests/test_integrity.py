@@ -13,6 +13,8 @@ import fractions
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import crc32c
 import pytest
@@ -368,3 +370,16 @@ def _chunk_remote(fs, path: str, key: str) -> dict:
     doc = json.loads(fs.cat_file(f"{path.removeprefix('s3://')}/{METADATA_FILE}"))
     (chunk,) = doc["tensors"][key]["chunks"]
     return chunk
+
+
+def test_command_line_entry_point(saved):
+    """`python -m checkpoint.verify` runs as a command: exit status 0 and nothing on stderr (no runpy warning)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "checkpoint.verify", saved]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (EXIT_OK, "")
+    save_id = _doc(saved)["save_id"]
+    assert (
+        done.stdout
+        == f"{saved}: OK: save {save_id}, 1 files, 3 tensors, {A_NUMEL * 4 + B_NUMEL * 8 + R_NUMEL * 2} bytes checked\n"
+    )
