@@ -26,12 +26,11 @@ from typing import Any
 from checkpoint.checkpointer import Checkpointer
 from checkpoint.process import CheckpointProcess
 from checkpoint.reader import CheckpointReader
-from checkpoint.save import LocalSave, PlanCache, describe_local, prepare_save
+from checkpoint.save import LocalSave, PlanCache, describe_or_error, prepare_save
 from checkpoint.staging import CheckpointStager, StagedSave, staging_layout
 from checkpoint.types import STATE_DICT
 from checkpoint.writer import SAVE_OPTIONS, check_options
 from planners.errors import WriterProcessError
-from planners.flatten import flatten_state_dict
 from storage.backend import open_storage
 
 logger = logging.getLogger(__name__)
@@ -92,8 +91,12 @@ class AsyncCheckpointer(Checkpointer):
         start = time.perf_counter()
         storage = open_storage(path, storage_options=self._process.storage_options)
         try:
-            local: LocalSave | BaseException = (
-                previous if previous is not None else self._describe(state_dict, kwargs)
+            local = (
+                previous
+                if previous is not None
+                else describe_or_error(
+                    state_dict, self._rank_info.global_rank, allow_pickle=kwargs.get("allow_pickle", False)
+                )
             )
             prepared = prepare_save(
                 local,
@@ -123,15 +126,6 @@ class AsyncCheckpointer(Checkpointer):
         self._write_path = path
         return staged.future, self._write_future
 
-    def _describe(self, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> LocalSave | BaseException:
-        try:
-            flat = flatten_state_dict(state_dict)
-            return describe_local(
-                flat, self._rank_info.global_rank, allow_pickle=kwargs.get("allow_pickle", False)
-            )
-        except Exception as e:  # reported through the plan exchange so other ranks do not hang
-            return e
-
     def _previous_failure(self, path: str) -> BaseException | None:
         """Wait for the previous save; its failure (reported once) becomes this save's."""
         future, self._write_future = self._write_future, None
@@ -147,20 +141,6 @@ class AsyncCheckpointer(Checkpointer):
             )
             error.__cause__ = e
             return error
-
-    def _load(
-        self,
-        path: str,
-        state_dict: STATE_DICT | None,
-        *,
-        default_map_location: Any,
-        strict: bool,
-        **kwargs: Any,
-    ) -> STATE_DICT:
-        loaded, _ = self._reader.read(
-            path, state_dict, map_location=default_map_location, strict=strict, **kwargs
-        )
-        return loaded
 
     def _close(self) -> None:
         self._process.close()  # first: a running save still reads the staging buffer

@@ -34,7 +34,10 @@ def make_sync_checkpointer(
     config = config or CheckpointerConfig()
     rank_info = rank_info or RankInfo.detect()
     writer = CheckpointWriter(
-        config.writer_config, rank_info, create_barrier_from_config(config.barrier_config), commit_hook,
+        config.writer_config,
+        rank_info,
+        create_barrier_from_config(config.barrier_config),
+        commit_hook,
         storage_options=config.storage_options,
     )
     reader = CheckpointReader(rank_info, config=config.reader_config, storage_options=config.storage_options)

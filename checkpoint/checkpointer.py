@@ -27,6 +27,8 @@ class Checkpointer(abc.ABC):
     `close()` every call raises `RuntimeError`.
     """
 
+    _reader: CheckpointReader  # set by each implementation; loading is the same for all
+
     def __init__(self) -> None:
         self._closed = False
 
@@ -109,7 +111,6 @@ class Checkpointer(abc.ABC):
     @abc.abstractmethod
     def _save(self, state_dict: STATE_DICT, path: str, **kwargs: Any) -> tuple[Future, Future] | None: ...
 
-    @abc.abstractmethod
     def _load(
         self,
         path: str,
@@ -118,7 +119,12 @@ class Checkpointer(abc.ABC):
         default_map_location: Any,
         strict: bool,
         **kwargs: Any,
-    ) -> STATE_DICT: ...
+    ) -> STATE_DICT:
+        """Loading is synchronous for every checkpointer, through its `CheckpointReader`."""
+        loaded, _ = self._reader.read(
+            path, state_dict, map_location=default_map_location, strict=strict, **kwargs
+        )
+        return loaded
 
     @abc.abstractmethod
     def _close(self) -> None: ...
@@ -147,20 +153,6 @@ class SyncCheckpointer(Checkpointer):
     def _save(self, state_dict: STATE_DICT, path: str, **kwargs: Any) -> None:
         self._writer.write(path, state_dict, **kwargs)
         return None
-
-    def _load(
-        self,
-        path: str,
-        state_dict: STATE_DICT | None,
-        *,
-        default_map_location: Any,
-        strict: bool,
-        **kwargs: Any,
-    ) -> STATE_DICT:
-        loaded, _ = self._reader.read(
-            path, state_dict, map_location=default_map_location, strict=strict, **kwargs
-        )
-        return loaded
 
     def _close(self) -> None:
         self._writer.close()

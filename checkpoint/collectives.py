@@ -170,7 +170,9 @@ class StoreExchange:
     travel between this job's own processes, never through a checkpoint.
     """
 
-    def __init__(self, store: dist.Store, *, rank: int, world_size: int, prefix: str, timeout_s: float) -> None:
+    def __init__(
+        self, store: dist.Store, *, rank: int, world_size: int, prefix: str, timeout_s: float
+    ) -> None:
         self.store = store
         self.rank = rank
         self.world_size = world_size
@@ -198,7 +200,9 @@ class StoreExchange:
             return None
         keys = [self._key("gather", r) for r in range(self.world_size)]
         self._wait(keys, "gathering write results")
-        return [pickle.loads(self.store.get(k)) for k in keys]  # allow_pickle: our own processes, never a file
+        return [
+            pickle.loads(self.store.get(k)) for k in keys
+        ]  # allow_pickle: our own processes, never a file
 
     def scatter(self, objs: list[Any] | None) -> Any:
         self._calls += 1

@@ -36,8 +36,12 @@ class CheckpointWriterConfig:
     io_threads: int = 4
 
     def __post_init__(self) -> None:
-        _positive(self, write_barrier_timeout_secs=self.write_barrier_timeout_secs,
-                  max_file_bytes=self.max_file_bytes, io_threads=self.io_threads)
+        _positive(
+            self,
+            write_barrier_timeout_secs=self.write_barrier_timeout_secs,
+            max_file_bytes=self.max_file_bytes,
+            io_threads=self.io_threads,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,7 +22,7 @@ from typing import Any
 import crc32c
 import torch
 
-from planners.boxes import Box, coalesce, full_box
+from planners.boxes import coalesce, full_box
 from planners.dtypes import dtype_from_name
 from planners.errors import (
     CheckpointError,
@@ -34,9 +34,23 @@ from planners.errors import (
     PickleNotAllowedError,
     RankLocalError,
 )
-from planners.flatten import FlatStateDict, fill_target, flatten_state_dict, rebuild
-from planners.load_plan import LoadTarget, ReadItem, build_index, check_compatible, element_strides, plan_tensor_reads
-from planners.metadata import METADATA_FILE, SHARD_FILE_RE, ChunkRecord, Metadata, TensorRecord, parse_metadata
+from planners.flatten import fill_target, flatten_state_dict, rebuild
+from planners.load_plan import (
+    LoadTarget,
+    ReadItem,
+    build_index,
+    check_compatible,
+    element_strides,
+    plan_tensor_reads,
+)
+from planners.metadata import (
+    METADATA_FILE,
+    SHARD_FILE_RE,
+    ChunkRecord,
+    Metadata,
+    TensorRecord,
+    parse_metadata,
+)
 from planners.values import decode_value
 from storage.backend import CheckpointStorage
 
@@ -73,7 +87,9 @@ def read_metadata(storage: CheckpointStorage) -> Metadata:
     except IsADirectoryError as e:
         raise InvalidCheckpointError(f"{storage.url}: {METADATA_FILE} is a directory") from e
     except NotADirectoryError:
-        raise CheckpointError(f"checkpoint path {storage.url} is a file, not a checkpoint directory") from None
+        raise CheckpointError(
+            f"checkpoint path {storage.url} is a file, not a checkpoint directory"
+        ) from None
     return parse_metadata(data, where=storage.url)
 
 
@@ -85,23 +101,36 @@ def load_checkpoint(
     metadata = read_metadata(storage)
     reader = _ChunkReader(storage, metadata, verify=options.verify, io_threads=options.io_threads)
     if target is None:
-        result, missing = _load_everything(metadata, reader, rank=rank, world_size=world_size, options=options), []
+        result, missing = (
+            _load_everything(metadata, reader, rank=rank, world_size=world_size, options=options),
+            [],
+        )
     else:
-        result, missing = _load_into(target, metadata, reader, rank=rank, world_size=world_size, options=options)
+        result, missing = _load_into(
+            target, metadata, reader, rank=rank, world_size=world_size, options=options
+        )
     logger.info(
-        "loaded %s on rank %d: %d bytes read in %.3fs", storage.url, rank, reader.bytes_read, time.perf_counter() - start
+        "loaded %s on rank %d: %d bytes read in %.3fs",
+        storage.url,
+        rank,
+        reader.bytes_read,
+        time.perf_counter() - start,
     )
     return result, missing
 
 
-def _load_into(target: Any, metadata: Metadata, reader: _ChunkReader, *, rank: int, world_size: int, options: LoadOptions) -> tuple[Any, list[str]]:
+def _load_into(
+    target: Any, metadata: Metadata, reader: _ChunkReader, *, rank: int, world_size: int, options: LoadOptions
+) -> tuple[Any, list[str]]:
     flat = flatten_state_dict(target)
     where = reader.storage.url
     missing: list[str] = []
     jobs: list[tuple[ReadItem, torch.Tensor]] = []
     for fqn, leaf in flat.tensors.items():
         if leaf.local.device.type == "meta":
-            raise InvalidStateDictError(f"{where}: target key {fqn!r} is on the meta device; materialise it (e.g. to_empty()) before loading")
+            raise InvalidStateDictError(
+                f"{where}: target key {fqn!r} is on the meta device; materialise it (e.g. to_empty()) before loading"
+            )
         record = metadata.tensors.get(fqn)
         if record is None:
             missing.append(fqn)
@@ -114,7 +143,9 @@ def _load_into(target: Any, metadata: Metadata, reader: _ChunkReader, *, rank: i
         if fqn in metadata.values:
             new_values[fqn] = _decode(metadata.values[fqn], fqn, options, where)
         elif fqn in metadata.tensors:
-            raise InvalidCheckpointError(f"{where}: key {fqn!r} is a tensor in the checkpoint but not in the target")
+            raise InvalidCheckpointError(
+                f"{where}: key {fqn!r} is a tensor in the checkpoint but not in the target"
+            )
         else:
             missing.append(fqn)
     for fqn, holder in flat.rank_local.items():
@@ -131,29 +162,46 @@ def _load_into(target: Any, metadata: Metadata, reader: _ChunkReader, *, rank: i
     if options.strict and missing:
         shown = ", ".join(repr(k) for k in sorted(missing)[:_MAX_KEYS_SHOWN])
         more = f" and {len(missing) - _MAX_KEYS_SHOWN} more" if len(missing) > _MAX_KEYS_SHOWN else ""
-        raise MissingKeysError(f"checkpoint at {where} lacks {len(missing)} key(s) the target asks for: {shown}{more}", sorted(missing))
+        raise MissingKeysError(
+            f"checkpoint at {where} lacks {len(missing)} key(s) the target asks for: {shown}{more}",
+            sorted(missing),
+        )
     reader.run(jobs)
     return fill_target(target, flat, new_values), sorted(missing)
 
 
-def _rank_local_value(record: Any, rank: int, current: Any, reader: _ChunkReader, jobs: list, fqn: str, options: LoadOptions) -> Any:
+def _rank_local_value(
+    record: Any, rank: int, current: Any, reader: _ChunkReader, jobs: list, fqn: str, options: LoadOptions
+) -> Any:
     entry = record.tensors[rank]
     if entry is None:
         return _decode(record.values[rank], fqn, options, reader.storage.url)
     dtype_name, chunk = entry
     dtype = dtype_from_name(dtype_name, where=reader.storage.url)
     shape = chunk.box.sizes
-    if isinstance(current, torch.Tensor) and current.dtype == dtype and tuple(current.shape) == shape and current.device.type != "meta":
+    if (
+        isinstance(current, torch.Tensor)
+        and current.dtype == dtype
+        and tuple(current.shape) == shape
+        and current.device.type != "meta"
+    ):
         dest = current  # filled in place, like any other target tensor
     else:
         reader.require_bytes(fqn, chunk)
         dest = torch.empty(shape, dtype=dtype)
     record_t = TensorRecord(dtype=dtype_name, shape=shape, chunks=(chunk,))
-    jobs += [(item, dest) for item in reader.plan(LoadTarget(fqn=fqn, dtype=dtype, global_shape=shape, box=full_box(shape)), record_t)]
+    jobs += [
+        (item, dest)
+        for item in reader.plan(
+            LoadTarget(fqn=fqn, dtype=dtype, global_shape=shape, box=full_box(shape)), record_t
+        )
+    ]
     return dest
 
 
-def _load_everything(metadata: Metadata, reader: _ChunkReader, *, rank: int, world_size: int, options: LoadOptions) -> Any:
+def _load_everything(
+    metadata: Metadata, reader: _ChunkReader, *, rank: int, world_size: int, options: LoadOptions
+) -> Any:
     jobs: list[tuple[ReadItem, torch.Tensor]] = []
     tensors = {}
     for fqn, record in metadata.tensors.items():
@@ -161,7 +209,13 @@ def _load_everything(metadata: Metadata, reader: _ChunkReader, *, rank: int, wor
         for chunk in record.chunks:  # the chunks tile the tensor, so this bounds the allocation by real bytes
             reader.require_bytes(fqn, chunk)
         dest = tensors[fqn] = torch.empty(record.shape, dtype=dtype)
-        jobs += [(item, dest) for item in reader.plan(LoadTarget(fqn=fqn, dtype=dtype, global_shape=record.shape, box=full_box(record.shape)), record)]
+        jobs += [
+            (item, dest)
+            for item in reader.plan(
+                LoadTarget(fqn=fqn, dtype=dtype, global_shape=record.shape, box=full_box(record.shape)),
+                record,
+            )
+        ]
     rank_local = {
         fqn: [_rank_local_value(rec, r, None, reader, jobs, fqn, options) for r in range(rec.world_size)]
         for fqn, rec in metadata.rank_local.items()
@@ -198,7 +252,9 @@ def _placer(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 class _ChunkReader:
     """Plans and runs the byte-range reads of one load."""
 
-    def __init__(self, storage: CheckpointStorage, metadata: Metadata, *, verify: bool, io_threads: int) -> None:
+    def __init__(
+        self, storage: CheckpointStorage, metadata: Metadata, *, verify: bool, io_threads: int
+    ) -> None:
         self.storage = storage
         self.metadata = metadata
         self.verify = verify
@@ -237,7 +293,9 @@ class _ChunkReader:
         for item, dest in jobs:
             by_file[item.chunk.file].append((item, dest))
         if self.io_threads > 1 and len(by_file) > 1:
-            with ThreadPoolExecutor(max_workers=min(self.io_threads, len(by_file)), thread_name_prefix="shardsafe-read") as pool:
+            with ThreadPoolExecutor(
+                max_workers=min(self.io_threads, len(by_file)), thread_name_prefix="shardsafe-read"
+            ) as pool:
                 list(pool.map(self._run_file, by_file.items()))
         else:
             for entry in by_file.items():
@@ -255,7 +313,10 @@ class _ChunkReader:
         starts = [s for s, _ in merged]
         verified: set[tuple[int, int]] = set()
         pieces = [
-            [(run, self._slice(merged, starts, buffers, item.chunk.offset_bytes + run[0], run[1])) for run in item.runs]
+            [
+                (run, self._slice(merged, starts, buffers, item.chunk.offset_bytes + run[0], run[1]))
+                for run in item.runs
+            ]
             for item, _ in jobs
         ]
         if self.verify:  # every block of the file first: a corrupt file contributes nothing to the target
@@ -265,7 +326,9 @@ class _ChunkReader:
             _copy_region(item, _span_bytes(item, item_pieces), dest)
 
     @staticmethod
-    def _slice(merged: list[tuple[int, int]], starts: list[int], buffers: list[memoryview], offset: int, n: int) -> memoryview:
+    def _slice(
+        merged: list[tuple[int, int]], starts: list[int], buffers: list[memoryview], offset: int, n: int
+    ) -> memoryview:
         i = bisect.bisect_right(starts, offset) - 1
         base = merged[i][0]
         return buffers[i][offset - base : offset - base + n]
@@ -310,7 +373,11 @@ def _span_bytes(item: ReadItem, pieces: list[tuple[tuple[int, int], memoryview]]
 
 def _copy_region(item: ReadItem, span: memoryview, dest: torch.Tensor) -> None:
     """Copy the region (viewed in place inside `span`) into its box of `dest`."""
-    src = torch.frombuffer(span, dtype=torch.uint8).view(item.dtype) if len(span) else torch.empty(0, dtype=item.dtype)
+    src = (
+        torch.frombuffer(span, dtype=torch.uint8).view(item.dtype)
+        if len(span)
+        else torch.empty(0, dtype=item.dtype)
+    )
     src = src.as_strided(item.region.sizes, element_strides(item.chunk.box.sizes), 0)
     index = tuple(slice(o, o + n) for o, n in zip(item.dest.offsets, item.dest.sizes))
     dest[index].copy_(src)

@@ -35,7 +35,7 @@ from planners.errors import (
     DistributedCheckpointError,
     InvalidStateDictError,
 )
-from planners.flatten import FlatStateDict
+from planners.flatten import FlatStateDict, flatten_state_dict
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
     FORMAT_VERSION,
@@ -132,11 +132,16 @@ def describe_local(flat: FlatStateDict, rank: int, *, allow_pickle: bool) -> Loc
     held += [(fqn, h.value) for fqn, h in flat.rank_local.items() if isinstance(h.value, torch.Tensor)]
     for fqn, t in held:
         if t.device.type == "meta":
-            raise InvalidStateDictError(f"key {fqn!r}: tensor is on the meta device and holds no data; materialise it before saving")
+            raise InvalidStateDictError(
+                f"key {fqn!r}: tensor is on the meta device and holds no data; materialise it before saving"
+            )
     items = [
         WriteItem(
-            fqn=leaf.fqn, dtype=dtype_name(leaf.local.dtype, key=leaf.fqn), global_shape=leaf.global_shape,
-            box=leaf.box, nbytes=leaf.local.numel() * leaf.local.element_size(),
+            fqn=leaf.fqn,
+            dtype=dtype_name(leaf.local.dtype, key=leaf.fqn),
+            global_shape=leaf.global_shape,
+            box=leaf.box,
+            nbytes=leaf.local.numel() * leaf.local.element_size(),
         )
         for leaf in flat.tensors.values()
         if leaf.local.numel() or not leaf.box.numel  # a rank's empty shard holds nothing to write
@@ -147,8 +152,14 @@ def describe_local(flat: FlatStateDict, rank: int, *, allow_pickle: bool) -> Loc
         if isinstance(holder.value, torch.Tensor):
             t = holder.value
             items.append(
-                WriteItem(fqn=fqn, dtype=dtype_name(t.dtype, key=fqn), global_shape=tuple(t.shape), box=full_box(t.shape),
-                          nbytes=t.numel() * t.element_size(), rank_local=True)
+                WriteItem(
+                    fqn=fqn,
+                    dtype=dtype_name(t.dtype, key=fqn),
+                    global_shape=tuple(t.shape),
+                    box=full_box(t.shape),
+                    nbytes=t.numel() * t.element_size(),
+                    rank_local=True,
+                )
             )
             tensors[fqn] = t
         else:
@@ -156,7 +167,13 @@ def describe_local(flat: FlatStateDict, rank: int, *, allow_pickle: bool) -> Loc
     values = {fqn: encode_value(v, key=fqn, allow_pickle=allow_pickle) for fqn, v in flat.values.items()}
     keys = tuple(sorted([*flat.tensors, *flat.values, *flat.rank_local]))
     plan = LocalPlan(rank=rank, items=tuple(items), keys=keys)
-    return LocalSave(plan=plan, tensors=tensors, values=values, rank_local_values=rank_local_values, structure=flat.structure)
+    return LocalSave(
+        plan=plan,
+        tensors=tensors,
+        values=values,
+        rank_local_values=rank_local_values,
+        structure=flat.structure,
+    )
 
 
 def portable_error(e: BaseException) -> BaseException:
@@ -166,6 +183,18 @@ def portable_error(e: BaseException) -> BaseException:
         return e
     except Exception:
         return CheckpointError(f"{type(e).__name__}: {e}")
+
+
+def describe_or_error(state_dict: Any, rank: int, *, allow_pickle: bool) -> LocalSave | BaseException:
+    """`describe_local` of a state dict, or the error it raised.
+
+    The error is not raised here: it travels through the plan exchange, so the
+    other ranks fail with it instead of waiting for this one.
+    """
+    try:
+        return describe_local(flatten_state_dict(state_dict), rank, allow_pickle=allow_pickle)
+    except Exception as e:
+        return e
 
 
 def _raise_failures(rank: int, failures: Mapping[int, BaseException], url: str) -> None:
@@ -190,7 +219,9 @@ def prepare_save(
 ) -> PreparedSave:
     """Agree on the plan for this save (collective: every rank calls it, even after a local error)."""
     coordinator = exchange.rank == COORDINATOR
-    digests = exchange.gather(portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint())
+    digests = exchange.gather(
+        portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint()
+    )
     decision = None
     if coordinator:
         assert digests is not None
@@ -208,13 +239,20 @@ def prepare_save(
         assert cache.draft_plan is not None
         draft = MetadataDraft(global_plan=cache.draft_plan, values=local.values, structure=local.structure)
     return PreparedSave(
-        url=storage.url, save_id=decision.save_id, rank=exchange.rank, world_size=exchange.world_size,
-        files=cache.rank_plan.files, rank_local_values=local.rank_local_values, draft=draft,
+        url=storage.url,
+        save_id=decision.save_id,
+        rank=exchange.rank,
+        world_size=exchange.world_size,
+        files=cache.rank_plan.files,
+        rank_local_values=local.rank_local_values,
+        draft=draft,
         plan_reused=decision.reuse,
     )
 
 
-def _decide(digests: list[Any], storage: CheckpointStorage, cache: PlanCache, *, overwrite: bool) -> _Decision:
+def _decide(
+    digests: list[Any], storage: CheckpointStorage, cache: PlanCache, *, overwrite: bool
+) -> _Decision:
     save_id = secrets.token_hex(6)
     failures = {r: d for r, d in enumerate(digests) if isinstance(d, BaseException)}
     if failures:
@@ -264,20 +302,28 @@ def write_rank_files(
             name = shard_file_name(prepared.save_id, fp.stem)
             entries = [(item.fqn, tensors[item.fqn]) for item in fp.items]
             with storage.open_write(name) as f:
-                written, nbytes = write_safetensors(f, entries, metadata=header, block_bytes=CHECKSUM_BLOCK_BYTES)
+                written, nbytes = write_safetensors(
+                    f, entries, metadata=header, block_bytes=CHECKSUM_BLOCK_BYTES
+                )
             chunks = [
-                WrittenChunk(fqn=i.fqn, box=i.box, dtype=i.dtype, rank_local=i.rank_local, file=name, written=w)
+                WrittenChunk(
+                    fqn=i.fqn, box=i.box, dtype=i.dtype, rank_local=i.rank_local, file=name, written=w
+                )
                 for i, w in zip(fp.items, written)
             ]
             return name, nbytes, chunks
 
         if len(prepared.files) > 1 and io_threads > 1:
-            with ThreadPoolExecutor(max_workers=min(io_threads, len(prepared.files)), thread_name_prefix="shardsafe-write") as pool:
+            with ThreadPoolExecutor(
+                max_workers=min(io_threads, len(prepared.files)), thread_name_prefix="shardsafe-write"
+            ) as pool:
                 done = list(pool.map(one, prepared.files))
         else:
             done = [one(fp) for fp in prepared.files]
         return RankWriteResult(
-            rank=prepared.rank, files={n: b for n, b, _ in done}, chunks=tuple(c for _, _, cs in done for c in cs),
+            rank=prepared.rank,
+            files={n: b for n, b, _ in done},
+            chunks=tuple(c for _, _, cs in done for c in cs),
             rank_local_values=prepared.rank_local_values,
         )
     except Exception as e:
@@ -310,7 +356,9 @@ def commit_save(
             _remove_leftovers(storage, metadata)
     outcome = exchange.broadcast(outcome)
     if outcome:
-        raise DistributedCheckpointError(f"save to {prepared.url} failed; the checkpoint was not committed", outcome)
+        raise DistributedCheckpointError(
+            f"save to {prepared.url} failed; the checkpoint was not committed", outcome
+        )
     return metadata
 
 
@@ -326,8 +374,12 @@ def build_metadata(prepared: PreparedSave, results: list[RankWriteResult]) -> Me
         files.update({name: FileRecord(nbytes=n, rank=r.rank) for name, n in r.files.items()})
         for c in r.chunks:
             record = ChunkRecord(
-                box=c.box, file=c.file, key=c.written.key, offset_bytes=c.written.offset_bytes,
-                nbytes=c.written.nbytes, checksums=c.written.checksums,
+                box=c.box,
+                file=c.file,
+                key=c.written.key,
+                offset_bytes=c.written.offset_bytes,
+                nbytes=c.written.nbytes,
+                checksums=c.written.checksums,
             )
             if c.rank_local:
                 rank_local_tensors.setdefault(c.fqn, [None] * len(results))[r.rank] = (c.dtype, record)
@@ -341,13 +393,21 @@ def build_metadata(prepared: PreparedSave, results: list[RankWriteResult]) -> Me
         vs = rank_local_values.get(fqn, [None] * len(results))
         rank_local[fqn] = RankLocalRecord(tensors=tuple(ts), values=tuple(vs))
     tensors = {
-        fqn: TensorRecord(dtype=dtype, shape=shape, chunks=tuple(sorted(chunks[fqn], key=lambda c: c.box.offsets)))
+        fqn: TensorRecord(
+            dtype=dtype, shape=shape, chunks=tuple(sorted(chunks[fqn], key=lambda c: c.box.offsets))
+        )
         for fqn, (dtype, shape) in draft.global_plan.tensors.items()
     }
     return Metadata(
-        version=FORMAT_VERSION, save_id=prepared.save_id, world_size=prepared.world_size,
-        checksum_block_bytes=CHECKSUM_BLOCK_BYTES, tensors=tensors, values=draft.values, rank_local=rank_local,
-        files=files, structure=draft.structure,
+        version=FORMAT_VERSION,
+        save_id=prepared.save_id,
+        world_size=prepared.world_size,
+        checksum_block_bytes=CHECKSUM_BLOCK_BYTES,
+        tensors=tensors,
+        values=draft.values,
+        rank_local=rank_local,
+        files=files,
+        structure=draft.structure,
     )
 
 
@@ -356,8 +416,10 @@ def _remove_leftovers(storage: CheckpointStorage, metadata: Metadata | None) -> 
     if metadata is None:
         return
     stale = [
-        n for n in storage.list_names()
-        if (m := SHARD_FILE_RE.fullmatch(n)) and m["save_id"] != metadata.save_id
+        n
+        for n in storage.list_names()
+        if (m := SHARD_FILE_RE.fullmatch(n))
+        and m["save_id"] != metadata.save_id
         or n.startswith(f".{METADATA_FILE}.tmp-")
     ]
     try:

@@ -22,13 +22,12 @@ from checkpoint.save import (
     LocalSave,
     PlanCache,
     commit_save,
-    describe_local,
+    describe_or_error,
     prepare_save,
     timed,
     write_rank_files,
 )
 from checkpoint.types import STATE_DICT, RankInfo
-from planners.flatten import flatten_state_dict
 from storage.backend import open_storage
 
 logger = logging.getLogger(__name__)
@@ -117,14 +116,9 @@ class CheckpointWriter:
         storage = open_storage(path, storage_options=self._storage_options)
         try:
             with timed("plan", timings):
-                local: LocalSave | BaseException
-                try:
-                    flat = flatten_state_dict(state_dict)
-                    local = describe_local(
-                        flat, self._rank_info.global_rank, allow_pickle=kwargs.get("allow_pickle", False)
-                    )
-                except Exception as e:  # reported through the exchange so other ranks do not hang
-                    local = e
+                local = describe_or_error(
+                    state_dict, self._rank_info.global_rank, allow_pickle=kwargs.get("allow_pickle", False)
+                )
                 prepared = prepare_save(
                     local,
                     self._exchange,

@@ -165,7 +165,10 @@ def _sweep_cost(boxes: list[Box], dim: int) -> int:
     """How many comparisons a sweep along `dim` makes: for each box, the earlier boxes still open at its start."""
     starts = sorted(b.offsets[dim] for b in boxes)
     ends = sorted(b.end(dim) for b in boxes)
-    return sum(bisect.bisect_right(starts, b.offsets[dim]) - bisect.bisect_right(ends, b.offsets[dim]) - 1 for b in boxes)
+    return sum(
+        bisect.bisect_right(starts, b.offsets[dim]) - bisect.bisect_right(ends, b.offsets[dim]) - 1
+        for b in boxes
+    )
 
 
 def byte_runs(chunk: Box, region: Box, itemsize: int, *, max_runs: int) -> list[tuple[int, int]]:

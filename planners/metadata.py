@@ -27,7 +27,9 @@ FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 # Shard file names: shard-<save id>-r<rank>-<index>.safetensors. Nothing else
 # is ever read as data, and nothing else is ever deleted by cleanup.
-SHARD_FILE_RE = re.compile(r"^shard-(?P<save_id>[0-9a-f]{8,32})-r(?P<rank>\d{5,})-(?P<index>\d{3,})\.safetensors$")
+SHARD_FILE_RE = re.compile(
+    r"^shard-(?P<save_id>[0-9a-f]{8,32})-r(?P<rank>\d{5,})-(?P<index>\d{3,})\.safetensors$"
+)
 # Checksums cover blocks of this many bytes of each chunk, so a resharded load
 # that reads part of a chunk can still verify what it read, at the cost of
 # reading at most one block more at each end of a byte run.
@@ -140,7 +142,10 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
     v = _Validator(where)
     v.check(isinstance(doc, dict) and doc.get("format") == FORMAT_NAME, "not a shardsafe metadata file")
     version = v.int_(doc.get("version"), "version", low=1)
-    v.check(version <= FORMAT_VERSION, f"format version {version} is newer than this reader ({FORMAT_VERSION}); upgrade shardsafe")
+    v.check(
+        version <= FORMAT_VERSION,
+        f"format version {version} is newer than this reader ({FORMAT_VERSION}); upgrade shardsafe",
+    )
     world_size = v.int_(doc.get("world_size"), "world_size", low=1)
     block = v.int_(doc.get("checksum_block_bytes"), "checksum_block_bytes", low=4096, high=1 << 40)
     save_id = doc.get("save_id")
@@ -148,18 +153,30 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
     v.block = block
     v.world_size = world_size
     files = {
-        v.file_name(n): FileRecord(nbytes=v.int_(f.get("nbytes"), f"files[{n!r}].nbytes", high=MAX_FILE_BYTES), rank=v.int_(f.get("rank"), f"files[{n!r}].rank", high=world_size - 1))
+        v.file_name(n): FileRecord(
+            nbytes=v.int_(f.get("nbytes"), f"files[{n!r}].nbytes", high=MAX_FILE_BYTES),
+            rank=v.int_(f.get("rank"), f"files[{n!r}].rank", high=world_size - 1),
+        )
         for n, f in v.dict_(doc.get("files"), "files").items()
         if v.dict_(f, f"files[{n!r}]") is not None
     }
     tensors = {k: v.tensor(k, t, files) for k, t in v.dict_(doc.get("tensors"), "tensors").items()}
-    rank_local = {k: v.rank_local(k, r, files) for k, r in v.dict_(doc.get("rank_local"), "rank_local").items()}
+    rank_local = {
+        k: v.rank_local(k, r, files) for k, r in v.dict_(doc.get("rank_local"), "rank_local").items()
+    }
     values = v.dict_(doc.get("values"), "values")
     structure = doc.get("structure")
     v.structure(structure, set(tensors), set(values), set(rank_local))
     return Metadata(
-        version=version, save_id=save_id, world_size=world_size, checksum_block_bytes=block, tensors=tensors, values=values,
-        rank_local=rank_local, files=files, structure=structure,
+        version=version,
+        save_id=save_id,
+        world_size=world_size,
+        checksum_block_bytes=block,
+        tensors=tensors,
+        values=values,
+        rank_local=rank_local,
+        files=files,
+        structure=structure,
     )
 
 
@@ -176,7 +193,10 @@ class _Validator:
             raise InvalidCheckpointError(f"{self.where}: invalid metadata: {problem}")
 
     def int_(self, x: Any, field: str, *, low: int = 0, high: int = MAX_FILE_BYTES) -> int:
-        self.check(type(x) is int and low <= x <= high, f"{field} must be an integer in [{low}, {high}], got {str(x)[:40]!r}")
+        self.check(
+            type(x) is int and low <= x <= high,
+            f"{field} must be an integer in [{low}, {high}], got {str(x)[:40]!r}",
+        )
         return x
 
     def dict_(self, x: Any, field: str) -> dict:
@@ -189,38 +209,72 @@ class _Validator:
         return tuple(self.int_(i, field, high=MAX_NUMEL) for i in x)
 
     def file_name(self, name: Any) -> str:
-        self.check(isinstance(name, str) and SHARD_FILE_RE.fullmatch(name) is not None,
-                   f"file name {str(name)[:80]!r} is not a shard file name (paths, '..' and URLs are refused)")
+        self.check(
+            isinstance(name, str) and SHARD_FILE_RE.fullmatch(name) is not None,
+            f"file name {str(name)[:80]!r} is not a shard file name (paths, '..' and URLs are refused)",
+        )
         return name
 
-    def chunk(self, key: str, c: Any, shape: tuple[int, ...], itemsize: int, files: dict[str, FileRecord]) -> ChunkRecord:
+    def chunk(
+        self, key: str, c: Any, shape: tuple[int, ...], itemsize: int, files: dict[str, FileRecord]
+    ) -> ChunkRecord:
         c = self.dict_(c, f"chunk of {key!r}")
-        box = Box(offsets=self.ints(c.get("offsets"), f"{key!r} offsets", len(shape)), sizes=self.ints(c.get("sizes"), f"{key!r} sizes", len(shape)))
-        self.check(box.within(shape), f"key {key!r}: chunk {list(box.offsets)}+{list(box.sizes)} lies outside shape {list(shape)}")
+        box = Box(
+            offsets=self.ints(c.get("offsets"), f"{key!r} offsets", len(shape)),
+            sizes=self.ints(c.get("sizes"), f"{key!r} sizes", len(shape)),
+        )
+        self.check(
+            box.within(shape),
+            f"key {key!r}: chunk {list(box.offsets)}+{list(box.sizes)} lies outside shape {list(shape)}",
+        )
         name = self.file_name(c.get("file"))
         self.check(name in files, f"key {key!r}: file {name!r} is not listed in files")
-        offset, nbytes = self.int_(c.get("offset_bytes"), f"{key!r} offset_bytes"), self.int_(c.get("nbytes"), f"{key!r} nbytes")
-        self.check(nbytes == box.numel * itemsize, f"key {key!r}: nbytes {nbytes} != {box.numel} elements x {itemsize} bytes")
-        self.check(offset + nbytes <= files[name].nbytes, f"key {key!r}: bytes [{offset}, {offset + nbytes}) lie outside file {name!r} of {files[name].nbytes} bytes")
+        offset, nbytes = (
+            self.int_(c.get("offset_bytes"), f"{key!r} offset_bytes"),
+            self.int_(c.get("nbytes"), f"{key!r} nbytes"),
+        )
+        self.check(
+            nbytes == box.numel * itemsize,
+            f"key {key!r}: nbytes {nbytes} != {box.numel} elements x {itemsize} bytes",
+        )
+        self.check(
+            offset + nbytes <= files[name].nbytes,
+            f"key {key!r}: bytes [{offset}, {offset + nbytes}) lie outside file {name!r} of {files[name].nbytes} bytes",
+        )
         self.check(isinstance(c.get("key"), str), f"key {key!r}: chunk key must be a string")
         crcs = c.get("crc32c")
         nblocks = -(-nbytes // self.block)
-        self.check(isinstance(crcs, list) and len(crcs) == nblocks, f"key {key!r}: expected {nblocks} block checksums")
+        self.check(
+            isinstance(crcs, list) and len(crcs) == nblocks,
+            f"key {key!r}: expected {nblocks} block checksums",
+        )
         checksums = tuple(self.int_(x, f"{key!r} crc32c", high=0xFFFFFFFF) for x in crcs)
-        return ChunkRecord(box=box, file=name, key=c["key"], offset_bytes=offset, nbytes=nbytes, checksums=checksums)
+        return ChunkRecord(
+            box=box, file=name, key=c["key"], offset_bytes=offset, nbytes=nbytes, checksums=checksums
+        )
 
     def tensor(self, key: str, t: Any, files: dict[str, FileRecord]) -> TensorRecord:
         t = self.dict_(t, f"tensors[{key!r}]")
         dtype = dtype_from_name(t.get("dtype"), where=f"{self.where}: key {key!r}")
         shape = self.ints(t.get("shape"), f"{key!r} shape")
         self.check(math.prod(shape) <= MAX_NUMEL, f"key {key!r}: shape {list(shape)} is too large")
-        chunks = tuple(self.chunk(key, c, shape, dtype.itemsize, files) for c in (t.get("chunks") if isinstance(t.get("chunks"), list) else self.check(False, f"{key!r} chunks must be a list") or []))
+        chunks = tuple(
+            self.chunk(key, c, shape, dtype.itemsize, files)
+            for c in (
+                t.get("chunks")
+                if isinstance(t.get("chunks"), list)
+                else self.check(False, f"{key!r} chunks must be a list") or []
+            )
+        )
         problem = tiling_problem(shape, [c.box for c in chunks])
         self.check(problem is None, f"key {key!r}: {problem}")
         return TensorRecord(dtype=t["dtype"], shape=shape, chunks=chunks)
 
     def rank_local(self, key: str, per_rank: Any, files: dict[str, FileRecord]) -> RankLocalRecord:
-        self.check(isinstance(per_rank, list) and len(per_rank) == self.world_size, f"rank_local[{key!r}] must list one entry per saving rank ({self.world_size})")
+        self.check(
+            isinstance(per_rank, list) and len(per_rank) == self.world_size,
+            f"rank_local[{key!r}] must list one entry per saving rank ({self.world_size})",
+        )
         tensors, values = [], []
         for r, entry in enumerate(per_rank):
             entry = self.dict_(entry, f"rank_local[{key!r}][{r}]")
@@ -236,9 +290,13 @@ class _Validator:
                 values.append(entry["value"])
         return RankLocalRecord(tensors=tuple(tensors), values=tuple(values))
 
-    def structure(self, node: Any, tensors: set[str], values: set[str], rank_local: set[str], depth: int = 0) -> None:
+    def structure(
+        self, node: Any, tensors: set[str], values: set[str], rank_local: set[str], depth: int = 0
+    ) -> None:
         self.check(depth <= 256, "structure nested deeper than 256 levels")
-        self.check(isinstance(node, dict) and len(node) == 1, f"structure node {str(node)[:60]!r} is malformed")
+        self.check(
+            isinstance(node, dict) and len(node) == 1, f"structure node {str(node)[:60]!r} is malformed"
+        )
         ((kind, body),) = node.items()
         if kind in ("list", "tuple"):
             self.check(isinstance(body, list), f"structure {kind} must hold a list")
@@ -247,8 +305,14 @@ class _Validator:
         elif kind == "dict":
             self.check(isinstance(body, list), "structure dict must hold a list of pairs")
             for pair in body:
-                self.check(isinstance(pair, list) and len(pair) == 2 and type(pair[0]) in (str, int), "structure dict pair is malformed")
+                self.check(
+                    isinstance(pair, list) and len(pair) == 2 and type(pair[0]) in (str, int),
+                    "structure dict pair is malformed",
+                )
                 self.structure(pair[1], tensors, values, rank_local, depth + 1)
         else:
             known = {"tensor": tensors, "value": values, "rank_local": rank_local}.get(kind)
-            self.check(known is not None and isinstance(body, str) and body in known, f"structure leaf {kind}:{str(body)[:60]!r} names no saved key")
+            self.check(
+                known is not None and isinstance(body, str) and body in known,
+                f"structure leaf {kind}:{str(body)[:60]!r} names no saved key",
+            )
