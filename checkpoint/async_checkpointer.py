@@ -89,7 +89,9 @@ class AsyncCheckpointer(Checkpointer):
         previous = self._previous_failure(path)
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        storage = open_storage(path, storage_options=self._process.storage_options)
+        storage = open_storage(
+            path, storage_options=self._process.storage_options, transfer=self._process.transfer
+        )
         try:
             local = (
                 previous

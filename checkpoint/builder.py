@@ -39,8 +39,14 @@ def make_sync_checkpointer(
         create_barrier_from_config(config.barrier_config),
         commit_hook,
         storage_options=config.storage_options,
+        transfer=config.transfer_config,
     )
-    reader = CheckpointReader(rank_info, config=config.reader_config, storage_options=config.storage_options)
+    reader = CheckpointReader(
+        rank_info,
+        config=config.reader_config,
+        storage_options=config.storage_options,
+        transfer=config.transfer_config,
+    )
     return SyncCheckpointer(writer, reader)
 
 
@@ -92,6 +98,12 @@ def make_async_checkpointer(
         barrier_config=config.barrier_config,
         commit_hook=commit_hook,
         storage_options=config.storage_options,
+        transfer=config.transfer_config,
     )
-    reader = CheckpointReader(rank_info, config=config.reader_config, storage_options=config.storage_options)
+    reader = CheckpointReader(
+        rank_info,
+        config=config.reader_config,
+        storage_options=config.storage_options,
+        transfer=config.transfer_config,
+    )
     return AsyncCheckpointer(stager, process, reader)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from checkpoint.barriers import BarrierConfig
+from storage.remote import TransferConfig
 
 GiB = 1024**3
 
@@ -112,6 +113,7 @@ class CheckpointerConfig:
         storage_options: passed to fsspec for remote paths (endpoint, credentials, ...). Never
             logged, never written to a checkpoint, hidden from repr(). For S3, e.g.
             `{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ..., "region_name": ...}}`.
+        transfer_config: part sizes, parallelism and retries of object-store transfers.
     """
 
     writer_config: CheckpointWriterConfig = field(default_factory=CheckpointWriterConfig)
@@ -120,3 +122,4 @@ class CheckpointerConfig:
     staging_config: CheckpointStagerConfig = field(default_factory=CheckpointStagerConfig)
     process_config: CheckpointProcessConfig = field(default_factory=CheckpointProcessConfig)
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
+    transfer_config: TransferConfig = field(default_factory=TransferConfig)

@@ -53,6 +53,7 @@ from checkpoint.writer_process import (
 )
 from planners.errors import CheckpointError, CheckpointTimeoutError, WriterProcessError
 from storage.backend import open_storage
+from storage.remote import TransferConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +82,13 @@ class CheckpointProcess:
         barrier_config: BarrierConfig | None = None,
         commit_hook: WriterHook | None = None,
         storage_options: dict[str, Any] | None = None,
+        transfer: TransferConfig | None = None,
     ) -> None:
         self.rank_info = rank_info
         self.writer_config = writer_config or CheckpointWriterConfig()
         self._config = config
         self._storage_options = storage_options
+        self.transfer = transfer
         self.exchange = make_exchange(rank_info)  # the trainers' exchange, also for planning each save
         self._store, address = host_commit_store(
             rank_info, self.exchange, timeout_s=self.writer_config.write_barrier_timeout_secs
@@ -98,6 +101,7 @@ class CheckpointProcess:
             barrier_config=barrier_config or BarrierConfig(),
             commit_hook=commit_hook,
             storage_options=storage_options,
+            transfer=transfer,
             log_level=logging.getLogger("checkpoint").getEffectiveLevel(),
         )
         self._proc: BaseProcess | None = None
@@ -331,7 +335,9 @@ class CheckpointProcess:
         try:
             if self._store is None:  # ranks other than 0 connect on first need
                 self._store = connect_commit_store(self._init.store_address, timeout_s=timeout_s)
-            storage = open_storage(prepared.url, storage_options=self._storage_options)
+            storage = open_storage(
+                prepared.url, storage_options=self._storage_options, transfer=self.transfer
+            )
             try:
                 commit_save(
                     storage, commit_exchange(self._store, prepared, timeout_s=timeout_s), prepared, result

@@ -9,6 +9,7 @@ from checkpoint.load import LoadOptions, load_checkpoint
 from checkpoint.types import STATE_DICT, RankInfo
 from checkpoint.writer import check_options
 from storage.backend import open_storage
+from storage.remote import TransferConfig
 
 LOAD_OPTIONS = frozenset({"allow_pickle", "verify", "strict"})
 
@@ -27,10 +28,12 @@ class CheckpointReader:
         *,
         config: CheckpointReaderConfig | None = None,
         storage_options: dict[str, Any] | None = None,
+        transfer: TransferConfig | None = None,
     ) -> None:
         self._rank_info = rank_info
         self._config = config or CheckpointReaderConfig()
         self._storage_options = storage_options
+        self._transfer = transfer
 
     def read(
         self, path: str, state_dict: STATE_DICT | None = None, *, map_location: Any = None, **kwargs: Any
@@ -57,7 +60,7 @@ class CheckpointReader:
             strict=kwargs.get("strict", False),
             io_threads=self._config.io_threads,
         )
-        storage = open_storage(path, storage_options=self._storage_options)
+        storage = open_storage(path, storage_options=self._storage_options, transfer=self._transfer)
         try:
             return load_checkpoint(
                 storage,

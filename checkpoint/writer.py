@@ -29,6 +29,7 @@ from checkpoint.save import (
 )
 from checkpoint.types import STATE_DICT, RankInfo
 from storage.backend import open_storage
+from storage.remote import TransferConfig
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +86,14 @@ class CheckpointWriter:
         commit_hook: WriterHook | None = None,
         *,
         storage_options: dict[str, Any] | None = None,
+        transfer: TransferConfig | None = None,
     ) -> None:
         self._config = config
         self._rank_info = rank_info
         self._barrier = barrier
         self._commit_hook = commit_hook
         self._storage_options = storage_options
+        self._transfer = transfer
         self._cache = PlanCache()
         self._exchange: Exchange | None = None
         self.last_save: SaveStats | None = None
@@ -113,7 +116,7 @@ class CheckpointWriter:
         if self._exchange is None:
             self._exchange = make_exchange(self._rank_info)
         timings: dict[str, float] = {}
-        storage = open_storage(path, storage_options=self._storage_options)
+        storage = open_storage(path, storage_options=self._storage_options, transfer=self._transfer)
         try:
             with timed("plan", timings):
                 local = describe_or_error(

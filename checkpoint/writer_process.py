@@ -50,6 +50,7 @@ from checkpoint.save import (
 )
 from checkpoint.staging import StagingLayout
 from storage.backend import CheckpointStorage, open_storage
+from storage.remote import TransferConfig
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class WriterInit:
     barrier_config: BarrierConfig
     commit_hook: WriterHook | None
     storage_options: dict[str, Any] | None = field(repr=False)
+    transfer: TransferConfig | None
     log_level: int
 
 
@@ -145,7 +147,9 @@ class _Writer:
             self.store.delete_own_keys()
         prepared = request.prepared
         timings: dict[str, float] = {}
-        storage = open_storage(prepared.url, storage_options=self.init.storage_options)
+        storage = open_storage(
+            prepared.url, storage_options=self.init.storage_options, transfer=self.init.transfer
+        )
         try:
             with timed("write", timings):
                 result = self._write_files(storage, request)

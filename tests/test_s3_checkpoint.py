@@ -647,3 +647,25 @@ def test_redaction_of_urls_and_options() -> None:
     )
     assert display_url("ftp://alice:pw@host/ckpt") == "ftp://***@host/ckpt"
     assert display_url("simplecache::s3://bucket/ckpt") == "simplecache::s3://bucket/ckpt"
+
+
+@pytest.mark.s3
+def test_transfer_config_from_the_checkpointer_config_sets_the_part_size(
+    s3_endpoint, s3_bucket, s3_fs
+) -> None:
+    from storage import TransferConfig
+
+    config = CheckpointerConfig(
+        storage_options=s3_endpoint.storage_options, transfer_config=TransferConfig(upload_part_bytes=5 * MiB)
+    )
+    path = f"{s3_bucket}/parts"
+    ckpt = checkpoint.make_sync_checkpointer(config)
+    ckpt.save(_state(12 * MiB), path)
+    loaded = ckpt.load(path)
+    ckpt.close()
+    _check(loaded, 12 * MiB)
+    bucket_path = path.removeprefix("s3://")
+    (shard,) = [
+        p for p in s3_fs.ls(bucket_path, detail=False) if SHARD_FILE_RE.fullmatch(p.rsplit("/", 1)[-1])
+    ]
+    assert s3_fs.info(shard)["ETag"].strip('"').endswith("-3")  # 12 MiB + header in parts of 5, 5 and 2 MiB
