@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(json_path, payload)
     title = (
         f"shardsafe vs DCP: {args.size_mib:g} MiB, {cfg.spec.num_tensors} tensors, saved by "
-        f"{cfg.save_world_size} ranks ({cfg.spec.device}), {started:%Y-%m-%d}"
+        f"{cfg.save_world_size} rank{'s' if cfg.save_world_size > 1 else ''} ({cfg.spec.device}), {started:%Y-%m-%d}"
     )
     chart = None
     if not args.no_chart:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -260,6 +261,7 @@ class _ChunkReader:
         self.verify = verify
         self.io_threads = io_threads
         self.bytes_read = 0
+        self._lock = threading.Lock()
         self._indexes: dict[int, Any] = {}
         self._sizes: dict[str, int] = {}
 
@@ -309,7 +311,8 @@ class _ChunkReader:
             buffers = self.storage.read_ranges(name, merged)
         except FileNotFoundError:
             raise _missing_file(self.storage.url, name, jobs[0][0].fqn) from None
-        self.bytes_read += sum(n for _, n in merged)
+        with self._lock:  # files are read on several threads
+            self.bytes_read += sum(n for _, n in merged)
         starts = [s for s, _ in merged]
         verified: set[tuple[int, int]] = set()
         pieces = [
@@ -380,4 +383,5 @@ def _copy_region(item: ReadItem, span: memoryview, dest: torch.Tensor) -> None:
     )
     src = src.as_strided(item.region.sizes, element_strides(item.chunk.box.sizes), 0)
     index = tuple(slice(o, o + n) for o, n in zip(item.dest.offsets, item.dest.sizes))
-    dest[index].copy_(src)
+    with torch.no_grad():  # targets may be parameters that require grad; loading is not part of the graph
+        dest[index].copy_(src)

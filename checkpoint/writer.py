@@ -164,8 +164,8 @@ class CheckpointWriter:
             self._rank_info.global_rank,
             nbytes,
             len(result.files),
-            prepared.plan_reused,
             timings.get("plan", 0.0),
+            prepared.plan_reused,
             timings.get("write", 0.0),
             timings.get("commit", 0.0),
         )

@@ -114,7 +114,9 @@ class Metadata:
             },
             "structure": self.structure,
         }
-        return json.dumps(doc, indent=1, allow_nan=False).encode()
+        # Compact separators keep json on its C encoder (indent= forces the Python one: ~5x slower
+        # for a 10,000-tensor checkpoint).
+        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _chunk_json(c: ChunkRecord) -> dict[str, Any]:

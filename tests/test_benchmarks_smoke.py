@@ -80,6 +80,6 @@ def test_entry_point_produces_every_scenario_for_both_systems(tmp_path, capsys) 
     assert report["command"].startswith("python -m benchmarks.run --size-mib 2 ")
 
     table = capsys.readouterr().out
-    assert "| load | load time, saved by 1 ranks, loaded by 2 (resharded) |" in table
+    assert "| load | load time, saved by 1 rank, loaded by 2 ranks (resharded) |" in table
     pytest.importorskip("matplotlib")
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

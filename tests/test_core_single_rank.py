@@ -276,3 +276,11 @@ def test_unchanged_structure_reuses_the_plan(ckpt, tmp_path):
     assert ckpt.last_save.plan_reused is False
     assert ckpt.load(str(tmp_path / "2"))["step"] == 2
     assert torch.equal(ckpt.load(str(tmp_path / "2"))["a"], torch.full((3,), 2.0))
+
+
+def test_parameters_that_require_grad_load_in_place(ckpt, tmp_path):
+    model = torch.nn.Linear(4, 3)
+    ckpt.save({"w": model.weight.detach().clone() + 1}, str(tmp_path / "c"))
+    ckpt.load(str(tmp_path / "c"), state_dict={"w": model.weight})  # the Parameter itself, requires_grad=True
+    assert model.weight.requires_grad
+    assert torch.equal(model.weight.detach(), ckpt.load(str(tmp_path / "c"))["w"])
