@@ -144,7 +144,8 @@ def _collect(
             exited = procs[rank].exitcode is not None
             if readers[rank].poll():
                 try:
-                    ok, payload = pickle.loads(readers[rank].recv_bytes())
+                    # allow_pickle: the rank's own result over its own pipe, never bytes from a file
+                    ok, payload = pickle.loads(readers[rank].recv_bytes())  # allow_pickle (see above)
                 except (EOFError, OSError):
                     ok, payload = False, f"exited with code {procs[rank].exitcode} without a result"
             elif exited:

@@ -200,9 +200,7 @@ class StoreExchange:
             return None
         keys = [self._key("gather", r) for r in range(self.world_size)]
         self._wait(keys, "gathering write results")
-        return [
-            pickle.loads(self.store.get(k)) for k in keys
-        ]  # allow_pickle: our own processes, never a file
+        return [_from_peer(self.store.get(k)) for k in keys]
 
     def scatter(self, objs: list[Any] | None) -> Any:
         self._calls += 1
@@ -212,7 +210,12 @@ class StoreExchange:
                 self.store.set(self._key("scatter", r), pickle.dumps(o))
         key = self._key("scatter", self.rank)
         self._wait([key], "waiting for the coordinator")
-        return pickle.loads(self.store.get(key))  # allow_pickle: our own processes, never a file
+        return _from_peer(self.store.get(key))
 
     def broadcast(self, obj: Any) -> Any:
         return self.scatter([obj] * self.world_size if self.rank == COORDINATOR else None)
+
+
+def _from_peer(data: bytes) -> Any:
+    """Unpickle a payload another process of this job put in the store (never bytes from a checkpoint)."""
+    return pickle.loads(data)  # allow_pickle: written by this job's own ranks, not read from any file
