@@ -10,9 +10,12 @@ import torch.distributed as dist
 STATE_DICT = dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class RankInfo:
-    """Which rank this process is, out of how many (the default process group's view)."""
+    """Which rank this process is, out of how many (the default process group's view).
+
+    Positional as in the seed API: `RankInfo(0, 1)` or `RankInfo(global_rank=0, global_world_size=1)`.
+    """
 
     global_rank: int
     global_world_size: int

@@ -147,3 +147,9 @@ def test_ranks_that_disagree_fail_together_with_clear_errors(tmp_path):
     assert r0["good"] == r1["good"] == ("ok", "", None)
     for name in ("keys", "dtype", "pickle", "meta"):
         assert not (tmp_path / name / METADATA_FILE).exists()
+
+
+def test_rank_info_is_validated_and_positional_as_in_the_seed():
+    assert checkpoint.RankInfo(1, 4) == checkpoint.RankInfo(global_rank=1, global_world_size=4)
+    with pytest.raises(ValueError, match=r"global_rank 4 is not in \[0, 4\)"):
+        checkpoint.RankInfo(4, 4)
