@@ -336,7 +336,7 @@ def test_writer_killed_mid_save_fails_every_rank_promptly_and_restarts(
     # Rank 1's trainer commits in its dead writer's place: the coordinator fails at once, not at its timeout.
     assert rank0["error"] == "DistributedCheckpointError"
     assert "rank 1: WriterProcessError: writer process of rank 1" in rank0["message"]
-    assert rank0["waited"] < 10.0 and rank1["waited"] < 10.0
+    assert rank0["waited"] < 20.0 and rank1["waited"] < 20.0  # far below the 600 s barrier timeout
     assert rank1["restarted"] is True and rank0["restarted"] is False
 
 
