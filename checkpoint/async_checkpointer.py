@@ -26,7 +26,7 @@ from typing import Any
 from checkpoint.checkpointer import Checkpointer
 from checkpoint.process import CheckpointProcess
 from checkpoint.reader import CheckpointReader
-from checkpoint.save import LocalSave, PlanCache, describe_or_error, prepare_save
+from checkpoint.save import PlanCache, plan_save
 from checkpoint.staging import CheckpointStager, StagedSave, staging_layout
 from checkpoint.types import STATE_DICT
 from checkpoint.writer import SAVE_OPTIONS, check_options
@@ -93,24 +93,17 @@ class AsyncCheckpointer(Checkpointer):
             path, storage_options=self._process.storage_options, transfer=self._process.transfer
         )
         try:
-            local = (
-                previous
-                if previous is not None
-                else describe_or_error(
-                    state_dict, self._rank_info.global_rank, allow_pickle=kwargs.get("allow_pickle", False)
-                )
-            )
-            prepared = prepare_save(
-                local,
+            local, prepared = plan_save(
+                state_dict,
                 self._exchange,
                 storage,
                 self._cache,
-                overwrite=kwargs.get("overwrite", False),
+                options=kwargs,
                 max_file_bytes=self._writer_config.max_file_bytes,
+                failure=previous,
             )
         finally:
             storage.close()
-        assert isinstance(local, LocalSave)
         timings["plan"] = time.perf_counter() - start
         layout = staging_layout(prepared.files, local.tensors)
         if not self._stager.fits(layout):

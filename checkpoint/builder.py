@@ -41,12 +41,7 @@ def make_sync_checkpointer(
         storage_options=config.storage_options,
         transfer=config.transfer_config,
     )
-    reader = CheckpointReader(
-        rank_info,
-        config=config.reader_config,
-        storage_options=config.storage_options,
-        transfer=config.transfer_config,
-    )
+    reader = _make_reader(config, rank_info)
     return SyncCheckpointer(writer, reader)
 
 
@@ -100,10 +95,15 @@ def make_async_checkpointer(
         storage_options=config.storage_options,
         transfer=config.transfer_config,
     )
-    reader = CheckpointReader(
+    reader = _make_reader(config, rank_info)
+    return AsyncCheckpointer(stager, process, reader)
+
+
+def _make_reader(config: CheckpointerConfig, rank_info: RankInfo) -> CheckpointReader:
+    """Loading is the same for both checkpointers."""
+    return CheckpointReader(
         rank_info,
         config=config.reader_config,
         storage_options=config.storage_options,
         transfer=config.transfer_config,
     )
-    return AsyncCheckpointer(stager, process, reader)

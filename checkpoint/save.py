@@ -250,6 +250,35 @@ def prepare_save(
     )
 
 
+def plan_save(
+    state_dict: Any,
+    exchange: Exchange,
+    storage: CheckpointStorage,
+    cache: PlanCache,
+    *,
+    options: Mapping[str, Any],
+    max_file_bytes: int,
+    failure: BaseException | None = None,
+) -> tuple[LocalSave, PreparedSave]:
+    """Steps 1 and 2 for a trainer rank (collective); `failure` replaces this rank's local step.
+
+    `options` are the save() keyword arguments (`overwrite`, `allow_pickle`).
+    """
+    local = failure or describe_or_error(
+        state_dict, exchange.rank, allow_pickle=options.get("allow_pickle", False)
+    )
+    prepared = prepare_save(
+        local,
+        exchange,
+        storage,
+        cache,
+        overwrite=options.get("overwrite", False),
+        max_file_bytes=max_file_bytes,
+    )
+    assert isinstance(local, LocalSave)  # prepare_save raised otherwise
+    return local, prepared
+
+
 def _decide(
     digests: list[Any], storage: CheckpointStorage, cache: PlanCache, *, overwrite: bool
 ) -> _Decision:

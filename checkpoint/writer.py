@@ -18,15 +18,7 @@ from checkpoint.barriers import Barrier
 from checkpoint.collectives import Exchange, ProcessGroupExchange, SingleRankExchange
 from checkpoint.config import CheckpointWriterConfig
 from checkpoint.hooks import WriterHook
-from checkpoint.save import (
-    LocalSave,
-    PlanCache,
-    commit_save,
-    describe_or_error,
-    prepare_save,
-    timed,
-    write_rank_files,
-)
+from checkpoint.save import PlanCache, commit_save, plan_save, timed, write_rank_files
 from checkpoint.types import STATE_DICT, RankInfo
 from storage.backend import open_storage
 from storage.remote import TransferConfig
@@ -119,18 +111,14 @@ class CheckpointWriter:
         storage = open_storage(path, storage_options=self._storage_options, transfer=self._transfer)
         try:
             with timed("plan", timings):
-                local = describe_or_error(
-                    state_dict, self._rank_info.global_rank, allow_pickle=kwargs.get("allow_pickle", False)
-                )
-                prepared = prepare_save(
-                    local,
+                local, prepared = plan_save(
+                    state_dict,
                     self._exchange,
                     storage,
                     self._cache,
-                    overwrite=kwargs.get("overwrite", False),
+                    options=kwargs,
                     max_file_bytes=self._config.max_file_bytes,
                 )
-            assert isinstance(local, LocalSave)
             with timed("write", timings):
                 result = write_rank_files(
                     storage, prepared, local.tensors, io_threads=self._config.io_threads
