@@ -67,8 +67,3 @@ def dtype_from_code(code: str, *, where: str) -> torch.dtype:
         return _BY_CODE[code]
     except (KeyError, TypeError):
         raise InvalidCheckpointError(f"{where}: unknown safetensors dtype {code!r}") from None
-
-
-def itemsize(dtype: torch.dtype) -> int:
-    """Bytes per element."""
-    return dtype.itemsize

@@ -18,7 +18,7 @@ import torch
 from planners.boxes import Box, ChunkIndex, byte_runs
 from planners.dtypes import dtype_from_name
 from planners.errors import MismatchError
-from planners.metadata import ChunkRecord, Metadata, TensorRecord
+from planners.metadata import ChunkRecord, TensorRecord
 
 # A region needing more separate runs than this is read as one bounding run.
 MAX_RUNS_PER_READ = 4096
@@ -112,7 +112,3 @@ def widen_to_blocks(runs: list[tuple[int, int]], block_bytes: int, limit: int) -
 
 def build_index(record: TensorRecord) -> ChunkIndex:
     return ChunkIndex([c.box for c in record.chunks])
-
-
-def saved_keys(metadata: Metadata) -> set[str]:
-    return set(metadata.tensors) | set(metadata.values) | set(metadata.rank_local)
