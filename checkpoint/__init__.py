@@ -27,6 +27,7 @@ from checkpoint.config import (
 )
 from checkpoint.errors import *  # noqa: F403
 from checkpoint.errors import __all__ as _errors
+from checkpoint.flatten import RankLocal
 from checkpoint.hooks import WriterHook
 from checkpoint.process import CheckpointProcess
 from checkpoint.reader import CheckpointReader
@@ -34,7 +35,6 @@ from checkpoint.staging import CheckpointStager, DefaultStager
 from checkpoint.types import STATE_DICT, RankInfo
 from checkpoint.verify import VerifyReport, verify
 from checkpoint.writer import CheckpointWriter
-from planners.flatten import RankLocal
 
 __all__ = [
     "STATE_DICT",

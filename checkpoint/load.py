@@ -23,8 +23,9 @@ from typing import Any
 import crc32c
 import torch
 
+from checkpoint.dtypes import dtype_from_name
+from checkpoint.flatten import fill_target, flatten_state_dict, rebuild
 from planners.boxes import coalesce, full_box
-from planners.dtypes import dtype_from_name
 from planners.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -35,7 +36,6 @@ from planners.errors import (
     PickleNotAllowedError,
     RankLocalError,
 )
-from planners.flatten import fill_target, flatten_state_dict, rebuild
 from planners.load_plan import (
     LoadTarget,
     ReadItem,

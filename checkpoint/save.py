@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from checkpoint.collectives import COORDINATOR, Exchange
+from checkpoint.flatten import FlatStateDict, flatten_state_dict
 from planners.boxes import Box, full_box
 from planners.dtypes import dtype_name
 from planners.errors import (
@@ -35,7 +36,6 @@ from planners.errors import (
     DistributedCheckpointError,
     InvalidStateDictError,
 )
-from planners.flatten import FlatStateDict, flatten_state_dict
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
     FORMAT_VERSION,

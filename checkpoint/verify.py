@@ -35,8 +35,8 @@ from typing import Any
 
 import crc32c
 
+from checkpoint.dtypes import dtype_from_name, safetensors_code
 from checkpoint.load import read_metadata
-from planners.dtypes import dtype_from_name, safetensors_code
 from planners.errors import CheckpointError, InvalidCheckpointError, PickleNotAllowedError
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE, ChunkRecord, FileRecord, Metadata
 from planners.values import decode_value

@@ -12,11 +12,9 @@ checked.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import Protocol
 
 from planners.boxes import Box, ChunkIndex, byte_runs
-from planners.dtypes import dtype_from_name
 from planners.errors import MismatchError
 from planners.metadata import ChunkRecord, TensorRecord
 
@@ -24,12 +22,19 @@ from planners.metadata import ChunkRecord, TensorRecord
 MAX_RUNS_PER_READ = 4096
 
 
+class DType(Protocol):
+    """What planning needs of a dtype (a torch dtype qualifies; planning never imports torch)."""
+
+    @property
+    def itemsize(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LoadTarget:
     """What the target wants of one tensor: its global shape and dtype, and the box it holds."""
 
     fqn: str
-    dtype: torch.dtype
+    dtype: DType
     global_shape: tuple[int, ...]
     box: Box
 
@@ -40,7 +45,7 @@ class ReadItem:
 
     fqn: str
     chunk: ChunkRecord
-    dtype: torch.dtype
+    dtype: DType
     region: Box
     dest: Box
     runs: tuple[tuple[int, int], ...]  # (offset in the chunk, nbytes), block-aligned when verifying
@@ -68,11 +73,11 @@ def element_strides(sizes: tuple[int, ...]) -> list[int]:
 
 def check_compatible(target: LoadTarget, record: TensorRecord, *, where: str) -> None:
     """Refuse a target whose shape or dtype differ from the saved tensor."""
-    saved = dtype_from_name(record.dtype, where=where)
-    if tuple(record.shape) != tuple(target.global_shape) or saved != target.dtype:
+    wanted = str(target.dtype).removeprefix("torch.")
+    if tuple(record.shape) != tuple(target.global_shape) or record.dtype != wanted:
         raise MismatchError(
             f"{where}: key {target.fqn!r} was saved with shape {list(record.shape)} dtype {record.dtype}, "
-            f"the target has shape {list(target.global_shape)} dtype {str(target.dtype).removeprefix('torch.')}"
+            f"the target has shape {list(target.global_shape)} dtype {wanted}"
         )
 
 

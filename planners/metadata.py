@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from planners.boxes import Box, tiling_problem
-from planners.dtypes import dtype_from_name
+from planners.dtypes import checked_name
+from planners.dtypes import itemsize as dtype_itemsize
 from planners.errors import InvalidCheckpointError
 
 FORMAT_NAME = "shardsafe"
@@ -257,11 +258,11 @@ class _Validator:
 
     def tensor(self, key: str, t: Any, files: dict[str, FileRecord]) -> TensorRecord:
         t = self.dict_(t, f"tensors[{key!r}]")
-        dtype = dtype_from_name(t.get("dtype"), where=f"{self.where}: key {key!r}")
+        dtype = checked_name(t.get("dtype"), where=f"{self.where}: key {key!r}")
         shape = self.ints(t.get("shape"), f"{key!r} shape")
         self.check(math.prod(shape) <= MAX_NUMEL, f"key {key!r}: shape {list(shape)} is too large")
         chunks = tuple(
-            self.chunk(key, c, shape, dtype.itemsize, files)
+            self.chunk(key, c, shape, dtype_itemsize(dtype), files)
             for c in (
                 t.get("chunks")
                 if isinstance(t.get("chunks"), list)
@@ -282,9 +283,9 @@ class _Validator:
             entry = self.dict_(entry, f"rank_local[{key!r}][{r}]")
             if "tensor" in entry:
                 t = self.dict_(entry["tensor"], f"rank_local[{key!r}][{r}].tensor")
-                dtype = dtype_from_name(t.get("dtype"), where=f"{self.where}: key {key!r}")
+                dtype = checked_name(t.get("dtype"), where=f"{self.where}: key {key!r}")
                 shape = self.ints(t.get("sizes"), f"{key!r} sizes")
-                tensors.append((t["dtype"], self.chunk(key, t, shape, dtype.itemsize, files)))
+                tensors.append((t["dtype"], self.chunk(key, t, shape, dtype_itemsize(dtype), files)))
                 values.append(None)
             else:
                 self.check("value" in entry, f"rank_local[{key!r}][{r}] needs 'tensor' or 'value'")

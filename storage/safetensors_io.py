@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import crc32c
 import torch
 
-from planners.dtypes import dtype_from_code, safetensors_code
+from planners.dtypes import itemsize, name_from_code, safetensors_code
 from planners.errors import InvalidCheckpointError
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ def _header_entry(key: str, entry: Any, data_start: int, data_bytes: int, where:
 
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise bad("entry must be an object with exactly dtype, shape and data_offsets")
-    dtype = dtype_from_code(entry["dtype"], where=f"{where}: tensor {key[:200]!r}")
+    dtype = name_from_code(entry["dtype"], where=f"{where}: tensor {key[:200]!r}")
     shape, offsets = entry["shape"], entry["data_offsets"]
     if not (
         isinstance(shape, list)
@@ -232,7 +232,7 @@ def _header_entry(key: str, entry: Any, data_start: int, data_bytes: int, where:
     begin, end = offsets
     if not 0 <= begin <= end <= data_bytes:
         raise bad(f"data_offsets [{begin}, {end}] lie outside the data area of {data_bytes} bytes")
-    nbytes = math.prod(shape) * dtype.itemsize
+    nbytes = math.prod(shape) * itemsize(dtype)
     if end - begin != nbytes:
         raise bad(
             f"data_offsets span {end - begin} bytes but shape {shape} of {entry['dtype']} needs {nbytes}"

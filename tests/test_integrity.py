@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 import checkpoint
 from checkpoint.collectives import SingleRankExchange
+from checkpoint.flatten import flatten_state_dict
 from checkpoint.load import _ChunkReader, read_metadata
 from checkpoint.save import PlanCache, describe_local, prepare_save
 from checkpoint.verify import EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_PROBLEMS, main
@@ -33,7 +34,6 @@ from planners.errors import (
     IncompleteCheckpointError,
     PlanCoverageError,
 )
-from planners.flatten import flatten_state_dict
 from planners.load_plan import LoadTarget
 from planners.metadata import CHECKSUM_BLOCK_BYTES, METADATA_FILE
 from planners.save_plan import LocalPlan, WriteItem, plan_global

@@ -14,17 +14,17 @@ length, as an optimizer's `param_groups` should.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Partial
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor import DTensor
 
+from checkpoint.descriptors import dtensor_layout
 from planners.boxes import Box, full_box
 from planners.errors import InvalidStateDictError
+from planners.placement import Layout
 from planners.values import JSON
 
 Path = tuple[Any, ...]
@@ -60,6 +60,7 @@ class TensorLeaf:
     local: torch.Tensor
     global_shape: tuple[int, ...]
     box: Box
+    layout: Layout | None = None  # None: a plain tensor, held whole by every rank
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,39 +167,16 @@ def tensor_leaf(fqn: str, tensor: torch.Tensor) -> TensorLeaf:
     """Where this rank's part of `tensor` lies in the global tensor."""
     if not isinstance(tensor, DTensor):
         return TensorLeaf(fqn=fqn, local=tensor, global_shape=tuple(tensor.shape), box=full_box(tensor.shape))
-    if any(isinstance(p, Partial) for p in tensor.placements):
-        raise InvalidStateDictError(
-            f"key {fqn!r}: DTensor with a Partial placement holds unreduced values; "
-            "redistribute it to Shard/Replicate before saving"
-        )
     global_shape = tuple(tensor.shape)
+    layout, box = dtensor_layout(tensor, key=fqn)
     with torch.no_grad():  # a plain view of the local shard, without an autograd node per tensor
         local = tensor.to_local()
-    sizes, offsets = _local_chunk(global_shape, tensor.device_mesh, tuple(tensor.placements))
-    if tuple(local.shape) != tuple(sizes):
+    if tuple(local.shape) != box.sizes:
         raise InvalidStateDictError(
             f"key {fqn!r}: local tensor shape {list(local.shape)} does not match the shape "
-            f"{list(sizes)} its placements {tensor.placements} imply"
+            f"{list(box.sizes)} its placements {tensor.placements} imply"
         )
-    return TensorLeaf(
-        fqn=fqn, local=local, global_shape=global_shape, box=Box(offsets=tuple(offsets), sizes=tuple(sizes))
-    )
-
-
-@functools.lru_cache(maxsize=4096)
-def _cached_local_chunk(global_shape: tuple[int, ...], mesh: Any, placements: tuple) -> tuple[tuple, tuple]:
-    sizes, offsets = compute_local_shape_and_global_offset(global_shape, mesh, placements)
-    return tuple(sizes), tuple(offsets)
-
-
-def _local_chunk(global_shape: tuple[int, ...], mesh: Any, placements: tuple) -> tuple[tuple, tuple]:
-    """This rank's chunk of a DTensor; cached, since a model repeats a few (shape, placements) pairs
-    across thousands of tensors and the computation costs ~0.4 ms each."""
-    try:
-        return _cached_local_chunk(global_shape, mesh, placements)
-    except TypeError:  # an unhashable mesh or placement: compute without the cache
-        sizes, offsets = compute_local_shape_and_global_offset(global_shape, mesh, placements)
-        return tuple(sizes), tuple(offsets)
+    return TensorLeaf(fqn=fqn, local=local, global_shape=global_shape, box=box, layout=layout)
 
 
 def rebuild(structure: JSON, leaf: Callable[[str, str], Any]) -> Any:
