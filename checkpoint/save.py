@@ -28,6 +28,7 @@ import torch
 
 from checkpoint.collectives import COORDINATOR, Exchange
 from checkpoint.flatten import FlatStateDict, flatten_state_dict
+from checkpoint.plan_exchange import agree_world, draft_plan, local_structure, rank_plan
 from planners.boxes import Box, full_box
 from planners.dtypes import dtype_name
 from planners.errors import (
@@ -48,7 +49,8 @@ from planners.metadata import (
     TensorRecord,
     shard_file_name,
 )
-from planners.save_plan import FilePlan, GlobalPlan, LocalPlan, RankPlan, WriteItem, plan_global
+from planners.placement import Layout
+from planners.save_plan import FilePlan, GlobalPlan, LocalPlan, RankPlan, WriteItem
 from planners.values import JSON, encode_value
 from storage.backend import CheckpointStorage
 from storage.safetensors_io import WrittenTensor, write_safetensors
@@ -65,6 +67,7 @@ class LocalSave:
     values: dict[str, JSON]
     rank_local_values: dict[str, JSON]
     structure: JSON
+    layouts: dict[str, Layout | None] = field(default_factory=dict)  # fqn -> DTensor layout (None: plain)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,6 +176,7 @@ def describe_local(flat: FlatStateDict, rank: int, *, allow_pickle: bool) -> Loc
         values=values,
         rank_local_values=rank_local_values,
         structure=flat.structure,
+        layouts={leaf.fqn: leaf.layout for leaf in flat.tensors.values()},
     )
 
 
@@ -298,22 +302,14 @@ def _decide(
 
 
 def _replan(local: LocalSave, exchange: Exchange, cache: PlanCache, *, max_file_bytes: int, url: str) -> None:
-    plans = exchange.gather(local.plan)
-    answer: list[Any] | None = None
+    """Agree on structures and derive this rank's files (checkpoint/plan_exchange.py); no chunk list travels."""
+    cache.digests = None
+    fingerprint = local.plan.fingerprint()
+    world, fingerprints = agree_world(local_structure(local.plan, local.layouts), fingerprint, exchange)
+    cache.rank_plan = rank_plan(world, local.plan, rank=exchange.rank, max_file_bytes=max_file_bytes)
     if exchange.rank == COORDINATOR:
-        assert plans is not None
-        try:
-            global_plan = plan_global(plans, max_file_bytes=max_file_bytes)
-            answer = list(global_plan.rank_plans)
-            cache.draft_plan = global_plan
-            cache.digests = [p.fingerprint() for p in plans]
-        except Exception as e:
-            answer = [portable_error(e)] * exchange.world_size
-            cache.digests = None
-    mine = exchange.scatter(answer)
-    if isinstance(mine, BaseException):
-        raise mine
-    cache.rank_plan = mine
+        cache.draft_plan = draft_plan(world)
+        cache.digests = fingerprints
 
 
 def write_rank_files(

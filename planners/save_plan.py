@@ -101,7 +101,7 @@ def plan_global(local_plans: Sequence[LocalPlan], *, max_file_bytes: int) -> Glo
             raise PlanCoverageError(f"key {fqn!r}: {problem}; check the tensor's placements on every rank")
     digest = hashlib.sha256("".join(p.fingerprint() for p in plans).encode()).hexdigest()[:16]
     rank_plans = tuple(
-        RankPlan(rank=p.rank, plan_id=digest, files=_pack_files(p.rank, items, max_file_bytes))
+        RankPlan(rank=p.rank, plan_id=digest, files=pack_files(p.rank, items, max_file_bytes))
         for p, items in zip(plans, assigned)
     )
     return GlobalPlan(plan_id=digest, world_size=len(plans), rank_plans=rank_plans, tensors=tensors)
@@ -171,7 +171,7 @@ def _assign_writers(plans: Sequence[LocalPlan]) -> list[list[WriteItem]]:
     return assigned
 
 
-def _pack_files(rank: int, items: list[WriteItem], max_file_bytes: int) -> tuple[FilePlan, ...]:
+def pack_files(rank: int, items: list[WriteItem], max_file_bytes: int) -> tuple[FilePlan, ...]:
     """Split a rank's chunks into files of at most `max_file_bytes` (a bigger chunk gets its own file)."""
     files: list[list[WriteItem]] = []
     size = 0

@@ -1,0 +1,261 @@
+"""Decentralized save planning: every rank derives its share of the global plan.
+
+A rank's *structure* is what it holds, as plain data: per tensor its key,
+dtype, global shape and layout (mesh shape, placements, the global rank at
+each mesh position; none for a plain tensor), plus the keys of its values
+and rank-local entries. Data-parallel replicas have equal structures;
+pipeline stages differ. Given the few distinct structures and which rank has
+which (`WorldStructure`), any rank can compute which chunk every rank holds
+(`planners.placement`), so no rank needs another's chunk list:
+
+1. Ranks exchange structure digests; one representative per distinct digest
+   sends its structure (traffic per rank grows with distinct structures, not
+   with chunks x ranks). The coordinator checks that structures agree
+   (`check_world`) and broadcasts them.
+2. Each rank calls `writes_of` for itself: a chunk held by several ranks
+   (a `Replicate` mesh dim, a plain tensor) is written by one of its
+   holders. The holders of a chunk all see the same ordered list of the
+   chunks they share, so each runs the same greedy (largest chunk first, to
+   the holder with the fewest bytes so far) and gets the same answer. The
+   cost is the rank's own tensors times log(holders), whatever the world size.
+
+Balance is per holder group: bytes a rank writes for other groups do not
+enter this group's greedy, which keeps the rule local (the imbalance is at
+most one chunk per group).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from planners.boxes import Box, full_box
+from planners.dtypes import itemsize
+from planners.errors import InvalidStateDictError
+from planners.placement import Layout, Placement, Replicate, chunk_box, replica_positions
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mesh:
+    """A device mesh as plain data: its shape and the global rank at each position (row-major)."""
+
+    shape: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorDescriptor:
+    """One tensor key of a rank's state dict; `mesh` indexes `RankStructure.meshes` (None: plain tensor)."""
+
+    fqn: str
+    dtype: str
+    global_shape: tuple[int, ...]
+    mesh: int | None = None
+    placements: tuple[Placement, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankStructure:
+    """What one rank holds, without any chunk: equal on data-parallel replicas."""
+
+    meshes: tuple[Mesh, ...]
+    tensors: tuple[TensorDescriptor, ...]  # sorted by fqn
+    other_keys: tuple[str, ...]  # values and rank-local keys, sorted
+
+    def digest(self) -> str:
+        """Stable digest; equal digests mean equal structures."""
+        doc = [
+            [[list(m.shape), list(m.ranks)] for m in self.meshes],
+            [
+                [t.fqn, t.dtype, list(t.global_shape), t.mesh, [repr(p) for p in t.placements]]
+                for t in self.tensors
+            ],
+            list(self.other_keys),
+        ]
+        return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()
+
+    def layout(self, t: TensorDescriptor) -> Layout | None:
+        if t.mesh is None:
+            return None
+        m = self.meshes[t.mesh]
+        return Layout(mesh_shape=m.shape, placements=t.placements, ranks=m.ranks)
+
+
+def structure_of(
+    tensors: Sequence[tuple[str, str, tuple[int, ...], Layout | None]], other_keys: Sequence[str]
+) -> RankStructure:
+    """Build a rank's structure from (fqn, dtype name, global shape, layout) entries; meshes are interned."""
+    meshes: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    descs = []
+    for fqn, dtype, shape, layout in sorted(tensors, key=lambda t: t[0]):
+        mesh = None
+        if layout is not None:
+            mesh = meshes.setdefault((layout.mesh_shape, layout.ranks), len(meshes))
+        descs.append(
+            TensorDescriptor(
+                fqn=fqn,
+                dtype=dtype,
+                global_shape=tuple(shape),
+                mesh=mesh,
+                placements=layout.placements if layout is not None else (),
+            )
+        )
+    return RankStructure(
+        meshes=tuple(Mesh(shape=s, ranks=r) for (s, r) in meshes),
+        tensors=tuple(descs),
+        other_keys=tuple(sorted(other_keys)),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorldStructure:
+    """The distinct structures of a job and which rank has which (`rank_structure[rank]`)."""
+
+    structures: tuple[RankStructure, ...]
+    rank_structure: tuple[int, ...]
+    _ranks_of: dict[frozenset[int], tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.rank_structure)
+
+    def representative(self, index: int) -> int:
+        """The lowest rank with structure `index` (named in errors)."""
+        return self.rank_structure.index(index)
+
+    def ranks_with(self, indices: frozenset[int]) -> tuple[int, ...]:
+        """Ranks whose structure is one of `indices`, ascending (cached: O(world size) once per set)."""
+        if indices not in self._ranks_of:
+            self._ranks_of[indices] = tuple(r for r, s in enumerate(self.rank_structure) if s in indices)
+        return self._ranks_of[indices]
+
+    def plan_id(self) -> str:
+        doc = [s.digest() for s in self.structures] + [list(run_lengths(self.rank_structure))]
+        return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
+
+
+def run_lengths(values: Sequence[int]) -> list[tuple[int, int]]:
+    """`values` as (value, count) runs: a rank table of a pipeline job is a handful of runs."""
+    runs: list[tuple[int, int]] = []
+    for v in values:
+        if runs and runs[-1][0] == v:
+            runs[-1] = (v, runs[-1][1] + 1)
+        else:
+            runs.append((v, 1))
+    return runs
+
+
+def from_run_lengths(runs: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+    return tuple(v for v, n in runs for _ in range(n))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChunkWrite:
+    """A chunk this rank writes: `box` of tensor `fqn`."""
+
+    fqn: str
+    dtype: str
+    global_shape: tuple[int, ...]
+    box: Box
+    nbytes: int
+
+
+def _holders(
+    world: WorldStructure, s: RankStructure, t: TensorDescriptor, rank: int, plain: dict
+) -> tuple[Box, tuple[int, ...]]:
+    """This rank's box of `t` and the ranks holding the same box (ascending)."""
+    layout = s.layout(t)
+    if layout is None:
+        return full_box(t.global_shape), world.ranks_with(plain[t.fqn])
+    pos = _position(layout.ranks, rank)
+    box = chunk_box(t.global_shape, layout.mesh_shape, _coord(pos, layout), layout.placements)
+    if not any(isinstance(p, Replicate) for p in layout.placements):
+        return box, (rank,)
+    return box, tuple(sorted(layout.ranks[p] for p in replica_positions(layout, pos)))
+
+
+def _position(ranks: tuple[int, ...], rank: int) -> int:
+    try:
+        return ranks.index(rank)
+    except ValueError:
+        raise InvalidStateDictError(
+            f"rank {rank} holds a DTensor whose mesh {list(ranks)[:16]} lacks it"
+        ) from None
+
+
+def _coord(pos: int, layout: Layout) -> tuple[int, ...]:
+    out = []
+    for n in reversed(layout.mesh_shape):
+        pos, c = divmod(pos, n)
+        out.append(c)
+    return tuple(reversed(out))
+
+
+def plain_key_sets(world: WorldStructure) -> dict[str, frozenset[int]]:
+    """For each plain tensor key, the structures that hold it."""
+    sets: dict[str, set[int]] = {}
+    for i, s in enumerate(world.structures):
+        for t in s.tensors:
+            if t.mesh is None:
+                sets.setdefault(t.fqn, set()).add(i)
+    return {k: frozenset(v) for k, v in sets.items()}
+
+
+def writes_of(world: WorldStructure, rank: int) -> list[ChunkWrite]:
+    """The chunks `rank` writes, in key order; computed from the structures alone.
+
+    Raises:
+        InvalidStateDictError: the rank is missing from a mesh it holds a tensor of.
+    """
+    s = world.structures[world.rank_structure[rank]]
+    plain = plain_key_sets(world)
+    mine: list[ChunkWrite] = []
+    shared: dict[tuple[int, ...], list[ChunkWrite]] = {}
+    for t in s.tensors:
+        box, holders = _holders(world, s, t, rank, plain)
+        write = ChunkWrite(
+            fqn=t.fqn,
+            dtype=t.dtype,
+            global_shape=t.global_shape,
+            box=box,
+            nbytes=box.numel * itemsize(t.dtype),
+        )
+        if math.prod(t.global_shape) == 0:
+            layout = s.layout(t)
+            first = layout.ranks[0] if layout is not None else holders[0]
+            if first == rank:  # an empty tensor: one chunk records its existence
+                mine.append(write)
+        elif box.numel == 0:
+            continue
+        elif len(holders) == 1:
+            mine.append(write)
+        else:
+            shared.setdefault(holders, []).append(write)
+    for holders, writes in shared.items():
+        mine += _greedy_share(holders, writes, rank)
+    return sorted(mine, key=lambda w: (w.fqn, w.box.offsets))
+
+
+def _greedy_share(holders: tuple[int, ...], writes: list[ChunkWrite], rank: int) -> list[ChunkWrite]:
+    """Largest chunk first, each to the holder with the fewest bytes so far (ties: the lower rank)."""
+    heap = [(0, i) for i in range(len(holders))]
+    out = []
+    for w in sorted(writes, key=lambda w: (-w.nbytes, w.fqn)):
+        load, i = heapq.heappop(heap)
+        if holders[i] == rank:
+            out.append(w)
+        heapq.heappush(heap, (load + w.nbytes, i))
+    return out
+
+
+def tensor_records(world: WorldStructure) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """fqn -> (dtype, global shape) of every tensor key, across structures (after `check_world`)."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for s in world.structures:
+        for t in s.tensors:
+            out.setdefault(t.fqn, (t.dtype, t.global_shape))
+    return dict(sorted(out.items()))

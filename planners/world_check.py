@@ -1,0 +1,112 @@
+"""Checks that the ranks of a save agree, run by the coordinator on distinct structures only.
+
+With structures instead of chunk lists, agreement is a property of a few
+records: a key held by several structures must have one dtype, shape and
+layout; the keys every rank must hold (plain tensors, values, rank-local
+entries) must be the same everywhere; and a DTensor key must be held by
+every rank of its mesh, and each rank must sit in the meshes of its own
+tensors. The work grows with structures times meshes times world size,
+never with chunks. Errors name keys and the lowest rank of each structure.
+"""
+
+from __future__ import annotations
+
+from planners.errors import InvalidStateDictError
+from planners.global_plan import RankStructure, TensorDescriptor, WorldStructure
+
+_MAX_SHOWN = 10
+
+
+def _describe(keys: set[str]) -> str:
+    shown = sorted(keys)[:_MAX_SHOWN]
+    more = len(keys) - len(shown)
+    return ", ".join(repr(k) for k in shown) + (f" and {more} more" if more > 0 else "")
+
+
+def _everywhere_keys(s: RankStructure) -> set[str]:
+    return {t.fqn for t in s.tensors if t.mesh is None} | set(s.other_keys)
+
+
+def _layout_text(s: RankStructure, t: TensorDescriptor) -> str:
+    if t.mesh is None:
+        return "no mesh (a plain tensor)"
+    m = s.meshes[t.mesh]
+    return f"mesh {list(m.shape)} of ranks {list(m.ranks)[:8]}{'...' if len(m.ranks) > 8 else ''} placements {list(t.placements)}"
+
+
+def check_world(world: WorldStructure) -> None:
+    """Raise if the ranks' structures disagree.
+
+    Raises:
+        InvalidStateDictError: naming the key and the ranks that disagree.
+    """
+    _check_same_everywhere_keys(world)
+    _check_same_tensors(world)
+    _check_meshes(world)
+
+
+def _check_same_everywhere_keys(world: WorldStructure) -> None:
+    reps = [world.representative(i) for i in range(len(world.structures))]
+    reference = _everywhere_keys(world.structures[0])
+    problems = []
+    for i in range(1, len(world.structures)):
+        mine = _everywhere_keys(world.structures[i])
+        if mine != reference:
+            parts = []
+            if mine - reference:
+                parts.append(f"has keys rank {reps[0]} lacks: {_describe(mine - reference)}")
+            if reference - mine:
+                parts.append(f"lacks keys rank {reps[0]} has: {_describe(reference - mine)}")
+            problems.append(f"rank {reps[i]} " + "; ".join(parts))
+    if problems:
+        raise InvalidStateDictError("state dict keys differ between ranks: " + " | ".join(problems))
+
+
+def _check_same_tensors(world: WorldStructure) -> None:
+    seen: dict[str, tuple[int, TensorDescriptor]] = {}
+    for i, s in enumerate(world.structures):
+        for t in s.tensors:
+            if t.fqn not in seen:
+                seen[t.fqn] = (i, t)
+                continue
+            j, first = seen[t.fqn]
+            a, b = world.representative(j), world.representative(i)
+            if (first.dtype, first.global_shape) != (t.dtype, t.global_shape):
+                raise InvalidStateDictError(
+                    f"key {t.fqn!r}: rank {a} has dtype {first.dtype} shape {list(first.global_shape)}, "
+                    f"rank {b} has dtype {t.dtype} shape {list(t.global_shape)}"
+                )
+            fa, fb = _layout_text(world.structures[j], first), _layout_text(s, t)
+            if fa != fb or _mesh_of(world.structures[j], first) != _mesh_of(s, t):
+                raise InvalidStateDictError(f"key {t.fqn!r}: rank {a} has {fa}, rank {b} has {fb}")
+
+
+def _mesh_of(s: RankStructure, t: TensorDescriptor) -> object:
+    return None if t.mesh is None else s.meshes[t.mesh]
+
+
+def _check_meshes(world: WorldStructure) -> None:
+    keys = [{t.fqn for t in s.tensors} for s in world.structures]
+    for i, s in enumerate(world.structures):
+        own = world.ranks_with(frozenset({i}))
+        for m_index, mesh in enumerate(s.meshes):
+            members = set(mesh.ranks)
+            outside = [r for r in own if r not in members]
+            on_mesh = {t.fqn for t in s.tensors if t.mesh == m_index}
+            if outside:
+                raise InvalidStateDictError(
+                    f"key {_describe(on_mesh)}: rank {outside[0]} holds a DTensor on a mesh of ranks "
+                    f"{sorted(members)[:_MAX_SHOWN]} that does not include it"
+                )
+            if any(r >= world.world_size for r in members):
+                raise InvalidStateDictError(
+                    f"key {_describe(on_mesh)}: mesh lists rank {max(members)} in a world of {world.world_size}"
+                )
+            for j in sorted({world.rank_structure[r] for r in members} - {i}):
+                missing = on_mesh - keys[j]
+                if missing:
+                    lacking = next(r for r in sorted(members) if world.rank_structure[r] == j)
+                    raise InvalidStateDictError(
+                        f"key {_describe(missing)}: rank {lacking} is in the key's DTensor mesh but lacks it "
+                        f"(rank {world.representative(i)} holds it)"
+                    )
