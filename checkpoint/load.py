@@ -25,6 +25,7 @@ import torch
 
 from checkpoint.dtypes import dtype_from_name
 from checkpoint.flatten import fill_target, flatten_state_dict, rebuild
+from checkpoint.grid_load import GridResolver
 from planners.boxes import coalesce, full_box
 from planners.errors import (
     CheckpointError,
@@ -264,6 +265,7 @@ class _ChunkReader:
         self._lock = threading.Lock()
         self._indexes: dict[int, Any] = {}
         self._sizes: dict[str, int] = {}
+        self._grids: GridResolver | None = None
 
     def require_bytes(self, fqn: str, chunk: ChunkRecord) -> None:
         """Refuse a chunk its file is too short to hold, before anything is allocated for it.
@@ -284,6 +286,10 @@ class _ChunkReader:
             )
 
     def plan(self, target: LoadTarget, record: TensorRecord) -> list[ReadItem]:
+        if target.fqn in self.metadata.grids:  # format version 2: locate the chunks this box needs
+            if self._grids is None:
+                self._grids = GridResolver(self.storage, self.metadata)
+            record = self._grids.record(target.fqn, target.box)
         index = self._indexes.get(id(record))
         if index is None:
             index = self._indexes[id(record)] = (record, build_index(record))

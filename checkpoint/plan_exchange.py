@@ -25,6 +25,7 @@ from planners.global_plan import (
     RankStructure,
     WorldStructure,
     from_run_lengths,
+    grid_fields,
     run_lengths,
     structure_of,
     tensor_records,
@@ -93,7 +94,9 @@ def _representatives(digests: Sequence[str]) -> tuple[tuple[int, ...], list[tupl
 def rank_plan(world: WorldStructure, plan: LocalPlan, *, rank: int, max_file_bytes: int) -> RankPlan:
     """This rank's files: the chunks it writes plus its rank-local tensors."""
     items = [
-        WriteItem(fqn=w.fqn, dtype=w.dtype, global_shape=w.global_shape, box=w.box, nbytes=w.nbytes)
+        WriteItem(
+            fqn=w.fqn, dtype=w.dtype, global_shape=w.global_shape, box=w.box, nbytes=w.nbytes, grid=w.grid
+        )
         for w in writes_of(world, rank)
     ]
     items += [i for i in plan.items if i.rank_local]
@@ -103,5 +106,9 @@ def rank_plan(world: WorldStructure, plan: LocalPlan, *, rank: int, max_file_byt
 def draft_plan(world: WorldStructure) -> GlobalPlan:
     """What the coordinator's metadata needs of the plan: the tensor records (no per-rank files)."""
     return GlobalPlan(
-        plan_id=world.plan_id(), world_size=world.world_size, rank_plans=(), tensors=tensor_records(world)
+        plan_id=world.plan_id(),
+        world_size=world.world_size,
+        rank_plans=(),
+        tensors=tensor_records(world),
+        grid_fields=grid_fields(world),
     )

@@ -53,6 +53,7 @@ from planners.placement import Layout
 from planners.save_plan import FilePlan, GlobalPlan, LocalPlan, RankPlan, WriteItem
 from planners.values import JSON, encode_value
 from storage.backend import CheckpointStorage
+from storage.checksummed_shard import write_checksummed_shard
 from storage.safetensors_io import WrittenTensor, write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -326,15 +327,16 @@ def write_rank_files(
         def one(fp: FilePlan) -> tuple[str, int, list[WrittenChunk]]:
             name = shard_file_name(prepared.save_id, fp.stem)
             entries = [(item.fqn, tensors[item.fqn]) for item in fp.items]
+            # Version 2: a file holding grid chunks carries their checksums (storage/checksummed_shard.py).
+            write = write_checksummed_shard if any(i.grid for i in fp.items) else write_safetensors
             with storage.open_write(name) as f:
-                written, nbytes = write_safetensors(
-                    f, entries, metadata=header, block_bytes=CHECKSUM_BLOCK_BYTES
-                )
-            chunks = [
+                written, nbytes = write(f, entries, metadata=header, block_bytes=CHECKSUM_BLOCK_BYTES)
+            chunks = [  # grid chunks need no record: their key's grid and the file header locate them
                 WrittenChunk(
                     fqn=i.fqn, box=i.box, dtype=i.dtype, rank_local=i.rank_local, file=name, written=w
                 )
                 for i, w in zip(fp.items, written)
+                if not i.grid
             ]
             return name, nbytes, chunks
 
@@ -433,6 +435,7 @@ def build_metadata(prepared: PreparedSave, results: list[RankWriteResult]) -> Me
         rank_local=rank_local,
         files=files,
         structure=draft.structure,
+        **draft.global_plan.grid_fields,
     )
 
 

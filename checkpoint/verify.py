@@ -36,8 +36,10 @@ from typing import Any
 import crc32c
 
 from checkpoint.dtypes import dtype_from_name, safetensors_code
+from checkpoint.grid_load import GridResolver
 from checkpoint.load import read_metadata
 from planners.errors import CheckpointError, InvalidCheckpointError, PickleNotAllowedError
+from planners.grid import CHECKSUM_ENTRY
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE, ChunkRecord, FileRecord, Metadata
 from planners.values import decode_value
 from storage.backend import CheckpointStorage, open_storage
@@ -161,6 +163,7 @@ def verify(
 
 def _verify_committed(storage: CheckpointStorage, metadata: Metadata, *, io_threads: int) -> VerifyReport:
     by_file = _chunks_by_file(metadata)
+    grid_problems = _add_grid_chunks(storage, metadata, by_file)
     names = sorted(metadata.files)
 
     def one(name: str) -> tuple[list[str], int]:
@@ -173,7 +176,7 @@ def _verify_committed(storage: CheckpointStorage, metadata: Metadata, *, io_thre
             results = list(pool.map(one, names))
     else:
         results = [one(n) for n in names]
-    problems = [p for file_problems, _ in results for p in file_problems]
+    problems = grid_problems + [p for file_problems, _ in results for p in file_problems]
     value_problems, pickled = _check_values(metadata)
     leftovers = tuple(
         n
@@ -205,6 +208,22 @@ def _chunks_by_file(metadata: Metadata) -> dict[str, list[_ChunkRef]]:
             if entry is not None:
                 by_file[entry[1].file].append(_ChunkRef(fqn=fqn, dtype=entry[0], chunk=entry[1]))
     return by_file
+
+
+def _add_grid_chunks(
+    storage: CheckpointStorage, metadata: Metadata, by_file: dict[str, list[_ChunkRef]]
+) -> list[str]:
+    """Format version 2: every chunk of every grid key, located through its writer's header."""
+    if not metadata.grids:
+        return []
+    try:
+        records = GridResolver(storage, metadata).all_records()
+    except CheckpointError as e:
+        return [f"grid keys cannot be located: {e}"]
+    for fqn, record in records.items():
+        for chunk in record.chunks:
+            by_file[chunk.file].append(_ChunkRef(fqn=fqn, dtype=record.dtype, chunk=chunk))
+    return []
 
 
 def _verify_file(
@@ -262,7 +281,7 @@ def _cross_check(
     ]
     problems += [
         f"file {name}: holds tensor {k!r} that no chunk of the metadata refers to"
-        for k in sorted(set(header.tensors) - set(uses))
+        for k in sorted(set(header.tensors) - set(uses) - {CHECKSUM_ENTRY})
     ]
     for ref in refs:
         entry = header.tensors.get(ref.chunk.key)

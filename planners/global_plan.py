@@ -118,6 +118,7 @@ class WorldStructure:
     structures: tuple[RankStructure, ...]
     rank_structure: tuple[int, ...]
     _ranks_of: dict[frozenset[int], tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
+    _positions: dict[tuple[int, int], dict[int, int]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def world_size(self) -> int:
@@ -132,6 +133,20 @@ class WorldStructure:
         if indices not in self._ranks_of:
             self._ranks_of[indices] = tuple(r for r, s in enumerate(self.rank_structure) if s in indices)
         return self._ranks_of[indices]
+
+    def position(self, t: TensorDescriptor, index: int, rank: int) -> int:
+        """Where `rank` sits in the mesh of `t` (cached per mesh: a rank list is scanned once)."""
+        assert t.mesh is not None
+        ranks = self.structures[index].meshes[t.mesh].ranks
+        key = (index, t.mesh)  # not the rank tuple: hashing it costs O(world size)
+        table = self._positions.get(key)
+        if table is None:
+            table = self._positions[key] = {r: i for i, r in enumerate(ranks)}
+        if rank not in table:
+            raise InvalidStateDictError(
+                f"rank {rank} holds key {t.fqn!r} on a mesh of ranks {list(ranks)[:16]} that lacks it"
+            )
+        return table[rank]
 
     def plan_id(self) -> str:
         doc = [s.digest() for s in self.structures] + [list(run_lengths(self.rank_structure))]
@@ -162,6 +177,7 @@ class ChunkWrite:
     global_shape: tuple[int, ...]
     box: Box
     nbytes: int
+    grid: bool = False  # a DTensor chunk: recorded by its key's grid, not by a chunk record
 
 
 def _holders(
@@ -171,7 +187,7 @@ def _holders(
     layout = s.layout(t)
     if layout is None:
         return full_box(t.global_shape), world.ranks_with(plain[t.fqn])
-    pos = _position(layout.ranks, rank)
+    pos = world.position(t, world.rank_structure[rank], rank)
     box = chunk_box(t.global_shape, layout.mesh_shape, _coord(pos, layout), layout.placements)
     if not any(isinstance(p, Replicate) for p in layout.placements):
         return box, (rank,)
@@ -223,6 +239,7 @@ def writes_of(world: WorldStructure, rank: int) -> list[ChunkWrite]:
             global_shape=t.global_shape,
             box=box,
             nbytes=box.numel * itemsize(t.dtype),
+            grid=t.mesh is not None,
         )
         if math.prod(t.global_shape) == 0:
             layout = s.layout(t)
@@ -241,14 +258,19 @@ def writes_of(world: WorldStructure, rank: int) -> list[ChunkWrite]:
 
 
 def _greedy_share(holders: tuple[int, ...], writes: list[ChunkWrite], rank: int) -> list[ChunkWrite]:
-    """Largest chunk first, each to the holder with the fewest bytes so far (ties: the lower rank)."""
+    writers = assign_shared(holders, [(w.fqn, w.nbytes) for w in writes])
+    return [w for w in writes if writers[w.fqn] == rank]
+
+
+def assign_shared(holders: tuple[int, ...], chunks: Sequence[tuple[str, int]]) -> dict[str, int]:
+    """Writer of each (fqn, nbytes) chunk that all of `holders` hold: largest first, to the holder
+    with the fewest bytes so far (ties: the lower rank). Saving and loading both call this."""
     heap = [(0, i) for i in range(len(holders))]
-    out = []
-    for w in sorted(writes, key=lambda w: (-w.nbytes, w.fqn)):
+    out = {}
+    for fqn, nbytes in sorted(chunks, key=lambda c: (-c[1], c[0])):
         load, i = heapq.heappop(heap)
-        if holders[i] == rank:
-            out.append(w)
-        heapq.heappush(heap, (load + w.nbytes, i))
+        out[fqn] = holders[i]
+        heapq.heappush(heap, (load + nbytes, i))
     return out
 
 
@@ -259,3 +281,19 @@ def tensor_records(world: WorldStructure) -> dict[str, tuple[str, tuple[int, ...
         for t in s.tensors:
             out.setdefault(t.fqn, (t.dtype, t.global_shape))
     return dict(sorted(out.items()))
+
+
+def grid_fields(world: WorldStructure) -> dict[str, object]:
+    """The metadata's `meshes` (interned across structures) and the grid record of every DTensor key."""
+    from planners.grid import GridRecord  # planners.grid builds on this module
+
+    meshes: dict[Mesh, int] = {}
+    grids = {}
+    for s in world.structures:
+        for t in s.tensors:
+            if t.mesh is not None and t.fqn not in grids:
+                m = meshes.setdefault(s.meshes[t.mesh], len(meshes))
+                grids[t.fqn] = GridRecord(
+                    dtype=t.dtype, shape=t.global_shape, mesh=m, placements=t.placements
+                )
+    return {"meshes": tuple(meshes), "grids": dict(sorted(grids.items()))}

@@ -13,18 +13,20 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from planners.boxes import Box, tiling_problem
 from planners.dtypes import checked_name
 from planners.dtypes import itemsize as dtype_itemsize
 from planners.errors import InvalidCheckpointError
+from planners.global_plan import Mesh
+from planners.grid import GridIndex, GridRecord, grid_json, mesh_json, parse_grid, parse_meshes
 
 FORMAT_NAME = "shardsafe"
 # Bump on any change a version-1 reader would misread; readers accept every
 # version up to their own.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_FILE = "metadata.json"
 # Shard file names: shard-<save id>-r<rank>-<index>.safetensors. Nothing else
 # is ever read as data, and nothing else is ever deleted by cleanup.
@@ -92,6 +94,14 @@ class Metadata:
     rank_local: dict[str, RankLocalRecord]
     files: dict[str, FileRecord]
     structure: Any
+    # Version 2 (planners/grid.py): DTensor keys recorded as grids; their TensorRecord has no chunks.
+    meshes: tuple[Mesh, ...] = ()
+    grids: dict[str, GridRecord] = field(default_factory=dict)
+
+    def grid_index(self) -> GridIndex:
+        """Finds the chunks of grid keys (plain tensors held by every rank enter the writer rule)."""
+        plain = {k: (t.dtype, t.shape) for k, t in self.tensors.items() if k not in self.grids}
+        return GridIndex(meshes=self.meshes, grids=self.grids, plain=plain, world_size=self.world_size)
 
     def to_json(self) -> bytes:
         doc = {
@@ -103,8 +113,11 @@ class Metadata:
             "files": {n: {"nbytes": f.nbytes, "rank": f.rank} for n, f in sorted(self.files.items())},
             "tensors": {
                 k: {"dtype": t.dtype, "shape": list(t.shape), "chunks": [_chunk_json(c) for c in t.chunks]}
+                if k not in self.grids
+                else {"dtype": t.dtype, "shape": list(t.shape), "grid": grid_json(self.grids[k])}
                 for k, t in self.tensors.items()
             },
+            **({"meshes": [mesh_json(m) for m in self.meshes]} if self.meshes else {}),
             "values": self.values,
             "rank_local": {
                 k: [
@@ -163,7 +176,12 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
         for n, f in v.dict_(doc.get("files"), "files").items()
         if v.dict_(f, f"files[{n!r}]") is not None
     }
-    tensors = {k: v.tensor(k, t, files) for k, t in v.dict_(doc.get("tensors"), "tensors").items()}
+    meshes = parse_meshes(doc.get("meshes") if version >= 2 else None, world_size=world_size, fail=v.fail)
+    index = GridIndex(meshes=meshes, grids={}, plain={}, world_size=world_size)
+    grids: dict[str, GridRecord] = {}
+    tensors = {
+        k: v.tensor(k, t, files, index, grids) for k, t in v.dict_(doc.get("tensors"), "tensors").items()
+    }
     rank_local = {
         k: v.rank_local(k, r, files) for k, r in v.dict_(doc.get("rank_local"), "rank_local").items()
     }
@@ -180,6 +198,8 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
         rank_local=rank_local,
         files=files,
         structure=structure,
+        meshes=meshes,
+        grids=grids,
     )
 
 
@@ -194,6 +214,9 @@ class _Validator:
     def check(self, ok: bool, problem: str) -> None:
         if not ok:
             raise InvalidCheckpointError(f"{self.where}: invalid metadata: {problem}")
+
+    def fail(self, problem: str) -> None:
+        self.check(False, problem)
 
     def int_(self, x: Any, field: str, *, low: int = 0, high: int = MAX_FILE_BYTES) -> int:
         self.check(
@@ -256,11 +279,16 @@ class _Validator:
             box=box, file=name, key=c["key"], offset_bytes=offset, nbytes=nbytes, checksums=checksums
         )
 
-    def tensor(self, key: str, t: Any, files: dict[str, FileRecord]) -> TensorRecord:
+    def tensor(
+        self, key: str, t: Any, files: dict[str, FileRecord], index: GridIndex, grids: dict[str, GridRecord]
+    ) -> TensorRecord:
         t = self.dict_(t, f"tensors[{key!r}]")
         dtype = checked_name(t.get("dtype"), where=f"{self.where}: key {key!r}")
         shape = self.ints(t.get("shape"), f"{key!r} shape")
         self.check(math.prod(shape) <= MAX_NUMEL, f"key {key!r}: shape {list(shape)} is too large")
+        if "grid" in t:  # version 2: a grid record, its chunks found through the shard headers
+            grids[key] = parse_grid(key, t["grid"], dtype=dtype, shape=shape, index=index, fail=self.fail)
+            return TensorRecord(dtype=t["dtype"], shape=shape, chunks=())
         chunks = tuple(
             self.chunk(key, c, shape, dtype_itemsize(dtype), files)
             for c in (

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from planners.boxes import Box, tiling_problem
 from planners.errors import InvalidStateDictError, PlanCoverageError
@@ -33,6 +34,7 @@ class WriteItem:
     box: Box
     nbytes: int
     rank_local: bool = False
+    grid: bool = False  # a DTensor chunk recorded by its key's grid (format version 2), not by a chunk record
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +79,8 @@ class GlobalPlan:
     world_size: int
     rank_plans: tuple[RankPlan, ...]
     tensors: dict[str, tuple[str, tuple[int, ...]]]  # fqn -> (dtype, global shape)
+    # Version 2: the meshes and grid records of DTensor keys (see planners/grid.py); empty for plain saves.
+    grid_fields: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_global(local_plans: Sequence[LocalPlan], *, max_file_bytes: int) -> GlobalPlan:
