@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from checkpoint.collectives import COORDINATOR, Exchange
+from planners.boxes import tiling_problem
+from planners.errors import PlanCoverageError
 from planners.global_plan import (
     RankStructure,
     WorldStructure,
@@ -36,30 +38,60 @@ from planners.save_plan import GlobalPlan, LocalPlan, RankPlan, WriteItem, pack_
 from planners.world_check import check_world
 
 
-def local_structure(plan: LocalPlan, layouts: Mapping[str, Layout | None]) -> RankStructure:
-    """This rank's structure: its tensor keys with their layouts, and its other keys."""
+def local_structure(
+    plan: LocalPlan, layouts: Mapping[str, Layout | None], *, rank: int
+) -> RankStructure | PlanCoverageError:
+    """This rank's structure: its tensor keys with their layouts, and its other keys.
+
+    Each chunk the rank holds must be the one its layout implies (the whole
+    tensor for a plain one); otherwise the error is returned, to travel in
+    the first exchange.
+    """
     tensors = {}
     for item in plan.items:
         if not item.rank_local:
-            tensors[item.fqn] = (item.fqn, item.dtype, item.global_shape, layouts.get(item.fqn))
+            layout = layouts.get(item.fqn)
+            problem = _chunk_problem(item, layout)
+            if problem is not None:
+                return PlanCoverageError(
+                    f"key {item.fqn!r}: {problem} (rank {rank}); check the tensor's placements"
+                )
+            tensors[item.fqn] = (item.fqn, item.dtype, item.global_shape, layout)
     others = [k for k in plan.keys if k not in tensors]
     return structure_of(list(tensors.values()), others)
 
 
+def _chunk_problem(item: WriteItem, layout: Layout | None) -> str | None:
+    """A plain tensor's chunk must be the whole tensor. A DTensor's box was derived from its
+    layout when flattened (checkpoint/descriptors.py), which also checked the local shape."""
+    if layout is None:
+        return tiling_problem(item.global_shape, [item.box])
+    return None
+
+
 def agree_world(
-    structure: RankStructure, fingerprint: str, exchange: Exchange
+    structure: RankStructure | BaseException, fingerprint: str, exchange: Exchange
 ) -> tuple[WorldStructure, list[str]]:
     """Exchanges 1-4 above (collective). Returns the checked world and, on the coordinator, every fingerprint.
+
+    A rank whose own plan is inconsistent passes its error as `structure`; it
+    travels in the first exchange, so every rank raises it.
 
     Raises:
         InvalidStateDictError: on every rank, when the structures disagree.
     """
-    got = exchange.gather((fingerprint, structure.digest()))
-    reps_msg = None
+    mine = structure if isinstance(structure, BaseException) else (fingerprint, structure.digest())
+    got = exchange.gather(mine)
+    reps_msg: Any = None
     if exchange.rank == COORDINATOR:
         assert got is not None
-        reps_msg = _representatives([d for _, d in got])
-    rep_ranks, runs = exchange.broadcast(reps_msg)
+        errors = [e for e in got if isinstance(e, BaseException)]
+        reps_msg = errors[0] if errors else _representatives([d for _, d in got])
+    reps_msg = exchange.broadcast(reps_msg)
+    if isinstance(reps_msg, BaseException):
+        raise reps_msg
+    assert isinstance(structure, RankStructure)
+    rep_ranks, runs = reps_msg
     sent = exchange.gather(structure if exchange.rank in rep_ranks else None)
     answer: Any = None
     if exchange.rank == COORDINATOR:

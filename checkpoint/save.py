@@ -306,7 +306,8 @@ def _replan(local: LocalSave, exchange: Exchange, cache: PlanCache, *, max_file_
     """Agree on structures and derive this rank's files (checkpoint/plan_exchange.py); no chunk list travels."""
     cache.digests = None
     fingerprint = local.plan.fingerprint()
-    world, fingerprints = agree_world(local_structure(local.plan, local.layouts), fingerprint, exchange)
+    structure = local_structure(local.plan, local.layouts, rank=exchange.rank)
+    world, fingerprints = agree_world(structure, fingerprint, exchange)
     cache.rank_plan = rank_plan(world, local.plan, rank=exchange.rank, max_file_bytes=max_file_bytes)
     if exchange.rank == COORDINATOR:
         cache.draft_plan = draft_plan(world)

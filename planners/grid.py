@@ -19,6 +19,7 @@ follows without a per-chunk list:
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 from collections.abc import Mapping
@@ -83,11 +84,19 @@ def mesh_json(m: Mesh) -> dict[str, Any]:
     return {"shape": list(m.shape), "ranks": list(r)}
 
 
-def _cuts(length: int, chain: tuple[tuple[Placement, int], ...]) -> list[tuple[int, int, tuple[int, ...]]]:
-    """(start, stop, sub-coordinate) of every non-empty piece of one dim, sorted by start."""
+@functools.lru_cache(maxsize=1024)
+def _cuts(
+    length: int, chain: tuple[tuple[Placement, int], ...]
+) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+    """(start, stop, sub-coordinate) of every non-empty piece of one dim, sorted by start.
+
+    Cached: a model repeats a few (dim length, placement chain) pairs across thousands of keys.
+    """
     sizes = tuple(n for _, n in chain)
     if math.prod(sizes) > MAX_CUTS_PER_DIM:
         raise ValueError(f"{math.prod(sizes)} pieces along one dim")
+    if all(type(p) is Shard for p, _ in chain):
+        return tuple(sorted(_nested_shards(0, length, sizes)))
     one_d = tuple(
         StridedShard(dim=0, split_factor=p.split_factor) if isinstance(p, StridedShard) else Shard(dim=0)
         for p, _ in chain
@@ -99,7 +108,20 @@ def _cuts(length: int, chain: tuple[tuple[Placement, int], ...]) -> list[tuple[i
             raise ValueError(f"interleaved pieces {intervals[:4]}")
         if intervals:
             out.append((intervals[0][0], intervals[0][1], sub))
-    return sorted(out)
+    return tuple(sorted(out))
+
+
+def _nested_shards(start: int, length: int, sizes: tuple[int, ...]) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Plain `Shard` chains: each mesh dim cuts every piece of the previous one as `torch.chunk` does."""
+    if not sizes:
+        return [(start, start + length, ())] if length else []
+    full = -(-length // sizes[0])
+    out = []
+    for i in range(sizes[0]):
+        lo = min(full * i, length)
+        hi = min(lo + full, length)
+        out += [(a, b, (i, *sub)) for a, b, sub in _nested_shards(start + lo, hi - lo, sizes[1:])]
+    return out
 
 
 class GridIndex:
@@ -117,7 +139,7 @@ class GridIndex:
         self.grids = dict(grids)
         self.plain = dict(plain)  # plain tensor keys: (dtype, shape); every rank holds them
         self.world_size = world_size
-        self._cut_cache: dict[tuple, list[tuple[int, int, tuple[int, ...]]]] = {}
+        self._cut_cache: dict[tuple, tuple[list[int], tuple]] = {}
         self._writers: dict[tuple[int, ...], dict[str, int]] = {}
         self._positions: dict[int, dict[int, int]] = {}
 
@@ -131,7 +153,7 @@ class GridIndex:
         m = self.meshes[g.mesh]
         return Layout(mesh_shape=m.shape, placements=g.placements, ranks=m.ranks)
 
-    def _dim_cuts(self, g: GridRecord, d: int) -> tuple[list[int], list[tuple[int, int, tuple[int, ...]]]]:
+    def _dim_cuts(self, g: GridRecord, d: int) -> tuple[list[int], tuple]:
         mesh_shape = self.meshes[g.mesh].shape
         chain = tuple(
             (p, mesh_shape[k])
@@ -140,9 +162,9 @@ class GridIndex:
         )
         key = (g.shape[d], chain)
         if key not in self._cut_cache:
-            self._cut_cache[key] = _cuts(g.shape[d], chain)
-        cuts = self._cut_cache[key]
-        return [c[0] for c in cuts], cuts
+            cuts = _cuts(g.shape[d], chain)
+            self._cut_cache[key] = ([c[0] for c in cuts], cuts)
+        return self._cut_cache[key]
 
     def cells(self, fqn: str, query: Box) -> list[Cell]:
         """The saved chunks of `fqn` that overlap `query`, each with its writer rank."""

@@ -34,7 +34,7 @@ from planners.errors import (
     InvalidCheckpointError,
     PickleNotAllowedError,
 )
-from planners.metadata import METADATA_FILE, Metadata, parse_metadata
+from planners.metadata import FORMAT_VERSION, METADATA_FILE, Metadata, parse_metadata
 from storage.backend import open_storage
 from storage.safetensors_io import MAX_HEADER_BYTES, SafetensorsHeader, read_header
 
@@ -159,8 +159,8 @@ HOSTILE_METADATA: dict[str, tuple[Callable[[dict], None], str]] = {
     "float-shape": (lambda d: _w(d).update(shape=[2.0, 3]), r"'model\.w' shape must be an integer"),
     "unknown-dtype": (lambda d: _w(d).update(dtype="float128"), r"key 'model\.w': unknown dtype 'float128'"),
     "newer-version": (
-        _set("version", 2),
-        r"format version 2 is newer than this reader \(1\); upgrade shardsafe",
+        _set("version", FORMAT_VERSION + 1),
+        rf"format version {FORMAT_VERSION + 1} is newer than this reader \({FORMAT_VERSION}\); upgrade shardsafe",
     ),
     "version-zero": (_set("version", 0), r"version must be an integer in \[1, "),
     "version-string": (_set("version", "1"), "version must be an integer"),
