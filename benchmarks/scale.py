@@ -72,7 +72,9 @@ class _DType:
 
 def _rank_files(world: WorldStructure, rank: int) -> tuple[FilePlan, ...]:
     items = [
-        WriteItem(fqn=w.fqn, dtype=w.dtype, global_shape=w.global_shape, box=w.box, nbytes=w.nbytes, grid=w.grid)
+        WriteItem(
+            fqn=w.fqn, dtype=w.dtype, global_shape=w.global_shape, box=w.box, nbytes=w.nbytes, grid=w.grid
+        )
         for w in writes_of(world, rank)
     ]
     return pack_files(rank, items, MAX_FILE_BYTES)
@@ -80,20 +82,24 @@ def _rank_files(world: WorldStructure, rank: int) -> tuple[FilePlan, ...]:
 
 def _plan_rank(job: Job, rank: int, payload: bytes, runs: list) -> tuple[float, tuple[FilePlan, ...]]:
     """One rank's planning: its structure and digest, the received structures, its writes and files."""
-    start = time.perf_counter()
+    start = time.process_time()
     structure_of(job.descriptors(rank), []).digest()
     world = WorldStructure(structures=pickle.loads(payload), rank_structure=from_run_lengths(runs))
     files = _rank_files(world, rank)
-    return time.perf_counter() - start, files
+    return time.process_time() - start, files
 
 
-def _coordinator(job: Job, digests: list[str], sent: dict[int, bytes], files: dict[int, Any]) -> tuple[float, bytes]:
+def _coordinator(
+    job: Job, digests: list[str], sent: dict[int, bytes], files: dict[int, Any]
+) -> tuple[float, bytes]:
     """The coordinator's share: representatives, checks, metadata. Returns (seconds, metadata JSON)."""
     from planners.world_check import check_world
 
-    start = time.perf_counter()
+    start = time.process_time()
     reps, runs = _representatives(digests)
-    world = WorldStructure(structures=tuple(pickle.loads(sent[r]) for r in reps), rank_structure=from_run_lengths(runs))
+    world = WorldStructure(
+        structures=tuple(pickle.loads(sent[r]) for r in reps), rank_structure=from_run_lengths(runs)
+    )
     check_world(world)
     draft = draft_plan(world)
     table = {}
@@ -115,7 +121,7 @@ def _coordinator(job: Job, digests: list[str], sent: dict[int, bytes], files: di
         **draft.grid_fields,
     )
     data = metadata.to_json()
-    return time.perf_counter() - start, data
+    return time.process_time() - start, data
 
 
 def _header(fp: FilePlan, rank: int) -> tuple[bytes, int]:
@@ -130,7 +136,11 @@ def _header(fp: FilePlan, rank: int) -> tuple[bytes, int]:
         }
         offset += item.nbytes
         blocks += -(-item.nbytes // CHECKSUM_BLOCK_BYTES)
-    header[CHECKSUM_ENTRY] = {"dtype": "U32", "shape": [blocks], "data_offsets": [offset, offset + 4 * blocks]}
+    header[CHECKSUM_ENTRY] = {
+        "dtype": "U32",
+        "shape": [blocks],
+        "data_offsets": [offset, offset + 4 * blocks],
+    }
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return raw, 8 + len(raw) + offset + 4 * blocks
@@ -139,7 +149,8 @@ def _header(fp: FilePlan, rank: int) -> tuple[bytes, int]:
 def _load_rank(job: Job, rank: int, data: bytes, world: WorldStructure) -> tuple[float, int]:
     """One loading rank (same layout): seconds to plan its reads, and metadata/header/table bytes read."""
     files: dict[str, tuple[bytes, int]] = {}  # the writers' file headers, as storage would return them
-    start = time.perf_counter()
+    built: set[int] = set()
+    start = time.process_time()
     md = parse_metadata(data, where="sim")
     index = md.grid_index()
     by_rank: dict[int, list[str]] = {}
@@ -147,36 +158,58 @@ def _load_rank(job: Job, rank: int, data: bytes, world: WorldStructure) -> tuple
         by_rank.setdefault(f.rank, []).append(name)
     parsed: dict[str, Any] = {}
     read = len(data)
-    items = 0
-    for fqn, dtype, shape, layout in job.descriptors(rank):
-        box = chunk_box(shape, layout.mesh_shape, coordinate_of(layout.ranks.index(rank), layout.mesh_shape), layout.placements)
+    items = needed = 0
+    descriptors = job.descriptors(rank)
+    mesh_shape, ranks = job.meshes[job.stage_of(rank)]
+    coordinate = coordinate_of(ranks.index(rank), mesh_shape)  # what the rank's DeviceMesh tells it
+    for fqn, dtype, shape, layout in descriptors:
+        box = chunk_box(
+            shape,
+            layout.mesh_shape,
+            coordinate,
+            layout.placements,
+        )
         chunks = []
         for cell in index.cells(fqn, box):
             for name in by_rank[cell.writer]:
                 if name not in parsed:
-                    pause = time.perf_counter()
-                    if cell.writer not in files:  # what the writer wrote: built outside the timing
+                    pause = time.process_time()
+                    if cell.writer not in built:  # what the writer wrote: built outside the timing
+                        built.add(cell.writer)
                         for fp in _rank_files(world, cell.writer):
                             nm = shard_file_name(SAVE_ID, fp.stem)
                             files[nm] = _header(fp, cell.writer)
-                    start += time.perf_counter() - pause
+                    start += time.process_time() - pause
                     raw, size = files[name]
                     header = parse_header(raw, file_bytes=size, where=name)
-                    parsed[name] = (header, checksum_slices(header, block_bytes=md.checksum_block_bytes, where=name))
+                    parsed[name] = (
+                        header,
+                        checksum_slices(header, block_bytes=md.checksum_block_bytes, where=name),
+                    )
                     read += 8 + len(raw) + header.tensors[CHECKSUM_ENTRY].nbytes
                 header, slices = parsed[name]
                 entry = header.tensors.get(fqn)
                 if entry is not None:
                     first, count = slices[fqn]
                     chunks.append(
-                        ChunkRecord(box=cell.box, file=name, key=fqn, offset_bytes=entry.offset_bytes, nbytes=entry.nbytes, checksums=(0,) * count)
+                        ChunkRecord(
+                            box=cell.box,
+                            file=name,
+                            key=fqn,
+                            offset_bytes=entry.offset_bytes,
+                            nbytes=entry.nbytes,
+                            checksums=(0,) * count,
+                        )
                     )
                     break
+        needed += box.numel > 0
         record = TensorRecord(dtype=dtype, shape=shape, chunks=tuple(chunks))
         target = LoadTarget(fqn=fqn, dtype=_DType(dtype), global_shape=shape, box=box)
-        items += len(plan_tensor_reads(target, record, build_index(record), block_bytes=md.checksum_block_bytes))
-    assert items >= len(job.descriptors(rank))
-    return time.perf_counter() - start, read
+        items += len(
+            plan_tensor_reads(target, record, build_index(record), block_bytes=md.checksum_block_bytes)
+        )
+    assert items >= needed, (items, needed)
+    return time.process_time() - start, read
 
 
 def simulate(scheme: str, world_size: int) -> dict[str, Any]:
@@ -254,7 +287,12 @@ def summary(rows: list[dict[str, Any]]) -> str:
     for scheme in SCHEMES:
         mine = {r["world_size"]: r for r in rows if r["scheme"] == scheme}
         base = 64 if 64 in mine else min(mine, default=top)
-        for key in ("plan_rank_s", "plan_traffic_bytes_per_rank", "load_plan_rank_s", "load_read_bytes_per_rank"):
+        for key in (
+            "plan_rank_s",
+            "plan_traffic_bytes_per_rank",
+            "load_plan_rank_s",
+            "load_read_bytes_per_rank",
+        ):
             if base in mine and top in mine and base != top:
                 growth.append(mine[top][key] / mine[base][key])
     g = f"{max(growth):.2f}x" if growth else "n/a"
@@ -277,7 +315,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     worlds = [int(w) for w in args.worlds.split(",")]
     rows = []
-    print(f"{'layout':<11} {'W':>5} {'plan/rank s':>11} {'coord s':>8} {'traffic/rank':>12} {'metadata':>10} {'load plan s':>11} {'read/rank':>10} {'peak RSS':>9}")
+    print(
+        f"{'layout':<11} {'W':>5} {'plan/rank s':>11} {'coord s':>8} {'traffic/rank':>12} {'metadata':>10} {'load plan s':>11} {'read/rank':>10} {'peak RSS':>9}"
+    )
     for scheme in args.schemes.split(","):
         for w in worlds:
             if not supported(scheme, w):

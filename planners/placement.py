@@ -20,6 +20,7 @@ would not be one row-major block of the global tensor.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -165,6 +166,17 @@ def chunk_box(
     Raises:
         IrregularPlacementError: the held indices of some dim are not one interval.
     """
+    return _chunk_box(tuple(global_shape), tuple(mesh_shape), tuple(coordinate), tuple(placements))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _chunk_box(
+    global_shape: tuple[int, ...],
+    mesh_shape: tuple[int, ...],
+    coordinate: tuple[int, ...],
+    placements: tuple[Placement, ...],
+) -> Box:
+    """Cached: a model repeats a few (shape, layout) pairs across thousands of keys."""
     offsets, sizes = [], []
     for d, intervals in enumerate(held_indices(global_shape, mesh_shape, coordinate, placements)):
         if len(intervals) > 1:
@@ -196,14 +208,19 @@ def position_of(coordinate: Sequence[int], mesh_shape: Sequence[int]) -> int:
     return pos
 
 
-def replica_positions(layout: Layout, position: int) -> list[int]:
+def replica_positions(layout: Layout, position: int) -> tuple[int, ...]:
     """Mesh positions holding the same chunk as `position`: those differing only along Replicate dims."""
-    coord = coordinate_of(position, layout.mesh_shape)
-    free = [d for d, p in enumerate(layout.placements) if isinstance(p, Replicate)]
+    free = tuple(d for d, p in enumerate(layout.placements) if isinstance(p, Replicate))
+    return _replica_positions(layout.mesh_shape, free, position)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _replica_positions(mesh_shape: tuple[int, ...], free: tuple[int, ...], position: int) -> tuple[int, ...]:
+    coord = coordinate_of(position, mesh_shape)
     out = []
-    for offset in range(math.prod(layout.mesh_shape[d] for d in free)):
+    for offset in range(math.prod(mesh_shape[d] for d in free)):
         c = list(coord)
         for d in reversed(free):
-            offset, c[d] = divmod(offset, layout.mesh_shape[d])
-        out.append(position_of(c, layout.mesh_shape))
-    return sorted(out)
+            offset, c[d] = divmod(offset, mesh_shape[d])
+        out.append(position_of(c, mesh_shape))
+    return tuple(sorted(out))
