@@ -30,11 +30,12 @@ import argparse
 import json
 import pickle
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.scale_layouts import SCHEMES, Job, supported
+from benchmarks.scale_layouts import LAYERS, SCHEMES, Job, supported
 from checkpoint.plan_exchange import _representatives, draft_plan
 from planners.dtypes import itemsize, safetensors_code
 from planners.global_plan import WorldStructure, from_run_lengths, structure_of, writes_of
@@ -212,9 +213,9 @@ def _load_rank(job: Job, rank: int, data: bytes, world: WorldStructure) -> tuple
     return time.process_time() - start, read
 
 
-def simulate(scheme: str, world_size: int) -> dict[str, Any]:
+def simulate(scheme: str, world_size: int, *, layers: int = LAYERS) -> dict[str, Any]:
     """Every figure of one (layout, world size) case."""
-    job = Job(scheme, world_size)
+    job = Job(scheme, world_size, layers=layers)
     structures = [structure_of(job.descriptors(job.meshes[s][1][0]), []) for s in range(job.stages)]
     stage_digest = [s.digest() for s in structures]
     digests = [stage_digest[job.stage_of(r)] for r in range(world_size)]
@@ -312,6 +313,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--worlds", default="8,64,512,4096")
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--out", default=str(RESULTS), help="folder for scale.json and scale.png")
+    parser.add_argument(
+        "--layers", type=int, default=LAYERS, help="transformer layers (default 80: Llama-70B)"
+    )
     args = parser.parse_args(argv)
     worlds = [int(w) for w in args.worlds.split(",")]
     rows = []
@@ -323,7 +327,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if not supported(scheme, w):
                 print(f"{scheme:<11} {w:>5} (needs a multiple of its model-parallel size: skipped)")
                 continue
-            r = simulate(scheme, w)
+            r = simulate(scheme, w, layers=args.layers)
             rows.append(r)
             print(
                 f"{scheme:<11} {w:>5} {r['plan_rank_s']:>11.3f} {r['coordinator_s']:>8.3f} "
@@ -333,7 +337,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scale.json").write_text(json.dumps({"rows": rows}, indent=1))
+    doc = {
+        "command": "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "rows": rows,
+    }
+    (out / "scale.json").write_text(json.dumps(doc, indent=1))
     chart(rows, out / "scale.png")
     print(summary(rows))
     return rows

@@ -50,11 +50,11 @@ class Param:
     stage: int  # pipeline stage (of PP)
 
 
-def parameters() -> list[Param]:
-    """The 723 parameters, each with the pipeline stage that owns it (20 layers per stage)."""
+def parameters(layers: int = LAYERS) -> list[Param]:
+    """The 723 parameters (80 layers), each with the pipeline stage that owns it (20 layers per stage)."""
     out = [Param(name="tok_embeddings.weight", shape=(VOCAB, HIDDEN), role="col", stage=0)]
-    per_stage = LAYERS // PP
-    for layer in range(LAYERS):
+    per_stage = -(-layers // PP)
+    for layer in range(layers):
         for name, (shape, role) in _LAYER.items():
             out.append(Param(name=f"layers.{layer}.{name}", shape=shape, role=role, stage=layer // per_stage))
     out.append(Param(name="norm.weight", shape=(HIDDEN,), role="norm", stage=PP - 1))
@@ -80,13 +80,13 @@ def supported(scheme: str, world_size: int) -> bool:
 class Job:
     """Which tensors each rank of a `scheme` job of `world_size` ranks holds, as descriptors."""
 
-    def __init__(self, scheme: str, world_size: int) -> None:
+    def __init__(self, scheme: str, world_size: int, *, layers: int = LAYERS) -> None:
         if not supported(scheme, world_size):
             raise ValueError(f"{scheme} needs a multiple of its model-parallel size, got {world_size}")
         self.scheme = scheme
         self.world_size = world_size
         self.stages = PP if scheme == "fsdp_tp_pp" else 1
-        self.params = parameters()
+        self.params = parameters(layers)
         per = world_size // self.stages
         shape = (per,) if scheme == "fsdp" else (per // TP, TP)
         # One rank tuple per stage mesh, shared by its layouts as one DeviceMesh would be.

@@ -242,9 +242,8 @@ def writes_of(world: WorldStructure, rank: int) -> list[ChunkWrite]:
             grid=t.mesh is not None,
         )
         if math.prod(t.global_shape) == 0:
-            layout = s.layout(t)
-            first = layout.ranks[0] if layout is not None else holders[0]
-            if first == rank:  # an empty tensor: one chunk records its existence
+            # An empty tensor: a plain one keeps one (empty) chunk record; a grid needs no chunk at all.
+            if t.mesh is None and holders[0] == rank:
                 mine.append(write)
         elif box.numel == 0:
             continue

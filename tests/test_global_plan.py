@@ -149,8 +149,8 @@ def test_run_lengths_round_trip():
     assert from_run_lengths(run_lengths(table)) == tuple(table)
 
 
-def test_empty_tensor_is_recorded_by_one_rank():
+def test_empty_tensors_need_one_plain_chunk_and_no_grid_chunk():
     layout = Layout(mesh_shape=(3,), placements=(Shard(dim=0),), ranks=(0, 1, 2))
-    world = _world([structure_of([("e", "float32", (0, 5), layout)], [])], [0, 0, 0])
-    writers = [r for r, ws in _all_writes(world).items() if ws]
-    assert writers == [0]
+    entries = [("e", "float32", (0, 5), layout), ("p", "float32", (0,), None)]
+    world = _world([structure_of(entries, [])], [0, 0, 0])
+    assert {r: [w.fqn for w in ws] for r, ws in _all_writes(world).items()} == {0: ["p"], 1: [], 2: []}
