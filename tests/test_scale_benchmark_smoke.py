@@ -15,6 +15,8 @@ pytest.importorskip("matplotlib", reason="the benchmark draws its chart with mat
 
 from benchmarks import scale  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 _FIGURES = [
     "plan_rank_s",
     "coordinator_s",
