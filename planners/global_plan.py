@@ -90,11 +90,17 @@ def structure_of(
 ) -> RankStructure:
     """Build a rank's structure from (fqn, dtype name, global shape, layout) entries; meshes are interned."""
     meshes: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    # Layouts of one DeviceMesh share its rank tuple: look it up by identity first, since hashing
+    # a rank tuple costs O(world size) and a model has thousands of tensors on one mesh.
+    by_id: dict[tuple[int, tuple[int, ...]], int] = {}
     descs = []
     for fqn, dtype, shape, layout in sorted(tensors, key=lambda t: t[0]):
         mesh = None
         if layout is not None:
-            mesh = meshes.setdefault((layout.mesh_shape, layout.ranks), len(meshes))
+            fast = (id(layout.ranks), layout.mesh_shape)
+            mesh = by_id.get(fast)
+            if mesh is None:
+                mesh = by_id[fast] = meshes.setdefault((layout.mesh_shape, layout.ranks), len(meshes))
         descs.append(
             TensorDescriptor(
                 fqn=fqn,

@@ -35,8 +35,8 @@ from planners.placement import (
     Replicate,
     Shard,
     StridedShard,
+    apply_placement,
     chunk_box,
-    held_indices,
     position_of,
     replica_positions,
 )
@@ -101,14 +101,29 @@ def _cuts(
         StridedShard(dim=0, split_factor=p.split_factor) if isinstance(p, StridedShard) else Shard(dim=0)
         for p, _ in chain
     )
-    out = []
-    for sub in itertools.product(*(range(n) for n in sizes)):
-        (intervals,) = held_indices((length,), sizes, sub, one_d)
-        if len(intervals) > 1:
-            raise ValueError(f"interleaved pieces {intervals[:4]}")
-        if intervals:
-            out.append((intervals[0][0], intervals[0][1], sub))
+    out: list[tuple[int, int, tuple[int, ...]]] = []
+    _walk_chain([(0, length)] if length else [], one_d, sizes, (), out)
     return tuple(sorted(out))
+
+
+def _walk_chain(
+    held: list[tuple[int, int]],
+    placements: tuple[Placement, ...],
+    sizes: tuple[int, ...],
+    sub: tuple[int, ...],
+    out: list[tuple[int, int, tuple[int, ...]]],
+) -> None:
+    """Apply one mesh dim at a time, sharing each prefix of the chain across its sub-coordinates."""
+    if not sizes:
+        if len(held) > 1:
+            raise ValueError(f"interleaved pieces {held[:4]}")
+        if held:
+            out.append((held[0][0], held[0][1], sub))
+        return
+    for i in range(sizes[0]):
+        nxt = apply_placement(held, placements[0], sizes[0], i)
+        if nxt:
+            _walk_chain(nxt, placements[1:], sizes[1:], (*sub, i), out)
 
 
 def _nested_shards(start: int, length: int, sizes: tuple[int, ...]) -> list[tuple[int, int, tuple[int, ...]]]:

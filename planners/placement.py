@@ -102,7 +102,10 @@ def _count(intervals: list[Interval]) -> int:
     return sum(hi - lo for lo, hi in intervals)
 
 
-def _apply(intervals: list[Interval], placement: Placement, parts: int, index: int) -> list[Interval]:
+def apply_placement(
+    intervals: list[Interval], placement: Placement, parts: int, index: int
+) -> list[Interval]:
+    """The indices kept at position `index` of a mesh dim of `parts` positions."""
     n = _count(intervals)
     if isinstance(placement, StridedShard):
         kept: list[Interval] = []
@@ -142,7 +145,7 @@ def held_indices(
             raise ValueError(
                 f"placement {placement} names dim {placement.dim} of a {len(global_shape)}-D tensor"
             )
-        held[placement.dim] = _apply(
+        held[placement.dim] = apply_placement(
             held[placement.dim], placement, mesh_shape[mesh_dim], coordinate[mesh_dim]
         )
     return held
