@@ -218,7 +218,7 @@ def _add_grid_chunks(
         return []
     try:
         records = GridResolver(storage, metadata).all_records()
-    except CheckpointError as e:
+    except (CheckpointError, FileNotFoundError) as e:  # reported like any other problem, not raised
         return [f"grid keys cannot be located: {e}"]
     for fqn, record in records.items():
         for chunk in record.chunks:
