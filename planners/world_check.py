@@ -40,9 +40,25 @@ def check_world(world: WorldStructure) -> None:
     Raises:
         InvalidStateDictError: naming the key and the ranks that disagree.
     """
+    _check_same_kinds(world)
     _check_same_everywhere_keys(world)
     _check_same_tensors(world)
     _check_meshes(world)
+
+
+def _check_same_kinds(world: WorldStructure) -> None:
+    """A key is a tensor on every rank that has it, or on none."""
+    tensor_on: dict[str, int] = {}
+    for i, s in enumerate(world.structures):
+        for t in s.tensors:
+            tensor_on.setdefault(t.fqn, i)
+    for i, s in enumerate(world.structures):
+        for key in s.other_keys:
+            if key in tensor_on:
+                raise InvalidStateDictError(
+                    f"key {key!r}: rank {world.representative(tensor_on[key])} holds a tensor, "
+                    f"rank {world.representative(i)} a value; every rank must hold the same kind of leaf"
+                )
 
 
 def _check_same_everywhere_keys(world: WorldStructure) -> None:

@@ -154,3 +154,10 @@ def test_empty_tensors_need_one_plain_chunk_and_no_grid_chunk():
     entries = [("e", "float32", (0, 5), layout), ("p", "float32", (0,), None)]
     world = _world([structure_of(entries, [])], [0, 0, 0])
     assert {r: [w.fqn for w in ws] for r, ws in _all_writes(world).items()} == {0: ["p"], 1: [], 2: []}
+
+
+def test_a_key_that_is_a_tensor_on_one_rank_and_a_value_on_another_is_refused():
+    a = structure_of([], ["step"])
+    b = structure_of([("step", "int64", (), None)], [])
+    with pytest.raises(InvalidStateDictError, match=r"key 'step': rank 2 holds a tensor, rank 0 a value"):
+        check_world(_world([a, b], [0, 0, 1]))
