@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import subprocess
 import sys
@@ -295,7 +296,7 @@ def _load_resharded(rank: int, world_size: int, url: str, options: dict, countin
         counted.load(wrapped_url, target, verify=verify)
         assert torch.equal(target["big"].to_local(), _big(mesh, Shard(0), zeros=False).to_local())
         metadata_bytes = fs.fetched.pop(METADATA_FILE)
-        fetched[verify] = sum(fs.fetched.values())
+        fetched[verify] = dict(fs.fetched)  # per shard file: data, plus its header and checksum table
     counted.close()
     local = target["big"].to_local()
     return {
@@ -323,11 +324,21 @@ def test_two_ranks_save_three_ranks_load_resharded_fetching_only_what_they_need(
     # Each rank's big chunk (15 MB, over max_file_bytes) gets a file of its own, the small tensors another.
     assert all(shards) and Counter(int(m["rank"]) for m in shards) == {0: 2, 1: 2}
     metadata_size = s3_fs.size(f"{url}/{METADATA_FILE}")
+    # Format version 2: a rank also reads the header and checksum table of each shard file it reads from.
+    index_bytes = {}
+    for name in names:
+        if name != METADATA_FILE:
+            with s3_fs.open(f"{url}/{name}", "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            table = header.get("__shardsafe_crc32c__", {"data_offsets": [0, 0]})["data_offsets"]
+            index_bytes[name] = 8 + n + (table[1] - table[0] if "__shardsafe_crc32c__" in header else 0)
     for report in reports:
         assert report["needed"] == 2000 * 1250 * 4
+        data = {v: sum(f.values()) - sum(index_bytes[n] for n in f) for v, f in report["fetched"].items()}
         # Without verification exactly the bytes needed; with it, also the partial checksum blocks at the edges.
-        assert report["fetched"][False] == report["needed"]
-        assert report["needed"] < report["fetched"][True] <= 1.1 * report["needed"]
+        assert data[False] == report["needed"]
+        assert report["needed"] < data[True] <= 1.1 * report["needed"]
         assert report["metadata_bytes"] == metadata_size
 
 
