@@ -73,17 +73,17 @@ def _torchrun(name: str, torchrun_args: list[str], script_args: list[str], env: 
 def _kill_tree(launched: Launched) -> None:
     """SIGKILL an agent and every descendant (torchrun puts each rank in a session of its own)."""
     try:
-        root = psutil.Process(launched.proc.pid)
-        procs = [root, *root.children(recursive=True)]
+        descendants = psutil.Process(launched.proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        procs = []
-    for proc in procs:
+        descendants = []
+    launched.proc.kill()
+    for proc in descendants:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=10)
-    launched.proc.wait(timeout=10)
+    launched.proc.wait(timeout=10)  # reaped by Popen, so its exit code (-9) shows in the report
+    psutil.wait_procs(descendants, timeout=10)
 
 
 def _tail(launched: Launched) -> str:
@@ -163,3 +163,99 @@ def test_two_torchrun_nodes_save_sync_and_async_then_one_node_of_3_loads(tmp_pat
     args += ["--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--max-restarts", "0"]
     _run_job([_torchrun("load", args, ["--phase", "load", "--dir", str(out)], _env(), logs)])
     assert sorted(p.name for p in out.glob("loaded-by-*")) == [f"loaded-by-{r}-of-3" for r in range(3)]
+
+
+# The 8-rank job's DTensors: key -> placements on the 2x4 mesh, and on the 1-D mesh of the 5-rank load.
+MESH_2X4 = (2, 4)
+PLACEMENTS_2X4 = {
+    "grid": (Shard(0), Shard(1)),  # 10x7: rows 5/5, columns 2/2/2/1
+    "rows_twice": (Shard(0), Shard(0)),  # 9 rows split 5/4, then each part over 4 ranks
+    "col_replicated": (Replicate(), Shard(0)),  # 5 rows over 4: 2/2/1/0, an empty shard
+    "cols_replicated": (Shard(1), Replicate()),
+    "replicated": (Replicate(), Replicate()),
+}
+PLACEMENTS_5 = {
+    "grid": (Shard(0),),
+    "rows_twice": (Shard(1),),  # 4 columns over 5: an empty shard
+    "col_replicated": (Replicate(),),
+    "cols_replicated": (Shard(0),),  # 6 rows over 5: 2/2/2/0/0
+    "replicated": (Shard(1),),
+}
+VALUES = {"step": 7, "name": "mesh 2x4", "lr": 0.25, "milestones": [1, 2, 3], "flag": True, "none": None}
+
+
+def _full_tensors() -> dict[str, torch.Tensor]:
+    """The global tensors, the same on every rank and in the test process."""
+    g = torch.Generator().manual_seed(11)
+    return {
+        "grid": torch.randn(10, 7, generator=g),
+        "rows_twice": torch.randn(9, 4, generator=g),
+        "col_replicated": torch.randint(-1000, 1000, (5, 3), generator=g),
+        "cols_replicated": torch.randn(6, 11, generator=g).to(torch.bfloat16),
+        "replicated": torch.randn(3, 3, generator=g, dtype=torch.float64),
+    }
+
+
+def _mesh_state(rank: int, mesh_shape: tuple[int, ...], placements: dict, *, zeros: bool) -> dict:
+    mesh = init_device_mesh("cpu", mesh_shape)
+    full = _full_tensors()
+    return {
+        "model": {
+            # src_data_rank=None: every rank holds the full tensor, so each takes its chunk without a scatter
+            key: distribute_tensor(
+                torch.zeros_like(t) if zeros else t, mesh, list(placements[key]), src_data_rank=None
+            )
+            for key, t in full.items()
+        },
+        "plain": torch.zeros(3, 4, dtype=torch.int64) if zeros else torch.arange(12).reshape(3, 4),
+        "rng": checkpoint.RankLocal(torch.full((2,), float(rank))),
+        "values": {k: None for k in VALUES} if zeros else dict(VALUES),
+    }
+
+
+def _save_on_2x4(rank: int, world_size: int, path: str) -> None:
+    ckpt = checkpoint.make_sync_checkpointer()
+    ckpt.save(_mesh_state(rank, MESH_2X4, PLACEMENTS_2X4, zeros=False), path)
+    ckpt.close()
+
+
+def _load_on_5(rank: int, world_size: int, path: str) -> dict[str, list[int]]:
+    """Loads into a 1-D mesh; returns each DTensor's local shape, checked against the expected chunk."""
+    target = _mesh_state(rank, (world_size,), PLACEMENTS_5, zeros=True)
+    ckpt = checkpoint.make_sync_checkpointer()
+    with pytest.raises(RankLocalError, match="'rng'.*saved by 8 ranks"):
+        ckpt.load(path, state_dict=target)
+    del target["rng"]
+    loaded = ckpt.load(path, state_dict=target, strict=True)
+    ckpt.close()
+    expected = _mesh_state(rank, (world_size,), PLACEMENTS_5, zeros=False)
+    shapes = {}
+    for key, want in expected["model"].items():
+        got = loaded["model"][key]
+        assert isinstance(got, DTensor) and got.placements == want.placements, key
+        assert got.dtype == want.dtype and torch.equal(got.to_local(), want.to_local()), key
+        shapes[key] = list(got.to_local().shape)
+    assert torch.equal(loaded["plain"], expected["plain"])
+    assert loaded["values"] == VALUES
+    return shapes
+
+
+def test_8_ranks_on_2x4_mesh_load_into_5_ranks_and_one_process(tmp_path: Path) -> None:
+    path = str(tmp_path / "mesh2x4")
+    run_ranks(_save_on_2x4, 8, path, timeout_s=240)
+    shapes = run_ranks(_load_on_5, 5, path, timeout_s=240)
+    # The 5-rank layout has uneven and empty chunks where the 2x4 one had others.
+    assert [s["rows_twice"] for s in shapes] == [[9, 1]] * 4 + [[9, 0]]
+    assert [s["cols_replicated"] for s in shapes] == [[2, 11]] * 3 + [[0, 11]] * 2
+
+    whole = checkpoint.make_sync_checkpointer().load(path)  # no process group, no target
+    full = _full_tensors()
+    assert sorted(whole["model"]) == sorted(full)
+    for key, tensor in full.items():
+        got = whole["model"][key]
+        assert type(got) is torch.Tensor and got.dtype == tensor.dtype and torch.equal(got, tensor), key
+    assert torch.equal(whole["plain"], torch.arange(12).reshape(3, 4))
+    assert len(whole["rng"]) == 8
+    for rank, value in enumerate(whole["rng"]):
+        assert torch.equal(value, torch.full((2,), float(rank))), rank
+    assert whole["values"] == VALUES
