@@ -37,7 +37,8 @@ from planners.errors import RankLocalError
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE
 from tests.multiproc import free_port, run_ranks
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+# Two jobs per test, each bounded by its own deadline (240 s), above the suite's default 300 s per test.
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "multinode_worker.py"
