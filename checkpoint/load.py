@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 # Runs closer than this are fetched in one request: a few wasted bytes cost
 # less than another round trip.
 COALESCE_GAP_BYTES = 64 * 1024
+# The default cap on the metadata file's size (CheckpointReaderConfig.max_metadata_bytes).
+DEFAULT_MAX_METADATA_BYTES = 256 * 1024 * 1024
 # Keys named in a missing-keys error before "and N more".
 _MAX_KEYS_SHOWN = 20
 
@@ -71,12 +73,19 @@ class LoadOptions:
     verify: bool = True
     strict: bool = False
     io_threads: int = 8
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
 
 
-def read_metadata(storage: CheckpointStorage) -> Metadata:
-    """The committed metadata; a path with shard files but no metadata is incomplete."""
+def read_metadata(storage: CheckpointStorage, *, max_bytes: int = DEFAULT_MAX_METADATA_BYTES) -> Metadata:
+    """The committed metadata; a path with shard files but no metadata is incomplete.
+
+    Raises:
+        FileNotFoundError: nothing at the path (`IncompleteCheckpointError` when shard files are there).
+        InvalidCheckpointError: the metadata is over `max_bytes`, not a regular file, or malformed.
+        CorruptCheckpointError: the metadata does not match its digest.
+    """
     try:
-        data = storage.read_bytes(METADATA_FILE)
+        data = storage.read_bytes(METADATA_FILE, max_bytes=max_bytes)
     except FileNotFoundError:
         names = storage.list_names()
         if any(SHARD_FILE_RE.fullmatch(n) for n in names):
@@ -99,7 +108,7 @@ def load_checkpoint(
 ) -> tuple[Any, list[str]]:
     """Load into `target` (or, when None, the whole checkpoint); returns it and the missing keys."""
     start = time.perf_counter()
-    metadata = read_metadata(storage)
+    metadata = read_metadata(storage, max_bytes=options.max_metadata_bytes)
     reader = _ChunkReader(storage, metadata, verify=options.verify, io_threads=options.io_threads)
     if target is None:
         result, missing = (
@@ -344,12 +353,13 @@ class _ChunkReader:
                 key = (chunk.offset_bytes, b)
                 if key in verified:
                     continue
-                got = crc32c.crc32c(data[b - start : b - start + block])
-                if got != chunk.checksums[b // block]:
+                if crc32c.crc32c(data[b - start : b - start + block]) != chunk.checksums[b // block]:
+                    # Neither checksum is shown: the computed one would describe bytes that may not
+                    # belong to the checkpoint at all.
                     raise CorruptCheckpointError(
-                        f"{self.storage.url}: file {name}, key {item.fqn!r}: checksum mismatch in bytes "
-                        f"[{chunk.offset_bytes + b}, {chunk.offset_bytes + min(b + block, chunk.nbytes)}) "
-                        f"(crc32c {got:#010x}, recorded {chunk.checksums[b // block]:#010x}); the file is corrupt"
+                        f"{self.storage.url}: file {name}, key {item.fqn!r}: checksum mismatch in block "
+                        f"{b // block} (bytes [{chunk.offset_bytes + b}, "
+                        f"{chunk.offset_bytes + min(b + block, chunk.nbytes)})); the file is corrupt"
                     )
                 verified.add(key)
 
