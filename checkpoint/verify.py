@@ -38,7 +38,7 @@ import crc32c
 from checkpoint.load import DEFAULT_MAX_METADATA_BYTES, read_metadata
 from planners.dtypes import dtype_from_name, safetensors_code
 from planners.errors import CheckpointError, InvalidCheckpointError, PickleNotAllowedError
-from planners.metadata import METADATA_FILE, SHARD_FILE_RE, ChunkRecord, FileRecord, Metadata
+from planners.metadata import FORMAT_NAME, METADATA_FILE, SHARD_FILE_RE, ChunkRecord, FileRecord, Metadata
 from planners.values import decode_value
 from storage.backend import CheckpointStorage, open_storage
 from storage.safetensors_io import SafetensorsHeader, read_header
@@ -263,6 +263,11 @@ def _cross_check(
         problems.append(
             f"file {name}: its header says save {save_id!r} rank {rank!r}, the metadata says save "
             f"{metadata.save_id!r} rank {record.rank}; the file belongs to another save"
+        )
+    elif header.metadata != {"format": FORMAT_NAME, "save_id": save_id, "rank": rank}:
+        problems.append(
+            f"file {name}: its header's __metadata__ holds other entries than format, save_id and rank; "
+            "the header is damaged"
         )
     uses = Counter(ref.chunk.key for ref in refs)
     problems += [
