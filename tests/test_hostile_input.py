@@ -490,7 +490,7 @@ def test_pickled_values_load_only_with_opt_in(ckpt_path_with_pickles):
     with pytest.raises(PickleNotAllowedError) as info:
         ckpt.load(path)
     assert str(info.value) == (
-        f"{path}: key 'rl' holds a pickled value; loading it would run code from the checkpoint. "
+        f"{path}: key 'frac' holds a pickled value; loading it would run code from the checkpoint. "
         "Pass allow_pickle=True to load() only if you trust this checkpoint."
     )
     with pytest.raises(PickleNotAllowedError, match="key 'frac' holds a pickled value"):
