@@ -9,10 +9,11 @@ without a target can rebuild the same nesting.
 
 On save, a container with no tensor anywhere below it is one value leaf
 (stored as typed JSON). A load target is flattened with `for_load=True`:
-dicts are then always walked, so a target asks for single keys of a saved
-dict (`{"metadata": {"epoch": None}}` gets `epoch` alone), while a list or
-tuple with no tensor inside stays one leaf that takes the saved value whole,
-whatever its length, as an optimizer's `param_groups` should.
+non-empty dicts are then always walked, so a target asks for single keys of
+a saved dict (`{"metadata": {"epoch": None}}` gets `epoch` alone), while an
+empty dict, or a list or tuple with no tensor inside, stays one leaf that
+takes the saved value whole, whatever its length, as an optimizer's
+`param_groups` (or a fresh optimizer's empty `state`) should.
 """
 
 from __future__ import annotations
@@ -120,7 +121,9 @@ def _is_walked(obj: Any, path: Path, for_load: bool) -> bool:
         return False
     if not path or contains_tensor(obj):
         return True
-    return for_load and isinstance(obj, Mapping) and all(type(k) in (str, int) for k in obj)
+    # An empty dict asks for no key in particular: it stays one leaf and takes the saved value whole
+    # (a fresh optimizer's empty `state` gets the saved state).
+    return for_load and isinstance(obj, Mapping) and len(obj) > 0 and all(type(k) in (str, int) for k in obj)
 
 
 def _claim(fqn: str, path: Path, paths: dict[str, Path]) -> None:

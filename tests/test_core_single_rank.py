@@ -128,8 +128,8 @@ def test_values_keep_their_types(ckpt, tmp_path):
     assert full["betas"] == (0.9, 0.999) and type(full["betas"]) is tuple
     assert full["groups"][0]["params"] == [0, 1] and full["groups"][0]["nan"] != full["groups"][0]["nan"]
     assert full["int_keys"] == {0: "a", 1: (2, 3)}
-    # None: "load this key", whatever it holds (an empty dict would ask for none of its keys).
-    target = {"w": torch.zeros(2), "step": 0, "betas": None, "int_keys": None}
+    # None means "load this key"; an empty dict asks for no key in particular and takes the saved dict whole.
+    target = {"w": torch.zeros(2), "step": 0, "betas": None, "int_keys": {}}
     out = ckpt.load(str(tmp_path / "c"), state_dict=target)
     assert (
         out is target

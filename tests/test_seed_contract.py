@@ -111,3 +111,34 @@ def test_a_missing_path_is_file_not_found(saved, tmp_path):
         ckpt.load(str(tmp_path / "never-saved"))
     with pytest.raises(FileNotFoundError):
         ckpt.load(str(tmp_path / "never-saved"), {"metadata": {"epoch": None}})
+
+
+def test_an_empty_dict_takes_the_saved_dict_whole(saved):
+    ckpt, path = saved
+    assert ckpt.load(path, {"metadata": {}}) == {"metadata": {"epoch": 10, "step": 2000}}
+    out = ckpt.load(path, {"model": {"layer1": {}}})
+    assert list(out["model"]["layer1"]) == ["weight", "bias"]
+    assert torch.equal(out["model"]["layer1"]["weight"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_a_fresh_optimizer_gets_the_saved_state(saved, tmp_path):
+    """A new optimizer's state dict has an empty `state`: it takes the saved state whole."""
+    ckpt, _ = saved
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optim = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optim.step()
+    result = ckpt.save({"model": model, "optim": optim}, str(tmp_path / "ckpt"))
+    if result is not None:
+        result[1].result(timeout=120)
+
+    fresh_model = torch.nn.Linear(3, 2)
+    fresh = torch.optim.Adam(fresh_model.parameters(), lr=0.5)
+    ckpt.load(str(tmp_path / "ckpt"), {"model": fresh_model, "optim": fresh}, strict=True)
+    want, got = optim.state_dict(), fresh.state_dict()
+    assert got["param_groups"] == want["param_groups"]
+    assert sorted(got["state"]) == sorted(want["state"]) == [0, 1]
+    for i, state in want["state"].items():
+        assert sorted(got["state"][i]) == sorted(state)
+        assert all(torch.equal(got["state"][i][k], v) for k, v in state.items())
