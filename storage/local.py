@@ -115,15 +115,12 @@ class LocalStorage:
                     f"{path}: is a symbolic link; files of a checkpoint must be regular files inside it"
                 ) from None
             raise
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise InvalidCheckpointError(
-                    f"{path}: is not a regular file (a directory, FIFO or device); the checkpoint is damaged"
-                )
-        except BaseException:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             os.close(fd)
-            raise
+            raise InvalidCheckpointError(
+                f"{path}: is not a regular file (a directory, FIFO or device); the checkpoint is damaged"
+            )
         return fd, info.st_size
 
     def read_bytes(self, name: str, *, max_bytes: int | None = None) -> bytes:
