@@ -16,6 +16,7 @@ from typing import Any
 from checkpoint.reader import CheckpointReader
 from checkpoint.types import STATE_DICT
 from checkpoint.writer import CheckpointWriter
+from planners.errors import CheckpointStateError
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class Checkpointer(abc.ABC):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError(f"{type(self).__name__} is closed")
+            raise CheckpointStateError(f"{type(self).__name__} is closed")
 
     @abc.abstractmethod
     def _save(self, state_dict: STATE_DICT, path: str, **kwargs: Any) -> tuple[Future, Future] | None: ...

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from checkpoint.barriers import BarrierConfig
+from checkpoint.load import DEFAULT_MAX_METADATA_BYTES
 from storage.remote import TransferConfig
 
 GiB = 1024**3
@@ -52,13 +53,17 @@ class CheckpointReaderConfig:
     Attributes:
         verify_checksums: check every byte read against its crc32c (a load may pass verify=False).
         io_threads: shard files read at the same time.
+        max_metadata_bytes: a larger metadata file is refused before it is read, so a hostile or
+            damaged one (or one linked to a device) cannot exhaust memory. Real metadata needs a few
+            hundred bytes per chunk: the default fits millions of chunks.
     """
 
     verify_checksums: bool = True
     io_threads: int = 8
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
 
     def __post_init__(self) -> None:
-        _positive(self, io_threads=self.io_threads)
+        _positive(self, io_threads=self.io_threads, max_metadata_bytes=self.max_metadata_bytes)
 
 
 @dataclass(frozen=True, kw_only=True)

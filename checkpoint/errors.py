@@ -3,6 +3,7 @@
 from planners.errors import (
     CheckpointError,
     CheckpointExistsError,
+    CheckpointStateError,
     CheckpointTimeoutError,
     CorruptCheckpointError,
     DistributedCheckpointError,
@@ -21,6 +22,7 @@ from planners.errors import (
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointStateError",
     "CheckpointTimeoutError",
     "CorruptCheckpointError",
     "DistributedCheckpointError",

@@ -51,7 +51,7 @@ from checkpoint.writer_process import (
     WriterResponse,
     writer_main,
 )
-from planners.errors import CheckpointError, CheckpointTimeoutError, WriterProcessError
+from planners.errors import CheckpointError, CheckpointStateError, CheckpointTimeoutError, WriterProcessError
 from storage.backend import open_storage
 from storage.remote import TransferConfig
 
@@ -138,7 +138,7 @@ class CheckpointProcess:
             when the writer process died, or `CheckpointTimeoutError` past `write_timeout_secs`.
         """
         if self._closed:
-            raise RuntimeError("CheckpointProcess is closed")
+            raise CheckpointStateError("CheckpointProcess is closed")
         future: Future[None] = Future()
         future.set_running_or_notify_cancel()  # a save that other ranks take part in cannot be cancelled
 

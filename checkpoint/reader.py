@@ -59,6 +59,7 @@ class CheckpointReader:
             verify=kwargs.get("verify", self._config.verify_checksums),
             strict=kwargs.get("strict", False),
             io_threads=self._config.io_threads,
+            max_metadata_bytes=self._config.max_metadata_bytes,
         )
         storage = open_storage(path, storage_options=self._storage_options, transfer=self._transfer)
         try:

@@ -35,10 +35,10 @@ from typing import Any
 
 import crc32c
 
-from checkpoint.load import read_metadata
+from checkpoint.load import DEFAULT_MAX_METADATA_BYTES, read_metadata
 from planners.dtypes import dtype_from_name, safetensors_code
 from planners.errors import CheckpointError, InvalidCheckpointError, PickleNotAllowedError
-from planners.metadata import METADATA_FILE, SHARD_FILE_RE, ChunkRecord, FileRecord, Metadata
+from planners.metadata import FORMAT_NAME, METADATA_FILE, SHARD_FILE_RE, ChunkRecord, FileRecord, Metadata
 from planners.values import decode_value
 from storage.backend import CheckpointStorage, open_storage
 from storage.safetensors_io import SafetensorsHeader, read_header
@@ -108,7 +108,11 @@ class _ChunkRef:
 
 
 def verify(
-    path: str, *, storage_options: Mapping[str, Any] | None = None, io_threads: int = 4
+    path: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    io_threads: int = 4,
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
 ) -> VerifyReport:
     """Check every file, header, checksum and tensor of the checkpoint at `path`.
 
@@ -116,6 +120,7 @@ def verify(
         path: local path or fsspec URL of the checkpoint directory.
         storage_options: fsspec options for remote paths (endpoint, credentials).
         io_threads: shard files checked at the same time.
+        max_metadata_bytes: a larger metadata file is reported as a problem without being read.
 
     Returns:
         The report; `report.ok` is True when nothing is wrong.
@@ -134,7 +139,7 @@ def verify(
     storage = open_storage(path, storage_options=storage_options)
     try:
         try:
-            metadata = read_metadata(storage)
+            metadata = read_metadata(storage, max_bytes=max_metadata_bytes)
         except InvalidCheckpointError as e:
             return VerifyReport(
                 path=storage.url,
@@ -215,6 +220,8 @@ def _verify_file(
         size = storage.size(name)
     except FileNotFoundError:
         return [f"file {name}: missing (the metadata lists it with {record.nbytes} bytes)"], 0
+    except InvalidCheckpointError as e:  # a link, a directory, a FIFO or a device
+        return [f"file {name}: {e}"], 0
     problems = []
     if size != record.nbytes:
         problems.append(
@@ -236,7 +243,10 @@ def _verify_file(
                 f"lie outside the file of {size} bytes"
             )
             continue
-        problem = _checksum_problem(storage, name, ref, metadata.checksum_block_bytes)
+        try:
+            problem = _checksum_problem(storage, name, ref, metadata.checksum_block_bytes)
+        except InvalidCheckpointError as e:  # truncated or replaced while it was read
+            problem = str(e)
         if problem is not None:
             problems.append(problem)
         checked += ref.chunk.nbytes
@@ -253,6 +263,11 @@ def _cross_check(
         problems.append(
             f"file {name}: its header says save {save_id!r} rank {rank!r}, the metadata says save "
             f"{metadata.save_id!r} rank {record.rank}; the file belongs to another save"
+        )
+    elif header.metadata != {"format": FORMAT_NAME, "save_id": save_id, "rank": rank}:
+        problems.append(
+            f"file {name}: its header's __metadata__ holds other entries than format, save_id and rank; "
+            "the header is damaged"
         )
     uses = Counter(ref.chunk.key for ref in refs)
     problems += [

@@ -20,6 +20,7 @@ from checkpoint.config import CheckpointWriterConfig
 from checkpoint.hooks import WriterHook
 from checkpoint.save import PlanCache, commit_save, plan_save, timed, write_rank_files
 from checkpoint.types import STATE_DICT, RankInfo
+from planners.errors import CheckpointStateError
 from storage.backend import open_storage
 from storage.remote import TransferConfig
 
@@ -54,8 +55,9 @@ def make_exchange(rank_info: RankInfo) -> Exchange:
     if rank_info.global_world_size == 1:
         return SingleRankExchange()
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            f"rank_info says {rank_info.global_world_size} ranks but no process group is initialised"
+        raise CheckpointStateError(
+            f"rank_info says {rank_info.global_world_size} ranks but no process group is initialised; "
+            "call torch.distributed.init_process_group first"
         )
     if "gloo" in str(dist.get_backend()):
         return ProcessGroupExchange()

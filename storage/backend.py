@@ -1,7 +1,7 @@
 """The storage interface and the choice of backend for a path.
 
 A checkpoint path is a plain local path, a `file://` URL, or any fsspec URL (`memory://`, `s3://`,
-`gs://`, `az://`, chained URLs, ...). Local paths get `LocalStorage` (fsync, atomic rename, mmap);
+`gs://`, `az://`, chained URLs, ...). Local paths get `LocalStorage` (fsync, atomic rename, checked reads);
 everything else `FsspecStorage` (multipart streaming on S3, concurrent ranged reads, retries). fsspec
 storage options (endpoint, region, credentials) come from `CheckpointerConfig.storage_options`; they
 are handed to fsspec and to nothing else, and their credential values are scrubbed from any error
@@ -57,8 +57,13 @@ class CheckpointStorage(Protocol):
     def publish(self, name: str, data: bytes) -> None:
         """Write a small file atomically and durably: readers see all of it or none."""
 
-    def read_bytes(self, name: str) -> bytes:
-        """A whole (small) file; `FileNotFoundError` if absent."""
+    def read_bytes(self, name: str, *, max_bytes: int | None = None) -> bytes:
+        """A whole (small) file; `FileNotFoundError` if absent.
+
+        Raises:
+            InvalidCheckpointError: the file holds more than `max_bytes` (checked before it is read),
+                or (local disk) is a symbolic link or not a regular file.
+        """
 
     def read_ranges(self, name: str, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
         """The bytes `[offset, offset + nbytes)` for each `(offset, nbytes)` of `ranges`.

@@ -21,6 +21,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
+from planners.errors import StorageError
 from storage.redact import Redactor
 from storage.retry import RetryPolicy, call_with_retry_async
 
@@ -134,7 +135,7 @@ class PartUpload:
             StorageError: an earlier part failed for good (the upload is then aborted by the caller).
         """
         if self._done:
-            raise ValueError(f"{self._where}: write to an upload that was already committed or aborted")
+            raise StorageError(f"{self._where}: write to an upload that was already committed or aborted")
         view = memoryview(data).cast("B")
         total = len(view)
         while view:
@@ -195,7 +196,7 @@ class PartUpload:
 
     def _check_open(self) -> None:
         if self._done:
-            raise ValueError(f"{self._where}: upload already committed or aborted")
+            raise StorageError(f"{self._where}: upload already committed or aborted")
 
     def _take_buffer(self) -> bytearray:
         body = self._buffer
@@ -212,7 +213,7 @@ class PartUpload:
         if self._upload_id is None:
             self._upload_id = self._run(self._parts.create, "start multipart upload")
         if len(self._pending) + 1 >= MAX_PARTS:
-            raise ValueError(f"{self._where}: more than {MAX_PARTS} parts; raise upload_part_bytes")
+            raise StorageError(f"{self._where}: more than {MAX_PARTS} parts; raise upload_part_bytes")
         self._submit_part(self._take_buffer())
 
     def _submit_part(self, body: bytearray) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NoReturn, TypeVar, cast
 
 from planners.errors import CheckpointError, InvalidCheckpointError, StorageError
+from storage.local import too_large_message
 from storage.multipart import MIN_PART_BYTES, PartUpload, S3Parts
 from storage.redact import Redactor
 from storage.retry import (
@@ -209,8 +210,18 @@ class FsspecStorage:
     def publish(self, name: str, data: bytes) -> None:
         self._call("write", name, self.fs.pipe_file, self._path(name), data)
 
-    def read_bytes(self, name: str) -> bytes:
-        return self._call("read", name, self.fs.cat_file, self._path(name))
+    def read_bytes(self, name: str, *, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            return self._call("read", name, self.fs.cat_file, self._path(name))
+        # The size is checked before the read, and the read asks for one byte past the cap, so an
+        # object that is (or grows) too large never sizes a download.
+        size = self.size(name)
+        if size > max_bytes:
+            raise InvalidCheckpointError(too_large_message(self._where(name), size, max_bytes))
+        data = self._call("read", name, self.fs.cat_file, self._path(name), start=0, end=max_bytes + 1)
+        if len(data) > max_bytes:
+            raise InvalidCheckpointError(too_large_message(self._where(name), len(data), max_bytes))
+        return data
 
     def read_ranges(self, name: str, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
         pieces: list[tuple[int, int]] = []  # (start, end) of each request
