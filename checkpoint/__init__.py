@@ -28,6 +28,7 @@ from checkpoint.config import (
 from checkpoint.errors import *  # noqa: F403
 from checkpoint.errors import __all__ as _errors
 from checkpoint.hooks import WriterHook
+from checkpoint.manager import CheckpointManager, StepRecord
 from checkpoint.process import CheckpointProcess
 from checkpoint.reader import CheckpointReader
 from checkpoint.staging import CheckpointStager, DefaultStager
@@ -38,6 +39,7 @@ from planners.flatten import RankLocal
 
 __all__ = [
     "STATE_DICT",
+    "StepRecord",
     "AsyncCheckpointer",
     "Barrier",
     "BarrierConfig",
@@ -49,6 +51,7 @@ __all__ = [
     "CheckpointStagerConfig",
     "CheckpointWriter",
     "CheckpointWriterConfig",
+    "CheckpointManager",
     "Checkpointer",
     "CheckpointerConfig",
     "DefaultStager",
