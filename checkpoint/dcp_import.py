@@ -79,7 +79,7 @@ def import_dcp(
     trust_pickle: bool = False,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     storage_options: dict[str, Any] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DcpImportResult:
     """Convert the DCP checkpoint in `dcp_dir` into a shardsafe checkpoint at `out`.
 
@@ -90,7 +90,7 @@ def import_dcp(
             non-tensor entries are pickles, and unpickling can run arbitrary code.
         max_file_bytes: the largest shard file written (a bigger tensor gets a file of its own).
         storage_options: fsspec options for `out`.
-        progress: called with the number of bytes after each tensor is written.
+        progress: called as `progress(bytes_just_written, total_bytes)` after each tensor.
 
     Raises:
         PickleNotAllowedError: `trust_pickle` is False (nothing is read).
@@ -113,7 +113,9 @@ def import_dcp(
             )
         target.prepare()
         save_id = secrets.token_hex(6)
-        records, files = _write_tensors(target, layout, entries, save_id, reader, max_file_bytes, progress)
+        total = sum(_nbytes(entries[k]) for k in layout.tensors.values())
+        tick = (lambda n: progress(n, total)) if progress is not None else None
+        records, files = _write_tensors(target, layout, entries, save_id, reader, max_file_bytes, tick)
         metadata = Metadata(
             version=FORMAT_VERSION,
             save_id=save_id,

@@ -110,7 +110,7 @@ def export_hf(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> HfExportResult:
     """Write the tensors of the checkpoint at `path` as a Hugging Face layout in `out`, streaming.
 
@@ -123,7 +123,7 @@ def export_hf(
         max_shard_size: largest output file before splitting, e.g. `"5GB"` (GB = 10**9).
         overwrite: replace an existing Hugging Face layout in `out` (default: refuse).
         storage_options: fsspec options for both paths.
-        progress: called with the number of bytes after each tensor is written.
+        progress: called as `progress(bytes_just_written, total_bytes)` after each tensor.
 
     Returns:
         The files written, the tensor count and bytes, and the keys skipped.
@@ -147,8 +147,10 @@ def export_hf(
         names = _file_names(len(groups))
         _clear_output(target, overwrite=overwrite)
         reader = _ChunkReader(source, metadata, verify=True, io_threads=_READ_THREADS)
+        total = sum(e.nbytes for e in entries)
+        tick = (lambda n: progress(n, total)) if progress is not None else None
         for name, group in zip(names, groups):
-            _write_file(target, name, [entries[i] for i in group], reader, progress)
+            _write_file(target, name, [entries[i] for i in group], reader, tick)
         if len(groups) > 1:
             weight_map = {entries[i].name: name for name, group in zip(names, groups) for i in group}
             index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}

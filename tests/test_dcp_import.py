@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -90,3 +91,22 @@ def test_plain_and_pickled_values_and_an_existing_output(tmp_path):
     assert whole["uuid"] == state["uuid"] and whole["extra"] == state["extra"]
     with pytest.raises(CheckpointExistsError, match="already holds"):
         import_dcp(str(tmp_path / "dcp"), out, trust_pickle=True)
+
+
+def test_cli_import_dcp_needs_trust_pickle(tmp_path):
+    from click.testing import CliRunner
+
+    from checkpoint.cli import main
+
+    dcp.save({"w": torch.arange(4.0), "n": 5}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    args = ["import-dcp", str(tmp_path / "dcp"), str(tmp_path / "out")]
+    refused = CliRunner().invoke(main, args)
+    assert (
+        refused.exit_code == 2 and "--trust-pickle" in refused.output and "arbitrary code" in refused.output
+    )
+    assert not os.path.exists(tmp_path / "out")
+    done = CliRunner().invoke(main, [*args, "--trust-pickle", "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["tensors"] == 1
+    loaded = checkpoint.make_sync_checkpointer().load(str(tmp_path / "out"))
+    assert torch.equal(loaded["w"], torch.arange(4.0)) and loaded["n"] == 5

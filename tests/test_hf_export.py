@@ -161,3 +161,29 @@ def test_export_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
     assert len(tensors) == 16 and torch.equal(
         tensors["layer7"], torch.full((1024, 1024), 7.0, dtype=torch.bfloat16)
     )
+
+
+def test_cli_export_hf_json_output_and_exit_codes(tmp_path):
+    from click.testing import CliRunner
+
+    from checkpoint.cli import main
+
+    state = {"model": {"w": torch.randn(4, 4)}, "step": 3}
+    checkpoint.make_sync_checkpointer().save(state, str(tmp_path / "ckpt"))
+    out = str(tmp_path / "hf")
+    args = ["export-hf", str(tmp_path / "ckpt"), out, "--prefix", "model.", "--dtype", "bfloat16"]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["files"], doc["tensors"], doc["skipped"]) == (["model.safetensors"], 1, ["step"])
+    tensors, _ = _read_all(out)
+    assert torch.equal(tensors["w"], state["model"]["w"].to(torch.bfloat16))
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert CliRunner().invoke(main, [*args, "--overwrite", "-q"]).exit_code == 0
+    bad = CliRunner().invoke(
+        main, ["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "x"), "--prefix", "zz"]
+    )
+    assert bad.exit_code == 2 and "prefix 'zz'" in bad.output
+    missing = CliRunner().invoke(main, ["export-hf", str(tmp_path / "nothing"), str(tmp_path / "y")])
+    assert missing.exit_code == 2 and "no checkpoint" in missing.output
