@@ -25,8 +25,10 @@ from checkpoint.config import (
     CheckpointStagerConfig,
     CheckpointWriterConfig,
 )
+from checkpoint.dcp_import import DcpImportResult, import_dcp
 from checkpoint.errors import *  # noqa: F403
 from checkpoint.errors import __all__ as _errors
+from checkpoint.hf_export import HfExportResult, export_hf
 from checkpoint.hooks import WriterHook
 from checkpoint.manager import CheckpointManager, StepRecord
 from checkpoint.process import CheckpointProcess
@@ -54,14 +56,18 @@ __all__ = [
     "CheckpointManager",
     "Checkpointer",
     "CheckpointerConfig",
+    "DcpImportResult",
     "DefaultStager",
     "DistBarrier",
+    "HfExportResult",
     "RankInfo",
     "RankLocal",
     "SyncCheckpointer",
     "TCPStoreBarrier",
     "VerifyReport",
     "WriterHook",
+    "export_hf",
+    "import_dcp",
     "make_async_checkpointer",
     "make_sync_checkpointer",
     "verify",
