@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 _LOADED, _DAMAGED, _FAILED = 0, 1, 2
 # Errors that mean "this step cannot be loaded", as opposed to a target that does not fit it.
 _DAMAGE = (InvalidCheckpointError, IncompleteCheckpointError)
+_INCOMPLETE = "it has no readable metadata.json (the save was interrupted, or the file is damaged)"
 
 
 class CheckpointManager:
@@ -245,11 +246,10 @@ class CheckpointManager:
         if step is not None:
             return self._load_named(state, step, found, strict)
         complete = [(path, r) for path, r in found if r.complete]
+        self._damaged |= {r.step for _, r in found if not r.complete}  # saving such a step replaces it
         for _, record in found:
             if not record.complete and (not complete or record.step > complete[0][1].step):
-                logger.warning(
-                    "skipping step %d at %s: it was never committed (incomplete)", record.step, record.path
-                )
+                logger.warning("skipping step %d at %s: %s", record.step, record.path, _INCOMPLETE)
         for path, record in reversed(complete):
             if self._try_load(state, path, record, strict):
                 return record.step
@@ -264,7 +264,7 @@ class CheckpointManager:
             raise FileNotFoundError(f"no step {step} under {display_url(self.root)}")
         path, record = match[0]
         if not record.complete:
-            raise IncompleteCheckpointError(f"step {step} at {record.path} was never committed (incomplete)")
+            raise IncompleteCheckpointError(f"step {step} at {record.path}: {_INCOMPLETE}")
         self._try_load(state, path, record, strict, skip_damaged=False)  # raises unless loaded
         return step
 

@@ -54,7 +54,7 @@ class PreemptionNotice:
 
     def agree(self) -> bool:
         """Whether any rank got a signal; collective when distributed (every rank calls it)."""
-        if self._group is None:
+        if self._group is None or not self._previous:  # one rank, or no handler: nothing to agree on
             return self._flag.is_set()
         if max_over_ranks(int(self._flag.is_set()), self._group):
             self._flag.set()  # ranks that got no signal remember the agreement too

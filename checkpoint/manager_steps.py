@@ -109,16 +109,23 @@ def scan_steps(root: str, storage_options: Mapping[str, Any] | None) -> list[tup
         path = join(root, name)
         storage = open_storage(path, storage_options=storage_options)
         try:
-            found.append((path, _record(step, storage)))
+            record = _record(step, storage)
         finally:
             storage.close()
+        if record is not None:
+            found.append((path, record))
     return found
 
 
-def _record(step: int, storage: CheckpointStorage) -> StepRecord:
+def _record(step: int, storage: CheckpointStorage) -> StepRecord | None:
+    """None for an empty directory: object stores with directories (SeaweedFS's filer) may keep an
+    empty prefix after its objects were deleted, and an empty step holds nothing to list or delete."""
     summary = _metadata_summary(storage)
     if summary is None:
-        names = storage.list_names()
+        own = storage.url.rstrip("/").rsplit("/", 1)[-1]
+        names = [n for n in storage.list_names() if n != own]  # some stores list an empty prefix as itself
+        if not names:
+            return None
         nbytes = sum(_size_or_zero(storage, n) for n in names if n.endswith(".safetensors"))
         return StepRecord(
             step=step, path=storage.url, complete=False, nbytes=nbytes, world_size=None, saved_at=None
@@ -187,9 +194,11 @@ def remove_step(path: str, storage_options: Mapping[str, Any] | None) -> None:
     try:
         storage.remove([METADATA_FILE])
         storage.remove(storage.list_names())
-        root = getattr(storage, "root", None)
-        if getattr(storage, "fs", None) is None and root is not None:
-            with contextlib.suppress(OSError):  # something else was put there: leave the directory
+        root, fs = getattr(storage, "root", None), getattr(storage, "fs", None)
+        with contextlib.suppress(OSError):  # something else was put there, or the store has no directories
+            if fs is None and root is not None:
                 os.rmdir(root)
+            elif fs is not None:
+                fs.rm_file(root)  # the directory entry of stores that keep one (SeaweedFS's filer)
     finally:
         storage.close()
