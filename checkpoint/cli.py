@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
-import importlib.util
 import json
 import logging
 import sys
@@ -126,7 +125,7 @@ def _exit_on_errors(out: Output) -> Iterator[None]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="shardsafe", prog_name="shardsafe")
 def main() -> None:
-    """Inspect, verify and compare shardsafe checkpoints and runs.
+    """Inspect, verify, compare and convert shardsafe checkpoints and runs.
 
     Exit status: 0 success; 1 problems found, checkpoints differ or invalid
     metadata; 2 no checkpoint at the path, storage unreachable or bad arguments.
@@ -398,12 +397,8 @@ def human_bytes(n: int) -> str:
 
 
 def _register_interop() -> None:
-    """`export-hf` and `import-dcp` live in their own module (checkpoint.interop_cli)."""
-    # TEMPORARY guard: the interop branch adds checkpoint/interop_cli.py; until both are merged the
-    # command runs without those two subcommands instead of failing to start.
-    if importlib.util.find_spec("checkpoint.interop_cli") is None:
-        return
-    from checkpoint import interop_cli
+    """`export-hf` and `import-dcp` live in their own module, which adds them to `main`."""
+    from checkpoint import interop_cli  # imports this module's helpers lazily, so no import cycle
 
     interop_cli.register(main)
 
