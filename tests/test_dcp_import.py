@@ -42,6 +42,7 @@ def _load_with_shardsafe(rank: int, world_size: int, path: str, expected: dict) 
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_dcp_fsdp2_checkpoint_from_2_ranks_converts_and_loads_on_3(tmp_path):
     dcp_dir, out = str(tmp_path / "dcp"), str(tmp_path / "converted")
     expected = run_ranks(_save_with_dcp, 2, dcp_dir)[0]

@@ -16,6 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import checkpoint
+from checkpoint import CheckpointerConfig
 from planners.errors import InvalidCheckpointError, MismatchError, MissingKeysError
 from tests.multiproc import run_ranks
 
@@ -202,3 +203,24 @@ def test_hostile_header_and_non_regular_file_are_refused(tmp_path):
 def test_empty_directory_is_still_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoint.make_sync_checkpointer().load(str(tmp_path))
+
+
+@pytest.mark.s3
+def test_sharded_layout_on_s3_loads_and_exports_back(tmp_path, s3_endpoint, s3_bucket, s3_fs):
+    expected = _model_state(seed=3)
+    (tmp_path / "hf").mkdir()
+    save_torch_state_dict(expected, str(tmp_path / "hf"), max_shard_size="400KB")
+    s3_fs.put(str(tmp_path / "hf") + "/", f"{s3_bucket}/hf/", recursive=True)
+    ckpt = checkpoint.make_sync_checkpointer(CheckpointerConfig(storage_options=s3_endpoint.storage_options))
+    model = Stack()
+    ckpt.load(f"{s3_bucket}/hf", state_dict=model.state_dict(), strict=True)
+    assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
+    ckpt.save({"model": model.state_dict()}, f"{s3_bucket}/ckpt")
+    checkpoint.export_hf(
+        f"{s3_bucket}/ckpt", f"{s3_bucket}/out", prefix="model.", storage_options=s3_endpoint.storage_options
+    )
+    back = Stack()
+    ckpt.load(
+        f"{s3_bucket}/out", state_dict=back.state_dict(), strict=True
+    )  # the export is a loadable layout
+    assert all(torch.equal(back.state_dict()[k], expected[k]) for k in expected)
