@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from planners.boxes import full_box
 from planners.dtypes import dtype_from_code, dtype_name
-from planners.errors import InvalidCheckpointError
+from planners.errors import IncompleteCheckpointError, InvalidCheckpointError
 from planners.metadata import CHECKSUM_BLOCK_BYTES, ChunkRecord, FileRecord, Metadata, TensorRecord
 from storage.backend import CheckpointStorage
 from storage.local import LocalStorage
@@ -63,7 +63,7 @@ def read_hf_metadata(storage: CheckpointStorage, *, key_map: KeyMap = None) -> M
     Raises:
         InvalidCheckpointError: a malformed index or header, a file name that is not a plain
             name, a non-regular file, or two keys mapped to one name.
-        FileNotFoundError: a shard file named by the index is missing.
+        IncompleteCheckpointError: a shard file named by the index is missing (a FileNotFoundError).
     """
     names = set(storage.list_names())
     if INDEX_FILE in names:
@@ -114,12 +114,12 @@ def _read_index(storage: CheckpointStorage) -> dict[str, str]:
 
 
 def _read_file_header(storage: CheckpointStorage, name: str) -> SafetensorsHeader:
-    _require_regular(storage, name)
     try:
+        _require_regular(storage, name)
         return read_header(storage, name, where=storage.url)
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{storage.url}: shard file {name} named by {INDEX_FILE} is missing"
+        raise IncompleteCheckpointError(
+            f"{storage.url}: shard file {name} named by {INDEX_FILE} is missing; the download is incomplete"
         ) from None
 
 

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 
 import checkpoint
 from checkpoint import CheckpointerConfig
-from planners.errors import InvalidCheckpointError, MismatchError, MissingKeysError
+from planners.errors import IncompleteCheckpointError, InvalidCheckpointError, MismatchError, MissingKeysError
 from tests.multiproc import run_ranks
 
 LAYERS = 4
@@ -184,6 +184,13 @@ def test_hostile_index_is_refused(tmp_path, index, problem):
     os.rename(tmp_path / "model.safetensors", tmp_path / "model-00001-of-00001.safetensors")
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(InvalidCheckpointError, match=problem):
+        checkpoint.make_sync_checkpointer().load(str(tmp_path))
+
+
+def test_a_shard_missing_from_the_index_is_an_incomplete_layout(tmp_path):
+    save_torch_state_dict({"a": torch.ones(300), "b": torch.zeros(300)}, str(tmp_path), max_shard_size="1KB")
+    os.remove(tmp_path / "model-00002-of-00002.safetensors")
+    with pytest.raises(IncompleteCheckpointError, match="model-00002-of-00002.safetensors"):
         checkpoint.make_sync_checkpointer().load(str(tmp_path))
 
 
