@@ -36,6 +36,9 @@ import crc32c
 import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
+
+# FsspecReader is DCP's public reader for fsspec URLs, though the package does not re-export it.
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from checkpoint.hf_export import plan_files
@@ -89,7 +92,7 @@ def import_dcp(
         trust_pickle: confirm that `dcp_dir` comes from a trusted source: DCP's metadata and
             non-tensor entries are pickles, and unpickling can run arbitrary code.
         max_file_bytes: the largest shard file written (a bigger tensor gets a file of its own).
-        storage_options: fsspec options for `out`.
+        storage_options: fsspec options for both paths (where they are URLs).
         progress: called as `progress(bytes_just_written, total_bytes)` after each tensor.
 
     Raises:
@@ -101,7 +104,7 @@ def import_dcp(
         >>> import_dcp("/runs/titan/step-1000", "/ckpt/step-1000", trust_pickle=True)
         DcpImportResult(tensors=..., values=..., total_bytes=..., files=(...))
     """
-    reader = _open_dcp(dcp_dir, trust_pickle=trust_pickle)
+    reader = _open_dcp(dcp_dir, trust_pickle=trust_pickle, storage_options=storage_options)
     dcp_metadata = reader.read_metadata()
     entries = dcp_metadata.state_dict_metadata
     layout = _regroup(entries, dcp_metadata.planner_data)
@@ -164,12 +167,12 @@ def _write_tensors(
     return records, files
 
 
-def _open_dcp(dcp_dir: str, *, trust_pickle: bool) -> Any:
+def _open_dcp(dcp_dir: str, *, trust_pickle: bool, storage_options: dict[str, Any] | None) -> Any:
     """A DCP storage reader whose (pickled) metadata is read once, after the caller trusted it."""
     remote = "://" in dcp_dir and not dcp_dir.startswith("file://")
-    base = dcp.FsspecReader if remote else dcp.FileSystemReader
     path = dcp_dir if remote else dcp_dir.removeprefix("file://")
-    fs, root = fsspec.core.url_to_fs(path)
+    options = dict(storage_options or {}) if remote else {}
+    fs, root = fsspec.core.url_to_fs(path, **options)
     if not fs.exists(f"{root.rstrip('/')}/{DCP_METADATA_FILE}"):
         raise FileNotFoundError(f"no DCP checkpoint at {dcp_dir}: {DCP_METADATA_FILE} not found")
     if not trust_pickle:
@@ -179,15 +182,26 @@ def _open_dcp(dcp_dir: str, *, trust_pickle: bool) -> Any:
             "trust_pickle=True (--trust-pickle on the command line)"
         )
 
-    class _OnceReader(base):  # dcp.load reads the metadata on every call; one tensor per call must not
-        _cached: Any = None
+    return _RemoteReader(path, **options) if remote else _LocalReader(path)
 
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            if self._cached is None:
-                self._cached = super().read_metadata(*args, **kwargs)
-            return self._cached
 
-    return _OnceReader(path)
+class _MetadataOnce:
+    """dcp.load reads (unpickles) the metadata at every call; one call per tensor must not."""
+
+    _cached: Any = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        if self._cached is None:
+            self._cached = super().read_metadata(*args, **kwargs)
+        return self._cached
+
+
+class _LocalReader(_MetadataOnce, dcp.FileSystemReader):
+    pass
+
+
+class _RemoteReader(_MetadataOnce, FsspecReader):  # DCP's reader for fsspec URLs
+    pass
 
 
 def _nbytes(md: TensorStorageMetadata) -> int:

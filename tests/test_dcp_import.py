@@ -111,3 +111,16 @@ def test_cli_import_dcp_needs_trust_pickle(tmp_path):
     assert json.loads(done.stdout)["tensors"] == 1
     loaded = checkpoint.make_sync_checkpointer().load(str(tmp_path / "out"))
     assert torch.equal(loaded["w"], torch.arange(4.0)) and loaded["n"] == 5
+
+
+@pytest.mark.s3
+def test_dcp_directory_on_s3_converts_to_s3(tmp_path, s3_endpoint, s3_bucket, s3_fs):
+    state = {"w": torch.randn(64, 8), "groups": [{"lr": 0.5}]}
+    dcp.save(state, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    s3_fs.put(str(tmp_path / "dcp") + "/", f"{s3_bucket}/dcp/", recursive=True)
+    options = s3_endpoint.storage_options
+    result = import_dcp(f"{s3_bucket}/dcp", f"{s3_bucket}/out", trust_pickle=True, storage_options=options)
+    assert (result.tensors, result.values) == (1, 1)
+    ckpt = checkpoint.make_sync_checkpointer(checkpoint.CheckpointerConfig(storage_options=options))
+    loaded = ckpt.load(f"{s3_bucket}/out")
+    assert torch.equal(loaded["w"], state["w"]) and loaded["groups"] == state["groups"]
