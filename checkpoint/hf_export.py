@@ -45,6 +45,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 _READ_THREADS = 8
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,7 +160,7 @@ def export_hf(
         source.close()
         target.close()
     skipped = sorted(set(metadata.values) | set(metadata.rank_local))
-    logging.getLogger(__name__).info(
+    logger.info(
         "exported %d tensors of %s to %s in %d file(s)", len(entries), source.url, target.url, len(names)
     )
     return HfExportResult(
