@@ -162,7 +162,7 @@ def _compare_tensor(
         r1 = min(rows, r0 + step)
         xa = _read_rows(*a, key, dtype, r0, r1)
         xb = _read_rows(*b, key, dtype, r0, r1)
-        if not torch.equal(xa.view(torch.uint8), xb.view(torch.uint8)):
+        if not torch.equal(xa.reshape(-1).view(torch.uint8), xb.reshape(-1).view(torch.uint8)):
             equal = False
             worst = max(worst, _max_abs_diff(xa, xb), key=lambda x: (math.isnan(x), x))
         if progress is not None:

@@ -247,7 +247,7 @@ class CheckpointManager:
             return self._load_named(state, step, found, strict)
         complete = [(path, r) for path, r in found if r.complete]
         self._damaged |= {r.step for _, r in found if not r.complete}  # saving such a step replaces it
-        for _, record in found:
+        for _, record in found if self._rank == 0 else ():  # one warning per job, not per rank
             if not record.complete and (not complete or record.step > complete[0][1].step):
                 logger.warning("skipping step %d at %s: %s", record.step, record.path, _INCOMPLETE)
         for path, record in reversed(complete):
@@ -304,6 +304,8 @@ class CheckpointManager:
                 f"loading step {record.step} from {record.path} failed on another rank (see its error)"
             )
         self._damaged.add(record.step)
+        if error is None and self._rank != 0:
+            return False  # rank 0 names the step; the rank that failed gives its reason
         reason = f"{type(error).__name__}: {error}" if error is not None else "unreadable on another rank"
         logger.warning("skipping step %d at %s: it cannot be loaded (%s)", record.step, record.path, reason)
         return False

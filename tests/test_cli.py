@@ -182,7 +182,16 @@ def test_diff_reports_each_kind_of_difference(tmp_path: Path) -> None:
     changed[2, 1] += 0.5
     _save(
         tmp_path / "a",
-        {"same": base, "moved": base, "dtype": base, "shape": base, "gone": base, "lr": 0.1, "epoch": 3},
+        {
+            "same": base,
+            "moved": base,
+            "dtype": base,
+            "shape": base,
+            "gone": base,
+            "count": torch.tensor(7.0),
+            "lr": 0.1,
+            "epoch": 3,
+        },
     )
     _save(
         tmp_path / "b",
@@ -192,6 +201,7 @@ def test_diff_reports_each_kind_of_difference(tmp_path: Path) -> None:
             "dtype": base.double(),
             "shape": base.reshape(4, 3),
             "new": base,
+            "count": torch.tensor(8.5),
             "lr": 0.2,
             "epoch": 3,
         },
@@ -206,12 +216,13 @@ def test_diff_reports_each_kind_of_difference(tmp_path: Path) -> None:
         {"key": "shape", "a": "float32[3, 4]", "b": "float32[4, 3]"},
     ]
     assert doc["tensors"] == [
+        {"key": "count", "equal": False, "max_abs_diff": 1.5},  # 0-d tensors too
         {"key": "moved", "equal": False, "max_abs_diff": 0.5},
         {"key": "same", "equal": True, "max_abs_diff": 0.0},
     ]
     assert doc["values"] == [{"key": "epoch", "equal": True}, {"key": "lr", "equal": False}]
     code, out, _ = _run("diff", str(tmp_path / "a"), str(tmp_path / "a"))
-    assert code == 0 and out.splitlines()[-1] == "identical: 5 of 5 common tensors equal"
+    assert code == 0 and out.splitlines()[-1] == "identical: 6 of 6 common tensors equal"
     code, _, err = _run("diff", str(tmp_path / "a"), str(tmp_path / "missing"))
     assert code == 2 and "FileNotFoundError" in err
 
