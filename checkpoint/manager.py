@@ -167,6 +167,7 @@ class CheckpointManager:
     def _start_save(self, step: int, state: STATE_DICT) -> None:
         path = join(self.root, step_dir_name(step))
         start = time.perf_counter()
+        self._pending = None  # a failed previous save is raised by the checkpointer's save() below
         result = self._ckpt.save(state, path, overwrite=step in self._damaged)
         self._newest = step
         if result is None:
@@ -203,8 +204,23 @@ class CheckpointManager:
     # --- retention (rank 0) -----------------------------------------------------------------------
 
     def _purge(self) -> None:
+        """Delete what retention no longer keeps; a failure is logged, never raised.
+
+        Only rank 0 runs this, so an exception here would leave the other ranks waiting in
+        the next collective; a step that could not be deleted is retried at the next purge.
+        """
         if self._rank != 0:
             return
+        try:
+            self._delete_unkept()
+        except Exception as e:
+            logger.warning(
+                "pruning old steps under %s failed (retried after the next save): %s",
+                display_url(self.root),
+                e,
+            )
+
+    def _delete_unkept(self) -> None:
         found = scan_steps(self.root, self._storage_options)
         complete = [r.step for _, r in found if r.complete]
         if not complete:
