@@ -196,3 +196,20 @@ def test_bad_step_raises_type_error(tmp_path: Path, ckpt) -> None:
     with pytest.raises(TypeError, match="step must be an int"):
         mgr.save(-1, _state(0))
     mgr.close()
+
+
+def test_a_failed_deletion_is_logged_not_raised_and_leaves_an_incomplete_step(
+    tmp_path: Path, ckpt, caplog
+) -> None:
+    mgr = CheckpointManager(str(tmp_path), checkpointer=ckpt, keep_last=1)
+    mgr.save(1, _state(1))
+    (tmp_path / "step-000000001" / "stuck").mkdir()  # unlink() of a directory fails
+    (tmp_path / "step-000000001" / "stuck" / "f").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="checkpoint.manager"):
+        assert mgr.save(2, _state(2)) is True
+    assert any("pruning old steps under" in r.getMessage() for r in caplog.records)
+    # the commit marker went first, so the half-deleted step no longer counts as complete
+    assert {r.step: r.complete for r in mgr.steps()} == {1: False, 2: True}
+    target = _state(-1)
+    assert CheckpointManager(str(tmp_path), checkpointer=ckpt).load(target) == 2
+    mgr.close()
