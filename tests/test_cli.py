@@ -7,6 +7,7 @@ script run as real subprocesses.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
 import os
@@ -14,8 +15,14 @@ import shutil
 import subprocess
 import sys
 import tracemalloc
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -274,7 +281,17 @@ def _save_url(url: str, state: dict) -> None:
 # --- the console script -----------------------------------------------------------------------------
 
 
-def test_console_script_is_declared_and_runs(run_root: Path) -> None:
+def test_console_script_is_declared_in_pyproject_and_resolves_to_the_group() -> None:
+    with open(REPO / "pyproject.toml", "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts == {"shardsafe": "checkpoint.cli:main"}
+    module, attr = scripts["shardsafe"].split(":")
+    group = getattr(importlib.import_module(module), attr)
+    assert isinstance(group, click.Group)
+    assert sorted(group.commands) == ["diff", "export-hf", "import-dcp", "inspect", "ls", "verify"]
+
+
+def test_console_script_is_installed_and_runs(run_root: Path) -> None:
     try:
         dist = importlib.metadata.distribution("shardsafe")
     except importlib.metadata.PackageNotFoundError:
