@@ -15,12 +15,12 @@ import shutil
 import subprocess
 import sys
 import tracemalloc
+from pathlib import Path
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
-from pathlib import Path
 
 import click
 import pytest
