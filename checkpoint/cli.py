@@ -39,8 +39,6 @@ from planners.metadata import FORMAT_NAME, METADATA_FILE, Metadata
 from planners.values import decode_value
 from storage.backend import open_storage
 
-logger = logging.getLogger("shardsafe")
-
 
 class Output:
     """Where a command's results, messages and progress go (see the module docstring)."""
@@ -64,8 +62,8 @@ class Output:
             self.err.print(text, markup=False)
 
     def table(self, table: Table) -> None:
-        if table.columns:
-            table.box = None if not self.console.is_terminal else table.box
+        if not self.console.is_terminal:
+            table.box = None  # plain columns for pipes and files
         self.console.print(table)
 
     @contextmanager
