@@ -121,6 +121,7 @@ def _resumed_job(rank: int, world_size: int, root: str) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_job_killed_mid_async_save_resumes_on_three_ranks_bit_exact(tmp_path: Path) -> None:
     root, pids = str(tmp_path / "run"), tmp_path / "pids"
     pids.mkdir()
@@ -185,6 +186,7 @@ def _retention_and_signals(rank: int, world_size: int, root: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_retention_over_25_async_saves_and_sigterm_on_one_rank(tmp_path: Path) -> None:
     results = run_ranks(_retention_and_signals, 2, str(tmp_path), timeout_s=180)
     rank0 = results[0]
