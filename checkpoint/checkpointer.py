@@ -93,6 +93,11 @@ class Checkpointer(abc.ABC):
             path, state_dict, default_map_location=default_map_location, strict=strict, **kwargs
         )
 
+    @property
+    def storage_options(self) -> dict[str, Any] | None:
+        """The fsspec options (endpoint, credentials) this checkpointer opens paths with."""
+        return self._reader.storage_options
+
     def close(self) -> None:
         """Release resources; safe to call more than once."""
         if not self._closed:

@@ -23,6 +23,7 @@ from typing import Any
 import crc32c
 import torch
 
+from checkpoint.hf_source import read_hf_metadata
 from checkpoint.load_values import ABSENT, SavedValues, rank_local_value
 from planners.boxes import coalesce
 from planners.errors import (
@@ -72,6 +73,7 @@ class LoadOptions:
     strict: bool = False
     io_threads: int = 8
     max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
+    key_map: Any = None  # Hugging Face layouts only: see checkpoint.hf_source.read_hf_metadata
 
 
 def read_metadata(storage: CheckpointStorage, *, max_bytes: int = DEFAULT_MAX_METADATA_BYTES) -> Metadata:
@@ -106,8 +108,8 @@ def load_checkpoint(
 ) -> tuple[Any, list[str]]:
     """Load into `target` (or, when None, the whole checkpoint); returns it and the missing keys."""
     start = time.perf_counter()
-    metadata = read_metadata(storage, max_bytes=options.max_metadata_bytes)
-    reader = _ChunkReader(storage, metadata, verify=options.verify, io_threads=options.io_threads)
+    metadata, verify = _read_source(storage, options)
+    reader = _ChunkReader(storage, metadata, verify=verify, io_threads=options.io_threads)
     if target is None:
         result, missing = (
             _load_everything(metadata, reader, rank=rank, world_size=world_size, options=options),
@@ -125,6 +127,26 @@ def load_checkpoint(
         time.perf_counter() - start,
     )
     return result, missing
+
+
+def _read_source(storage: CheckpointStorage, options: LoadOptions) -> tuple[Metadata, bool]:
+    """The checkpoint's metadata, or one synthesised from a Hugging Face layout (nothing to verify)."""
+    try:
+        metadata = read_metadata(storage, max_bytes=options.max_metadata_bytes)
+    except FileNotFoundError as e:
+        hf = (
+            None
+            if isinstance(e, IncompleteCheckpointError)
+            else read_hf_metadata(storage, key_map=options.key_map)
+        )
+        if hf is None:
+            raise
+        return hf, False
+    if options.key_map is not None:
+        raise ValueError(
+            f"key_map applies to Hugging Face layouts only, and {storage.url} is a shardsafe checkpoint"
+        )
+    return metadata, options.verify
 
 
 def _load_into(

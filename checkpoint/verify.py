@@ -28,7 +28,7 @@ import logging
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +113,7 @@ def verify(
     storage_options: Mapping[str, Any] | None = None,
     io_threads: int = 4,
     max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
+    progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Check every file, header, checksum and tensor of the checkpoint at `path`.
 
@@ -121,6 +122,8 @@ def verify(
         storage_options: fsspec options for remote paths (endpoint, credentials).
         io_threads: shard files checked at the same time.
         max_metadata_bytes: a larger metadata file is reported as a problem without being read.
+        progress: called with the number of bytes checksummed after each read (from the checking
+            threads), e.g. to advance a progress bar.
 
     Returns:
         The report; `report.ok` is True when nothing is wrong.
@@ -149,7 +152,7 @@ def verify(
                 bytes_checked=0,
                 problems=(str(e),),
             )
-        report = _verify_committed(storage, metadata, io_threads=io_threads)
+        report = _verify_committed(storage, metadata, io_threads=io_threads, progress=progress)
     finally:
         storage.close()
     logger.info(
@@ -164,12 +167,18 @@ def verify(
     return report
 
 
-def _verify_committed(storage: CheckpointStorage, metadata: Metadata, *, io_threads: int) -> VerifyReport:
+def _verify_committed(
+    storage: CheckpointStorage,
+    metadata: Metadata,
+    *,
+    io_threads: int,
+    progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
     by_file = _chunks_by_file(metadata)
     names = sorted(metadata.files)
 
     def one(name: str) -> tuple[list[str], int]:
-        return _verify_file(storage, metadata, name, metadata.files[name], by_file.get(name, []))
+        return _verify_file(storage, metadata, name, metadata.files[name], by_file.get(name, []), progress)
 
     if io_threads > 1 and len(names) > 1:
         with ThreadPoolExecutor(
@@ -213,7 +222,12 @@ def _chunks_by_file(metadata: Metadata) -> dict[str, list[_ChunkRef]]:
 
 
 def _verify_file(
-    storage: CheckpointStorage, metadata: Metadata, name: str, record: FileRecord, refs: Sequence[_ChunkRef]
+    storage: CheckpointStorage,
+    metadata: Metadata,
+    name: str,
+    record: FileRecord,
+    refs: Sequence[_ChunkRef],
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[str], int]:
     """Problems of one shard file, and the tensor bytes checksummed."""
     try:
@@ -244,7 +258,7 @@ def _verify_file(
             )
             continue
         try:
-            problem = _checksum_problem(storage, name, ref, metadata.checksum_block_bytes)
+            problem = _checksum_problem(storage, name, ref, metadata.checksum_block_bytes, progress)
         except InvalidCheckpointError as e:  # truncated or replaced while it was read
             problem = str(e)
         if problem is not None:
@@ -297,7 +311,13 @@ def _cross_check(
     return problems
 
 
-def _checksum_problem(storage: CheckpointStorage, name: str, ref: _ChunkRef, block: int) -> str | None:
+def _checksum_problem(
+    storage: CheckpointStorage,
+    name: str,
+    ref: _ChunkRef,
+    block: int,
+    progress: Callable[[int], None] | None = None,
+) -> str | None:
     """Recompute every block checksum of one chunk; a description of the bad blocks, if any."""
     chunk = ref.chunk
     step = max(block, READ_BYTES // block * block)
@@ -309,6 +329,8 @@ def _checksum_problem(storage: CheckpointStorage, name: str, ref: _ChunkRef, blo
             index = (start + b) // block
             if crc32c.crc32c(data[b : b + block]) != chunk.checksums[index]:
                 bad.append(index)
+        if progress is not None:
+            progress(n)
     if not bad:
         return None
     first = chunk.offset_bytes + bad[0] * block
