@@ -29,6 +29,7 @@ import logging
 import multiprocessing as mp
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -129,6 +130,7 @@ class CheckpointProcess:
         *,
         path: str,
         timings: dict[str, float] | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> Future[None]:
         """Queue one save: the writer process writes it once `staged.future` is done, then commits.
 
@@ -136,6 +138,7 @@ class CheckpointProcess:
             A future that completes when the save is committed on every rank, or fails with
             the writer's original error (its traceback in `__cause__`), `WriterProcessError`
             when the writer process died, or `CheckpointTimeoutError` past `write_timeout_secs`.
+            `on_end` runs once the save has ended, before the future completes.
         """
         if self._closed:
             raise RuntimeError("CheckpointProcess is closed")
@@ -143,11 +146,20 @@ class CheckpointProcess:
         future.set_running_or_notify_cancel()  # a save that other ranks take part in cannot be cancelled
 
         def run() -> None:
+            error = None
             try:
                 self._write(prepared, staged, path, timings if timings is not None else {})
-                future.set_result(None)
             except Exception as e:
-                future.set_exception(e)
+                error = e
+            if on_end is not None:
+                try:
+                    on_end()
+                except Exception:
+                    logger.warning("cleanup after the save to %s failed", path, exc_info=True)
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
 
         self._executor.submit(run)
         return future

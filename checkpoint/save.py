@@ -3,11 +3,15 @@
 1. `describe_local`: flatten-derived local plan, encoded values (no I/O).
 2. `prepare_save`: the coordinator learns whether every rank's plan digest
    matches the cached global plan; only if not are full local plans gathered
-   and a new global plan scattered. The coordinator also checks the path.
+   and a new global plan scattered. The coordinator also checks the path and
+   writes this save's in-progress marker (`checkpoint.lease`) before any rank
+   writes a shard file.
 3. `write_rank_files`: each rank streams its shard files (any process: the
    trainer for a sync save, the writer process for an async one).
-4. `commit_save`: write results go to the coordinator, which writes the
-   metadata last; every rank learns the outcome, so all raise together.
+4. `commit_save`: write results go to the coordinator, which checks every
+   reported file's stored size, then writes the metadata last (without
+   replacing one unless the save passed overwrite=True); every rank learns
+   the outcome, so all raise together.
 
 Every rank joins every exchange even after a local failure; the failure
 travels in the exchange instead of leaving the others waiting.
@@ -15,6 +19,7 @@ travels in the exchange instead of leaving the others waiting.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import secrets
@@ -26,6 +31,7 @@ from typing import Any
 
 import torch
 
+from checkpoint import lease
 from checkpoint.collectives import COORDINATOR, Exchange
 from planners.boxes import Box, full_box
 from planners.dtypes import dtype_name
@@ -34,6 +40,7 @@ from planners.errors import (
     CheckpointExistsError,
     DistributedCheckpointError,
     InvalidStateDictError,
+    StorageError,
 )
 from planners.flatten import FlatStateDict, flatten_state_dict
 from planners.metadata import (
@@ -88,6 +95,7 @@ class PreparedSave:
     rank_local_values: dict[str, JSON]
     draft: MetadataDraft | None  # coordinator only
     plan_reused: bool = False
+    overwrite: bool = False  # the commit may replace an existing metadata file
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -216,8 +224,12 @@ def prepare_save(
     *,
     overwrite: bool,
     max_file_bytes: int,
+    lease_secs: float = 300.0,
 ) -> PreparedSave:
-    """Agree on the plan for this save (collective: every rank calls it, even after a local error)."""
+    """Agree on the plan for this save (collective: every rank calls it, even after a local error).
+
+    The coordinator claims the save's in-progress marker (`lease_secs`) before the plan reaches any rank.
+    """
     coordinator = exchange.rank == COORDINATOR
     digests = exchange.gather(
         portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint()
@@ -225,7 +237,7 @@ def prepare_save(
     decision = None
     if coordinator:
         assert digests is not None
-        decision = _decide(digests, storage, cache, overwrite=overwrite)
+        decision = _decide(digests, storage, cache, overwrite=overwrite, lease_secs=lease_secs)
     decision = exchange.broadcast(decision)
     if decision.error is not None:
         raise decision.error
@@ -247,6 +259,7 @@ def prepare_save(
         rank_local_values=local.rank_local_values,
         draft=draft,
         plan_reused=decision.reuse,
+        overwrite=overwrite,
     )
 
 
@@ -258,6 +271,7 @@ def plan_save(
     *,
     options: Mapping[str, Any],
     max_file_bytes: int,
+    lease_secs: float = 300.0,
     failure: BaseException | None = None,
 ) -> tuple[LocalSave, PreparedSave]:
     """Steps 1 and 2 for a trainer rank (collective); `failure` replaces this rank's local step.
@@ -274,13 +288,14 @@ def plan_save(
         cache,
         overwrite=options.get("overwrite", False),
         max_file_bytes=max_file_bytes,
+        lease_secs=lease_secs,
     )
     assert isinstance(local, LocalSave)  # prepare_save raised otherwise
     return local, prepared
 
 
 def _decide(
-    digests: list[Any], storage: CheckpointStorage, cache: PlanCache, *, overwrite: bool
+    digests: list[Any], storage: CheckpointStorage, cache: PlanCache, *, overwrite: bool, lease_secs: float
 ) -> _Decision:
     save_id = secrets.token_hex(6)
     failures = {r: d for r, d in enumerate(digests) if isinstance(d, BaseException)}
@@ -292,6 +307,7 @@ def _decide(
             raise CheckpointExistsError(
                 f"a complete checkpoint already exists at {storage.url}; pass overwrite=True to save() to replace it"
             )
+        lease.claim(storage, save_id, lease_secs)
     except Exception as e:
         return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
     return _Decision(save_id=save_id, reuse=cache.digests == digests)
@@ -330,10 +346,17 @@ def write_rank_files(
         def one(fp: FilePlan) -> tuple[str, int, list[WrittenChunk]]:
             name = shard_file_name(prepared.save_id, fp.stem)
             entries = [(item.fqn, tensors[item.fqn]) for item in fp.items]
-            with storage.open_write(name) as f:
-                written, nbytes = write_safetensors(
-                    f, entries, metadata=header, block_bytes=CHECKSUM_BLOCK_BYTES
-                )
+            try:
+                with storage.open_write(name) as f:
+                    written, nbytes = write_safetensors(
+                        f, entries, metadata=header, block_bytes=CHECKSUM_BLOCK_BYTES
+                    )
+                    if f.tell() != nbytes:
+                        raise StorageError(f"{f.tell()} bytes were written but the file needs {nbytes}")
+            except Exception as e:
+                if isinstance(e, StorageError) and name in str(e):
+                    raise
+                raise StorageError(f"{prepared.url}/{name}: {type(e).__name__}: {e}") from e
             chunks = [
                 WrittenChunk(
                     fqn=i.fqn, box=i.box, dtype=i.dtype, rank_local=i.rank_local, file=name, written=w
@@ -361,34 +384,77 @@ def write_rank_files(
 
 
 def commit_save(
-    storage: CheckpointStorage, exchange: Exchange, prepared: PreparedSave, result: RankWriteResult
+    storage: CheckpointStorage | None, exchange: Exchange, prepared: PreparedSave, result: RankWriteResult
 ) -> Metadata | None:
-    """Gather write results; the coordinator writes the metadata last (collective).
+    """Gather write results; the coordinator checks them and writes the metadata last (collective).
+
+    `storage` may be None on a rank whose storage could not be opened (its `result` carries that
+    error); the rank still takes part, so the others fail now instead of at their timeout.
 
     Raises:
+        CheckpointExistsError: on every rank, when the save passed overwrite=False and another save
+            committed at the path first (the metadata is published without replacing).
         DistributedCheckpointError: on every rank, when any rank failed to write or the commit failed.
     """
     results = exchange.gather(result)
-    outcome: dict[int, str] | None = None
+    verdict: tuple[dict[int, str], BaseException | None] | None = None
     metadata = None
     if exchange.rank == COORDINATOR:
         assert results is not None and prepared.draft is not None
-        outcome = {r.rank: r.error for r in results if r.error is not None}
-        if not outcome:
-            try:
-                metadata = build_metadata(prepared, results)
-                storage.publish(METADATA_FILE, metadata.to_json())
-            except Exception as e:
-                logger.exception("committing %s failed", prepared.url)
-                outcome = {COORDINATOR: f"commit failed: {type(e).__name__}: {e}"}
-        if not outcome:
-            _remove_leftovers(storage, metadata)
-    outcome = exchange.broadcast(outcome)
+        metadata, verdict = _commit_on_coordinator(storage, prepared, results)
+    outcome, error = exchange.broadcast(verdict)
+    if error is not None:
+        raise error
     if outcome:
         raise DistributedCheckpointError(
             f"save to {prepared.url} failed; the checkpoint was not committed", outcome
         )
     return metadata
+
+
+def _commit_on_coordinator(
+    storage: CheckpointStorage | None, prepared: PreparedSave, results: list[RankWriteResult]
+) -> tuple[Metadata | None, tuple[dict[int, str], BaseException | None]]:
+    """Check the stored sizes and publish the metadata; returns it and `(failures by rank, error)`."""
+    outcome = {r.rank: r.error for r in results if r.error is not None}
+    if outcome:
+        return None, (outcome, None)
+    assert storage is not None  # a rank without storage reports an error
+    try:
+        check_stored_sizes(storage, results)
+        metadata = build_metadata(prepared, results)
+        storage.publish(METADATA_FILE, metadata.to_json(), overwrite=prepared.overwrite)
+    except FileExistsError:
+        error = CheckpointExistsError(
+            f"another save committed a checkpoint at {storage.url} while this one (save {prepared.save_id}) was "
+            "writing; this save passed overwrite=False, so it was not committed and the other one stays"
+        )
+        return None, ({}, error)
+    except Exception as e:
+        logger.exception("committing %s failed", prepared.url)
+        return None, ({COORDINATOR: f"commit failed: {type(e).__name__}: {e}"}, None)
+    _remove_leftovers(storage, metadata)
+    return metadata, ({}, None)
+
+
+def check_stored_sizes(storage: CheckpointStorage, results: list[RankWriteResult]) -> None:
+    """Every file the ranks reported must be stored with exactly the size they reported.
+
+    Raises:
+        StorageError: a file is missing or its size differs, naming the file, its rank and both sizes.
+    """
+    for r in results:
+        for name, nbytes in r.files.items():
+            try:
+                stored = storage.size(name)
+            except FileNotFoundError:
+                raise StorageError(
+                    f"{storage.url}/{name}: rank {r.rank} reported {nbytes} bytes written but the file is gone"
+                ) from None
+            if stored != nbytes:
+                raise StorageError(
+                    f"{storage.url}/{name}: rank {r.rank} reported {nbytes} bytes written but {stored} are stored"
+                )
 
 
 def build_metadata(prepared: PreparedSave, results: list[RankWriteResult]) -> Metadata:
@@ -440,21 +506,40 @@ def build_metadata(prepared: PreparedSave, results: list[RankWriteResult]) -> Me
     )
 
 
-def _remove_leftovers(storage: CheckpointStorage, metadata: Metadata | None) -> None:
-    """Delete shard files of earlier or crashed saves at this path (only names shardsafe writes)."""
-    if metadata is None:
-        return
-    stale = [
-        n
-        for n in storage.list_names()
-        if (m := SHARD_FILE_RE.fullmatch(n))
-        and m["save_id"] != metadata.save_id
-        or n.startswith(f".{METADATA_FILE}.tmp-")
-    ]
+def _remove_leftovers(storage: CheckpointStorage, metadata: Metadata) -> None:
+    """Delete files of other saves at this path that can no longer commit (only names shardsafe writes).
+
+    Saves with a live in-progress marker keep their files; and if another save has committed since this
+    one (the metadata's save id changed), nothing is deleted: that save's own cleanup runs instead.
+    """
     try:
-        storage.remove(stale)
+        names = storage.list_names()
+        live, stale_markers = lease.live_save_ids(storage, names)
+        keep = live | {metadata.save_id}
+        stale = [
+            n
+            for n in names
+            if (m := SHARD_FILE_RE.fullmatch(n))
+            and m["save_id"] not in keep
+            or n.startswith(f".{METADATA_FILE}.tmp-")
+        ]
+        if not stale and not stale_markers:
+            return
+        if _committed_save_id(storage) != metadata.save_id:
+            logger.info(
+                "another save committed at %s after %s; leaving cleanup to it", storage.url, metadata.save_id
+            )
+            return
+        storage.remove(stale + stale_markers)
     except Exception:  # the new checkpoint is committed; leftovers only cost space
-        logger.warning("could not remove %d stale files at %s", len(stale), storage.url, exc_info=True)
+        logger.warning("could not remove stale files at %s", storage.url, exc_info=True)
+
+
+def _committed_save_id(storage: CheckpointStorage) -> str | None:
+    try:
+        return json.loads(storage.read_bytes(METADATA_FILE)).get("save_id")
+    except Exception:
+        return None
 
 
 def timed(label: str, timings: dict[str, float]):
