@@ -3,8 +3,10 @@
 Several saves may target one path at once (a restarted job, two jobs pointed at one directory). The
 coordinator of every save writes `.inprogress-<save id>.json` before any rank writes a shard file of that
 save, rewrites it every quarter of the lease while the save runs (the heartbeat), and deletes it when the
-save ends, committed or not. The file holds the save id, the writer's wall clock at the last heartbeat and
-the lease length; a marker whose heartbeat is older than its lease belongs to a save that died.
+save ends, committed or not. The file holds the save id, the writer's wall clock at the last heartbeat,
+the lease length, and the host name and pid of the process that renews it. A marker whose heartbeat is
+older than its lease belongs to a save that died; so does one renewed by a process of this host that no
+longer exists (a SIGKILLed coordinator), which lets the next save on that host clean up at once.
 
 After a commit, cleanup deletes only the shard files of save ids that are neither the committed one nor
 covered by a live marker, and re-reads `metadata.json` just before deleting: if another save has
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -46,18 +50,44 @@ class LeaseRecord:
     save_id: str
     heartbeat_unix: float
     lease_secs: float
+    host: str = ""
+    pid: int = 0
 
     def to_json(self) -> bytes:
-        doc = {"save_id": self.save_id, "heartbeat_unix": self.heartbeat_unix, "lease_secs": self.lease_secs}
+        doc = {
+            "save_id": self.save_id,
+            "heartbeat_unix": self.heartbeat_unix,
+            "lease_secs": self.lease_secs,
+            "host": self.host,
+            "pid": self.pid,
+        }
         return json.dumps(doc).encode()
 
     def live(self, now_unix: float) -> bool:
-        return now_unix - self.heartbeat_unix <= self.lease_secs
+        if now_unix - self.heartbeat_unix > self.lease_secs:
+            return False
+        return not (self.host == socket.gethostname() and self.pid > 0 and not _process_exists(self.pid))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def claim(storage: CheckpointStorage, save_id: str, lease_secs: float) -> None:
     """Write (or renew) the marker of `save_id`."""
-    record = LeaseRecord(save_id=save_id, heartbeat_unix=time.time(), lease_secs=lease_secs)
+    record = LeaseRecord(
+        save_id=save_id,
+        heartbeat_unix=time.time(),
+        lease_secs=lease_secs,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+    )
     storage.publish(marker_name(save_id), record.to_json())
 
 
@@ -69,6 +99,8 @@ def _read(storage: CheckpointStorage, name: str) -> LeaseRecord | None:
             save_id=str(doc["save_id"]),
             heartbeat_unix=float(doc["heartbeat_unix"]),
             lease_secs=float(doc["lease_secs"]),
+            host=str(doc.get("host", "")),
+            pid=int(doc.get("pid", 0)),
         )
     except FileNotFoundError:
         return None

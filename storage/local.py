@@ -100,6 +100,9 @@ class _CheckedFile:
     def fileno(self) -> int:
         return self._fd
 
+    def flush(self) -> None:
+        """Nothing to flush: every write goes straight to the kernel (durability comes from `finish`)."""
+
     def write(self, data: Any) -> int:
         n = _write_all(self._fd, data, path=self._path, offset=self.nbytes)
         self.nbytes += n
