@@ -37,10 +37,11 @@ from multiprocessing.reduction import send_handle
 from typing import Any
 
 from checkpoint.barriers import BarrierConfig
+from checkpoint.commit import commit_save
 from checkpoint.commit_store import commit_exchange, connect_commit_store, host_commit_store
 from checkpoint.config import CheckpointProcessConfig, CheckpointWriterConfig
 from checkpoint.hooks import WriterHook
-from checkpoint.save import PreparedSave, RankWriteResult, commit_save
+from checkpoint.save import PreparedSave, RankWriteResult
 from checkpoint.staging import StagedSave
 from checkpoint.types import RankInfo
 from checkpoint.writer import make_exchange

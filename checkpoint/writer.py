@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from checkpoint.barriers import Barrier
 from checkpoint.collectives import Exchange, ProcessGroupExchange, SingleRankExchange
+from checkpoint.commit import commit_save
 from checkpoint.config import CheckpointWriterConfig
 from checkpoint.hooks import WriterHook, run_post_commit
 from checkpoint.lease import LeaseKeeper
@@ -24,7 +25,6 @@ from checkpoint.save import (
     PlanCache,
     PreparedSave,
     RankWriteResult,
-    commit_save,
     plan_save,
     timed,
     write_rank_files,

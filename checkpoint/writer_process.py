@@ -37,13 +37,13 @@ import torch
 
 from checkpoint.barriers import Barrier, BarrierConfig, create_barrier_from_config
 from checkpoint.collectives import Exchange, SingleRankExchange, StoreExchange
+from checkpoint.commit import commit_save
 from checkpoint.commit_store import RecordingStore, commit_exchange, connect_commit_store
 from checkpoint.config import CheckpointWriterConfig
 from checkpoint.hooks import WriterHook, run_post_commit
 from checkpoint.save import (
     PreparedSave,
     RankWriteResult,
-    commit_save,
     portable_error,
     timed,
     write_rank_files,

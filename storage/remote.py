@@ -222,7 +222,14 @@ class FsspecStorage:
         bucket, key, _ = self.fs.split_path(self._path(name))
         try:
             self._call(
-                "write", name, self.fs.call_s3, "put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"
+                "write",
+                name,
+                self.fs.call_s3,
+                "put_object",
+                Bucket=bucket,
+                Key=key,
+                Body=data,
+                IfNoneMatch="*",
             )
         except StorageError as e:
             if error_code(e) == "PreconditionFailed" or http_status(e) == 412:
