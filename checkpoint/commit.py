@@ -169,7 +169,7 @@ def _remove_leftovers(storage: CheckpointStorage, metadata: Metadata) -> None:
     """
     try:
         names = storage.list_names()
-        live, stale_markers = lease.live_save_ids(storage, names)
+        live, stale_markers = lease.live_save_ids(storage, names, own=metadata.save_id)
         keep = live | {metadata.save_id}
         stale = [
             n

@@ -91,6 +91,14 @@ def claim(storage: CheckpointStorage, save_id: str, lease_secs: float) -> None:
     storage.publish(marker_name(save_id), record.to_json())
 
 
+def release_quietly(storage: CheckpointStorage, save_id: str) -> None:
+    """Delete the marker of a save that ended before its keeper started (its plan failed)."""
+    try:
+        storage.remove([marker_name(save_id)])
+    except Exception:  # it goes stale and a later cleanup deletes it
+        logger.warning("could not delete the in-progress marker of save %s", save_id, exc_info=True)
+
+
 def _read(storage: CheckpointStorage, name: str) -> LeaseRecord | None:
     """The marker's record; None when it is gone. An unreadable marker counts as live (never guess)."""
     try:
@@ -109,12 +117,12 @@ def _read(storage: CheckpointStorage, name: str) -> LeaseRecord | None:
         return LeaseRecord(save_id="", heartbeat_unix=time.time(), lease_secs=float("inf"))
 
 
-def live_save_ids(storage: CheckpointStorage, names: list[str]) -> tuple[set[str], list[str]]:
-    """Save ids with a live marker among `names`, and the names of stale markers (safe to delete)."""
+def live_save_ids(storage: CheckpointStorage, names: list[str], *, own: str) -> tuple[set[str], list[str]]:
+    """Save ids other than `own` with a live marker among `names`, and the names of stale markers."""
     now = time.time()
     live, stale = set(), []
     for name in names:
-        if (m := MARKER_RE.fullmatch(name)) is None:
+        if (m := MARKER_RE.fullmatch(name)) is None or m["save_id"] == own:
             continue
         record = _read(storage, name)
         if record is None:

@@ -236,7 +236,12 @@ def prepare_save(
     _raise_failures(exchange.rank, decision.failures, storage.url)
     assert isinstance(local, LocalSave)
     if not decision.reuse:
-        _replan(local, exchange, cache, max_file_bytes=max_file_bytes, url=storage.url)
+        try:
+            _replan(local, exchange, cache, max_file_bytes=max_file_bytes, url=storage.url)
+        except Exception:
+            if coordinator:  # no rank writes anything of this save: its marker goes now
+                lease.release_quietly(storage, decision.save_id)
+            raise
     assert cache.rank_plan is not None
     draft = None
     if coordinator:

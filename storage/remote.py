@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NoReturn, TypeVar, cast
 
+import fsspec.asyn
+
 from planners.errors import CheckpointError, InvalidCheckpointError, StorageError
 from storage.multipart import MIN_PART_BYTES, PartUpload, S3Parts
 from storage.redact import Redactor
@@ -220,17 +222,20 @@ class FsspecStorage:
 
     def _put_if_absent(self, name: str, data: bytes) -> None:
         bucket, key, _ = self.fs.split_path(self._path(name))
-        try:
-            self._call(
-                "write",
-                name,
-                self.fs.call_s3,
+
+        def put() -> Any:  # through `_call_s3` on the file system's loop, as every other request
+            return fsspec.asyn.sync(
+                self.fs.loop,
+                self.fs._call_s3,
                 "put_object",
                 Bucket=bucket,
                 Key=key,
                 Body=data,
                 IfNoneMatch="*",
             )
+
+        try:
+            self._call("write", name, put)
         except StorageError as e:
             if error_code(e) == "PreconditionFailed" or http_status(e) == 412:
                 raise FileExistsError(f"{self._where(name)} already exists (written by another save)") from e

@@ -17,11 +17,13 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import pytest
+import s3fs
 import torch
 import torch.distributed as dist
 from fsspec.implementations.memory import MemoryFileSystem
@@ -38,6 +40,7 @@ from checkpoint import (
 from checkpoint.barriers import BarrierConfig
 from checkpoint.lease import MARKER_RE
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE
+from storage.remote import TransferConfig
 from tests.multiproc import free_port, run_ranks
 
 pytestmark = pytest.mark.timeout(240)
@@ -100,6 +103,45 @@ def test_short_write_from_a_full_disk_fails_the_save_and_keeps_the_previous_chec
     _check(ckpt.load(path), 3)
     assert not [n for n in os.listdir(path) if MARKER_RE.fullmatch(n)]
     ckpt.close()
+
+
+class TruncatingS3FileSystem(s3fs.S3FileSystem):
+    """A real s3fs client behind a faulty proxy: a shard's last 100 bytes never arrive (single PUT or last part)."""
+
+    protocol = "truncs3"
+
+    def __init__(self, *args: Any, tag: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+
+    async def _call_s3(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method in ("upload_part", "put_object") and SHARD_FILE_RE.fullmatch(
+            kwargs["Key"].rsplit("/", 1)[-1]
+        ):
+            kwargs["Body"] = bytes(kwargs["Body"])[:-100]
+        return await super()._call_s3(method, *args, **kwargs)
+
+
+fsspec.register_implementation("truncs3", TruncatingS3FileSystem, clobber=True)
+
+
+@pytest.mark.s3
+def test_s3_upload_whose_stored_size_differs_fails_the_save(s3_endpoint, s3_bucket: str) -> None:
+    numel = (
+        25_000  # one PutObject (a truncated multipart part is refused by SeaweedFS itself: EntityTooSmall)
+    )
+    url = f"{s3_bucket}/ckpt"
+    ckpt = _sync(s3_endpoint.storage_options)
+    ckpt.save(_state(1, numel), url)
+    config = CheckpointerConfig(
+        storage_options={**s3_endpoint.storage_options, "tag": uuid.uuid4().hex},
+        transfer_config=TransferConfig(upload_part_bytes=5 << 20),
+    )
+    faulty = checkpoint.make_sync_checkpointer(config)
+    with pytest.raises(CheckpointError, match=r"shard-.*stored object holds \d+ bytes but \d+ were sent"):
+        faulty.save(_state(2, numel), f"truncs3://{url.removeprefix('s3://')}", overwrite=True)
+    _check(ckpt.load(url), 1, numel)  # the previous checkpoint is untouched
+    ckpt.close()
+    faulty.close()
 
 
 # ---------------------------------------------------------------- concurrent saves
