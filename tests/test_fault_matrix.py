@@ -442,6 +442,7 @@ def test_sigkill_s3_server_mid_save(tmp_path: Path) -> None:
             def pre_commit(self, path: str, **kwargs: Any) -> None:
                 os.killpg(box["server"]._proc.pid, signal.SIGKILL)
                 box["server"]._proc.wait()
+                box["killed"] = True
 
             def post_commit(self, path: str, **kwargs: Any) -> None:
                 pass
@@ -460,7 +461,6 @@ def test_sigkill_s3_server_mid_save(tmp_path: Path) -> None:
         # A client that gives up on a refused connection quickly (s3fs and botocore retry it on their own).
         impatient = {
             **endpoint.storage_options,
-            "retries": 1,
             "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
         }
         error = _expect_failure(
@@ -490,6 +490,7 @@ def test_sigkill_s3_server_mid_save(tmp_path: Path) -> None:
                 "data_lost": not kept,
             }
         )
+        assert box.get("killed"), error  # the save failed because the server died mid-save, not before
         assert kept and next_ok and seconds < FAIL_WITHIN_S
     finally:
         box["server"].stop()
