@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from checkpoint import lease
@@ -92,24 +93,41 @@ def _commit_on_coordinator(
     return metadata, ({}, None)
 
 
+# Stat requests in flight while the coordinator checks sizes (one HeadObject per file on S3).
+SIZE_CHECK_THREADS = 16
+
+
 def check_stored_sizes(storage: CheckpointStorage, results: list[RankWriteResult]) -> None:
     """Every file the ranks reported must be stored with exactly the size they reported.
 
     Raises:
         StorageError: a file is missing or its size differs, naming the file, its rank and both sizes.
     """
-    for r in results:
-        for name, nbytes in r.files.items():
-            try:
-                stored = storage.size(name)
-            except FileNotFoundError:
-                raise StorageError(
-                    f"{storage.url}/{name}: rank {r.rank} reported {nbytes} bytes written but the file is gone"
-                ) from None
-            if stored != nbytes:
-                raise StorageError(
-                    f"{storage.url}/{name}: rank {r.rank} reported {nbytes} bytes written but {stored} are stored"
-                )
+    reported = [(r.rank, name, nbytes) for r in results for name, nbytes in r.files.items()]
+
+    def problem(entry: tuple[int, str, int]) -> str | None:
+        rank, name, nbytes = entry
+        try:
+            stored = storage.size(name)
+        except FileNotFoundError:
+            return f"{storage.url}/{name}: rank {rank} reported {nbytes} bytes written but the file is gone"
+        if stored != nbytes:
+            return (
+                f"{storage.url}/{name}: rank {rank} reported {nbytes} bytes written but {stored} are stored"
+            )
+        return None
+
+    if len(reported) > 1:
+        with ThreadPoolExecutor(
+            min(SIZE_CHECK_THREADS, len(reported)), thread_name_prefix="shardsafe-stat"
+        ) as pool:
+            problems = list(pool.map(problem, reported))
+    else:
+        problems = [problem(e) for e in reported]
+    found = [p for p in problems if p is not None]
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise StorageError(found[0] + more)
 
 
 def build_metadata(prepared: PreparedSave, results: list[RankWriteResult]) -> Metadata:
