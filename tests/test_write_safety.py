@@ -105,6 +105,33 @@ def test_short_write_from_a_full_disk_fails_the_save_and_keeps_the_previous_chec
     ckpt.close()
 
 
+class _TruncateNewShards(WriterHook):
+    """In pre_commit, cuts 100 bytes off this save's shard files (a disk or process corrupting them)."""
+
+    def __init__(self, keep: set[str]) -> None:
+        self.keep = keep
+
+    def pre_commit(self, path: str, **kwargs: Any) -> None:
+        for name in os.listdir(path):
+            if SHARD_FILE_RE.fullmatch(name) and name not in self.keep:
+                os.truncate(os.path.join(path, name), os.path.getsize(os.path.join(path, name)) - 100)
+
+    def post_commit(self, path: str, **kwargs: Any) -> None:
+        pass
+
+
+def test_commit_refuses_a_file_whose_size_changed_after_its_rank_reported_it(tmp_path: Path) -> None:
+    path = str(tmp_path / "ckpt")
+    ckpt = checkpoint.make_sync_checkpointer()
+    ckpt.save(_state(1), path)
+    faulty = checkpoint.make_sync_checkpointer(commit_hook=_TruncateNewShards(set(os.listdir(path))))
+    with pytest.raises(CheckpointError, match=r"shard-.*reported 100\d+ bytes written but 100\d+ are stored"):
+        faulty.save(_state(2), path, overwrite=True)
+    _check(ckpt.load(path), 1)
+    ckpt.close()
+    faulty.close()
+
+
 class TruncatingS3FileSystem(s3fs.S3FileSystem):
     """A real s3fs client behind a faulty proxy: a shard's last 100 bytes never arrive (single PUT or last part)."""
 
