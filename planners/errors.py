@@ -82,6 +82,13 @@ class CheckpointStateError(CheckpointError, RuntimeError):
     initialised although the rank info names several ranks."""
 
 
+class PostCommitHookError(CheckpointError, RuntimeError):
+    """A `post_commit` hook raised after the checkpoint was committed: the checkpoint IS complete and loadable.
+
+    The hook's own exception is the `__cause__`; retrying the save is not needed.
+    """
+
+
 class StorageError(CheckpointError, OSError):
     """The storage backend refused a request (no such bucket, access denied) or kept failing it through every retry."""
 

@@ -51,11 +51,20 @@ class CheckpointStorage(Protocol):
     def open_write(self, name: str) -> AbstractContextManager[BinaryIO]:
         """A stream for one shard file; the file exists, whole and durable, once the context exits cleanly.
 
+        Every `write()` stores all its bytes or raises, and on exit the size that landed (fstat after the
+        sync, or the stored object's size) is compared with the bytes written: a mismatch raises
+        `StorageError` naming the file and both sizes.
+
         When the body of the `with` raises, nothing is left under `name` (best effort).
         """
 
-    def publish(self, name: str, data: bytes) -> None:
-        """Write a small file atomically and durably: readers see all of it or none."""
+    def publish(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
+        """Write a small file atomically and durably: readers see all of it or none.
+
+        With `overwrite=False` the write must not replace an existing file: it raises
+        `FileExistsError` instead, atomically where the backend can (local: `link()`; S3: a
+        conditional `If-None-Match: *` PUT) and by a check just before the write elsewhere.
+        """
 
     def read_bytes(self, name: str, *, max_bytes: int | None = None) -> bytes:
         """A whole (small) file; `FileNotFoundError` if absent.
