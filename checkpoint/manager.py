@@ -35,6 +35,7 @@ from checkpoint.manager_signals import PreemptionNotice, agreement_group, max_ov
 from checkpoint.manager_steps import StepRecord, join, remove_step, scan_steps, step_dir_name
 from checkpoint.types import STATE_DICT, RankInfo
 from planners.errors import (
+    CheckpointStateError,
     DistributedCheckpointError,
     IncompleteCheckpointError,
     InvalidCheckpointError,
@@ -346,7 +347,7 @@ class CheckpointManager:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("CheckpointManager is closed")
+            raise CheckpointStateError("CheckpointManager is closed")
 
     def _step_url(self, step: int) -> str:
         return display_url(join(self.root, step_dir_name(step)))

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, NoReturn, TypeVar, cast
 
 import fsspec.asyn
 
-from planners.errors import CheckpointError, InvalidCheckpointError, StorageError
+from planners.errors import CheckpointError, CheckpointExistsError, InvalidCheckpointError, StorageError
 from storage.local import too_large_message
 from storage.multipart import MIN_PART_BYTES, PartUpload, S3Parts
 from storage.redact import Redactor
@@ -215,7 +215,7 @@ class FsspecStorage:
             # conditional PUT also closes the window between the check and the write (SeaweedFS, AWS and
             # most S3 stores honour If-None-Match: *; one that ignores it leaves only that window).
             if self.exists(name):
-                raise FileExistsError(f"{self._where(name)} already exists")
+                raise CheckpointExistsError(f"{self._where(name)} already exists")
             if self._s3:
                 self._put_if_absent(name, data)
                 return
@@ -239,7 +239,9 @@ class FsspecStorage:
             self._call("write", name, put)
         except StorageError as e:
             if error_code(e) == "PreconditionFailed" or http_status(e) == 412:
-                raise FileExistsError(f"{self._where(name)} already exists (written by another save)") from e
+                raise CheckpointExistsError(
+                    f"{self._where(name)} already exists (written by another save)"
+                ) from e
             raise
         self.fs.invalidate_cache(self._path(name))
 
