@@ -25,10 +25,13 @@ from checkpoint.config import (
     CheckpointStagerConfig,
     CheckpointWriterConfig,
 )
+from checkpoint.dcp_import import DcpImportResult, import_dcp
 from checkpoint.errors import *  # noqa: F403
 from checkpoint.errors import __all__ as _errors
 from checkpoint.flatten import RankLocal
+from checkpoint.hf_export import HfExportResult, export_hf
 from checkpoint.hooks import WriterHook
+from checkpoint.manager import CheckpointManager, StepRecord
 from checkpoint.process import CheckpointProcess
 from checkpoint.reader import CheckpointReader
 from checkpoint.staging import CheckpointStager, DefaultStager
@@ -38,6 +41,7 @@ from checkpoint.writer import CheckpointWriter
 
 __all__ = [
     "STATE_DICT",
+    "StepRecord",
     "AsyncCheckpointer",
     "Barrier",
     "BarrierConfig",
@@ -49,16 +53,21 @@ __all__ = [
     "CheckpointStagerConfig",
     "CheckpointWriter",
     "CheckpointWriterConfig",
+    "CheckpointManager",
     "Checkpointer",
     "CheckpointerConfig",
+    "DcpImportResult",
     "DefaultStager",
     "DistBarrier",
+    "HfExportResult",
     "RankInfo",
     "RankLocal",
     "SyncCheckpointer",
     "TCPStoreBarrier",
     "VerifyReport",
     "WriterHook",
+    "export_hf",
+    "import_dcp",
     "make_async_checkpointer",
     "make_sync_checkpointer",
     "verify",

@@ -24,9 +24,10 @@ from concurrent.futures import Future
 from typing import Any
 
 from checkpoint.checkpointer import Checkpointer
+from checkpoint.lease import LeaseKeeper
 from checkpoint.process import CheckpointProcess
 from checkpoint.reader import CheckpointReader
-from checkpoint.save import PlanCache, plan_save
+from checkpoint.save import LocalSave, PlanCache, PreparedSave, plan_save
 from checkpoint.staging import CheckpointStager, StagedSave, staging_layout
 from checkpoint.types import STATE_DICT
 from checkpoint.writer import SAVE_OPTIONS, check_options
@@ -100,11 +101,31 @@ class AsyncCheckpointer(Checkpointer):
                 self._cache,
                 options=kwargs,
                 max_file_bytes=self._writer_config.max_file_bytes,
+                lease_secs=self._writer_config.save_lease_secs,
                 failure=previous,
             )
         finally:
             storage.close()
+        keeper = self._keep_lease(path, prepared)
         timings["plan"] = time.perf_counter() - start
+        try:
+            staged_future, self._write_future = self._stage_and_queue(local, prepared, path, timings, keeper)
+        except Exception:
+            if keeper is not None:  # the save never reached its writer: nothing else ends the lease
+                keeper.release()
+            raise
+        self._write_path = path
+        return staged_future, self._write_future
+
+    def _stage_and_queue(
+        self,
+        local: LocalSave,
+        prepared: PreparedSave,
+        path: str,
+        timings: dict[str, float],
+        keeper: LeaseKeeper | None,
+    ) -> tuple[Future[None], Future[None]]:
+        """Stage this rank's chunks and queue the write; the keeper's lease ends with the write."""
         layout = staging_layout(prepared.files, local.tensors)
         if not self._stager.fits(layout):
             self._process.release_buffer()  # the writer unmaps the old buffer before a new one exists
@@ -117,9 +138,19 @@ class AsyncCheckpointer(Checkpointer):
         staged.future.add_done_callback(
             lambda _: timings.__setitem__("stage", time.perf_counter() - stage_start)
         )
-        self._write_future = self._process.write(prepared, staged, path=path, timings=timings)
-        self._write_path = path
-        return staged.future, self._write_future
+        write_future = self._process.write(
+            prepared, staged, path=path, timings=timings, on_end=keeper.release if keeper else None
+        )
+        return staged.future, write_future
+
+    def _keep_lease(self, path: str, prepared: PreparedSave) -> LeaseKeeper | None:
+        """The coordinator's trainer renews the save's in-progress marker until its write future ends."""
+        if prepared.draft is None:  # not the coordinator
+            return None
+        own = open_storage(
+            path, storage_options=self._process.storage_options, transfer=self._process.transfer
+        )
+        return LeaseKeeper(own, prepared.save_id, lease_secs=self._writer_config.save_lease_secs)
 
     def _previous_failure(self, path: str) -> BaseException | None:
         """Wait for the previous save; its failure (reported once) becomes this save's."""

@@ -49,8 +49,13 @@ class Barrier(abc.ABC):
     barrier_type: str = ""
 
     @abc.abstractmethod
-    def execute_barrier(self) -> None:
-        """Wait for every rank."""
+    def execute_barrier(self, key: str | None = None) -> None:
+        """Wait for every rank.
+
+        Args:
+            key: names this use of the barrier the same on every rank (the save id), so a
+                process that restarted meets the others at the right generation.
+        """
 
 
 @register_barrier
@@ -62,7 +67,7 @@ class DistBarrier(Barrier):
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
 
-    def execute_barrier(self) -> None:
+    def execute_barrier(self, key: str | None = None) -> None:
         dist.barrier(group=self.group)
 
 
@@ -70,8 +75,12 @@ class DistBarrier(Barrier):
 class TCPStoreBarrier(Barrier):
     """A barrier through a TCPStore, with its own timeout, outside the training collectives.
 
-    Each call uses a fresh generation of keys, so the same barrier can be
-    executed any number of times.
+    Rank 0 hosts the store at `host:port`; the others connect to it. Each use
+    is keyed by the save it follows (`key`, the save id, which every rank
+    knows), never by a count kept in the process: a writer process that
+    restarted (and so forgot its count) meets the others at the right keys.
+    When rank 0's process restarts it hosts a new store on the same port, and
+    a client whose connection broke reconnects once before giving up.
     """
 
     barrier_type = "tcp_store"
@@ -90,22 +99,45 @@ class TCPStoreBarrier(Barrier):
         self.world_size = world_size
         self.timeout = timedelta(seconds=timeout_secs)
         self.prefix = prefix
-        self.store = dist.TCPStore(
-            host, port, world_size, is_master=rank == 0, timeout=self.timeout, wait_for_workers=False
-        )
-        self._generation = 0
+        self._address = (host, port)
+        self.store = self._connect()
+        self._uses = 0  # only for calls without a key (a process that never restarts)
 
-    def execute_barrier(self) -> None:
-        self._generation += 1
-        key = f"{self.prefix}/{self._generation}"
-        self.store.add(key, 1)
-        done = f"{key}/done"
-        if self.store.add(key, 0) >= self.world_size:
+    def _connect(self) -> dist.TCPStore:
+        host, port = self._address
+        return dist.TCPStore(
+            host,
+            port,
+            self.world_size,
+            is_master=self.rank == 0,
+            timeout=self.timeout,
+            wait_for_workers=False,
+        )
+
+    def execute_barrier(self, key: str | None = None) -> None:
+        if key is None:
+            self._uses += 1
+            key = f"call-{self._uses}"
+        name = f"{self.prefix}/{key}"
+        try:
+            self._arrive(name)
+        except CheckpointTimeoutError:
+            raise
+        except Exception:  # the store's host restarted: connect to the new one and arrive there
+            if self.rank == 0:
+                raise
+            self.store = self._connect()
+            self._arrive(name)
+
+    def _arrive(self, name: str) -> None:
+        done = f"{name}/done"
+        if self.store.add(name, 1) >= self.world_size:
             self.store.set(done, b"1")
         try:
             self.store.wait([done], self.timeout)
         except Exception as e:
-            arrived = self.store.add(key, 0)
+            arrived = self.store.add(name, 0)
             raise CheckpointTimeoutError(
-                f"barrier {key}: only {arrived} of {self.world_size} ranks arrived within {self.timeout.total_seconds():.0f}s"
+                f"barrier {name}: only {arrived} of {self.world_size} ranks arrived within "
+                f"{self.timeout.total_seconds():.0f}s"
             ) from e

@@ -16,6 +16,7 @@ from typing import Any
 from checkpoint.reader import CheckpointReader
 from checkpoint.types import STATE_DICT
 from checkpoint.writer import CheckpointWriter
+from planners.errors import CheckpointStateError
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,11 @@ class Checkpointer(abc.ABC):
             path, state_dict, default_map_location=default_map_location, strict=strict, **kwargs
         )
 
+    @property
+    def storage_options(self) -> dict[str, Any] | None:
+        """The fsspec options (endpoint, credentials) this checkpointer opens paths with."""
+        return self._reader.storage_options
+
     def close(self) -> None:
         """Release resources; safe to call more than once."""
         if not self._closed:
@@ -106,7 +112,7 @@ class Checkpointer(abc.ABC):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError(f"{type(self).__name__} is closed")
+            raise CheckpointStateError(f"{type(self).__name__} is closed")
 
     @abc.abstractmethod
     def _save(self, state_dict: STATE_DICT, path: str, **kwargs: Any) -> tuple[Future, Future] | None: ...

@@ -13,9 +13,12 @@ and the error names the rank that is gone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -162,12 +165,22 @@ def _job_store(group: dist.ProcessGroup | None) -> tuple[dist.Store | None, str]
     return store, f"shardsafe/exchange/{name}"
 
 
+# Heartbeats of a rank in a store exchange: at most this far apart, and at least 4 per timeout.
+MAX_HEARTBEAT_INTERVAL_S = 5.0
+
+
 class StoreExchange:
-    """Object exchange through a `torch.distributed.Store`, with a timeout on every wait.
+    """Object exchange through a `torch.distributed.Store`, timing out on lack of progress.
 
     Keys are namespaced by `prefix` (one per save) and a call counter, so two
     saves never read each other's entries. Payloads are pickled: they only
     travel between this job's own processes, never through a checkpoint.
+
+    A rank inside `heartbeat()` bumps its counter in the store every few
+    seconds. A wait ends in `CheckpointTimeoutError` only when the ranks it
+    waits for have sent no heartbeat for `timeout_s`, so a rank that writes
+    for an hour longer than the others does not fail a healthy save, while a
+    rank that died or hangs without a heartbeat fails it after `timeout_s`.
     """
 
     def __init__(
@@ -178,20 +191,71 @@ class StoreExchange:
         self.world_size = world_size
         self.prefix = prefix
         self.timeout = timedelta(seconds=timeout_s)
+        self.interval_s = min(MAX_HEARTBEAT_INTERVAL_S, timeout_s / 4)
         self._calls = 0
 
     def _key(self, op: str, rank: int | str) -> str:
         return f"{self.prefix}/{self._calls}/{op}/{rank}"
 
-    def _wait(self, keys: list[str], what: str) -> None:
+    def _alive_key(self, rank: int) -> str:
+        return f"{self.prefix}/alive/{rank}"
+
+    @contextlib.contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """Send heartbeats from a daemon thread while the body runs (this rank's write and commit)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.interval_s):
+                try:
+                    self.store.add(self._alive_key(self.rank), 1)
+                except Exception:  # the store is gone: the waits report it
+                    logger.debug("heartbeat to the commit store failed", exc_info=True)
+                    return
+
+        self.store.add(self._alive_key(self.rank), 1)
+        thread = threading.Thread(target=beat, name=f"shardsafe-heartbeat-r{self.rank}", daemon=True)
+        thread.start()
         try:
-            self.store.wait(keys, self.timeout)
-        except Exception as e:  # the store raises a bare RuntimeError/DistStoreError on timeout
-            missing = [k.rsplit("/", 1)[-1] for k in keys if not self.store.check([k])]
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _beats(self, ranks: list[int], what: str) -> list[int]:
+        try:
+            return [int(self.store.add(self._alive_key(r), 0)) for r in ranks]
+        except Exception as e:
             raise CheckpointTimeoutError(
-                f"{what}: timed out after {self.timeout.total_seconds():.0f}s waiting for rank(s) {', '.join(missing)} "
-                f"(a rank or its writer process died or is stuck): {e}"
+                f"{what}: the commit store stopped answering ({type(e).__name__}: {e}); it lives in rank 0's "
+                "trainer, which most likely died"
             ) from e
+
+    def _wait(self, keys: list[str], what: str) -> None:
+        """Wait for `keys`; the deadline moves on whenever a rank that owes one of them sends a heartbeat."""
+        last: list[int] | None = None
+        idle_since = time.monotonic()
+        while True:
+            try:
+                self.store.wait(keys, timedelta(seconds=self.interval_s))
+                return
+            except Exception as e:  # the store raises a bare RuntimeError/DistStoreError on timeout
+                error = e
+            missing = [k for k in keys if not self.store.check([k])]
+            if not missing:
+                return
+            owing = [
+                int(k.rsplit("/", 1)[-1]) if k.rsplit("/", 1)[-1].isdigit() else COORDINATOR for k in missing
+            ]
+            beats = self._beats(owing if self.rank == COORDINATOR else [COORDINATOR], what)
+            if beats != last:
+                last, idle_since = beats, time.monotonic()
+            elif time.monotonic() - idle_since >= self.timeout.total_seconds():
+                ranks = ", ".join(k.rsplit("/", 1)[-1] for k in missing)
+                raise CheckpointTimeoutError(
+                    f"{what}: no progress for {self.timeout.total_seconds():.0f}s waiting for rank(s) {ranks} "
+                    f"(no heartbeat: a rank or its writer process died or is stuck): {error}"
+                ) from error
 
     def gather(self, obj: Any) -> list[Any] | None:
         self._calls += 1

@@ -78,10 +78,17 @@ class RecordingStore:
     def __init__(self, store: dist.Store) -> None:
         self.store = store
         self.keys: list[str] = []
+        self._counted: set[str] = set()
 
     def set(self, key: str, value: bytes) -> None:
         self.keys.append(key)
         self.store.set(key, value)
+
+    def add(self, key: str, amount: int) -> int:
+        if amount and key not in self._counted:  # a counter this process bumps (a heartbeat)
+            self._counted.add(key)
+            self.keys.append(key)
+        return self.store.add(key, amount)
 
     def get(self, key: str) -> bytes:
         return self.store.get(key)
@@ -97,3 +104,4 @@ class RecordingStore:
         for key in self.keys:
             self.store.delete_key(key)
         self.keys.clear()
+        self._counted.clear()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from checkpoint.barriers import BarrierConfig
+from checkpoint.load import DEFAULT_MAX_METADATA_BYTES
 from storage.remote import TransferConfig
 
 GiB = 1024**3
@@ -26,15 +27,21 @@ class CheckpointWriterConfig:
     """How shard files are written.
 
     Attributes:
-        write_barrier_timeout_secs: longest wait for the other ranks during a save's exchanges.
+        write_barrier_timeout_secs: longest wait without progress for the other ranks during a save's
+            exchanges: the async commit waits as long as the ranks still writing keep sending
+            heartbeats, and fails once none has come for this long.
         max_file_bytes: a rank's chunks are split into shard files of at most this size (a
             larger single chunk gets a file of its own), so uploads and downloads parallelise.
         io_threads: shard files a rank writes at the same time.
+        save_lease_secs: a save's in-progress marker counts as live for this long after its last
+            heartbeat (renewed every quarter of it); cleanup after another save's commit never deletes
+            the files of a save with a live marker.
     """
 
     write_barrier_timeout_secs: float = 600.0
     max_file_bytes: int = 2 * GiB
     io_threads: int = 4
+    save_lease_secs: float = 300.0
 
     def __post_init__(self) -> None:
         _positive(
@@ -42,6 +49,7 @@ class CheckpointWriterConfig:
             write_barrier_timeout_secs=self.write_barrier_timeout_secs,
             max_file_bytes=self.max_file_bytes,
             io_threads=self.io_threads,
+            save_lease_secs=self.save_lease_secs,
         )
 
 
@@ -52,13 +60,17 @@ class CheckpointReaderConfig:
     Attributes:
         verify_checksums: check every byte read against its crc32c (a load may pass verify=False).
         io_threads: shard files read at the same time.
+        max_metadata_bytes: a larger metadata file is refused before it is read, so a hostile or
+            damaged one (or one linked to a device) cannot exhaust memory. Real metadata needs a few
+            hundred bytes per chunk: the default fits millions of chunks.
     """
 
     verify_checksums: bool = True
     io_threads: int = 8
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
 
     def __post_init__(self) -> None:
-        _positive(self, io_threads=self.io_threads)
+        _positive(self, io_threads=self.io_threads, max_metadata_bytes=self.max_metadata_bytes)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,6 +3,7 @@
 from planners.errors import (
     CheckpointError,
     CheckpointExistsError,
+    CheckpointStateError,
     CheckpointTimeoutError,
     CorruptCheckpointError,
     DistributedCheckpointError,
@@ -13,6 +14,7 @@ from planners.errors import (
     MissingKeysError,
     PickleNotAllowedError,
     PlanCoverageError,
+    PostCommitHookError,
     RankLocalError,
     StorageError,
     WriterProcessError,
@@ -21,6 +23,7 @@ from planners.errors import (
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointStateError",
     "CheckpointTimeoutError",
     "CorruptCheckpointError",
     "DistributedCheckpointError",
@@ -31,6 +34,7 @@ __all__ = [
     "MissingKeysError",
     "PickleNotAllowedError",
     "PlanCoverageError",
+    "PostCommitHookError",
     "RankLocalError",
     "StorageError",
     "WriterProcessError",

@@ -7,9 +7,13 @@ wrappers). Flattening gives every leaf a fully qualified name (FQN: the path
 joined with dots) and records the nesting as a small JSON tree, so a load
 without a target can rebuild the same nesting.
 
-A container with no tensor anywhere below it is one value leaf (stored as
-typed JSON): on load it replaces the target's value whole, whatever its
-length, as an optimizer's `param_groups` should.
+On save, a container with no tensor anywhere below it is one value leaf
+(stored as typed JSON). A load target is flattened with `for_load=True`:
+non-empty dicts are then always walked, so a target asks for single keys of
+a saved dict (`{"metadata": {"epoch": None}}` gets `epoch` alone), while an
+empty dict, or a list or tuple with no tensor inside, stays one leaf that
+takes the saved value whole, whatever its length, as an optimizer's
+`param_groups` (or a fresh optimizer's empty `state`) should.
 """
 
 from __future__ import annotations
@@ -73,6 +77,10 @@ class FlatStateDict:
     structure: JSON
     # Stateful objects met on the way, by path, with the dict their state_dict() gave.
     stateful: dict[Path, tuple[Any, Any]] = field(default_factory=dict)
+    # The path of each value leaf (a key with dots in it has no other unambiguous spelling).
+    value_paths: dict[str, Path] = field(default_factory=dict)
+    # Flattened as a load target: every dict walked (see the module docstring).
+    for_load: bool = False
 
 
 def is_stateful(obj: Any) -> bool:
@@ -87,9 +95,14 @@ def fqn_of(path: Path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def flatten_state_dict(state_dict: Any) -> FlatStateDict:
-    """Flatten `state_dict` (calls `state_dict()` on stateful objects)."""
-    flat = FlatStateDict(tensors={}, values={}, rank_local={}, structure=None)
+def flatten_state_dict(state_dict: Any, *, for_load: bool = False) -> FlatStateDict:
+    """Flatten `state_dict` (calls `state_dict()` on stateful objects).
+
+    Args:
+        state_dict: what to save, or the target of a load.
+        for_load: flatten a load target: walk every dict, even one without tensors.
+    """
+    flat = FlatStateDict(tensors={}, values={}, rank_local={}, structure=None, for_load=for_load)
     paths: dict[str, Path] = {}
     structure = _walk(state_dict, (), flat, paths)
     return FlatStateDict(
@@ -98,7 +111,20 @@ def flatten_state_dict(state_dict: Any) -> FlatStateDict:
         rank_local=flat.rank_local,
         structure=structure,
         stateful=flat.stateful,
+        value_paths=flat.value_paths,
+        for_load=for_load,
     )
+
+
+def _is_walked(obj: Any, path: Path, for_load: bool) -> bool:
+    """Whether a container is walked into, rather than being one value leaf."""
+    if not isinstance(obj, (Mapping, list, tuple)):
+        return False
+    if not path or contains_tensor(obj):
+        return True
+    # An empty dict asks for no key in particular: it stays one leaf and takes the saved value whole
+    # (a fresh optimizer's empty `state` gets the saved state).
+    return for_load and isinstance(obj, Mapping) and len(obj) > 0 and all(type(k) in (str, int) for k in obj)
 
 
 def _claim(fqn: str, path: Path, paths: dict[str, Path]) -> None:
@@ -127,7 +153,7 @@ def _walk(obj: Any, path: Path, flat: FlatStateDict, paths: dict[str, Path]) -> 
             )
         flat.stateful[path] = (obj, sd)
         return _walk_container(sd, path, flat, paths)
-    if isinstance(obj, (Mapping, list, tuple)) and (not path or contains_tensor(obj)):
+    if _is_walked(obj, path, flat.for_load):
         return _walk_container(obj, path, flat, paths)
     if not path:
         raise InvalidStateDictError(
@@ -135,6 +161,7 @@ def _walk(obj: Any, path: Path, flat: FlatStateDict, paths: dict[str, Path]) -> 
         )
     _claim(fqn, path, paths)
     flat.values[fqn] = obj
+    flat.value_paths[fqn] = path
     return {"value": fqn}
 
 
@@ -212,7 +239,7 @@ def _fill(obj: Any, path: Path, flat: FlatStateDict, new_values: Mapping[str, An
         owner, sd = flat.stateful[path]
         owner.load_state_dict(_fill_container(sd, path, flat, new_values))
         return owner
-    if isinstance(obj, (Mapping, list, tuple)) and (not path or contains_tensor(obj)):
+    if _is_walked(obj, path, flat.for_load):
         return _fill_container(obj, path, flat, new_values)
     return new_values.get(fqn, obj)
 

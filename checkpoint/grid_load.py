@@ -43,7 +43,7 @@ class GridResolver:
     def record(self, fqn: str, box: Box) -> TensorRecord:
         """`fqn`'s record restricted to the saved chunks overlapping `box`, each fully located."""
         saved = self.metadata.tensors[fqn]
-        chunks = tuple(self._chunk(fqn, cell) for cell in self.index.cells(fqn, box))
+        chunks = tuple(self.chunk(fqn, cell) for cell in self.index.cells(fqn, box))
         return TensorRecord(dtype=saved.dtype, shape=saved.shape, chunks=chunks)
 
     def all_records(self) -> dict[str, TensorRecord]:
@@ -53,7 +53,13 @@ class GridResolver:
             for fqn, g in self.metadata.grids.items()
         }
 
-    def _chunk(self, fqn: str, cell: Cell) -> ChunkRecord:
+    def chunk(self, fqn: str, cell: Cell) -> ChunkRecord:
+        """The located record of one saved chunk, from its writer's shard header and checksum table.
+
+        Raises:
+            InvalidCheckpointError: the writer's file does not hold the chunk as the grid says, naming the file.
+            FileNotFoundError: a file of the writer is missing.
+        """
         where = f"{self.storage.url}: key {fqn!r}"
         names = self._files.get(cell.writer, [])
         for name in names:

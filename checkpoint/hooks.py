@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import abc
+import logging
 from typing import Any
+
+from planners.errors import PostCommitHookError
+
+logger = logging.getLogger(__name__)
 
 
 class WriterHook(abc.ABC):
@@ -12,7 +17,9 @@ class WriterHook(abc.ABC):
     `pre_commit` runs after the rank's shard files are written and before the
     coordinator writes the metadata; `post_commit` runs once the checkpoint is
     committed (e.g. to register it in an index or prune old ones). An
-    exception from `pre_commit` fails the save and nothing is committed.
+    exception from `pre_commit` fails the save and nothing is committed; one
+    from `post_commit` is logged and raised as `PostCommitHookError`, which
+    says the checkpoint is committed.
     """
 
     @abc.abstractmethod
@@ -22,3 +29,15 @@ class WriterHook(abc.ABC):
     @abc.abstractmethod
     def post_commit(self, path: str, **kwargs: Any) -> None:
         """After the commit; the checkpoint is complete and loadable."""
+
+
+def run_post_commit(hook: WriterHook, path: str, *, rank: int) -> None:
+    """Run `hook.post_commit`; its failure becomes a `PostCommitHookError` saying the save is committed."""
+    try:
+        hook.post_commit(path, rank=rank)
+    except Exception as e:
+        logger.error("rank %d: post_commit hook failed after %s was committed", rank, path, exc_info=True)
+        raise PostCommitHookError(
+            f"rank {rank}: the checkpoint at {path} IS committed and loadable, but the post_commit hook "
+            f"failed: {type(e).__name__}: {e}"
+        ) from e

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +23,11 @@ from typing import Any
 import crc32c
 import torch
 
-from checkpoint.dtypes import dtype_from_name
-from checkpoint.flatten import fill_target, flatten_state_dict, rebuild
+from checkpoint.flatten import fill_target, flatten_state_dict
 from checkpoint.grid_load import GridResolver
-from planners.boxes import coalesce, full_box
+from checkpoint.hf_source import read_hf_metadata
+from checkpoint.load_values import ABSENT, SavedValues, rank_local_value
+from planners.boxes import coalesce
 from planners.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -34,7 +35,6 @@ from planners.errors import (
     InvalidCheckpointError,
     InvalidStateDictError,
     MissingKeysError,
-    PickleNotAllowedError,
     RankLocalError,
 )
 from planners.load_plan import (
@@ -53,7 +53,6 @@ from planners.metadata import (
     TensorRecord,
     parse_metadata,
 )
-from planners.values import decode_value
 from storage.backend import CheckpointStorage
 
 logger = logging.getLogger(__name__)
@@ -61,6 +60,8 @@ logger = logging.getLogger(__name__)
 # Runs closer than this are fetched in one request: a few wasted bytes cost
 # less than another round trip.
 COALESCE_GAP_BYTES = 64 * 1024
+# The default cap on the metadata file's size (CheckpointReaderConfig.max_metadata_bytes).
+DEFAULT_MAX_METADATA_BYTES = 256 * 1024 * 1024
 # Keys named in a missing-keys error before "and N more".
 _MAX_KEYS_SHOWN = 20
 
@@ -72,12 +73,20 @@ class LoadOptions:
     verify: bool = True
     strict: bool = False
     io_threads: int = 8
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
+    key_map: Any = None  # Hugging Face layouts only: see checkpoint.hf_source.read_hf_metadata
 
 
-def read_metadata(storage: CheckpointStorage) -> Metadata:
-    """The committed metadata; a path with shard files but no metadata is incomplete."""
+def read_metadata(storage: CheckpointStorage, *, max_bytes: int = DEFAULT_MAX_METADATA_BYTES) -> Metadata:
+    """The committed metadata; a path with shard files but no metadata is incomplete.
+
+    Raises:
+        FileNotFoundError: nothing at the path (`IncompleteCheckpointError` when shard files are there).
+        InvalidCheckpointError: the metadata is over `max_bytes`, not a regular file, or malformed.
+        CorruptCheckpointError: the metadata does not match its digest.
+    """
     try:
-        data = storage.read_bytes(METADATA_FILE)
+        data = storage.read_bytes(METADATA_FILE, max_bytes=max_bytes)
     except FileNotFoundError:
         names = storage.list_names()
         if any(SHARD_FILE_RE.fullmatch(n) for n in names):
@@ -100,8 +109,8 @@ def load_checkpoint(
 ) -> tuple[Any, list[str]]:
     """Load into `target` (or, when None, the whole checkpoint); returns it and the missing keys."""
     start = time.perf_counter()
-    metadata = read_metadata(storage)
-    reader = _ChunkReader(storage, metadata, verify=options.verify, io_threads=options.io_threads)
+    metadata, verify = _read_source(storage, options)
+    reader = _ChunkReader(storage, metadata, verify=verify, io_threads=options.io_threads)
     if target is None:
         result, missing = (
             _load_everything(metadata, reader, rank=rank, world_size=world_size, options=options),
@@ -121,10 +130,30 @@ def load_checkpoint(
     return result, missing
 
 
+def _read_source(storage: CheckpointStorage, options: LoadOptions) -> tuple[Metadata, bool]:
+    """The checkpoint's metadata, or one synthesised from a Hugging Face layout (nothing to verify)."""
+    try:
+        metadata = read_metadata(storage, max_bytes=options.max_metadata_bytes)
+    except FileNotFoundError as e:
+        hf = (
+            None
+            if isinstance(e, IncompleteCheckpointError)
+            else read_hf_metadata(storage, key_map=options.key_map)
+        )
+        if hf is None:
+            raise
+        return hf, False
+    if options.key_map is not None:
+        raise ValueError(
+            f"key_map applies to Hugging Face layouts only, and {storage.url} is a shardsafe checkpoint"
+        )
+    return metadata, options.verify
+
+
 def _load_into(
     target: Any, metadata: Metadata, reader: _ChunkReader, *, rank: int, world_size: int, options: LoadOptions
 ) -> tuple[Any, list[str]]:
-    flat = flatten_state_dict(target)
+    flat = flatten_state_dict(target, for_load=True)
     where = reader.storage.url
     missing: list[str] = []
     jobs: list[tuple[ReadItem, torch.Tensor]] = []
@@ -140,16 +169,14 @@ def _load_into(
         lt = LoadTarget(fqn=fqn, dtype=leaf.local.dtype, global_shape=leaf.global_shape, box=leaf.box)
         check_compatible(lt, record, where=where)
         jobs += [(item, leaf.local) for item in reader.plan(lt, record)]
+    saved = SavedValues(metadata, reader, jobs, options)
     new_values = {}
-    for fqn in flat.values:
-        if fqn in metadata.values:
-            new_values[fqn] = _decode(metadata.values[fqn], fqn, options, where)
-        elif fqn in metadata.tensors:
-            raise InvalidCheckpointError(
-                f"{where}: key {fqn!r} is a tensor in the checkpoint but not in the target"
-            )
-        else:
+    for fqn, path in flat.value_paths.items():
+        value = saved.at(fqn, path)
+        if value is ABSENT:
             missing.append(fqn)
+        else:
+            new_values[fqn] = value
     for fqn, holder in flat.rank_local.items():
         record = metadata.rank_local.get(fqn)
         if record is None:
@@ -160,7 +187,7 @@ def _load_into(
                 f"{where}: rank-local key {fqn!r} was saved by {record.world_size} ranks and cannot go back to "
                 f"rank {rank} of {world_size}; load it with the saving world size, or drop it from the target"
             )
-        new_values[fqn] = _rank_local_value(record, rank, holder.value, reader, jobs, fqn, options)
+        new_values[fqn] = rank_local_value(record, rank, holder.value, reader, jobs, fqn, options)
     if options.strict and missing:
         shown = ", ".join(repr(k) for k in sorted(missing)[:_MAX_KEYS_SHOWN])
         more = f" and {len(missing) - _MAX_KEYS_SHOWN} more" if len(missing) > _MAX_KEYS_SHOWN else ""
@@ -169,86 +196,18 @@ def _load_into(
             sorted(missing),
         )
     reader.run(jobs)
+    new_values = {fqn: saved.placed(v) if fqn in saved.produced else v for fqn, v in new_values.items()}
     return fill_target(target, flat, new_values), sorted(missing)
-
-
-def _rank_local_value(
-    record: Any, rank: int, current: Any, reader: _ChunkReader, jobs: list, fqn: str, options: LoadOptions
-) -> Any:
-    entry = record.tensors[rank]
-    if entry is None:
-        return _decode(record.values[rank], fqn, options, reader.storage.url)
-    dtype_name, chunk = entry
-    dtype = dtype_from_name(dtype_name, where=reader.storage.url)
-    shape = chunk.box.sizes
-    if (
-        isinstance(current, torch.Tensor)
-        and current.dtype == dtype
-        and tuple(current.shape) == shape
-        and current.device.type != "meta"
-    ):
-        dest = current  # filled in place, like any other target tensor
-    else:
-        reader.require_bytes(fqn, chunk)
-        dest = torch.empty(shape, dtype=dtype)
-    record_t = TensorRecord(dtype=dtype_name, shape=shape, chunks=(chunk,))
-    jobs += [
-        (item, dest)
-        for item in reader.plan(
-            LoadTarget(fqn=fqn, dtype=dtype, global_shape=shape, box=full_box(shape)), record_t
-        )
-    ]
-    return dest
 
 
 def _load_everything(
     metadata: Metadata, reader: _ChunkReader, *, rank: int, world_size: int, options: LoadOptions
 ) -> Any:
     jobs: list[tuple[ReadItem, torch.Tensor]] = []
-    tensors = {}
-    for fqn, record in metadata.tensors.items():
-        dtype = dtype_from_name(record.dtype, where=reader.storage.url)
-        for chunk in record.chunks:  # the chunks tile the tensor, so this bounds the allocation by real bytes
-            reader.require_bytes(fqn, chunk)
-        dest = tensors[fqn] = torch.empty(record.shape, dtype=dtype)
-        jobs += [
-            (item, dest)
-            for item in reader.plan(
-                LoadTarget(fqn=fqn, dtype=dtype, global_shape=record.shape, box=full_box(record.shape)),
-                record,
-            )
-        ]
-    rank_local = {
-        fqn: [_rank_local_value(rec, r, None, reader, jobs, fqn, options) for r in range(rec.world_size)]
-        for fqn, rec in metadata.rank_local.items()
-    }
+    saved = SavedValues(metadata, reader, jobs, options)
+    result = saved.subtree(metadata.structure)
     reader.run(jobs)
-    place = _placer(options.map_location)
-
-    def leaf(kind: str, fqn: str) -> Any:
-        if kind == "tensor":
-            return place(tensors[fqn])
-        if kind == "rank_local":
-            return [place(v) if isinstance(v, torch.Tensor) else v for v in rank_local[fqn]]
-        return _decode(metadata.values[fqn], fqn, options, reader.storage.url)
-
-    return rebuild(metadata.structure, leaf)
-
-
-def _decode(value: Any, fqn: str, options: LoadOptions, where: str) -> Any:
-    """A value leaf, refused with the checkpoint named when it is malformed or pickled without opt-in."""
-    try:
-        return decode_value(value, key=fqn, allow_pickle=options.allow_pickle)
-    except (InvalidCheckpointError, PickleNotAllowedError) as e:
-        raise type(e)(f"{where}: {e}") from None
-
-
-def _placer(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    if map_location is None:
-        return lambda t: t
-    if callable(map_location):
-        return map_location
-    return lambda t: t.to(map_location)
+    return saved.placed(result)
 
 
 class _ChunkReader:
@@ -350,12 +309,13 @@ class _ChunkReader:
                 key = (chunk.offset_bytes, b)
                 if key in verified:
                     continue
-                got = crc32c.crc32c(data[b - start : b - start + block])
-                if got != chunk.checksums[b // block]:
+                if crc32c.crc32c(data[b - start : b - start + block]) != chunk.checksums[b // block]:
+                    # Neither checksum is shown: the computed one would describe bytes that may not
+                    # belong to the checkpoint at all.
                     raise CorruptCheckpointError(
-                        f"{self.storage.url}: file {name}, key {item.fqn!r}: checksum mismatch in bytes "
-                        f"[{chunk.offset_bytes + b}, {chunk.offset_bytes + min(b + block, chunk.nbytes)}) "
-                        f"(crc32c {got:#010x}, recorded {chunk.checksums[b // block]:#010x}); the file is corrupt"
+                        f"{self.storage.url}: file {name}, key {item.fqn!r}: checksum mismatch in block "
+                        f"{b // block} (bytes [{chunk.offset_bytes + b}, "
+                        f"{chunk.offset_bytes + min(b + block, chunk.nbytes)})); the file is corrupt"
                     )
                 verified.add(key)
 

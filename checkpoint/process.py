@@ -29,6 +29,7 @@ import logging
 import multiprocessing as mp
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -36,10 +37,11 @@ from multiprocessing.reduction import send_handle
 from typing import Any
 
 from checkpoint.barriers import BarrierConfig
+from checkpoint.commit import commit_save
 from checkpoint.commit_store import commit_exchange, connect_commit_store, host_commit_store
 from checkpoint.config import CheckpointProcessConfig, CheckpointWriterConfig
 from checkpoint.hooks import WriterHook
-from checkpoint.save import PreparedSave, RankWriteResult, commit_save
+from checkpoint.save import PreparedSave, RankWriteResult
 from checkpoint.staging import StagedSave
 from checkpoint.types import RankInfo
 from checkpoint.writer import make_exchange
@@ -51,7 +53,7 @@ from checkpoint.writer_process import (
     WriterResponse,
     writer_main,
 )
-from planners.errors import CheckpointError, CheckpointTimeoutError, WriterProcessError
+from planners.errors import CheckpointError, CheckpointStateError, CheckpointTimeoutError, WriterProcessError
 from storage.backend import open_storage
 from storage.remote import TransferConfig
 
@@ -129,6 +131,7 @@ class CheckpointProcess:
         *,
         path: str,
         timings: dict[str, float] | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> Future[None]:
         """Queue one save: the writer process writes it once `staged.future` is done, then commits.
 
@@ -136,18 +139,28 @@ class CheckpointProcess:
             A future that completes when the save is committed on every rank, or fails with
             the writer's original error (its traceback in `__cause__`), `WriterProcessError`
             when the writer process died, or `CheckpointTimeoutError` past `write_timeout_secs`.
+            `on_end` runs once the save has ended, before the future completes.
         """
         if self._closed:
-            raise RuntimeError("CheckpointProcess is closed")
+            raise CheckpointStateError("CheckpointProcess is closed")
         future: Future[None] = Future()
         future.set_running_or_notify_cancel()  # a save that other ranks take part in cannot be cancelled
 
         def run() -> None:
+            error = None
             try:
                 self._write(prepared, staged, path, timings if timings is not None else {})
-                future.set_result(None)
             except Exception as e:
-                future.set_exception(e)
+                error = e
+            if on_end is not None:
+                try:
+                    on_end()
+                except Exception:
+                    logger.warning("cleanup after the save to %s failed", path, exc_info=True)
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
 
         self._executor.submit(run)
         return future

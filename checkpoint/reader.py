@@ -11,7 +11,7 @@ from checkpoint.writer import check_options
 from storage.backend import open_storage
 from storage.remote import TransferConfig
 
-LOAD_OPTIONS = frozenset({"allow_pickle", "verify", "strict"})
+LOAD_OPTIONS = frozenset({"allow_pickle", "verify", "strict", "key_map"})
 
 
 class CheckpointReader:
@@ -35,6 +35,11 @@ class CheckpointReader:
         self._storage_options = storage_options
         self._transfer = transfer
 
+    @property
+    def storage_options(self) -> dict[str, Any] | None:
+        """The fsspec options paths are opened with (tools built on a checkpointer reach the same storage)."""
+        return self._storage_options
+
     def read(
         self, path: str, state_dict: STATE_DICT | None = None, *, map_location: Any = None, **kwargs: Any
     ) -> tuple[STATE_DICT, list[str]]:
@@ -48,6 +53,8 @@ class CheckpointReader:
             allow_pickle: allow pickled values to be unpickled (default False: refuse).
             verify: check crc32c of every byte read (default from the reader config).
             strict: raise `MissingKeysError` when the target asks for keys the checkpoint lacks.
+            key_map: for a Hugging Face layout, a key prefix to strip or a callable renaming
+                each key (see `checkpoint.hf_source.read_hf_metadata`).
 
         Returns:
             The loaded state dict and the sorted list of target keys the checkpoint lacked.
@@ -59,6 +66,8 @@ class CheckpointReader:
             verify=kwargs.get("verify", self._config.verify_checksums),
             strict=kwargs.get("strict", False),
             io_threads=self._config.io_threads,
+            max_metadata_bytes=self._config.max_metadata_bytes,
+            key_map=kwargs.get("key_map"),
         )
         storage = open_storage(path, storage_options=self._storage_options, transfer=self._transfer)
         try:

@@ -3,11 +3,15 @@
 1. `describe_local`: flatten-derived local plan, encoded values (no I/O).
 2. `prepare_save`: the coordinator learns whether every rank's plan digest
    matches the cached global plan; only if not are full local plans gathered
-   and a new global plan scattered. The coordinator also checks the path.
+   and a new global plan scattered. The coordinator also checks the path and
+   writes this save's in-progress marker (`checkpoint.lease`) before any rank
+   writes a shard file.
 3. `write_rank_files`: each rank streams its shard files (any process: the
    trainer for a sync save, the writer process for an async one).
-4. `commit_save`: write results go to the coordinator, which writes the
-   metadata last; every rank learns the outcome, so all raise together.
+4. `commit_save` (`checkpoint.commit`): write results go to the coordinator,
+   which checks every reported file's stored size, then writes the metadata
+   last (without replacing one unless the save passed overwrite=True); every
+   rank learns the outcome, so all raise together.
 
 Every rank joins every exchange even after a local failure; the failure
 travels in the exchange instead of leaving the others waiting.
@@ -26,6 +30,7 @@ from typing import Any
 
 import torch
 
+from checkpoint import lease
 from checkpoint.collectives import COORDINATOR, Exchange
 from checkpoint.flatten import FlatStateDict, flatten_state_dict
 from checkpoint.plan_exchange import agree_world, draft_plan, local_structure, rank_plan
@@ -36,17 +41,11 @@ from planners.errors import (
     CheckpointExistsError,
     DistributedCheckpointError,
     InvalidStateDictError,
+    StorageError,
 )
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
-    FORMAT_VERSION,
     METADATA_FILE,
-    SHARD_FILE_RE,
-    ChunkRecord,
-    FileRecord,
-    Metadata,
-    RankLocalRecord,
-    TensorRecord,
     shard_file_name,
 )
 from planners.placement import Layout
@@ -92,6 +91,7 @@ class PreparedSave:
     rank_local_values: dict[str, JSON]
     draft: MetadataDraft | None  # coordinator only
     plan_reused: bool = False
+    overwrite: bool = False  # the commit may replace an existing metadata file
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -221,8 +221,12 @@ def prepare_save(
     *,
     overwrite: bool,
     max_file_bytes: int,
+    lease_secs: float = 300.0,
 ) -> PreparedSave:
-    """Agree on the plan for this save (collective: every rank calls it, even after a local error)."""
+    """Agree on the plan for this save (collective: every rank calls it, even after a local error).
+
+    The coordinator claims the save's in-progress marker (`lease_secs`) before the plan reaches any rank.
+    """
     coordinator = exchange.rank == COORDINATOR
     digests = exchange.gather(
         portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint()
@@ -230,14 +234,19 @@ def prepare_save(
     decision = None
     if coordinator:
         assert digests is not None
-        decision = _decide(digests, storage, cache, overwrite=overwrite)
+        decision = _decide(digests, storage, cache, overwrite=overwrite, lease_secs=lease_secs)
     decision = exchange.broadcast(decision)
     if decision.error is not None:
         raise decision.error
     _raise_failures(exchange.rank, decision.failures, storage.url)
     assert isinstance(local, LocalSave)
     if not decision.reuse:
-        _replan(local, exchange, cache, max_file_bytes=max_file_bytes, url=storage.url)
+        try:
+            _replan(local, exchange, cache, max_file_bytes=max_file_bytes, url=storage.url)
+        except Exception:
+            if coordinator:  # no rank writes anything of this save: its marker goes now
+                lease.release_quietly(storage, decision.save_id)
+            raise
     assert cache.rank_plan is not None
     draft = None
     if coordinator:
@@ -252,6 +261,7 @@ def prepare_save(
         rank_local_values=local.rank_local_values,
         draft=draft,
         plan_reused=decision.reuse,
+        overwrite=overwrite,
     )
 
 
@@ -263,6 +273,7 @@ def plan_save(
     *,
     options: Mapping[str, Any],
     max_file_bytes: int,
+    lease_secs: float = 300.0,
     failure: BaseException | None = None,
 ) -> tuple[LocalSave, PreparedSave]:
     """Steps 1 and 2 for a trainer rank (collective); `failure` replaces this rank's local step.
@@ -279,13 +290,14 @@ def plan_save(
         cache,
         overwrite=options.get("overwrite", False),
         max_file_bytes=max_file_bytes,
+        lease_secs=lease_secs,
     )
     assert isinstance(local, LocalSave)  # prepare_save raised otherwise
     return local, prepared
 
 
 def _decide(
-    digests: list[Any], storage: CheckpointStorage, cache: PlanCache, *, overwrite: bool
+    digests: list[Any], storage: CheckpointStorage, cache: PlanCache, *, overwrite: bool, lease_secs: float
 ) -> _Decision:
     save_id = secrets.token_hex(6)
     failures = {r: d for r, d in enumerate(digests) if isinstance(d, BaseException)}
@@ -297,6 +309,7 @@ def _decide(
             raise CheckpointExistsError(
                 f"a complete checkpoint already exists at {storage.url}; pass overwrite=True to save() to replace it"
             )
+        lease.claim(storage, save_id, lease_secs)
     except Exception as e:
         return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
     return _Decision(save_id=save_id, reuse=cache.digests == digests)
@@ -330,8 +343,15 @@ def write_rank_files(
             entries = [(item.fqn, tensors[item.fqn]) for item in fp.items]
             # Version 2: a file holding grid chunks carries their checksums (storage/checksummed_shard.py).
             write = write_checksummed_shard if any(i.grid for i in fp.items) else write_safetensors
-            with storage.open_write(name) as f:
-                written, nbytes = write(f, entries, metadata=header, block_bytes=CHECKSUM_BLOCK_BYTES)
+            try:
+                with storage.open_write(name) as f:
+                    written, nbytes = write(f, entries, metadata=header, block_bytes=CHECKSUM_BLOCK_BYTES)
+                    if f.tell() != nbytes:
+                        raise StorageError(f"{f.tell()} bytes were written but the file needs {nbytes}")
+            except Exception as e:
+                if isinstance(e, StorageError) and name in str(e):
+                    raise
+                raise StorageError(f"{prepared.url}/{name}: {type(e).__name__}: {e}") from e
             chunks = [  # grid chunks need no record: their key's grid and the file header locate them
                 WrittenChunk(
                     fqn=i.fqn, box=i.box, dtype=i.dtype, rank_local=i.rank_local, file=name, written=w
@@ -357,104 +377,6 @@ def write_rank_files(
     except Exception as e:
         logger.exception("rank %d: writing shard files to %s failed", prepared.rank, prepared.url)
         return RankWriteResult(rank=prepared.rank, error=f"{type(e).__name__}: {e}")
-
-
-def commit_save(
-    storage: CheckpointStorage, exchange: Exchange, prepared: PreparedSave, result: RankWriteResult
-) -> Metadata | None:
-    """Gather write results; the coordinator writes the metadata last (collective).
-
-    Raises:
-        DistributedCheckpointError: on every rank, when any rank failed to write or the commit failed.
-    """
-    results = exchange.gather(result)
-    outcome: dict[int, str] | None = None
-    metadata = None
-    if exchange.rank == COORDINATOR:
-        assert results is not None and prepared.draft is not None
-        outcome = {r.rank: r.error for r in results if r.error is not None}
-        if not outcome:
-            try:
-                metadata = build_metadata(prepared, results)
-                storage.publish(METADATA_FILE, metadata.to_json())
-            except Exception as e:
-                logger.exception("committing %s failed", prepared.url)
-                outcome = {COORDINATOR: f"commit failed: {type(e).__name__}: {e}"}
-        if not outcome:
-            _remove_leftovers(storage, metadata)
-    outcome = exchange.broadcast(outcome)
-    if outcome:
-        raise DistributedCheckpointError(
-            f"save to {prepared.url} failed; the checkpoint was not committed", outcome
-        )
-    return metadata
-
-
-def build_metadata(prepared: PreparedSave, results: list[RankWriteResult]) -> Metadata:
-    """Complete the coordinator's draft with every rank's written byte ranges."""
-    draft = prepared.draft
-    assert draft is not None
-    chunks: dict[str, list[ChunkRecord]] = {fqn: [] for fqn in draft.global_plan.tensors}
-    rank_local_tensors: dict[str, list[Any]] = {}
-    rank_local_values: dict[str, list[JSON]] = {}
-    files = {}
-    for r in results:
-        files.update({name: FileRecord(nbytes=n, rank=r.rank) for name, n in r.files.items()})
-        for c in r.chunks:
-            record = ChunkRecord(
-                box=c.box,
-                file=c.file,
-                key=c.written.key,
-                offset_bytes=c.written.offset_bytes,
-                nbytes=c.written.nbytes,
-                checksums=c.written.checksums,
-            )
-            if c.rank_local:
-                rank_local_tensors.setdefault(c.fqn, [None] * len(results))[r.rank] = (c.dtype, record)
-            else:
-                chunks[c.fqn].append(record)
-        for fqn, v in r.rank_local_values.items():
-            rank_local_values.setdefault(fqn, [None] * len(results))[r.rank] = v
-    rank_local = {}
-    for fqn in set(rank_local_tensors) | set(rank_local_values):
-        ts = rank_local_tensors.get(fqn, [None] * len(results))
-        vs = rank_local_values.get(fqn, [None] * len(results))
-        rank_local[fqn] = RankLocalRecord(tensors=tuple(ts), values=tuple(vs))
-    tensors = {
-        fqn: TensorRecord(
-            dtype=dtype, shape=shape, chunks=tuple(sorted(chunks[fqn], key=lambda c: c.box.offsets))
-        )
-        for fqn, (dtype, shape) in draft.global_plan.tensors.items()
-    }
-    return Metadata(
-        version=FORMAT_VERSION,
-        save_id=prepared.save_id,
-        world_size=prepared.world_size,
-        checksum_block_bytes=CHECKSUM_BLOCK_BYTES,
-        tensors=tensors,
-        values=draft.values,
-        rank_local=rank_local,
-        files=files,
-        structure=draft.structure,
-        **draft.global_plan.grid_fields,
-    )
-
-
-def _remove_leftovers(storage: CheckpointStorage, metadata: Metadata | None) -> None:
-    """Delete shard files of earlier or crashed saves at this path (only names shardsafe writes)."""
-    if metadata is None:
-        return
-    stale = [
-        n
-        for n in storage.list_names()
-        if (m := SHARD_FILE_RE.fullmatch(n))
-        and m["save_id"] != metadata.save_id
-        or n.startswith(f".{METADATA_FILE}.tmp-")
-    ]
-    try:
-        storage.remove(stale)
-    except Exception:  # the new checkpoint is committed; leftovers only cost space
-        logger.warning("could not remove %d stale files at %s", len(stale), storage.url, exc_info=True)
 
 
 def timed(label: str, timings: dict[str, float]):

@@ -149,7 +149,14 @@ class _Buffer:
             self.fd = _anonymous_shared_fd(nbytes)
             # MAP_POPULATE sets up every page now, so the first copy does not fault page by page.
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            self._map = mmap.mmap(self.fd, nbytes, flags=flags)
+            try:
+                self._map = mmap.mmap(self.fd, nbytes, flags=flags)
+            except OSError as e:  # the descriptor would outlive this failed allocation otherwise
+                os.close(self.fd)
+                self.fd = None
+                raise CheckpointError(
+                    f"cannot map {nbytes} bytes of shared memory for staging this rank's chunks: {e}"
+                ) from e
             self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
         else:
             self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)

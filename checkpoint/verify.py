@@ -28,7 +28,7 @@ import logging
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +37,14 @@ import crc32c
 
 from checkpoint.dtypes import dtype_from_name, safetensors_code
 from checkpoint.grid_load import GridResolver
-from checkpoint.load import read_metadata
+from checkpoint.load import DEFAULT_MAX_METADATA_BYTES, read_metadata
+from planners.boxes import Box
 from planners.errors import CheckpointError, InvalidCheckpointError, PickleNotAllowedError
 from planners.grid import CHECKSUM_ENTRY
-from planners.metadata import METADATA_FILE, SHARD_FILE_RE, ChunkRecord, FileRecord, Metadata
+from planners.metadata import FORMAT_NAME, METADATA_FILE, SHARD_FILE_RE, ChunkRecord, FileRecord, Metadata
 from planners.values import decode_value
 from storage.backend import CheckpointStorage, open_storage
+from storage.checksummed_shard import checksum_slices, parse_checksum_table
 from storage.safetensors_io import SafetensorsHeader, read_header
 
 logger = logging.getLogger(__name__)
@@ -110,7 +112,12 @@ class _ChunkRef:
 
 
 def verify(
-    path: str, *, storage_options: Mapping[str, Any] | None = None, io_threads: int = 4
+    path: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    io_threads: int = 4,
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
+    progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Check every file, header, checksum and tensor of the checkpoint at `path`.
 
@@ -118,6 +125,9 @@ def verify(
         path: local path or fsspec URL of the checkpoint directory.
         storage_options: fsspec options for remote paths (endpoint, credentials).
         io_threads: shard files checked at the same time.
+        max_metadata_bytes: a larger metadata file is reported as a problem without being read.
+        progress: called with the number of bytes checksummed after each read (from the checking
+            threads), e.g. to advance a progress bar.
 
     Returns:
         The report; `report.ok` is True when nothing is wrong.
@@ -136,7 +146,7 @@ def verify(
     storage = open_storage(path, storage_options=storage_options)
     try:
         try:
-            metadata = read_metadata(storage)
+            metadata = read_metadata(storage, max_bytes=max_metadata_bytes)
         except InvalidCheckpointError as e:
             return VerifyReport(
                 path=storage.url,
@@ -146,7 +156,7 @@ def verify(
                 bytes_checked=0,
                 problems=(str(e),),
             )
-        report = _verify_committed(storage, metadata, io_threads=io_threads)
+        report = _verify_committed(storage, metadata, io_threads=io_threads, progress=progress)
     finally:
         storage.close()
     logger.info(
@@ -161,13 +171,19 @@ def verify(
     return report
 
 
-def _verify_committed(storage: CheckpointStorage, metadata: Metadata, *, io_threads: int) -> VerifyReport:
+def _verify_committed(
+    storage: CheckpointStorage,
+    metadata: Metadata,
+    *,
+    io_threads: int,
+    progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
     by_file = _chunks_by_file(metadata)
     grid_problems = _add_grid_chunks(storage, metadata, by_file)
     names = sorted(metadata.files)
 
     def one(name: str) -> tuple[list[str], int]:
-        return _verify_file(storage, metadata, name, metadata.files[name], by_file.get(name, []))
+        return _verify_file(storage, metadata, name, metadata.files[name], by_file.get(name, []), progress)
 
     if io_threads > 1 and len(names) > 1:
         with ThreadPoolExecutor(
@@ -213,27 +229,41 @@ def _chunks_by_file(metadata: Metadata) -> dict[str, list[_ChunkRef]]:
 def _add_grid_chunks(
     storage: CheckpointStorage, metadata: Metadata, by_file: dict[str, list[_ChunkRef]]
 ) -> list[str]:
-    """Format version 2: every chunk of every grid key, located through its writer's header."""
+    """Format version 2: every chunk of every grid key, located through its writer's header.
+
+    Chunks are located one by one, so a damaged file is reported (naming it) while the chunks of the
+    other files are still checked, instead of leaving those files' entries unaccounted for.
+    """
     if not metadata.grids:
         return []
-    try:
-        records = GridResolver(storage, metadata).all_records()
-    except (CheckpointError, FileNotFoundError) as e:  # reported like any other problem, not raised
-        return [f"grid keys cannot be located: {e}"]
-    for fqn, record in records.items():
-        for chunk in record.chunks:
-            by_file[chunk.file].append(_ChunkRef(fqn=fqn, dtype=record.dtype, chunk=chunk))
-    return []
+    resolver = GridResolver(storage, metadata)
+    problems: dict[str, str] = {}  # one report per distinct cause
+    for fqn, grid in metadata.grids.items():
+        for cell in resolver.index.cells(fqn, Box(offsets=(0,) * len(grid.shape), sizes=grid.shape)):
+            try:
+                chunk = resolver.chunk(fqn, cell)
+            except (CheckpointError, FileNotFoundError) as e:  # reported like any other problem, not raised
+                problems.setdefault(str(e), f"grid key {fqn!r} cannot be located: {e}")
+                continue
+            by_file[chunk.file].append(_ChunkRef(fqn=fqn, dtype=grid.dtype, chunk=chunk))
+    return list(problems.values())
 
 
 def _verify_file(
-    storage: CheckpointStorage, metadata: Metadata, name: str, record: FileRecord, refs: Sequence[_ChunkRef]
+    storage: CheckpointStorage,
+    metadata: Metadata,
+    name: str,
+    record: FileRecord,
+    refs: Sequence[_ChunkRef],
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[str], int]:
     """Problems of one shard file, and the tensor bytes checksummed."""
     try:
         size = storage.size(name)
     except FileNotFoundError:
         return [f"file {name}: missing (the metadata lists it with {record.nbytes} bytes)"], 0
+    except InvalidCheckpointError as e:  # a link, a directory, a FIFO or a device
+        return [f"file {name}: {e}"], 0
     problems = []
     if size != record.nbytes:
         problems.append(
@@ -246,6 +276,7 @@ def _verify_file(
         problems.append(str(e))
     else:
         problems += _cross_check(name, header, metadata, record, refs)
+        problems += _table_problems(storage, name, header, refs, metadata.checksum_block_bytes)
     checked = 0
     for ref in refs:
         end = ref.chunk.offset_bytes + ref.chunk.nbytes
@@ -255,7 +286,10 @@ def _verify_file(
                 f"lie outside the file of {size} bytes"
             )
             continue
-        problem = _checksum_problem(storage, name, ref, metadata.checksum_block_bytes)
+        try:
+            problem = _checksum_problem(storage, name, ref, metadata.checksum_block_bytes, progress)
+        except InvalidCheckpointError as e:  # truncated or replaced while it was read
+            problem = str(e)
         if problem is not None:
             problems.append(problem)
         checked += ref.chunk.nbytes
@@ -272,6 +306,11 @@ def _cross_check(
         problems.append(
             f"file {name}: its header says save {save_id!r} rank {rank!r}, the metadata says save "
             f"{metadata.save_id!r} rank {record.rank}; the file belongs to another save"
+        )
+    elif header.metadata != {"format": FORMAT_NAME, "save_id": save_id, "rank": rank}:
+        problems.append(
+            f"file {name}: its header's __metadata__ holds other entries than format, save_id and rank; "
+            "the header is damaged"
         )
     uses = Counter(ref.chunk.key for ref in refs)
     problems += [
@@ -301,7 +340,40 @@ def _cross_check(
     return problems
 
 
-def _checksum_problem(storage: CheckpointStorage, name: str, ref: _ChunkRef, block: int) -> str | None:
+def _table_problems(
+    storage: CheckpointStorage, name: str, header: SafetensorsHeader, refs: Sequence[_ChunkRef], block: int
+) -> list[str]:
+    """A version-2 file's checksum table must agree with the metadata's checksums of its explicit chunks.
+
+    Grid chunks take their checksums from the table, so their data is checked against it; the table's
+    entries for explicitly recorded chunks (rank-local tensors, say) are read by no load, so only this
+    comparison finds damage there.
+    """
+    if CHECKSUM_ENTRY not in header.tensors:
+        return []
+    try:
+        slices = checksum_slices(header, block_bytes=block, where=f"file {name}")
+        entry = header.tensors[CHECKSUM_ENTRY]
+        (raw,) = storage.read_ranges(name, [(entry.offset_bytes, entry.nbytes)])
+    except InvalidCheckpointError as e:
+        return [str(e)]
+    table = parse_checksum_table(raw)
+    return [
+        f"file {name}, key {ref.fqn!r}: the file's checksum table disagrees with the metadata's checksums "
+        "of this chunk; the file is corrupt"
+        for ref in refs
+        if ref.chunk.key in slices
+        and table[slices[ref.chunk.key][0] : sum(slices[ref.chunk.key])] != ref.chunk.checksums
+    ]
+
+
+def _checksum_problem(
+    storage: CheckpointStorage,
+    name: str,
+    ref: _ChunkRef,
+    block: int,
+    progress: Callable[[int], None] | None = None,
+) -> str | None:
     """Recompute every block checksum of one chunk; a description of the bad blocks, if any."""
     chunk = ref.chunk
     step = max(block, READ_BYTES // block * block)
@@ -313,6 +385,8 @@ def _checksum_problem(storage: CheckpointStorage, name: str, ref: _ChunkRef, blo
             index = (start + b) // block
             if crc32c.crc32c(data[b : b + block]) != chunk.checksums[index]:
                 bad.append(index)
+        if progress is not None:
+            progress(n)
     if not bad:
         return None
     first = chunk.offset_bytes + bad[0] * block

@@ -12,15 +12,26 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from checkpoint.barriers import Barrier
 from checkpoint.collectives import Exchange, ProcessGroupExchange, SingleRankExchange
+from checkpoint.commit import commit_save
 from checkpoint.config import CheckpointWriterConfig
-from checkpoint.hooks import WriterHook
-from checkpoint.save import PlanCache, commit_save, plan_save, timed, write_rank_files
+from checkpoint.hooks import WriterHook, run_post_commit
+from checkpoint.lease import LeaseKeeper
+from checkpoint.save import (
+    PlanCache,
+    PreparedSave,
+    RankWriteResult,
+    plan_save,
+    timed,
+    write_rank_files,
+)
 from checkpoint.types import STATE_DICT, RankInfo
-from storage.backend import open_storage
+from planners.errors import CheckpointStateError
+from storage.backend import CheckpointStorage, open_storage
 from storage.remote import TransferConfig
 
 logger = logging.getLogger(__name__)
@@ -54,8 +65,9 @@ def make_exchange(rank_info: RankInfo) -> Exchange:
     if rank_info.global_world_size == 1:
         return SingleRankExchange()
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            f"rank_info says {rank_info.global_world_size} ranks but no process group is initialised"
+        raise CheckpointStateError(
+            f"rank_info says {rank_info.global_world_size} ranks but no process group is initialised; "
+            "call torch.distributed.init_process_group first"
         )
     if "gloo" in str(dist.get_backend()):
         return ProcessGroupExchange()
@@ -118,29 +130,56 @@ class CheckpointWriter:
                     self._cache,
                     options=kwargs,
                     max_file_bytes=self._config.max_file_bytes,
+                    lease_secs=self._config.save_lease_secs,
                 )
-            with timed("write", timings):
-                result = write_rank_files(
-                    storage, prepared, local.tensors, io_threads=self._config.io_threads
-                )
-            if self._commit_hook is not None and result.error is None:
-                try:
-                    self._commit_hook.pre_commit(path, rank=self._rank_info.global_rank)
-                except Exception as e:  # fail the save on every rank, through the commit exchange
-                    result = dataclasses.replace(
-                        result, error=f"pre_commit hook failed: {type(e).__name__}: {e}"
-                    )
-            with timed("commit", timings):
-                commit_save(storage, self._exchange, prepared, result)
-            if self._barrier is not None:
-                self._barrier.execute_barrier()
+            keeper = self._keep_lease(path, prepared)
+            try:
+                result = self._write_and_commit(storage, prepared, local.tensors, path, timings)
+            finally:
+                if keeper is not None:
+                    keeper.release()
             if self._commit_hook is not None:
-                self._commit_hook.post_commit(path, rank=self._rank_info.global_rank)
+                run_post_commit(self._commit_hook, path, rank=self._rank_info.global_rank)
         finally:
             storage.close()
+        self._record(storage.url, prepared, result, timings)
+
+    def _keep_lease(self, path: str, prepared: PreparedSave) -> LeaseKeeper | None:
+        """The coordinator renews the save's in-progress marker until the save ends."""
+        if prepared.draft is None:  # not the coordinator
+            return None
+        own = open_storage(path, storage_options=self._storage_options, transfer=self._transfer)
+        return LeaseKeeper(own, prepared.save_id, lease_secs=self._config.save_lease_secs)
+
+    def _write_and_commit(
+        self,
+        storage: CheckpointStorage,
+        prepared: PreparedSave,
+        tensors: dict[str, torch.Tensor],
+        path: str,
+        timings: dict[str, float],
+    ) -> RankWriteResult:
+        """Steps 3 and 4: write this rank's files, run pre_commit, commit, then the barrier."""
+        with timed("write", timings):
+            result = write_rank_files(storage, prepared, tensors, io_threads=self._config.io_threads)
+        if self._commit_hook is not None and result.error is None:
+            try:
+                self._commit_hook.pre_commit(path, rank=self._rank_info.global_rank)
+            except Exception as e:  # fail the save on every rank, through the commit exchange
+                result = dataclasses.replace(result, error=f"pre_commit hook failed: {type(e).__name__}: {e}")
+        assert self._exchange is not None
+        with timed("commit", timings):
+            commit_save(storage, self._exchange, prepared, result)
+        if self._barrier is not None:
+            self._barrier.execute_barrier(key=prepared.save_id)
+        return result
+
+    def _record(
+        self, url: str, prepared: PreparedSave, result: RankWriteResult, timings: dict[str, float]
+    ) -> None:
         nbytes = sum(result.files.values())
         self.last_save = SaveStats(
-            path=storage.url,
+            path=url,
             plan_reused=prepared.plan_reused,
             bytes_written=nbytes,
             files_written=len(result.files),
@@ -148,7 +187,7 @@ class CheckpointWriter:
         )
         logger.info(
             "saved %s rank %d: %d bytes in %d files; plan %.3fs (reused=%s) write %.3fs commit %.3fs",
-            storage.url,
+            url,
             self._rank_info.global_rank,
             nbytes,
             len(result.files),

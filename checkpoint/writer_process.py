@@ -36,14 +36,14 @@ from typing import Any
 import torch
 
 from checkpoint.barriers import Barrier, BarrierConfig, create_barrier_from_config
-from checkpoint.collectives import Exchange, SingleRankExchange
+from checkpoint.collectives import Exchange, SingleRankExchange, StoreExchange
+from checkpoint.commit import commit_save
 from checkpoint.commit_store import RecordingStore, commit_exchange, connect_commit_store
 from checkpoint.config import CheckpointWriterConfig
-from checkpoint.hooks import WriterHook
+from checkpoint.hooks import WriterHook, run_post_commit
 from checkpoint.save import (
     PreparedSave,
     RankWriteResult,
-    commit_save,
     portable_error,
     timed,
     write_rank_files,
@@ -142,26 +142,43 @@ class _Writer:
         )
 
     def write(self, request: WriteRequest) -> WriterResponse:
-        """Write this rank's files and commit with the other ranks (raises what `commit_save` raises)."""
+        """Write this rank's files and commit with the other ranks (raises what `commit_save` raises).
+
+        A storage that cannot be opened here still takes part in the commit, as this rank's
+        failure, so every rank fails at once instead of at its timeout.
+        """
         if self.store is not None:
             self.store.delete_own_keys()
         prepared = request.prepared
         timings: dict[str, float] = {}
-        storage = open_storage(
-            prepared.url, storage_options=self.init.storage_options, transfer=self.init.transfer
-        )
+        storage: CheckpointStorage | None = None
+        open_error = None
         try:
-            with timed("write", timings):
-                result = self._write_files(storage, request)
-            result = self._pre_commit(request.path, result)
-            with timed("commit", timings):
-                commit_save(storage, self.exchange(prepared), prepared, result)
+            storage = open_storage(
+                prepared.url, storage_options=self.init.storage_options, transfer=self.init.transfer
+            )
+        except Exception as e:
+            logger.exception("rank %d: cannot open %s", prepared.rank, prepared.url)
+            open_error = f"the writer process cannot open the storage: {type(e).__name__}: {e}"
+        exchange = self.exchange(prepared)
+        heartbeat = exchange.heartbeat() if isinstance(exchange, StoreExchange) else contextlib.nullcontext()
+        try:
+            with heartbeat:
+                with timed("write", timings):
+                    if storage is None:
+                        result = RankWriteResult(rank=prepared.rank, error=open_error)
+                    else:
+                        result = self._write_files(storage, request)
+                result = self._pre_commit(request.path, result)
+                with timed("commit", timings):
+                    commit_save(storage, exchange, prepared, result)
             if self.barrier is not None:
-                self.barrier.execute_barrier()
+                self.barrier.execute_barrier(key=prepared.save_id)
             if self.init.commit_hook is not None:
-                self.init.commit_hook.post_commit(request.path, rank=prepared.rank)
+                run_post_commit(self.init.commit_hook, request.path, rank=prepared.rank)
         finally:
-            storage.close()
+            if storage is not None:
+                storage.close()
         return WriterResponse(nbytes=sum(result.files.values()), files=len(result.files), timings=timings)
 
     def _write_files(self, storage: CheckpointStorage, request: WriteRequest) -> RankWriteResult:

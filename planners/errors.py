@@ -24,8 +24,11 @@ class PlanCoverageError(CheckpointError, ValueError):
     """The ranks' chunks of a tensor leave a gap or overlap: the save would not be loadable."""
 
 
-class MissingKeysError(CheckpointError, KeyError):
-    """`strict=True` load: the target asks for keys the checkpoint does not have."""
+class MissingKeysError(CheckpointError, KeyError, RuntimeError):
+    """`strict=True` load: the target asks for keys the checkpoint does not have.
+
+    A `RuntimeError` as well, as the seed API documents for this case; a `KeyError` as before.
+    """
 
     def __init__(self, message: str, missing: list[str]) -> None:
         super().__init__(message)
@@ -72,6 +75,18 @@ class CheckpointTimeoutError(CheckpointError, TimeoutError):
 
 class WriterProcessError(CheckpointError, RuntimeError):
     """The background writer process failed or died."""
+
+
+class CheckpointStateError(CheckpointError, RuntimeError):
+    """The call does not fit the current state: the checkpointer is closed, or no process group is
+    initialised although the rank info names several ranks."""
+
+
+class PostCommitHookError(CheckpointError, RuntimeError):
+    """A `post_commit` hook raised after the checkpoint was committed: the checkpoint IS complete and loadable.
+
+    The hook's own exception is the `__cause__`; retrying the save is not needed.
+    """
 
 
 class StorageError(CheckpointError, OSError):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from planners.boxes import Box, tiling_problem
+from planners.digest import DIGEST_FIELD, check_digest, seal, strict_loads
 from planners.dtypes import checked_name
 from planners.dtypes import itemsize as dtype_itemsize
 from planners.errors import InvalidCheckpointError
@@ -24,9 +25,12 @@ from planners.global_plan import Mesh
 from planners.grid import GridIndex, GridRecord, grid_json, mesh_json, parse_grid, parse_meshes
 
 FORMAT_NAME = "shardsafe"
-# Bump on any change a version-1 reader would misread; readers accept every
-# version up to their own.
+# Bump on any change an older reader would misread; readers accept every
+# version up to their own. Version 2 adds the metadata digest (planners.digest)
+# and grid records for DTensor keys (planners.grid).
 FORMAT_VERSION = 2
+# The first version whose metadata must carry a digest.
+DIGEST_SINCE_VERSION = 2
 METADATA_FILE = "metadata.json"
 # Shard file names: shard-<save id>-r<rank>-<index>.safetensors. Nothing else
 # is ever read as data, and nothing else is ever deleted by cleanup.
@@ -128,9 +132,11 @@ class Metadata:
             },
             "structure": self.structure,
         }
-        # Compact separators keep json on its C encoder (indent= forces the Python one: ~5x slower
-        # for a 10,000-tensor checkpoint).
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        if self.version < DIGEST_SINCE_VERSION:
+            # Compact separators keep json on its C encoder (indent= forces the Python one: ~5x slower
+            # for a 10,000-tensor checkpoint).
+            return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        return seal(doc)
 
 
 def _chunk_json(c: ChunkRecord) -> dict[str, Any]:
@@ -148,16 +154,26 @@ def _chunk_json(c: ChunkRecord) -> dict[str, Any]:
 def parse_metadata(data: bytes, *, where: str) -> Metadata:
     """Parse and validate untrusted metadata bytes.
 
+    The digest (required from format version 2, checked whenever present) is
+    checked before any field is trusted, so a damaged file is blamed on
+    itself, never on the shard a damaged field points at.
+
     Raises:
-        InvalidCheckpointError: anything malformed, out of range or unsafe, naming `where` and the key.
+        CorruptCheckpointError: the digest does not match the content.
+        InvalidCheckpointError: anything malformed, out of range or unsafe, naming `where`,
+            the metadata file and the key.
     """
+    named = f"{where}: {METADATA_FILE}"
     try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise InvalidCheckpointError(f"{where}: metadata is not valid JSON: {e}") from e
+        doc = strict_loads(data)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise InvalidCheckpointError(f"{named}: metadata is not valid JSON: {e}") from e
     v = _Validator(where)
     v.check(isinstance(doc, dict) and doc.get("format") == FORMAT_NAME, "not a shardsafe metadata file")
-    version = v.int_(doc.get("version"), "version", low=1)
+    version = doc.get("version")
+    if DIGEST_FIELD in doc or (type(version) is int and version >= DIGEST_SINCE_VERSION):
+        check_digest(data, doc, where=named)
+    version = v.int_(version, "version", low=1)
     v.check(
         version <= FORMAT_VERSION,
         f"format version {version} is newer than this reader ({FORMAT_VERSION}); upgrade shardsafe",
@@ -185,6 +201,8 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
     rank_local = {
         k: v.rank_local(k, r, files) for k, r in v.dict_(doc.get("rank_local"), "rank_local").items()
     }
+    problem = byte_overlap_problem(tensors, rank_local)
+    v.check(problem is None, str(problem))
     values = v.dict_(doc.get("values"), "values")
     structure = doc.get("structure")
     v.structure(structure, set(tensors), set(values), set(rank_local))
@@ -203,6 +221,33 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
     )
 
 
+def byte_overlap_problem(
+    tensors: dict[str, TensorRecord], rank_local: dict[str, RankLocalRecord]
+) -> str | None:
+    """Where two chunks claim the same bytes of a file, or None.
+
+    Each byte of a shard file belongs to at most one chunk. Without this rule
+    a small file could stand for a huge tensor (every chunk pointing at the
+    same bytes), so a load would allocate far more than the files hold.
+    Chunks of one tensor overlapping in the tensor are `tiling_problem`'s.
+    """
+    by_file: dict[str, list[tuple[int, int, str]]] = {}
+    chunks = [(fqn, c) for fqn, t in tensors.items() for c in t.chunks]
+    chunks += [(fqn, e[1]) for fqn, r in rank_local.items() for e in r.tensors if e is not None]
+    for fqn, c in chunks:
+        if c.nbytes:
+            by_file.setdefault(c.file, []).append((c.offset_bytes, c.offset_bytes + c.nbytes, fqn))
+    for name, spans in by_file.items():
+        spans.sort()
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                return (
+                    f"file {name}: the bytes of key {second!r} from offset {start} overlap those of key "
+                    f"{first!r} (ending at {end}); each byte of a file belongs to one chunk"
+                )
+    return None
+
+
 class _Validator:
     """Checks for untrusted metadata; every failure names the checkpoint and the field."""
 
@@ -213,7 +258,7 @@ class _Validator:
 
     def check(self, ok: bool, problem: str) -> None:
         if not ok:
-            raise InvalidCheckpointError(f"{self.where}: invalid metadata: {problem}")
+            raise InvalidCheckpointError(f"{self.where}: {METADATA_FILE}: invalid metadata: {problem}")
 
     def fail(self, problem: str) -> None:
         self.check(False, problem)

@@ -1,7 +1,7 @@
 """The storage interface and the choice of backend for a path.
 
 A checkpoint path is a plain local path, a `file://` URL, or any fsspec URL (`memory://`, `s3://`,
-`gs://`, `az://`, chained URLs, ...). Local paths get `LocalStorage` (fsync, atomic rename, mmap);
+`gs://`, `az://`, chained URLs, ...). Local paths get `LocalStorage` (fsync, atomic rename, checked reads);
 everything else `FsspecStorage` (multipart streaming on S3, concurrent ranged reads, retries). fsspec
 storage options (endpoint, region, credentials) come from `CheckpointerConfig.storage_options`; they
 are handed to fsspec and to nothing else, and their credential values are scrubbed from any error
@@ -51,14 +51,28 @@ class CheckpointStorage(Protocol):
     def open_write(self, name: str) -> AbstractContextManager[BinaryIO]:
         """A stream for one shard file; the file exists, whole and durable, once the context exits cleanly.
 
+        Every `write()` stores all its bytes or raises, and on exit the size that landed (fstat after the
+        sync, or the stored object's size) is compared with the bytes written: a mismatch raises
+        `StorageError` naming the file and both sizes.
+
         When the body of the `with` raises, nothing is left under `name` (best effort).
         """
 
-    def publish(self, name: str, data: bytes) -> None:
-        """Write a small file atomically and durably: readers see all of it or none."""
+    def publish(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
+        """Write a small file atomically and durably: readers see all of it or none.
 
-    def read_bytes(self, name: str) -> bytes:
-        """A whole (small) file; `FileNotFoundError` if absent."""
+        With `overwrite=False` the write must not replace an existing file: it raises
+        `FileExistsError` instead, atomically where the backend can (local: `link()`; S3: a
+        conditional `If-None-Match: *` PUT) and by a check just before the write elsewhere.
+        """
+
+    def read_bytes(self, name: str, *, max_bytes: int | None = None) -> bytes:
+        """A whole (small) file; `FileNotFoundError` if absent.
+
+        Raises:
+            InvalidCheckpointError: the file holds more than `max_bytes` (checked before it is read),
+                or (local disk) is a symbolic link or not a regular file.
+        """
 
     def read_ranges(self, name: str, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
         """The bytes `[offset, offset + nbytes)` for each `(offset, nbytes)` of `ranges`.

@@ -27,6 +27,7 @@ from storage.safetensors_io import (
     WrittenTensor,
     build_header,
     tensor_bytes,
+    write_exact,
 )
 
 
@@ -45,7 +46,7 @@ def write_checksummed_shard(
     nblocks = sum(_blocks(t.numel() * t.element_size(), block_bytes) for _, t in entries)
     table_stub = torch.empty(nblocks, dtype=torch.uint32)  # only its shape and dtype reach the header
     head, ranges = build_header([*entries, (CHECKSUM_ENTRY, table_stub)], metadata)
-    f.write(head)
+    write_exact(f, head)
     written = []
     every: list[int] = []
     slice_bytes = max(block_bytes, WRITE_SLICE_BYTES // block_bytes * block_bytes)
@@ -57,12 +58,12 @@ def write_checksummed_shard(
             checksums.extend(
                 crc32c.crc32c(piece[b : b + block_bytes]) for b in range(0, len(piece), block_bytes)
             )
-            f.write(piece)
+            write_exact(f, piece)
         every += checksums
         written.append(
             WrittenTensor(key=key, offset_bytes=len(head) + start, nbytes=n, checksums=tuple(checksums))
         )
-    f.write(struct.pack(f"<{len(every)}I", *every))
+    write_exact(f, struct.pack(f"<{len(every)}I", *every))
     return written, len(head) + ranges[-1][0] + ranges[-1][1]
 
 

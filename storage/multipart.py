@@ -10,7 +10,9 @@ bounds the memory held in part buffers and makes a fast producer wait for the ne
 Each request is retried on its own (`storage.retry`), so one reset connection costs one part, not the
 file. A file that never fills one part goes up as a single `PutObject`. The object exists only once
 `CompleteMultipartUpload` (or the `PutObject`) has returned, which `commit()` waits for; on any failure
-the upload is aborted, so a failed write leaves no object behind.
+the upload is aborted, so a failed write leaves no object behind. `commit()` then reads the object's
+size (and, for a multipart upload, the part count S3 puts after the dash of its ETag) back with one
+`HeadObject` and fails with `StorageError` when they differ from what was sent.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
+from planners.errors import StorageError
 from storage.redact import Redactor
 from storage.retry import RetryPolicy, call_with_retry_async
 
@@ -57,6 +60,11 @@ class S3Parts:
         )
         return out["ETag"]
 
+    async def head(self) -> tuple[int, str]:
+        """The stored object's size in bytes and its ETag (quotes removed)."""
+        out = await self.fs._call_s3("head_object", Bucket=self.bucket, Key=self.key)
+        return int(out["ContentLength"]), str(out.get("ETag", "")).strip('"')
+
     async def complete(self, upload_id: str, etags: list[str]) -> None:
         parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, start=1)]
         await self.fs._call_s3(
@@ -70,6 +78,10 @@ class S3Parts:
 
     async def abort(self, upload_id: str) -> None:
         await self.fs._call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload_id)
+
+    async def delete(self) -> None:
+        await self.fs._call_s3("delete_object", Bucket=self.bucket, Key=self.key)
+        self.fs.invalidate_cache(self.path)
 
     async def put(self, body: bytes | bytearray) -> None:
         await self.fs._call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body)
@@ -134,7 +146,7 @@ class PartUpload:
             StorageError: an earlier part failed for good (the upload is then aborted by the caller).
         """
         if self._done:
-            raise ValueError(f"{self._where}: write to an upload that was already committed or aborted")
+            raise StorageError(f"{self._where}: write to an upload that was already committed or aborted")
         view = memoryview(data).cast("B")
         total = len(view)
         while view:
@@ -166,12 +178,30 @@ class PartUpload:
                     self._submit_part(self._take_buffer())
                 etags = [f.result() for f in self._pending]
                 self._run(lambda: self._parts.complete(self._upload_id, etags), "complete multipart upload")
+            self._check_stored(len(self._pending))
             committed = True
         finally:
             if not committed:
                 self.abort()
         self._done = True
         self._buffer = bytearray()
+
+    def _check_stored(self, parts: int) -> None:
+        """The object's stored size (and multipart ETag part count) must match what was sent."""
+        size, etag = self._run(self._parts.head, "check the uploaded size")
+        suffix = etag.rpartition("-")[2]
+        problem = None
+        if size != self._written:
+            problem = f"the stored object holds {size} bytes but {self._written} were sent"
+        elif parts and "-" in etag and suffix.isdigit() and int(suffix) != parts:
+            problem = f"the stored object's ETag {etag!r} says {suffix} parts but {parts} were sent"
+        if problem is None:
+            return
+        try:  # a wrong object must not stay under a shard file's name
+            self._run(self._parts.delete, "delete the wrongly stored object")
+        except Exception as e:
+            logger.warning("%s: could not delete the wrongly stored object: %s", self._where, e)
+        raise StorageError(f"{self._where}: {problem}")
 
     def abort(self) -> None:
         """Stop the upload and discard its parts (best effort: see the log line when it fails)."""
@@ -195,7 +225,7 @@ class PartUpload:
 
     def _check_open(self) -> None:
         if self._done:
-            raise ValueError(f"{self._where}: upload already committed or aborted")
+            raise StorageError(f"{self._where}: upload already committed or aborted")
 
     def _take_buffer(self) -> bytearray:
         body = self._buffer
@@ -212,7 +242,7 @@ class PartUpload:
         if self._upload_id is None:
             self._upload_id = self._run(self._parts.create, "start multipart upload")
         if len(self._pending) + 1 >= MAX_PARTS:
-            raise ValueError(f"{self._where}: more than {MAX_PARTS} parts; raise upload_part_bytes")
+            raise StorageError(f"{self._where}: more than {MAX_PARTS} parts; raise upload_part_bytes")
         self._submit_part(self._take_buffer())
 
     def _submit_part(self, body: bytearray) -> None:

@@ -25,7 +25,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NoReturn, TypeVar, cast
 
-from planners.errors import CheckpointError, InvalidCheckpointError, StorageError
+import fsspec.asyn
+
+from planners.errors import CheckpointError, CheckpointExistsError, InvalidCheckpointError, StorageError
+from storage.local import too_large_message
 from storage.multipart import MIN_PART_BYTES, PartUpload, S3Parts
 from storage.redact import Redactor
 from storage.retry import (
@@ -206,11 +209,54 @@ class FsspecStorage:
                 stream.discard()
         stream.finish()
 
-    def publish(self, name: str, data: bytes) -> None:
+    def publish(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
+        if not overwrite:
+            # The check catches a file published before this save's commit on every backend; on S3 the
+            # conditional PUT also closes the window between the check and the write (SeaweedFS, AWS and
+            # most S3 stores honour If-None-Match: *; one that ignores it leaves only that window).
+            if self.exists(name):
+                raise CheckpointExistsError(f"{self._where(name)} already exists")
+            if self._s3:
+                self._put_if_absent(name, data)
+                return
         self._call("write", name, self.fs.pipe_file, self._path(name), data)
 
-    def read_bytes(self, name: str) -> bytes:
-        return self._call("read", name, self.fs.cat_file, self._path(name))
+    def _put_if_absent(self, name: str, data: bytes) -> None:
+        bucket, key, _ = self.fs.split_path(self._path(name))
+
+        def put() -> Any:  # through `_call_s3` on the file system's loop, as every other request
+            return fsspec.asyn.sync(
+                self.fs.loop,
+                self.fs._call_s3,
+                "put_object",
+                Bucket=bucket,
+                Key=key,
+                Body=data,
+                IfNoneMatch="*",
+            )
+
+        try:
+            self._call("write", name, put)
+        except StorageError as e:
+            if error_code(e) == "PreconditionFailed" or http_status(e) == 412:
+                raise CheckpointExistsError(
+                    f"{self._where(name)} already exists (written by another save)"
+                ) from e
+            raise
+        self.fs.invalidate_cache(self._path(name))
+
+    def read_bytes(self, name: str, *, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            return self._call("read", name, self.fs.cat_file, self._path(name))
+        # The size is checked before the read, and the read asks for one byte past the cap, so an
+        # object that is (or grows) too large never sizes a download.
+        size = self.size(name)
+        if size > max_bytes:
+            raise InvalidCheckpointError(too_large_message(self._where(name), size, max_bytes))
+        data = self._call("read", name, self.fs.cat_file, self._path(name), start=0, end=max_bytes + 1)
+        if len(data) > max_bytes:
+            raise InvalidCheckpointError(too_large_message(self._where(name), len(data), max_bytes))
+        return data
 
     def read_ranges(self, name: str, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
         pieces: list[tuple[int, int]] = []  # (start, end) of each request
@@ -328,26 +374,40 @@ class _CheckedStream:
         self._f = f
         self._storage = storage
         self._name = name
+        self._sent = 0
 
     def writable(self) -> bool:
         return True
 
     def tell(self) -> int:
-        return self._f.tell()
+        return self._sent
 
     def write(self, data: Any) -> int:
+        n = len(memoryview(data).cast("B"))
         try:
-            return self._f.write(data)
+            taken = self._f.write(data)
         except Exception as e:
             self._fail(e, "write")
+        if taken is not None and taken != n:
+            raise StorageError(f"{self._storage._where(self._name)}: the stream took {taken} of {n} bytes")
+        self._sent += n
+        return n
 
     def finish(self) -> None:
-        """Close the stream, which completes the upload: the file then exists whole."""
+        """Close the stream, which completes the upload, then check the stored size against what was sent."""
         try:
             self._f.close()
         except Exception as e:
             self._remove_quietly()
             self._fail(e, "finish upload")
+        info = self._storage._info(self._name)
+        landed = None if info is None else int(info.get("size", -1))
+        if landed != self._sent:
+            self._remove_quietly()
+            what = "no file" if landed is None else f"{landed} bytes"
+            raise StorageError(
+                f"{self._storage._where(self._name)}: the stored file holds {what} but {self._sent} bytes were sent"
+            )
 
     def discard(self) -> None:
         """The producer failed: drop what was written (best effort; cleanup removes leftovers later)."""

@@ -21,7 +21,7 @@ import crc32c
 import torch
 
 from planners.dtypes import itemsize, name_from_code, safetensors_code
-from planners.errors import InvalidCheckpointError
+from planners.errors import InvalidCheckpointError, StorageError
 
 if TYPE_CHECKING:
     from storage.backend import CheckpointStorage
@@ -79,6 +79,22 @@ def build_header(
     return struct.pack("<Q", len(raw)) + raw, ranges
 
 
+def write_exact(f: BinaryIO, data: Any) -> None:
+    """Hand all of `data` to `f`: a short count is retried for the rest, a zero count is an error.
+
+    Raw (unbuffered) files may store fewer bytes than asked, e.g. when the disk fills up, and say so
+    only through the returned count; ignoring it would leave a short file that looks written.
+    """
+    view = memoryview(data).cast("B")
+    while view:
+        n = f.write(view)
+        if n is None:  # buffered and non-blocking streams: None means nothing was taken
+            n = 0
+        if n <= 0:
+            raise StorageError(f"write() stored no bytes ({len(view)} left to write); the disk may be full")
+        view = view[n:]
+
+
 def write_safetensors(
     f: BinaryIO, entries: Sequence[tuple[str, torch.Tensor]], *, metadata: dict[str, str], block_bytes: int
 ) -> tuple[list[WrittenTensor], int]:
@@ -89,7 +105,7 @@ def write_safetensors(
         and the file's total size.
     """
     head, ranges = build_header(entries, metadata)
-    f.write(head)
+    write_exact(f, head)
     written = []
     # Slices hold whole checksum blocks so each block's crc is taken from one slice.
     slice_bytes = max(block_bytes, WRITE_SLICE_BYTES // block_bytes * block_bytes)
@@ -101,7 +117,7 @@ def write_safetensors(
             checksums.extend(
                 crc32c.crc32c(piece[b : b + block_bytes]) for b in range(0, len(piece), block_bytes)
             )
-            f.write(piece)
+            write_exact(f, piece)
         written.append(
             WrittenTensor(key=key, offset_bytes=len(head) + start, nbytes=n, checksums=tuple(checksums))
         )

@@ -128,6 +128,7 @@ def test_values_keep_their_types(ckpt, tmp_path):
     assert full["betas"] == (0.9, 0.999) and type(full["betas"]) is tuple
     assert full["groups"][0]["params"] == [0, 1] and full["groups"][0]["nan"] != full["groups"][0]["nan"]
     assert full["int_keys"] == {0: "a", 1: (2, 3)}
+    # None means "load this key"; an empty dict asks for no key in particular and takes the saved dict whole.
     target = {"w": torch.zeros(2), "step": 0, "betas": None, "int_keys": {}}
     out = ckpt.load(str(tmp_path / "c"), state_dict=target)
     assert (
@@ -212,7 +213,7 @@ def test_strict_lists_missing_keys(ckpt, tmp_path):
     target = {"a": torch.zeros(2), "b": torch.zeros(2), "c": {"d": 1}}
     with pytest.raises(MissingKeysError) as info:
         ckpt.load(str(tmp_path / "c"), state_dict=target, strict=True)
-    assert info.value.missing == ["b", "c"] and "'b', 'c'" in str(info.value)
+    assert info.value.missing == ["b", "c.d"] and "'b', 'c.d'" in str(info.value)  # dicts are walked
     assert torch.equal(target["a"], torch.zeros(2))  # nothing was read before the error
     out = ckpt.load(str(tmp_path / "c"), state_dict=target)  # non-strict: load what is there
     assert torch.equal(out["a"], torch.ones(2)) and torch.equal(out["b"], torch.zeros(2))

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import checkpoint
 from planners.boxes import Box
+from planners.digest import seal
 from planners.errors import CorruptCheckpointError, InvalidCheckpointError
 from planners.global_plan import WorldStructure, grid_fields, structure_of, writes_of
 from planners.grid import CHECKSUM_ENTRY, GridIndex
@@ -86,7 +87,8 @@ def test_strided_fsdp_tp_cells():
 
 
 def _metadata_doc(grid: dict) -> bytes:
-    return json.dumps(
+    """Version-2 metadata with one grid key, sealed with its digest as a writer would."""
+    return seal(
         {
             "format": "shardsafe",
             "version": 2,
@@ -100,7 +102,7 @@ def _metadata_doc(grid: dict) -> bytes:
             "rank_local": {},
             "structure": {"dict": [["w", {"tensor": "w"}]]},
         }
-    ).encode()
+    )
 
 
 def test_grid_metadata_round_trips():
@@ -127,6 +129,7 @@ def test_hostile_grid_records_are_refused(grid, problem):
 def test_version_1_metadata_cannot_hold_grids():
     doc = json.loads(_metadata_doc({"mesh": 0, "placements": [["shard", 0]]}))
     doc["version"] = 1
+    del doc["digest"]  # version 1 has no digest
     with pytest.raises(InvalidCheckpointError, match="grid.mesh must index meshes"):
         parse_metadata(json.dumps(doc).encode(), where="x")
 

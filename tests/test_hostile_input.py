@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import copy
 import fractions
+import itertools
 import json
 import os
 import pickle
@@ -28,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import checkpoint
+from planners.digest import seal
 from planners.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -119,10 +121,11 @@ def _allocation_attack(doc: dict) -> None:
     """Shape, chunk and file size agree with each other on 1 TiB; only the real file disagrees."""
     n = 1 << 38
     (name,) = doc["files"]
+    real_end = doc["files"][name]["nbytes"]  # past every other chunk, so no bytes are claimed twice
     doc["files"][name]["nbytes"] = 1 << 50
     doc["checksum_block_bytes"] = 1 << 40  # one checksum for the whole chunk keeps this file small
     _w(doc)["shape"] = [n]
-    _w_chunk(doc).update(offsets=[0], sizes=[n], nbytes=4 * n, crc32c=[0])
+    _w_chunk(doc).update(offsets=[0], sizes=[n], offset_bytes=real_end, nbytes=4 * n, crc32c=[0])
 
 
 HOSTILE_METADATA: dict[str, tuple[Callable[[dict], None], str]] = {
@@ -210,7 +213,7 @@ def test_hostile_metadata_is_refused_naming_the_checkpoint(work, case):
     mutate, pattern = HOSTILE_METADATA[case]
     doc = _doc(work)
     mutate(doc)
-    _write(work, json.dumps(doc).encode())
+    _write(work, seal(doc))  # re-sealed, as an attacker would: the validation itself must refuse it
     with pytest.raises(InvalidCheckpointError, match=pattern) as info:
         _load(work)
     assert str(info.value).startswith(f"{work}: ")
@@ -389,7 +392,10 @@ def _mutate(doc: dict, data: st.DataObject) -> dict:
 @given(data=st.data())
 def test_fuzz_mutated_metadata_loads_or_fails_cleanly(original, work, data):
     doc = _mutate(_doc(original), data)
-    raw = json.dumps(doc).encode()
+    try:
+        raw = seal(doc)
+    except ValueError:  # not encodable as JSON (e.g. a NaN drawn): the plain text is refused anyway
+        raw = json.dumps(doc).encode()
     try:
         assert isinstance(parse_metadata(raw, where=work), Metadata)
     except CheckpointError:
@@ -484,7 +490,7 @@ def test_pickled_values_load_only_with_opt_in(ckpt_path_with_pickles):
     with pytest.raises(PickleNotAllowedError) as info:
         ckpt.load(path)
     assert str(info.value) == (
-        f"{path}: key 'rl' holds a pickled value; loading it would run code from the checkpoint. "
+        f"{path}: key 'frac' holds a pickled value; loading it would run code from the checkpoint. "
         "Pass allow_pickle=True to load() only if you trust this checkpoint."
     )
     with pytest.raises(PickleNotAllowedError, match="key 'frac' holds a pickled value"):
@@ -499,7 +505,7 @@ def test_hostile_pickle_never_runs_without_opt_in(work, tmp_path):
     marker = tmp_path / "pwned"
     doc = _doc(work)
     doc["values"]["step"] = {"pickle": base64.b64encode(pickle.dumps(_OpensFile(str(marker)))).decode()}
-    _write(work, json.dumps(doc).encode())
+    _write(work, seal(doc))
     ckpt = checkpoint.make_sync_checkpointer()
     with pytest.raises(PickleNotAllowedError, match="key 'step' holds a pickled value"):
         ckpt.load(work)
@@ -526,17 +532,18 @@ def _staircase(n: int, row0: int = 0) -> list[tuple[list[int], list[int]]]:
 
 def _irregular_metadata(shape: list[int], boxes: list[tuple[list[int], list[int]]]) -> bytes:
     name = "shard-0123456789ab-r00000-000.safetensors"
+    starts = itertools.accumulate((s[0] * s[1] for _, s in boxes), initial=0)
     chunks = [
         {
             "offsets": o,
             "sizes": s,
             "file": name,
             "key": "w",
-            "offset_bytes": 0,
+            "offset_bytes": start,
             "nbytes": s[0] * s[1],
             "crc32c": [0],
         }
-        for o, s in boxes
+        for (o, s), start in zip(boxes, starts)
     ]
     doc = {
         "format": "shardsafe",
@@ -544,7 +551,7 @@ def _irregular_metadata(shape: list[int], boxes: list[tuple[list[int], list[int]
         "save_id": "0123456789ab",
         "world_size": 1,
         "checksum_block_bytes": 1 << 20,
-        "files": {name: {"nbytes": 1 << 20, "rank": 0}},
+        "files": {name: {"nbytes": 1 << 24, "rank": 0}},
         "tensors": {"w": {"dtype": "uint8", "shape": shape, "chunks": chunks}},
         "values": {},
         "rank_local": {},
@@ -571,6 +578,6 @@ def test_irregular_chunk_layouts_are_checked_fast_or_refused():
     with pytest.raises(InvalidCheckpointError) as info:
         parse_metadata(_irregular_metadata(shape, boxes), where="ckpt")
     assert str(info.value).startswith(
-        f"ckpt: invalid metadata: key 'w': {len(boxes)} chunks in an irregular layout need "
+        f"ckpt: metadata.json: invalid metadata: key 'w': {len(boxes)} chunks in an irregular layout need "
     )
     assert str(info.value).endswith("comparisons to check for overlaps; refused")

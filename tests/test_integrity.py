@@ -28,6 +28,7 @@ from checkpoint.load import _ChunkReader, read_metadata
 from checkpoint.save import PlanCache, describe_local, prepare_save
 from checkpoint.verify import EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_PROBLEMS, main
 from planners.boxes import Box
+from planners.digest import seal
 from planners.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -110,8 +111,11 @@ def test_corrupt_block_fails_the_load_and_leaves_the_target_untouched(ckpt, save
         ckpt.load(saved, target)
     message = str(info.value)
     first = a["offset_bytes"] + CHECKSUM_BLOCK_BYTES
-    assert message.startswith(f"{saved}: file {a['file']}, key 'a': checksum mismatch in bytes [{first}, ")
+    assert message.startswith(
+        f"{saved}: file {a['file']}, key 'a': checksum mismatch in block 1 (bytes [{first}, "
+    )
     assert f"[{first}, {a['offset_bytes'] + A_NUMEL * 4})" in message
+    assert "crc32c" not in message and "0x" not in message  # no checksum of the damaged bytes is echoed
     # Verified before anything is copied: nothing of the file reached the target, "b" included.
     assert torch.equal(target["a"], torch.zeros(A_NUMEL))
     assert torch.equal(target["b"], torch.zeros(B_NUMEL, dtype=torch.int64))
@@ -199,8 +203,9 @@ def _damaged(saved: str, tmp_path, name: str) -> str:
 
 
 def _write_doc(path: str, doc: dict) -> None:
-    with open(os.path.join(path, METADATA_FILE), "w") as f:
-        json.dump(doc, f)
+    """Write a changed metadata document, re-sealed so that only the change itself is at fault."""
+    with open(os.path.join(path, METADATA_FILE), "wb") as f:
+        f.write(seal(doc))
 
 
 def test_verify_reports_flipped_truncated_missing_and_foreign_files(saved, tmp_path, capsys):
@@ -284,7 +289,7 @@ def test_verify_reports_chunks_that_do_not_tile_a_tensor(saved, tmp_path):
     report = checkpoint.verify(gap)
     assert (report.save_id, report.files_checked) == (None, 0)
     assert report.problems == (
-        f"{gap}: invalid metadata: key 'b': chunks cover 9 of 10 elements: there is a gap",
+        f"{gap}: metadata.json: invalid metadata: key 'b': chunks cover 9 of 10 elements: there is a gap",
     )
     assert main([gap]) == EXIT_PROBLEMS
 
@@ -293,7 +298,7 @@ def test_verify_reports_chunks_that_do_not_tile_a_tensor(saved, tmp_path):
     doc["tensors"]["b"]["chunks"] *= 2
     _write_doc(overlap, doc)
     assert checkpoint.verify(overlap).problems == (
-        f"{overlap}: invalid metadata: key 'b': chunks cover 20 elements of a tensor of 10: chunks overlap",
+        f"{overlap}: metadata.json: invalid metadata: key 'b': chunks cover 20 elements of a tensor of 10: chunks overlap",
     )
 
 

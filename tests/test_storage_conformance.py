@@ -105,6 +105,18 @@ def test_streamed_file_round_trips_exactly(storage: CheckpointStorage) -> None:
     assert storage.list_names() == ["shard-a.safetensors"]
 
 
+def test_read_bytes_refuses_a_file_over_the_cap(storage: CheckpointStorage) -> None:
+    _write(storage, "metadata.json", b"0123456789")
+
+    with pytest.raises(
+        InvalidCheckpointError, match=r"metadata\.json: holds at least 10 bytes, over the limit of 9 bytes"
+    ):
+        storage.read_bytes("metadata.json", max_bytes=9)
+    assert storage.read_bytes("metadata.json", max_bytes=10) == b"0123456789"
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("absent.json", max_bytes=10)
+
+
 def test_small_and_empty_files(storage: CheckpointStorage) -> None:
     _write(storage, "small", b"0123456789")
     _write(storage, "empty", b"")

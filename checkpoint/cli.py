@@ -1,0 +1,408 @@
+"""The `shardsafe` command: look inside runs and checkpoints from a shell.
+
+Each subcommand is a thin layer over the library (`checkpoint.manager_steps`
+for `ls`, the metadata for `inspect`, `checkpoint.verify` and
+`checkpoint.diff`), so the command and the Python API never disagree. Output
+follows one rule: results go to stdout (a rich table, or one JSON document
+with `--json`), logs, warnings and progress bars go to stderr, and progress
+bars appear only when stderr is a terminal and neither `--json` nor `--quiet`
+was given, so scripts parse stdout safely.
+
+Exit status (every subcommand): 0 success (verified, identical); 1 problems
+found (`verify`), checkpoints differ (`diff`), or a checkpoint's metadata is
+invalid; 2 no checkpoint at the path (or only an incomplete one), the storage
+cannot be opened, or bad arguments.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from checkpoint.diff import diff_checkpoints
+from checkpoint.load import read_metadata
+from checkpoint.manager_steps import list_step_dirs, modified_at, scan_steps
+from checkpoint.verify import EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_PROBLEMS, verify
+from planners.errors import CheckpointError, InvalidCheckpointError, PickleNotAllowedError
+from planners.metadata import FORMAT_NAME, METADATA_FILE, Metadata
+from planners.values import decode_value
+from storage.backend import open_storage
+
+
+class Output:
+    """Where a command's results, messages and progress go (see the module docstring)."""
+
+    def __init__(self, *, as_json: bool, quiet: bool) -> None:
+        self.as_json, self.quiet = as_json, quiet
+        out = Console(highlight=False, soft_wrap=False)
+        # Off a terminal rich would wrap tables at 80 columns; a pipe or file gets whole lines.
+        self.console = out if out.is_terminal else Console(highlight=False, width=10_000, color_system=None)
+        err = Console(stderr=True, highlight=False)
+        self.err = (
+            err if err.is_terminal else Console(stderr=True, highlight=False, width=10_000, color_system=None)
+        )
+
+    def emit(self, doc: Any) -> None:
+        sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+
+    def note(self, text: str) -> None:
+        """A message for people: stderr, silenced by --quiet."""
+        if not self.quiet:
+            self.err.print(text, markup=False)
+
+    def table(self, table: Table) -> None:
+        if not self.console.is_terminal:
+            table.box = None  # plain columns for pipes and files
+        self.console.print(table)
+
+    @contextmanager
+    def progress(self, total: int, what: str) -> Iterator[Callable[[int], None]]:
+        """A byte progress bar on stderr (only on a terminal); yields the function that advances it."""
+        if self.as_json or self.quiet or not self.err.is_terminal:
+            yield lambda n: None
+            return
+        columns = (TextColumn(what), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=self.err, transient=True) as bar:
+            task = bar.add_task(what, total=total)
+            yield lambda n: bar.advance(task, n)
+
+
+def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every subcommand shares."""
+    fn = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (for scripts).")(
+        fn
+    )
+    fn = click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages on stderr.")(fn)
+    return click.option(
+        "--storage-options",
+        default=None,
+        metavar="JSON",
+        envvar="SHARDSAFE_STORAGE_OPTIONS",
+        help="fsspec options for remote paths as a JSON object, e.g. endpoint and credentials "
+        "(or set SHARDSAFE_STORAGE_OPTIONS).",
+    )(fn)
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any] | None:
+    """The --storage-options value; a bad one is a usage error (exit 2)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}", param_hint="--storage-options") from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--storage-options")
+    return value
+
+
+@contextmanager
+def _exit_on_errors(out: Output) -> Iterator[None]:
+    """Errors become a one-line message on stderr and the documented exit status."""
+    try:
+        yield
+    except InvalidCheckpointError as e:
+        out.err.print(f"error: {type(e).__name__}: {e}", markup=False)
+        sys.exit(EXIT_PROBLEMS)
+    except (FileNotFoundError, CheckpointError) as e:
+        out.err.print(f"error: {type(e).__name__}: {e}", markup=False)
+        sys.exit(EXIT_NO_CHECKPOINT)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="shardsafe", prog_name="shardsafe")
+def main() -> None:
+    """Inspect, verify, compare and convert shardsafe checkpoints and runs.
+
+    Exit status: 0 success; 1 problems found, checkpoints differ or invalid
+    metadata; 2 no checkpoint at the path, storage unreachable or bad arguments.
+    """
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+# --- ls ---------------------------------------------------------------------------------------------
+
+
+@main.command("ls")
+@click.argument("root")
+@_options
+def ls_command(root: str, as_json: bool, quiet: bool, storage_options: str | None) -> None:
+    """List the steps of a run under ROOT (as CheckpointManager.steps()), oldest first."""
+    out = Output(as_json=as_json, quiet=quiet)
+    options = parse_storage_options(storage_options)
+    with _exit_on_errors(out):
+        records = [r for _, r in scan_steps(root, options)]
+    if as_json:
+        out.emit({"root": root, "steps": [r.to_json() for r in records]})
+        return
+    if not records:
+        out.note(f"no step directories under {root}")
+        return
+    table = Table("step", "complete", "world size", "size", "saved at (UTC)", "path")
+    for r in records:
+        saved = r.saved_at.strftime("%Y-%m-%d %H:%M:%S") if r.saved_at else "-"
+        world = str(r.world_size) if r.world_size is not None else "-"
+        table.add_row(str(r.step), "yes" if r.complete else "NO", world, human_bytes(r.nbytes), saved, r.path)
+    out.table(table)
+
+
+# --- inspect ----------------------------------------------------------------------------------------
+
+
+@main.command("inspect")
+@click.argument("path")
+@click.option("--keys", "pattern", default=None, metavar="PATTERN", help="Only keys matching this glob.")
+@_options
+def inspect_command(
+    path: str, pattern: str | None, as_json: bool, quiet: bool, storage_options: str | None
+) -> None:
+    """Show what the checkpoint at PATH holds: format, world size, tensors and values."""
+    out = Output(as_json=as_json, quiet=quiet)
+    options = parse_storage_options(storage_options)
+    with _exit_on_errors(out):
+        storage = open_storage(path, storage_options=options)
+        try:
+            metadata = _read_or_explain(storage, path, options)
+            saved_at = modified_at(storage, METADATA_FILE)
+            url = storage.url
+        finally:
+            storage.close()
+    doc = inspect_document(url, metadata, saved_at, pattern)
+    if as_json:
+        out.emit(doc)
+        return
+    _print_inspect(out, doc)
+
+
+def _read_or_explain(storage: Any, path: str, options: dict[str, Any] | None) -> Metadata:
+    """The metadata; a run's root given instead of one of its steps says so."""
+    try:
+        return read_metadata(storage)
+    except FileNotFoundError:
+        steps = list_step_dirs(path, options)
+        if steps and not storage.exists(METADATA_FILE):
+            raise FileNotFoundError(
+                f"{storage.url} is a run with {len(steps)} step(s), not a checkpoint: "
+                f"`shardsafe ls {path}` lists them"
+            ) from None
+        raise
+
+
+def inspect_document(url: str, m: Metadata, saved_at: dt.datetime | None, pattern: str | None) -> dict:
+    """What `inspect --json` prints."""
+
+    def wanted(key: str) -> bool:
+        return pattern is None or fnmatch.fnmatchcase(key, pattern)
+
+    tensors = [
+        {
+            "key": k,
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "chunks": len(t.chunks),
+            "nbytes": sum(c.nbytes for c in t.chunks),
+        }
+        for k, t in sorted(m.tensors.items())
+        if wanted(k)
+    ]
+    values = [{"key": k, "value": _shown_value(k, v)} for k, v in sorted(m.values.items()) if wanted(k)]
+    values += [
+        {"key": k, "value": f"rank-local, {r.world_size} ranks"}
+        for k, r in sorted(m.rank_local.items())
+        if wanted(k)
+    ]
+    return {
+        "path": url,
+        "format": FORMAT_NAME,
+        "version": m.version,
+        "save_id": m.save_id,
+        "world_size": m.world_size,
+        "saved_at": saved_at.isoformat() if saved_at else None,
+        "files": len(m.files),
+        "nbytes": sum(f.nbytes for f in m.files.values()),
+        "tensors": tensors,
+        "values": sorted(values, key=lambda v: v["key"]),
+    }
+
+
+def _shown_value(key: str, typed: Any) -> str:
+    """A value as Python would print it; pickled values are named, never unpickled."""
+    try:
+        return repr(decode_value(typed, key=key, allow_pickle=False))
+    except PickleNotAllowedError:
+        return "<pickled: load with allow_pickle=True>"
+
+
+def _print_inspect(out: Output, doc: dict) -> None:
+    saved = doc["saved_at"] or "-"
+    out.console.print(
+        f"{doc['path']}\n  format {doc['format']} v{doc['version']}, save {doc['save_id']}, "
+        f"saved by {doc['world_size']} rank(s) at {saved}\n"
+        f"  {doc['files']} shard file(s), {human_bytes(doc['nbytes'])} ({doc['nbytes']} bytes)",
+        markup=False,
+    )
+    if doc["tensors"]:
+        table = Table("key", "dtype", "shape", "chunks", "bytes", title="tensors", title_justify="left")
+        for t in doc["tensors"]:
+            table.add_row(t["key"], t["dtype"], str(t["shape"]), str(t["chunks"]), str(t["nbytes"]))
+        out.table(table)
+    if doc["values"]:
+        table = Table("key", "value", title="values", title_justify="left")
+        for v in doc["values"]:
+            table.add_row(v["key"], v["value"])
+        out.table(table)
+
+
+# --- verify -----------------------------------------------------------------------------------------
+
+
+@main.command("verify")
+@click.argument("path")
+@click.option("--io-threads", type=click.IntRange(min=1), default=4, show_default=True)
+@_options
+def verify_command(
+    path: str, io_threads: int, as_json: bool, quiet: bool, storage_options: str | None
+) -> None:
+    """Check every file, header and checksum of the checkpoint at PATH (exit 0 verified, 1 problems, 2 none)."""
+    out = Output(as_json=as_json, quiet=quiet)
+    options = parse_storage_options(storage_options)
+    with _exit_on_errors(out):
+        total = _tensor_bytes(path, options)
+        with out.progress(total, "verifying") as advance:
+            report = verify(path, storage_options=options, io_threads=io_threads, progress=advance)
+    if as_json:
+        out.emit(
+            {
+                "path": report.path,
+                "ok": report.ok,
+                "save_id": report.save_id,
+                "files_checked": report.files_checked,
+                "tensors_checked": report.tensors_checked,
+                "bytes_checked": report.bytes_checked,
+                "problems": list(report.problems),
+                "leftovers": list(report.leftovers),
+                "pickled_keys": list(report.pickled_keys),
+            }
+        )
+    else:
+        status = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
+        out.console.print(
+            f"{report.path}: {status}: save {report.save_id}, {report.files_checked} files, "
+            f"{report.tensors_checked} tensors, {report.bytes_checked} bytes checked",
+            markup=False,
+        )
+        for p in report.problems:
+            out.console.print(f"  problem: {p}", markup=False)
+        for n in report.leftovers:
+            out.console.print(f"  leftover (not part of the checkpoint): {n}", markup=False)
+        for k in report.pickled_keys:
+            out.console.print(f"  pickled value (load needs allow_pickle=True): {k}", markup=False)
+    sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
+
+
+def _tensor_bytes(path: str, options: dict[str, Any] | None) -> int:
+    """The bytes verify will checksum (for the progress bar); 0 when the metadata is unreadable."""
+    storage = open_storage(path, storage_options=options)
+    try:
+        m = read_metadata(storage)
+    except InvalidCheckpointError:
+        return 0  # verify reports it as a problem
+    finally:
+        storage.close()
+    chunks = [c for t in m.tensors.values() for c in t.chunks]
+    chunks += [t[1] for r in m.rank_local.values() for t in r.tensors if t is not None]
+    return sum(c.nbytes for c in chunks)
+
+
+# --- diff -------------------------------------------------------------------------------------------
+
+
+@main.command("diff")
+@click.argument("a")
+@click.argument("b")
+@_options
+def diff_command(a: str, b: str, as_json: bool, quiet: bool, storage_options: str | None) -> None:
+    """Compare checkpoints A and B key by key, streaming tensors (exit 0 identical, 1 different)."""
+    out = Output(as_json=as_json, quiet=quiet)
+    options = parse_storage_options(storage_options)
+    with _exit_on_errors(out):
+        total = _tensor_bytes(a, options)
+        with out.progress(total, "comparing") as advance:
+            report = diff_checkpoints(a, b, storage_options=options, progress=advance)
+    if as_json:
+        out.emit(
+            {
+                "a": a,
+                "b": b,
+                "identical": report.identical,
+                "only_in_a": list(report.only_in_a),
+                "only_in_b": list(report.only_in_b),
+                "changed": [{"key": c.key, "a": c.a, "b": c.b} for c in report.changed],
+                "tensors": [
+                    {"key": t.key, "equal": t.equal, "max_abs_diff": _json_float(t.max_abs_diff)}
+                    for t in report.tensors
+                ],
+                "values": [{"key": k, "equal": eq} for k, eq in sorted(report.values.items())],
+            }
+        )
+    else:
+        _print_diff(out, report)
+    sys.exit(EXIT_OK if report.identical else EXIT_PROBLEMS)
+
+
+def _json_float(x: float) -> float | str:
+    return x if x == x else "nan"  # JSON has no NaN
+
+
+def _print_diff(out: Output, report: Any) -> None:
+    lines = [f"only in A: {k}" for k in report.only_in_a]
+    lines += [f"only in B: {k}" for k in report.only_in_b]
+    lines += [f"changed: {c.key}: {c.a} -> {c.b}" for c in report.changed]
+    lines += [f"value differs: {k}" for k, eq in sorted(report.values.items()) if not eq]
+    for line in lines:
+        out.console.print(line, markup=False)
+    table = Table("key", "equal", "max abs diff", title="tensors in both", title_justify="left")
+    for t in report.tensors:
+        table.add_row(t.key, "yes" if t.equal else "NO", f"{t.max_abs_diff:.6g}")
+    if report.tensors:
+        out.table(table)
+    equal = sum(t.equal for t in report.tensors)
+    verdict = "identical" if report.identical else "different"
+    out.console.print(f"{verdict}: {equal} of {len(report.tensors)} common tensors equal", markup=False)
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    if n < 1024:
+        return f"{n} B"
+    size, units = n / 1024, ["KiB", "MiB", "GiB", "TiB"]
+    while size >= 1024 and len(units) > 1:
+        size, units = size / 1024, units[1:]
+    return f"{size:.1f} {units[0]}"
+
+
+def _register_interop() -> None:
+    """`export-hf` and `import-dcp` live in their own module, which adds them to `main`."""
+    from checkpoint import interop_cli  # imports this module's helpers lazily, so no import cycle
+
+    interop_cli.register(main)
+
+
+_register_interop()
+
+
+if __name__ == "__main__":
+    main()

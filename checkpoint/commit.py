@@ -1,0 +1,216 @@
+"""Step 4 of the save protocol: the commit, and the cleanup after it.
+
+Every rank hands its write result to the coordinator (`commit_save`, a
+collective). The coordinator refuses the save if any rank failed, checks that
+every reported shard file is stored with exactly the reported size, builds the
+metadata from the results and publishes it last: replacing an existing one
+only when the save passed overwrite=True, so that of two saves racing to one
+path with overwrite=False one commits and the other gets
+`CheckpointExistsError`. After a commit it deletes files of other saves that
+can no longer commit (see `checkpoint.lease` for which ones). Every rank
+learns the verdict, so all raise together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from checkpoint import lease
+from checkpoint.collectives import COORDINATOR, Exchange
+from checkpoint.save import PreparedSave, RankWriteResult
+from planners.errors import CheckpointExistsError, DistributedCheckpointError, StorageError
+from planners.metadata import (
+    CHECKSUM_BLOCK_BYTES,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    SHARD_FILE_RE,
+    ChunkRecord,
+    FileRecord,
+    Metadata,
+    RankLocalRecord,
+    TensorRecord,
+)
+from planners.values import JSON
+from storage.backend import CheckpointStorage
+
+logger = logging.getLogger(__name__)
+
+
+def commit_save(
+    storage: CheckpointStorage | None, exchange: Exchange, prepared: PreparedSave, result: RankWriteResult
+) -> Metadata | None:
+    """Gather write results; the coordinator checks them and writes the metadata last (collective).
+
+    `storage` may be None on a rank whose storage could not be opened (its `result` carries that
+    error); the rank still takes part, so the others fail now instead of at their timeout.
+
+    Raises:
+        CheckpointExistsError: on every rank, when the save passed overwrite=False and another save
+            committed at the path first (the metadata is published without replacing).
+        DistributedCheckpointError: on every rank, when any rank failed to write or the commit failed.
+    """
+    results = exchange.gather(result)
+    verdict: tuple[dict[int, str], BaseException | None] | None = None
+    metadata = None
+    if exchange.rank == COORDINATOR:
+        assert results is not None and prepared.draft is not None
+        metadata, verdict = _commit_on_coordinator(storage, prepared, results)
+    outcome, error = exchange.broadcast(verdict)
+    if error is not None:
+        raise error
+    if outcome:
+        raise DistributedCheckpointError(
+            f"save to {prepared.url} failed; the checkpoint was not committed", outcome
+        )
+    return metadata
+
+
+def _commit_on_coordinator(
+    storage: CheckpointStorage | None, prepared: PreparedSave, results: list[RankWriteResult]
+) -> tuple[Metadata | None, tuple[dict[int, str], BaseException | None]]:
+    """Check the stored sizes and publish the metadata; returns it and `(failures by rank, error)`."""
+    outcome = {r.rank: r.error for r in results if r.error is not None}
+    if outcome:
+        return None, (outcome, None)
+    assert storage is not None  # a rank without storage reports an error
+    try:
+        check_stored_sizes(storage, results)
+        metadata = build_metadata(prepared, results)
+        storage.publish(METADATA_FILE, metadata.to_json(), overwrite=prepared.overwrite)
+    except FileExistsError:
+        error = CheckpointExistsError(
+            f"another save committed a checkpoint at {storage.url} while this one (save {prepared.save_id}) was "
+            "writing; this save passed overwrite=False, so it was not committed and the other one stays"
+        )
+        return None, ({}, error)
+    except Exception as e:
+        logger.exception("committing %s failed", prepared.url)
+        return None, ({COORDINATOR: f"commit failed: {type(e).__name__}: {e}"}, None)
+    _remove_leftovers(storage, metadata)
+    return metadata, ({}, None)
+
+
+# Stat requests in flight while the coordinator checks sizes (one HeadObject per file on S3).
+SIZE_CHECK_THREADS = 16
+
+
+def check_stored_sizes(storage: CheckpointStorage, results: list[RankWriteResult]) -> None:
+    """Every file the ranks reported must be stored with exactly the size they reported.
+
+    Raises:
+        StorageError: a file is missing or its size differs, naming the file, its rank and both sizes.
+    """
+    reported = [(r.rank, name, nbytes) for r in results for name, nbytes in r.files.items()]
+
+    def problem(entry: tuple[int, str, int]) -> str | None:
+        rank, name, nbytes = entry
+        try:
+            stored = storage.size(name)
+        except FileNotFoundError:
+            return f"{storage.url}/{name}: rank {rank} reported {nbytes} bytes written but the file is gone"
+        if stored != nbytes:
+            return (
+                f"{storage.url}/{name}: rank {rank} reported {nbytes} bytes written but {stored} are stored"
+            )
+        return None
+
+    if len(reported) > 1:
+        with ThreadPoolExecutor(
+            min(SIZE_CHECK_THREADS, len(reported)), thread_name_prefix="shardsafe-stat"
+        ) as pool:
+            problems = list(pool.map(problem, reported))
+    else:
+        problems = [problem(e) for e in reported]
+    found = [p for p in problems if p is not None]
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise StorageError(found[0] + more)
+
+
+def build_metadata(prepared: PreparedSave, results: list[RankWriteResult]) -> Metadata:
+    """Complete the coordinator's draft with every rank's written byte ranges."""
+    draft = prepared.draft
+    assert draft is not None
+    chunks: dict[str, list[ChunkRecord]] = {fqn: [] for fqn in draft.global_plan.tensors}
+    rank_local_tensors: dict[str, list[Any]] = {}
+    rank_local_values: dict[str, list[JSON]] = {}
+    files = {}
+    for r in results:
+        files.update({name: FileRecord(nbytes=n, rank=r.rank) for name, n in r.files.items()})
+        for c in r.chunks:
+            record = ChunkRecord(
+                box=c.box,
+                file=c.file,
+                key=c.written.key,
+                offset_bytes=c.written.offset_bytes,
+                nbytes=c.written.nbytes,
+                checksums=c.written.checksums,
+            )
+            if c.rank_local:
+                rank_local_tensors.setdefault(c.fqn, [None] * len(results))[r.rank] = (c.dtype, record)
+            else:
+                chunks[c.fqn].append(record)
+        for fqn, v in r.rank_local_values.items():
+            rank_local_values.setdefault(fqn, [None] * len(results))[r.rank] = v
+    rank_local = {}
+    for fqn in set(rank_local_tensors) | set(rank_local_values):
+        ts = rank_local_tensors.get(fqn, [None] * len(results))
+        vs = rank_local_values.get(fqn, [None] * len(results))
+        rank_local[fqn] = RankLocalRecord(tensors=tuple(ts), values=tuple(vs))
+    tensors = {
+        fqn: TensorRecord(
+            dtype=dtype, shape=shape, chunks=tuple(sorted(chunks[fqn], key=lambda c: c.box.offsets))
+        )
+        for fqn, (dtype, shape) in draft.global_plan.tensors.items()
+    }
+    return Metadata(
+        version=FORMAT_VERSION,
+        save_id=prepared.save_id,
+        world_size=prepared.world_size,
+        checksum_block_bytes=CHECKSUM_BLOCK_BYTES,
+        tensors=tensors,
+        values=draft.values,
+        rank_local=rank_local,
+        files=files,
+        structure=draft.structure,
+        **draft.global_plan.grid_fields,
+    )
+
+
+def _remove_leftovers(storage: CheckpointStorage, metadata: Metadata) -> None:
+    """Delete files of other saves at this path that can no longer commit (only names shardsafe writes).
+
+    Saves with a live in-progress marker keep their files; and if another save has committed since this
+    one (the metadata's save id changed), nothing is deleted: that save's own cleanup runs instead.
+    """
+    try:
+        names = storage.list_names()
+        live, stale_markers = lease.live_save_ids(storage, names, own=metadata.save_id)
+        keep = live | {metadata.save_id}
+        stale = [
+            n
+            for n in names
+            if (m := SHARD_FILE_RE.fullmatch(n))
+            and m["save_id"] not in keep
+            or n.startswith(f".{METADATA_FILE}.tmp-")
+        ]
+        if not stale and not stale_markers:
+            return
+        if _committed_save_id(storage) != metadata.save_id:
+            logger.info(
+                "another save committed at %s after %s; leaving cleanup to it", storage.url, metadata.save_id
+            )
+            return
+        storage.remove(stale + stale_markers)
+    except Exception:  # the new checkpoint is committed; leftovers only cost space
+        logger.warning("could not remove stale files at %s", storage.url, exc_info=True)
+
+
+def _committed_save_id(storage: CheckpointStorage) -> str | None:
+    try:
+        return json.loads(storage.read_bytes(METADATA_FILE)).get("save_id")
+    except Exception:
+        return None

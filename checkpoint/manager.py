@@ -1,0 +1,363 @@
+"""CheckpointManager: the training-loop glue around a checkpointer (steps, resume, retention, preemption).
+
+A run is a root directory with one checkpoint per step (`ROOT/step-000000100/`,
+see `checkpoint.manager_steps`). Every rank calls the manager at the same
+points, as it calls `save`:
+
+- `load(state)` on start-up: rank 0 lists the run and shares the list; the
+  ranks try the newest complete step and agree on the outcome, so a step that
+  is damaged (bad metadata, a missing or corrupt shard file) is skipped by all
+  of them together, with a warning naming it, and the next older one is tried.
+  Incomplete steps (no commit marker) are never tried.
+- `save(step, state)` every step: a save happens when `step` is a multiple of
+  `interval_steps`, when forced, or after a preemption signal. With an async
+  checkpointer it returns once the state is staged.
+- Retention runs on rank 0 only, in the calling thread, and only once the save
+  that makes old steps redundant is committed: right after a sync save, and for
+  an async save at the first `save()` call that finds its write finished (or at
+  `wait_until_finished()` / `close()`). Because a load and a purge both run in the
+  trainer thread, a purge never deletes a step a load is reading; it never
+  deletes the newest complete step either.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import torch.distributed as dist
+
+from checkpoint.checkpointer import Checkpointer
+from checkpoint.manager_signals import PreemptionNotice, agreement_group, max_over_ranks
+from checkpoint.manager_steps import StepRecord, join, remove_step, scan_steps, step_dir_name
+from checkpoint.types import STATE_DICT, RankInfo
+from planners.errors import (
+    CheckpointStateError,
+    DistributedCheckpointError,
+    IncompleteCheckpointError,
+    InvalidCheckpointError,
+)
+from storage.redact import display_url
+
+logger = logging.getLogger(__name__)
+
+# Outcomes of one rank's attempt at loading a step; the ranks act on the worst (largest).
+_LOADED, _DAMAGED, _FAILED = 0, 1, 2
+# Errors that mean "this step cannot be loaded", as opposed to a target that does not fit it.
+_DAMAGE = (InvalidCheckpointError, IncompleteCheckpointError)
+_INCOMPLETE = "it has no readable metadata.json (the save was interrupted, or the file is damaged)"
+
+
+class CheckpointManager:
+    """Saves a training run's state every `interval_steps` steps under `root`, resumes it, prunes old steps.
+
+    Args:
+        root: the run's directory: local path or fsspec URL (`s3://bucket/run`).
+        checkpointer: a sync or async checkpointer (`make_sync_checkpointer`, `make_async_checkpointer`);
+            the manager does not close it.
+        keep_last: keep the newest `keep_last` complete steps (None: keep every step).
+        keep_every: also keep every step that is a multiple of `keep_every` (None: none extra).
+        interval_steps: `save(step, ...)` saves when `step % interval_steps == 0`.
+        save_on_signals: signals (e.g. `(signal.SIGTERM,)`) after which the next `save()` saves
+            whatever the interval and waits until the step is durable. Empty: no handler installed.
+        preemption_check_steps: in a multi-rank job, ranks agree on a received signal with one small
+            all-reduce at steps that are multiples of this (1: at every `save()` call).
+        storage_options: fsspec options for `root`; default: the checkpointer's.
+
+    Raises:
+        ValueError: an option is out of range, or signals are asked for outside the main thread.
+
+    Example:
+        >>> ckpt = checkpoint.make_async_checkpointer()
+        >>> mgr = checkpoint.CheckpointManager("/ckpts/run", checkpointer=ckpt, keep_last=3, interval_steps=100)
+        >>> start = mgr.load(state)  # None on a fresh start
+        >>> for step in range(0 if start is None else start + 1, 1000):
+        ...     train_step()
+        ...     mgr.save(step, state)
+        >>> mgr.close()
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        checkpointer: Checkpointer,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        interval_steps: int = 1,
+        save_on_signals: Sequence[int] = (),
+        preemption_check_steps: int = 1,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(root, str) or not root:
+            raise TypeError(f"root must be a non-empty str, got {root!r}")
+        _check_count("keep_last", keep_last, optional=True)
+        _check_count("keep_every", keep_every, optional=True)
+        _check_count("interval_steps", interval_steps)
+        _check_count("preemption_check_steps", preemption_check_steps)
+        self.root = root.rstrip("/")
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.interval_steps, self.preemption_check_steps = interval_steps, preemption_check_steps
+        self._ckpt = checkpointer
+        self._storage_options = (
+            storage_options if storage_options is not None else checkpointer.storage_options
+        )
+        self._rank = RankInfo.detect().global_rank
+        self._group = agreement_group()  # collective when distributed: every rank builds the manager
+        self._notice = PreemptionNotice(tuple(save_on_signals), self._group)
+        self._pending: tuple[int, Future[None]] | None = None  # async save in flight: (step, write future)
+        self._newest: int | None = None  # newest step saved or loaded by this manager
+        self._damaged: set[int] = set()  # complete steps a load found unreadable (re-saving overwrites)
+        self._preempted = False
+        self._closed = False
+
+    # --- queries (any rank, no collective) --------------------------------------------------------
+
+    def steps(self) -> list[StepRecord]:
+        """Every step directory of the run, oldest first (complete or not)."""
+        return [record for _, record in scan_steps(self.root, self._storage_options)]
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None when there is none."""
+        complete = [r.step for r in self.steps() if r.complete]
+        return max(complete) if complete else None
+
+    @property
+    def preempted(self) -> bool:
+        """True once a preemption signal was agreed on (the training loop should stop after `save()`)."""
+        return self._preempted
+
+    # --- save -------------------------------------------------------------------------------------
+
+    def save(self, step: int, state: STATE_DICT, *, force: bool = False) -> bool:
+        """Save `state` as `step` if the interval, `force` or a preemption signal says so (every rank calls it).
+
+        Returns:
+            Whether a save was started (sync: committed; async: staged, written in the background).
+            A step not newer than the newest one this manager saved or loaded is never saved again.
+
+        Raises:
+            The checkpointer's errors, e.g. `WriterProcessError` when the previous async save failed.
+        """
+        self._check_open()
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise TypeError(f"step must be an int >= 0, got {step!r}")
+        self._purge_if_committed()
+        preempted = self._check_preemption(step)
+        if not (force or preempted or step % self.interval_steps == 0):
+            return False
+        if self._newest is not None and step <= self._newest:
+            logger.warning("not saving step %d: step %d is already saved or loaded", step, self._newest)
+            return False
+        self._start_save(step, state)
+        if preempted:
+            self.wait_until_finished()  # durable before the scheduler's SIGKILL
+            self._notice.clear()
+            self._preempted = True
+            logger.warning("preemption signal: step %d saved and durable at %s", step, self._step_url(step))
+        return True
+
+    def _check_preemption(self, step: int) -> bool:
+        if self._group is None or step % self.preemption_check_steps == 0:
+            return self._notice.agree()
+        return False
+
+    def _start_save(self, step: int, state: STATE_DICT) -> None:
+        path = join(self.root, step_dir_name(step))
+        start = time.perf_counter()
+        self._pending = None  # a failed previous save is raised by the checkpointer's save() below
+        result = self._ckpt.save(state, path, overwrite=step in self._damaged)
+        self._newest = step
+        if result is None:
+            logger.info("step %d saved to %s in %.3fs", step, display_url(path), time.perf_counter() - start)
+            self._purge()
+            return
+        stage_future, write_future = result
+        stage_future.result()  # from here on the training may change its tensors
+        self._pending = (step, write_future)
+        logger.info(
+            "step %d staged for %s in %.3fs; writing in the background",
+            step,
+            display_url(path),
+            time.perf_counter() - start,
+        )
+
+    def wait_until_finished(self) -> None:
+        """Wait for the async save in flight (if any), raise its failure, then prune (rank 0)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        pending[1].result()
+        self._purge()
+
+    def _purge_if_committed(self) -> None:
+        """Prune once the async save in flight has committed; a failed one is the checkpointer's to raise."""
+        if self._pending is None or not self._pending[1].done():
+            return
+        _, future = self._pending
+        if future.exception() is None:
+            self._pending = None
+            self._purge()
+
+    # --- retention (rank 0) -----------------------------------------------------------------------
+
+    def _purge(self) -> None:
+        """Delete what retention no longer keeps; a failure is logged, never raised.
+
+        Only rank 0 runs this, so an exception here would leave the other ranks waiting in
+        the next collective; a step that could not be deleted is retried at the next purge.
+        """
+        if self._rank != 0:
+            return
+        try:
+            self._delete_unkept()
+        except Exception as e:
+            logger.warning(
+                "pruning old steps under %s failed (retried after the next save): %s",
+                display_url(self.root),
+                e,
+            )
+
+    def _delete_unkept(self) -> None:
+        found = scan_steps(self.root, self._storage_options)
+        complete = [r.step for _, r in found if r.complete]
+        if not complete:
+            return
+        keep = set(complete if self.keep_last is None else complete[-self.keep_last :])
+        keep |= {s for s in complete if self.keep_every is not None and s % self.keep_every == 0}
+        keep.add(complete[-1])  # the step a restart would load
+        for path, record in found:
+            stale = record.complete and record.step not in keep
+            leftover = not record.complete and record.step < complete[-1]
+            if stale or leftover:
+                remove_step(path, self._storage_options)
+                logger.info(
+                    "deleted %s step %d (%s)", "old" if stale else "incomplete", record.step, record.path
+                )
+
+    # --- load -------------------------------------------------------------------------------------
+
+    def load(self, state: STATE_DICT, step: int | None = None, strict: bool = True) -> int | None:
+        """Load a step into `state` (every rank calls it); resharding as the checkpointer's `load`.
+
+        Args:
+            state: the target state dict; filled in place.
+            step: the step to load; None: the newest complete step whose checkpoint loads.
+            strict: every key of `state` must be in the checkpoint (`MissingKeysError` otherwise).
+
+        Returns:
+            The step loaded, or None when the run has no complete step (a fresh start).
+
+        Raises:
+            FileNotFoundError: `step` was given and the run has no such step;
+                `IncompleteCheckpointError` (a subclass) when it was never committed.
+            MismatchError, MissingKeysError: the target does not fit the checkpoint.
+            DistributedCheckpointError: another rank's load failed that way.
+        """
+        self._check_open()
+        self.wait_until_finished()
+        found = self._shared_listing()
+        if step is not None:
+            return self._load_named(state, step, found, strict)
+        complete = [(path, r) for path, r in found if r.complete]
+        self._damaged |= {r.step for _, r in found if not r.complete}  # saving such a step replaces it
+        for _, record in found if self._rank == 0 else ():  # one warning per job, not per rank
+            if not record.complete and (not complete or record.step > complete[0][1].step):
+                logger.warning("skipping step %d at %s: %s", record.step, record.path, _INCOMPLETE)
+        for path, record in reversed(complete):
+            if self._try_load(state, path, record, strict):
+                return record.step
+        logger.info("no loadable step under %s: starting fresh", display_url(self.root))
+        return None
+
+    def _load_named(
+        self, state: STATE_DICT, step: int, found: list[tuple[str, StepRecord]], strict: bool
+    ) -> int:
+        match = [(path, r) for path, r in found if r.step == step]
+        if not match:
+            raise FileNotFoundError(f"no step {step} under {display_url(self.root)}")
+        path, record = match[0]
+        if not record.complete:
+            raise IncompleteCheckpointError(f"step {step} at {record.path}: {_INCOMPLETE}")
+        self._try_load(state, path, record, strict, skip_damaged=False)  # raises unless loaded
+        return step
+
+    def _shared_listing(self) -> list[tuple[str, StepRecord]]:
+        """Rank 0's listing of the run, the same on every rank (one listing instead of one per rank)."""
+        records = scan_steps(self.root, self._storage_options) if self._rank == 0 else None
+        if self._group is None:
+            return records
+        box = [records]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+    def _try_load(
+        self, state: STATE_DICT, path: str, record: StepRecord, strict: bool, *, skip_damaged: bool = True
+    ) -> bool:
+        """Load one step on every rank; True when all loaded, False when it is damaged on some rank."""
+        error: BaseException | None = None
+        outcome = _LOADED
+        start = time.perf_counter()
+        try:
+            self._ckpt.load(path, state, strict=strict)
+        except _DAMAGE as e:
+            error, outcome = e, _DAMAGED
+        except Exception as e:  # every rank must learn of it before any raises, or the others hang
+            error, outcome = e, _FAILED
+        worst = max_over_ranks(outcome, self._group)
+        if worst == _LOADED:
+            self._newest = record.step
+            logger.info(
+                "loaded step %d from %s in %.3fs", record.step, record.path, time.perf_counter() - start
+            )
+            return True
+        if worst == _FAILED or not skip_damaged:
+            if error is not None:
+                raise error
+            raise DistributedCheckpointError(
+                f"loading step {record.step} from {record.path} failed on another rank (see its error)"
+            )
+        self._damaged.add(record.step)
+        if error is None and self._rank != 0:
+            return False  # rank 0 names the step; the rank that failed gives its reason
+        reason = f"{type(error).__name__}: {error}" if error is not None else "unreadable on another rank"
+        logger.warning("skipping step %d at %s: it cannot be loaded (%s)", record.step, record.path, reason)
+        return False
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Wait for the save in flight, prune, and put back the signal handlers (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait_until_finished()
+        finally:
+            self._notice.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointStateError("CheckpointManager is closed")
+
+    def _step_url(self, step: int) -> str:
+        return display_url(join(self.root, step_dir_name(step)))
+
+
+def _check_count(name: str, value: Any, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
+
+
+__all__ = ["CheckpointManager", "StepRecord"]
