@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-import crc32c
 import torch
 
+from planners.checksums import block_checksums
 from planners.dtypes import dtype_from_code, safetensors_code
 from planners.errors import InvalidCheckpointError, StorageError
 
@@ -114,9 +114,7 @@ def write_safetensors(
         checksums = []
         for s in range(0, n, slice_bytes):
             piece = data[s : s + slice_bytes]
-            checksums.extend(
-                crc32c.crc32c(piece[b : b + block_bytes]) for b in range(0, len(piece), block_bytes)
-            )
+            checksums.extend(block_checksums(piece, block_bytes))
             write_exact(f, piece)
         written.append(
             WrittenTensor(key=key, offset_bytes=len(head) + start, nbytes=n, checksums=tuple(checksums))
