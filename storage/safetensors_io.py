@@ -136,7 +136,6 @@ class HeaderEntry:
 class SafetensorsHeader:
     """A validated safetensors header: entries tile the data area exactly."""
 
-    data_offset_bytes: int  # where the data area starts: prefix + header length
     file_bytes: int
     metadata: dict[str, str]
     tensors: dict[str, HeaderEntry]
@@ -218,9 +217,7 @@ def parse_header(raw: bytes, *, file_bytes: int, where: str) -> SafetensorsHeade
         raise InvalidCheckpointError(
             f"{where}: tensors cover {end} bytes but the data area holds {data_bytes}: the file is truncated or padded"
         )
-    return SafetensorsHeader(
-        data_offset_bytes=data_start, file_bytes=file_bytes, metadata=metadata, tensors=tensors
-    )
+    return SafetensorsHeader(file_bytes=file_bytes, metadata=metadata, tensors=tensors)
 
 
 def _header_entry(key: str, entry: Any, data_start: int, data_bytes: int, where: str) -> HeaderEntry:
