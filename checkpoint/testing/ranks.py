@@ -76,6 +76,12 @@ class _RankSetup:
     device: str
     share_cores: bool
 
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+
 
 def _rank_main(
     fn: Callable[..., Any], rank: int, setup: _RankSetup, args: tuple[Any, ...], conn: Connection
@@ -122,7 +128,7 @@ def run_ranks(
     device: str = "cpu",
     share_cores: bool = False,
 ) -> list[Any]:
-    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks and returns their results.
+    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks and returns their results, by rank.
 
     Args:
         fn: a module-level (picklable) function; its return value must be picklable too.
@@ -130,31 +136,15 @@ def run_ranks(
         *args: extra picklable arguments passed to ``fn`` on every rank.
         timeout_s: deadline for the whole run, start-up included; also the process group's collective timeout.
         env: extra environment variables set in every rank before the process group is created.
-        device: ``"cpu"`` (gloo) or ``"cuda"`` (each rank takes GPU ``rank % device_count`` and NCCL joins gloo
-            when every rank has a GPU of its own, see :func:`backend_for`).
-        share_cores: give each rank ``cpu_count // world_size`` torch threads, as torchrun does; benchmarks set
-            it so that ranks do not oversubscribe the cores.
-
-    Returns:
-        The return values, indexed by rank.
+        device: ``"cpu"``, or ``"cuda"``: rank r takes GPU ``r % device_count`` (backend: :func:`backend_for`).
+        share_cores: give each rank ``cpu_count // world_size`` torch threads, as torchrun does (benchmarks).
 
     Raises:
         RankFailures: a rank raised (its traceback is included) or exited without reporting (its exit code is).
         RankTimeout: ranks were still running after ``timeout_s``; they are killed and named.
 
-    Example:
-        >>> def _sum_of_ranks(rank: int, world_size: int) -> int:  # module level in the test file
-        ...     t = torch.tensor([rank])
-        ...     dist.all_reduce(t)
-        ...     return int(t)
-        >>> run_ranks(_sum_of_ranks, 3)  # doctest: +SKIP
-        [3, 3, 3]
+    Example: ``run_ranks(_sum_of_ranks, 3) == [3, 3, 3]`` where ``_sum_of_ranks`` all-reduces ``[rank]``.
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    ctx = mp.get_context("spawn")
     setup = _RankSetup(
         world_size=world_size,
         port=free_port(),
@@ -163,21 +153,17 @@ def run_ranks(
         device=device,
         share_cores=share_cores,
     )
-    deadline = time.monotonic() + timeout_s
+    return _run(fn, args, setup)
+
+
+def _run(fn: Callable[..., Any], args: tuple[Any, ...], setup: _RankSetup) -> list[Any]:
+    """Spawns the ranks, collects their reports, and always reaps every process and pipe."""
+    ctx = mp.get_context("spawn")
+    deadline = time.monotonic() + setup.timeout_s
     procs: list[BaseProcess] = []
     readers: list[Connection] = []
     try:
-        for rank in range(world_size):
-            reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(
-                target=_rank_main,
-                args=(fn, rank, setup, args, writer),
-                name=f"rank{rank}",
-            )
-            proc.start()
-            writer.close()  # the child holds the only write end, so its death shows up as EOF here
-            procs.append(proc)
-            readers.append(reader)
+        _spawn(ctx, fn, setup, args, procs, readers)
         results, failures, timed_out = _collect(procs, readers, deadline)
     finally:
         for proc in procs:
@@ -187,10 +173,28 @@ def run_ranks(
         for reader in readers:
             reader.close()
     if timed_out:
-        raise RankTimeout(failures, what=f"ranks did not finish within {timeout_s} s")
+        raise RankTimeout(failures, what=f"ranks did not finish within {setup.timeout_s} s")
     if failures:
         raise RankFailures(failures)
-    return [results[rank] for rank in range(world_size)]
+    return [results[rank] for rank in range(setup.world_size)]
+
+
+def _spawn(
+    ctx: Any,
+    fn: Callable[..., Any],
+    setup: _RankSetup,
+    args: tuple[Any, ...],
+    procs: list[BaseProcess],
+    readers: list[Connection],
+) -> None:
+    """Starts one process per rank; appends each to `procs` and its result pipe to `readers` (for cleanup)."""
+    for rank in range(setup.world_size):
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_rank_main, args=(fn, rank, setup, args, writer), name=f"rank{rank}")
+        proc.start()
+        writer.close()  # the child holds the only write end, so its death shows up as EOF here
+        procs.append(proc)
+        readers.append(reader)
 
 
 def _collect(
