@@ -92,12 +92,7 @@ class PreparedSave:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WrittenChunk:
-    """One chunk as a rank wrote it: which tensor and box it is (from the plan) and where it landed.
-
-    The writer (`storage.safetensors_io`) knows only safetensors keys and byte ranges (`WrittenTensor`); the
-    commit needs to know which key and box those bytes hold, so this pairs the plan's side with the writer's.
-    It travels from every rank to the coordinator, which turns it into the metadata's `ChunkRecord`.
-    """
+    """One chunk as written: the plan's key, box and dtype, with where the writer put its bytes (`WrittenTensor`)."""
 
     fqn: str
     box: Box
@@ -109,12 +104,7 @@ class WrittenChunk:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RankWriteResult:
-    """What one rank reports to the coordinator after writing its shard files (picklable, small).
-
-    The coordinator commits only when every rank reported without `error`: it checks each file's stored size
-    against `files`, then assembles the metadata from `chunks` and `rank_local_values`. A failed rank still
-    reports (with `error` set), so no rank waits on it and every rank raises the same error.
-    """
+    """A rank's report to the coordinator: the file sizes and chunks to commit, or the error that stops it."""
 
     rank: int
     files: dict[str, int] = field(default_factory=dict)  # name -> nbytes
