@@ -40,7 +40,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 import checkpoint
-from benchmarks.launch import run_ranks
+from checkpoint.testing.ranks import run_ranks
 
 MiB = 1024**2
 COLUMNS = 4096  # float32 columns per tensor row: 16 KiB rows, so any size is a whole number of rows
@@ -198,7 +198,9 @@ def measure(
         raise ValueError(f"saves must be at least 2 (one first save, one steady), got {saves}")
     scratch = tempfile.mkdtemp(prefix="shardsafe-async-bench-") if root is None else root
     try:
-        results = run_ranks(_rank, world_size, total_bytes, num_tensors, saves, scratch, timeout_s=1800)
+        results = run_ranks(
+            _rank, world_size, total_bytes, num_tensors, saves, scratch, timeout_s=1800, share_cores=True
+        )
     finally:
         if root is None:
             shutil.rmtree(scratch, ignore_errors=True)

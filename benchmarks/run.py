@@ -40,11 +40,11 @@ from benchmarks import scenarios
 from benchmarks.chart import write_chart
 from benchmarks.comparisons import add_ratios
 from benchmarks.config import BenchConfig, MiB
-from benchmarks.launch import run_ranks
 from benchmarks.report import format_plugins, format_table, machine_description, write_json
 from benchmarks.state import StateSpec
 from benchmarks.stats import DCP, OURS, Results
 from benchmarks.systems import describe_systems
+from checkpoint.testing.ranks import run_ranks
 
 logger = logging.getLogger("benchmarks.run")
 
@@ -131,15 +131,25 @@ def measure(cfg: BenchConfig) -> tuple[Results, dict[str, float]]:
     logger.info("save, memory and planning scenarios on %d ranks", cfg.save_world_size)
     collect(
         run_ranks(
-            scenarios.save_side, cfg.save_world_size, cfg, device=cfg.spec.device, timeout_s=cfg.timeout_s
+            scenarios.save_side,
+            cfg.save_world_size,
+            cfg,
+            device=cfg.spec.device,
+            timeout_s=cfg.timeout_s,
+            share_cores=True,
         )[0]
     )
     for world_size in cfg.load_world_sizes:
         logger.info("load scenario on %d fresh ranks", world_size)
         collect(
-            run_ranks(scenarios.load_side, world_size, cfg, device=cfg.spec.device, timeout_s=cfg.timeout_s)[
-                0
-            ]
+            run_ranks(
+                scenarios.load_side,
+                world_size,
+                cfg,
+                device=cfg.spec.device,
+                timeout_s=cfg.timeout_s,
+                share_cores=True,
+            )[0]
         )
     _add_bandwidths(results, info.get("rank_bytes", 0.0))
     if not hasattr(checkpoint, "make_async_checkpointer"):

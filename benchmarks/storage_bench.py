@@ -2,12 +2,13 @@
 
 Two comparisons, each in one run so both sides see the same machine:
 
-* S3 (a SeaweedFS server on loopback, started here with the test suite's launcher): a one-rank
+* S3 (a SeaweedFS server on loopback, started here with `checkpoint.testing.s3server`): a one-rank
   `save` and a resharding-free `load` of a state dict, against s3fs moving the same bytes as one
   stream (its own write stream, whose multipart parts go one after another, and one ranged GET).
   The target is a save at least 2x the single stream. On loopback nothing limits one stream, so both
   sides run into the server's own speed; the same comparison is therefore also made through a proxy
-  that limits each TCP connection, as one stream to a remote store is limited in practice.
+  that limits each TCP connection (`checkpoint.testing.throttle`), as one stream to a remote store is
+  limited in practice.
 * Local disk: the same `save` against `dd conv=fdatasync` writing as many bytes (target: 0.9x), and
   the load (page-cache hot, as right after a save) against `dd` reading the file back.
 
@@ -18,29 +19,27 @@ Two comparisons, each in one run so both sides see the same machine:
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import logging
-import multiprocessing
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script: make the packages and the test launcher importable
+if str(REPO_ROOT) not in sys.path:  # run as a script: make the packages importable
     sys.path.insert(0, str(REPO_ROOT))
 
 import checkpoint  # noqa: E402
-from tests.s3server import SeaweedS3Server  # noqa: E402
+from checkpoint.testing.s3server import SeaweedS3Server  # noqa: E402
+from checkpoint.testing.throttle import throttled_link  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -189,59 +188,6 @@ def _local_bench(state: dict[str, torch.Tensor], nbytes: int, root: Path, repeat
         "load_vs_dd": round(rate["load"] / rate["dd_read"], 2),
         "seconds": {name: [round(t, 3) for t in ts] for name, ts in times.items()},
     }
-
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, bytes_per_s: float) -> None:
-    """Copy one direction of a connection, never faster than `bytes_per_s` (no burst credit when idle)."""
-    loop = asyncio.get_running_loop()
-    free_at = loop.time()
-    try:
-        while data := await reader.read(256 * 1024):
-            writer.write(data)
-            await writer.drain()
-            free_at = max(free_at, loop.time()) + len(data) / bytes_per_s
-            await asyncio.sleep(max(0.0, free_at - loop.time()))
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
-
-def _serve_throttled(target_port: int, bytes_per_s: float, ready: Any) -> None:
-    """A TCP proxy on a free loopback port that limits every connection to `bytes_per_s` each way."""
-
-    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", target_port)
-        await asyncio.gather(_pump(client_r, server_w, bytes_per_s), _pump(server_r, client_w, bytes_per_s))
-
-    async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        ready.send(server.sockets[0].getsockname()[1])
-        await server.serve_forever()
-
-    asyncio.run(main())
-
-
-@contextlib.contextmanager
-def throttled_link(endpoint_url: str, bytes_per_s: float) -> Iterator[str]:
-    """An endpoint URL that reaches `endpoint_url` through a per-connection bandwidth limit.
-
-    One TCP stream to a real object store is limited well below the host's link (window and round
-    trip, per-connection server limits), which is why clients send parts and ranges in parallel. On
-    loopback nothing limits a stream, so this proxy puts that limit back, in a process of its own.
-    """
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    target_port = int(endpoint_url.rsplit(":", 1)[1])
-    proc = ctx.Process(target=_serve_throttled, args=(target_port, bytes_per_s, send), daemon=True)
-    proc.start()
-    try:
-        if not receive.poll(60):
-            raise RuntimeError("the throttling proxy did not start within 60 s")
-        yield f"http://127.0.0.1:{receive.recv()}"
-    finally:
-        proc.kill()
-        proc.join()
 
 
 def run_storage_bench(

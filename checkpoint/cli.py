@@ -18,106 +18,22 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
-import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from checkpoint.cli_common import Output, exit_on_errors, human_bytes, parse_storage_options, shared_options
 from checkpoint.diff import diff_checkpoints
 from checkpoint.load import read_metadata
 from checkpoint.manager_steps import list_step_dirs, modified_at, scan_steps
-from checkpoint.verify import EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_PROBLEMS, verify
-from planners.errors import CheckpointError, InvalidCheckpointError, PickleNotAllowedError
+from checkpoint.verify import EXIT_OK, EXIT_PROBLEMS, verify
+from planners.errors import InvalidCheckpointError, PickleNotAllowedError
 from planners.metadata import FORMAT_NAME, METADATA_FILE, Metadata
 from planners.values import decode_value
 from storage.backend import open_storage
-
-
-class Output:
-    """Where a command's results, messages and progress go (see the module docstring)."""
-
-    def __init__(self, *, as_json: bool, quiet: bool) -> None:
-        self.as_json, self.quiet = as_json, quiet
-        out = Console(highlight=False, soft_wrap=False)
-        # Off a terminal rich would wrap tables at 80 columns; a pipe or file gets whole lines.
-        self.console = out if out.is_terminal else Console(highlight=False, width=10_000, color_system=None)
-        err = Console(stderr=True, highlight=False)
-        self.err = (
-            err if err.is_terminal else Console(stderr=True, highlight=False, width=10_000, color_system=None)
-        )
-
-    def emit(self, doc: Any) -> None:
-        sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-
-    def note(self, text: str) -> None:
-        """A message for people: stderr, silenced by --quiet."""
-        if not self.quiet:
-            self.err.print(text, markup=False)
-
-    def table(self, table: Table) -> None:
-        if not self.console.is_terminal:
-            table.box = None  # plain columns for pipes and files
-        self.console.print(table)
-
-    @contextmanager
-    def progress(self, total: int, what: str) -> Iterator[Callable[[int], None]]:
-        """A byte progress bar on stderr (only on a terminal); yields the function that advances it."""
-        if self.as_json or self.quiet or not self.err.is_terminal:
-            yield lambda n: None
-            return
-        columns = (TextColumn(what), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=self.err, transient=True) as bar:
-            task = bar.add_task(what, total=total)
-            yield lambda n: bar.advance(task, n)
-
-
-def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The options every subcommand shares."""
-    fn = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (for scripts).")(
-        fn
-    )
-    fn = click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages on stderr.")(fn)
-    return click.option(
-        "--storage-options",
-        default=None,
-        metavar="JSON",
-        envvar="SHARDSAFE_STORAGE_OPTIONS",
-        help="fsspec options for remote paths as a JSON object, e.g. endpoint and credentials "
-        "(or set SHARDSAFE_STORAGE_OPTIONS).",
-    )(fn)
-
-
-def parse_storage_options(text: str | None) -> dict[str, Any] | None:
-    """The --storage-options value; a bad one is a usage error (exit 2)."""
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise click.BadParameter(f"not JSON: {e}", param_hint="--storage-options") from None
-    if not isinstance(value, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--storage-options")
-    return value
-
-
-@contextmanager
-def _exit_on_errors(out: Output) -> Iterator[None]:
-    """Errors become a one-line message on stderr and the documented exit status."""
-    try:
-        yield
-    except InvalidCheckpointError as e:
-        out.err.print(f"error: {type(e).__name__}: {e}", markup=False)
-        sys.exit(EXIT_PROBLEMS)
-    except (FileNotFoundError, CheckpointError) as e:
-        out.err.print(f"error: {type(e).__name__}: {e}", markup=False)
-        sys.exit(EXIT_NO_CHECKPOINT)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -138,12 +54,12 @@ def main() -> None:
 
 @main.command("ls")
 @click.argument("root")
-@_options
+@shared_options
 def ls_command(root: str, as_json: bool, quiet: bool, storage_options: str | None) -> None:
     """List the steps of a run under ROOT (as CheckpointManager.steps()), oldest first."""
     out = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
-    with _exit_on_errors(out):
+    with exit_on_errors(out):
         records = [r for _, r in scan_steps(root, options)]
     if as_json:
         out.emit({"root": root, "steps": [r.to_json() for r in records]})
@@ -165,14 +81,14 @@ def ls_command(root: str, as_json: bool, quiet: bool, storage_options: str | Non
 @main.command("inspect")
 @click.argument("path")
 @click.option("--keys", "pattern", default=None, metavar="PATTERN", help="Only keys matching this glob.")
-@_options
+@shared_options
 def inspect_command(
     path: str, pattern: str | None, as_json: bool, quiet: bool, storage_options: str | None
 ) -> None:
     """Show what the checkpoint at PATH holds: format, world size, tensors and values."""
     out = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
-    with _exit_on_errors(out):
+    with exit_on_errors(out):
         storage = open_storage(path, storage_options=options)
         try:
             metadata = _read_or_explain(storage, path, options)
@@ -272,14 +188,14 @@ def _print_inspect(out: Output, doc: dict) -> None:
 @main.command("verify")
 @click.argument("path")
 @click.option("--io-threads", type=click.IntRange(min=1), default=4, show_default=True)
-@_options
+@shared_options
 def verify_command(
     path: str, io_threads: int, as_json: bool, quiet: bool, storage_options: str | None
 ) -> None:
     """Check every file, header and checksum of the checkpoint at PATH (exit 0 verified, 1 problems, 2 none)."""
     out = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
-    with _exit_on_errors(out):
+    with exit_on_errors(out):
         total = _tensor_bytes(path, options)
         with out.progress(total, "verifying") as advance:
             report = verify(path, storage_options=options, io_threads=io_threads, progress=advance)
@@ -333,12 +249,12 @@ def _tensor_bytes(path: str, options: dict[str, Any] | None) -> int:
 @main.command("diff")
 @click.argument("a")
 @click.argument("b")
-@_options
+@shared_options
 def diff_command(a: str, b: str, as_json: bool, quiet: bool, storage_options: str | None) -> None:
     """Compare checkpoints A and B key by key, streaming tensors (exit 0 identical, 1 different)."""
     out = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
-    with _exit_on_errors(out):
+    with exit_on_errors(out):
         total = _tensor_bytes(a, options)
         with out.progress(total, "comparing") as advance:
             report = diff_checkpoints(a, b, storage_options=options, progress=advance)
@@ -384,19 +300,9 @@ def _print_diff(out: Output, report: Any) -> None:
     out.console.print(f"{verdict}: {equal} of {len(report.tensors)} common tensors equal", markup=False)
 
 
-def human_bytes(n: int) -> str:
-    """1536 -> '1.5 KiB'."""
-    if n < 1024:
-        return f"{n} B"
-    size, units = n / 1024, ["KiB", "MiB", "GiB", "TiB"]
-    while size >= 1024 and len(units) > 1:
-        size, units = size / 1024, units[1:]
-    return f"{size:.1f} {units[0]}"
-
-
 def _register_interop() -> None:
     """`export-hf` and `import-dcp` live in their own module, which adds them to `main`."""
-    from checkpoint import interop_cli  # imports this module's helpers lazily, so no import cycle
+    from checkpoint import interop_cli  # it imports `main`'s module lazily: no import cycle
 
     interop_cli.register(main)
 

@@ -22,11 +22,11 @@ from checkpoint import lease
 from checkpoint.collectives import COORDINATOR, Exchange
 from checkpoint.save import PreparedSave, RankWriteResult
 from planners.errors import CheckpointExistsError, DistributedCheckpointError, StorageError
+from planners.leftovers import leftover_names
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
     FORMAT_VERSION,
     METADATA_FILE,
-    SHARD_FILE_RE,
     ChunkRecord,
     FileRecord,
     Metadata,
@@ -189,14 +189,7 @@ def _remove_leftovers(storage: CheckpointStorage, metadata: Metadata) -> None:
     try:
         names = storage.list_names()
         live, stale_markers = lease.live_save_ids(storage, names, own=metadata.save_id)
-        keep = live | {metadata.save_id}
-        stale = [
-            n
-            for n in names
-            if (m := SHARD_FILE_RE.fullmatch(n))
-            and m["save_id"] not in keep
-            or n.startswith(f".{METADATA_FILE}.tmp-")
-        ]
+        stale = leftover_names(names, keep=live | {metadata.save_id})  # live saves may still commit
         if not stale and not stale_markers:
             return
         if _committed_save_id(storage) != metadata.save_id:

@@ -100,48 +100,62 @@ def import_dcp(
         FileNotFoundError: `dcp_dir` holds no `.metadata`.
         CheckpointExistsError: `out` already holds a committed checkpoint.
 
-    Example:
-        >>> import_dcp("/runs/titan/step-1000", "/ckpt/step-1000", trust_pickle=True)
-        DcpImportResult(tensors=..., values=..., total_bytes=..., files=(...))
+    Example: `import_dcp("/runs/titan/step-1000", "/ckpt/step-1000", trust_pickle=True)`.
     """
     reader = _open_dcp(dcp_dir, trust_pickle=trust_pickle, storage_options=storage_options)
+    target = open_storage(out, storage_options=storage_options)
+    try:
+        return _convert(reader, target, dcp_dir, max_file_bytes=max_file_bytes, progress=progress)
+    finally:
+        target.close()
+
+
+def _convert(
+    reader: Any,
+    target: CheckpointStorage,
+    dcp_dir: str,
+    *,
+    max_file_bytes: int,
+    progress: Callable[[int, int], None] | None,
+) -> DcpImportResult:
+    """`import_dcp` once both sides are open: shard files first, then the metadata, which commits."""
     dcp_metadata = reader.read_metadata()
     entries = dcp_metadata.state_dict_metadata
     layout = _regroup(entries, dcp_metadata.planner_data)
-    target = open_storage(out, storage_options=storage_options)
-    try:
-        if target.exists(METADATA_FILE):
-            raise CheckpointExistsError(
-                f"{target.url} already holds a committed checkpoint; choose another path"
-            )
-        target.prepare()
-        save_id = secrets.token_hex(6)
-        total = sum(_nbytes(entries[k]) for k in layout.tensors.values())
-        tick = (lambda n: progress(n, total)) if progress is not None else None
-        records, files = _write_tensors(target, layout, entries, save_id, reader, max_file_bytes, tick)
-        metadata = Metadata(
-            version=FORMAT_VERSION,
-            save_id=save_id,
-            world_size=1,
-            checksum_block_bytes=CHECKSUM_BLOCK_BYTES,
-            tensors=records,
-            values=_read_values(reader, layout.values),
-            rank_local={},
-            files=files,
-            structure=layout.structure,
-        )
-        target.publish(METADATA_FILE, metadata.to_json())  # the commit: last, as in any save
-    finally:
-        target.close()
+    _prepare_target(target)
+    save_id = secrets.token_hex(6)
+    total = sum(_nbytes(entries[k]) for k in layout.tensors.values())
+    tick = (lambda n: progress(n, total)) if progress is not None else None
+    records, files = _write_tensors(target, layout, entries, save_id, reader, max_file_bytes, tick)
+    metadata = Metadata(
+        version=FORMAT_VERSION,
+        save_id=save_id,
+        world_size=1,
+        checksum_block_bytes=CHECKSUM_BLOCK_BYTES,
+        tensors=records,
+        values=_read_values(reader, layout.values),
+        rank_local={},
+        files=files,
+        structure=layout.structure,
+    )
+    target.publish(METADATA_FILE, metadata.to_json())  # the commit: last, as in any save
     logger.info(
-        "imported %d tensors and %d values from %s into %s", len(records), len(layout.values), dcp_dir, out
+        "imported %d tensors and %d values from %s into %s",
+        len(records),
+        len(layout.values),
+        dcp_dir,
+        target.url,
     )
     return DcpImportResult(
-        tensors=len(records),
-        values=len(layout.values),
-        total_bytes=sum(_nbytes(entries[k]) for k in layout.tensors.values()),
-        files=tuple(files),
+        tensors=len(records), values=len(layout.values), total_bytes=total, files=tuple(files)
     )
+
+
+def _prepare_target(target: CheckpointStorage) -> None:
+    """Refuse a path that holds a committed checkpoint (an import never overwrites), then create it."""
+    if target.exists(METADATA_FILE):
+        raise CheckpointExistsError(f"{target.url} already holds a committed checkpoint; choose another path")
+    target.prepare()
 
 
 def _write_tensors(

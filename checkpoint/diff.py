@@ -105,24 +105,28 @@ def diff_checkpoints(
     sa = open_storage(a, storage_options=storage_options)
     sb = open_storage(b, storage_options=storage_options)
     try:
-        ma, mb = read_metadata(sa), read_metadata(sb)
-        kinds_a, kinds_b = _kinds(ma), _kinds(mb)
-        both = sorted(kinds_a.keys() & kinds_b.keys())
-        changed = tuple(Changed(key=k, a=kinds_a[k], b=kinds_b[k]) for k in both if kinds_a[k] != kinds_b[k])
-        same = [k for k in both if kinds_a[k] == kinds_b[k]]
-        tensors = tuple(
-            _compare_tensor(k, (sa, ma), (sb, mb), block_bytes, progress) for k in same if k in ma.tensors
-        )
-        values = {k: _value_entry(ma, k) == _value_entry(mb, k) for k in same if k not in ma.tensors}
+        return _diff(sa, sb, block_bytes, progress)
     finally:
         sa.close()
         sb.close()
+
+
+def _diff(
+    sa: CheckpointStorage, sb: CheckpointStorage, block_bytes: int, progress: Callable[[int], None] | None
+) -> DiffReport:
+    """`diff_checkpoints` once both storages are open: keys by kind first, then tensors and values."""
+    ma, mb = read_metadata(sa), read_metadata(sb)
+    kinds_a, kinds_b = _kinds(ma), _kinds(mb)
+    both = sorted(kinds_a.keys() & kinds_b.keys())
+    same = [k for k in both if kinds_a[k] == kinds_b[k]]
     return DiffReport(
         only_in_a=tuple(sorted(kinds_a.keys() - kinds_b.keys())),
         only_in_b=tuple(sorted(kinds_b.keys() - kinds_a.keys())),
-        changed=changed,
-        tensors=tensors,
-        values=values,
+        changed=tuple(Changed(key=k, a=kinds_a[k], b=kinds_b[k]) for k in both if kinds_a[k] != kinds_b[k]),
+        tensors=tuple(
+            _compare_tensor(k, (sa, ma), (sb, mb), block_bytes, progress) for k in same if k in ma.tensors
+        ),
+        values={k: _value_entry(ma, k) == _value_entry(mb, k) for k in same if k not in ma.tensors},
     )
 
 

@@ -118,8 +118,7 @@ def export_hf(
     Args:
         path: a committed shardsafe checkpoint (local path or fsspec URL).
         out: the output directory (local path or fsspec URL); created if needed.
-        prefix: export only keys starting with it, with it removed (`"model."`: `model.0.weight`
-            becomes `0.weight`).
+        prefix: export only keys starting with it, removed (`"model."`: `model.0.weight` becomes `0.weight`).
         dtype: cast floating-point tensors to it (e.g. `"bfloat16"`); integer and bool tensors keep theirs.
         max_shard_size: largest output file before splitting, e.g. `"5GB"` (GB = 10**9).
         overwrite: replace an existing Hugging Face layout in `out` (default: refuse).
@@ -133,41 +132,51 @@ def export_hf(
         CheckpointExistsError: `out` already holds a Hugging Face layout and `overwrite` is False.
         ValueError: `prefix` selects no tensor, or a bad `dtype`/`max_shard_size`.
 
-    Example:
-        >>> export_hf("/ckpt/step-1000", "/export/hf", prefix="model.", dtype="bfloat16")
-        HfExportResult(files=('model.safetensors',), tensors=..., ...)
+    Example: `export_hf("/ckpt/step-1000", "/export/hf", prefix="model.", dtype="bfloat16")`.
     """
-    max_bytes = parse_size(max_shard_size)
-    cast = _parse_dtype(dtype)
+    max_bytes, cast = parse_size(max_shard_size), _parse_dtype(dtype)
     source = open_storage(path, storage_options=storage_options)
     target = open_storage(out, storage_options=storage_options)
     try:
-        metadata = read_metadata(source)
-        entries = _select(metadata, prefix, cast, where=source.url)
-        groups = plan_files([e.nbytes for e in entries], max_bytes)
-        names = _file_names(len(groups))
-        _clear_output(target, overwrite=overwrite)
-        reader = _ChunkReader(source, metadata, verify=True, io_threads=_READ_THREADS)
-        total = sum(e.nbytes for e in entries)
-        tick = (lambda n: progress(n, total)) if progress is not None else None
-        for name, group in zip(names, groups):
-            _write_file(target, name, [entries[i] for i in group], reader, tick)
-        if len(groups) > 1:
-            weight_map = {entries[i].name: name for name, group in zip(names, groups) for i in group}
-            index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
-            target.publish(INDEX_FILE, json.dumps(index, indent=2).encode())
+        return _export(source, target, prefix, cast, max_bytes, overwrite=overwrite, progress=progress)
     finally:
         source.close()
         target.close()
-    skipped = sorted(set(metadata.values) | set(metadata.rank_local))
+
+
+def _export(
+    source: CheckpointStorage,
+    target: CheckpointStorage,
+    prefix: str | None,
+    cast: torch.dtype | None,
+    max_bytes: int,
+    *,
+    overwrite: bool,
+    progress: Callable[[int, int], None] | None,
+) -> HfExportResult:
+    """`export_hf` once both storages are open: plan the output files, stream them, then the index."""
+    metadata = read_metadata(source)
+    entries = _select(metadata, prefix, cast, where=source.url)
+    groups = plan_files([e.nbytes for e in entries], max_bytes)
+    names = _file_names(len(groups))
+    _clear_output(target, overwrite=overwrite)
+    reader = _ChunkReader(source, metadata, verify=True, io_threads=_READ_THREADS)
+    total = sum(e.nbytes for e in entries)
+    tick = (lambda n: progress(n, total)) if progress is not None else None
+    for name, group in zip(names, groups):
+        _write_file(target, name, [entries[i] for i in group], reader, tick)
+    if len(groups) > 1:
+        weight_map = {entries[i].name: name for name, group in zip(names, groups) for i in group}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        target.publish(INDEX_FILE, json.dumps(index, indent=2).encode())
     logger.info(
         "exported %d tensors of %s to %s in %d file(s)", len(entries), source.url, target.url, len(names)
     )
     return HfExportResult(
         files=tuple(names) + ((INDEX_FILE,) if len(groups) > 1 else ()),
         tensors=len(entries),
-        total_bytes=sum(e.nbytes for e in entries),
-        skipped=tuple(skipped),
+        total_bytes=total,
+        skipped=tuple(sorted(set(metadata.values) | set(metadata.rank_local))),
     )
 
 

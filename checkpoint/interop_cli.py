@@ -20,17 +20,15 @@ from typing import Any
 import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+from checkpoint.cli_common import Output, exit_on_errors, parse_storage_options, shared_options
 from checkpoint.dcp_import import DEFAULT_MAX_FILE_BYTES, import_dcp
-from checkpoint.hf_export import DEFAULT_MAX_SHARD_SIZE, export_hf, parse_size
+from checkpoint.hf_export import DEFAULT_MAX_SHARD_SIZE, HfExportResult, export_hf, parse_size
 
 
 def register(group: click.Group) -> None:
     """Add `export-hf` and `import-dcp` to the `shardsafe` command group."""
-    # Imported here: checkpoint.cli calls register() while it is being imported.
-    from checkpoint.cli import _options
-
-    group.add_command(click.command("export-hf")(_export_options(_options(export_hf_command))))
-    group.add_command(click.command("import-dcp")(_import_options(_options(import_dcp_command))))
+    group.add_command(click.command("export-hf")(_export_options(shared_options(export_hf_command))))
+    group.add_command(click.command("import-dcp")(_import_options(shared_options(import_dcp_command))))
 
 
 def _export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,11 +90,9 @@ def export_hf_command(
     model.safetensors.index.json past --max-shard-size; written one tensor at a
     time, so memory stays near the largest tensor.
     """
-    from checkpoint.cli import Output, _exit_on_errors, parse_storage_options
-
     ui = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
-    with _exit_on_errors(ui), _usage_errors(), _progress(ui, "export") as tick:
+    with exit_on_errors(ui), _usage_errors(), _progress(ui, "export") as tick:
         result = export_hf(
             path,
             out,
@@ -107,6 +103,10 @@ def export_hf_command(
             storage_options=options,
             progress=tick,
         )
+    _report_export(ui, result, path, out, as_json=as_json)
+
+
+def _report_export(ui: Output, result: HfExportResult, path: str, out: str, *, as_json: bool) -> None:
     doc = {
         "path": path,
         "out": out,
@@ -140,11 +140,9 @@ def import_dcp_command(
     the conversion runs only with --trust-pickle, for a checkpoint you trust.
     Tensors are converted one at a time; non-tensor entries become values.
     """
-    from checkpoint.cli import Output, _exit_on_errors, parse_storage_options
-
     ui = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
-    with _exit_on_errors(ui), _usage_errors(), _progress(ui, "import") as tick:
+    with exit_on_errors(ui), _usage_errors(), _progress(ui, "import") as tick:
         result = import_dcp(
             dcp_dir,
             out,

@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import crc32c
 import torch
 
 from checkpoint.flatten import fill_target, flatten_state_dict
@@ -28,6 +27,7 @@ from checkpoint.grid_load import GridResolver
 from checkpoint.hf_source import read_hf_metadata
 from checkpoint.load_values import ABSENT, SavedValues, rank_local_value
 from planners.boxes import coalesce
+from planners.checksums import bad_blocks, block_span
 from planners.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -304,20 +304,22 @@ class _ChunkReader:
     def _check(self, name: str, item: ReadItem, pieces: list, verified: set[tuple[int, int]]) -> None:
         block = self.metadata.checksum_block_bytes
         chunk = item.chunk
+
+        # `verified` holds (chunk offset, block start byte) of the blocks an earlier read of this file checked.
+        def checked(index: int) -> bool:
+            return (chunk.offset_bytes, index * block) in verified
+
         for (start, n), data in pieces:
-            for b in range(start, start + n, block):
-                key = (chunk.offset_bytes, b)
-                if key in verified:
-                    continue
-                if crc32c.crc32c(data[b - start : b - start + block]) != chunk.checksums[b // block]:
-                    # Neither checksum is shown: the computed one would describe bytes that may not
-                    # belong to the checkpoint at all.
-                    raise CorruptCheckpointError(
-                        f"{self.storage.url}: file {name}, key {item.fqn!r}: checksum mismatch in block "
-                        f"{b // block} (bytes [{chunk.offset_bytes + b}, "
-                        f"{chunk.offset_bytes + min(b + block, chunk.nbytes)})); the file is corrupt"
-                    )
-                verified.add(key)
+            bad = bad_blocks(data, chunk.checksums, block, first_block=start // block, skip=checked)
+            if bad:
+                # Neither checksum is shown: the computed one would describe bytes that may not
+                # belong to the checkpoint at all.
+                lo, hi = block_span(bad[0], block, offset_bytes=chunk.offset_bytes, nbytes=chunk.nbytes)
+                raise CorruptCheckpointError(
+                    f"{self.storage.url}: file {name}, key {item.fqn!r}: checksum mismatch in block "
+                    f"{bad[0]} (bytes [{lo}, {hi})); the file is corrupt"
+                )
+            verified.update((chunk.offset_bytes, b) for b in range(start, start + n, block))
 
 
 def _missing_file(url: str, name: str, fqn: str) -> IncompleteCheckpointError:

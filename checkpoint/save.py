@@ -96,6 +96,8 @@ class PreparedSave:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WrittenChunk:
+    """One chunk as written: the plan's key, box and dtype, with where the writer put its bytes (`WrittenTensor`)."""
+
     fqn: str
     box: Box
     dtype: str
@@ -106,6 +108,8 @@ class WrittenChunk:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RankWriteResult:
+    """A rank's report to the coordinator: the file sizes and chunks to commit, or the error that stops it."""
+
     rank: int
     files: dict[str, int] = field(default_factory=dict)  # name -> nbytes
     chunks: tuple[WrittenChunk, ...] = ()

@@ -33,15 +33,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import crc32c
-
 from checkpoint.dtypes import dtype_from_name, safetensors_code
 from checkpoint.grid_load import GridResolver
 from checkpoint.load import DEFAULT_MAX_METADATA_BYTES, read_metadata
 from planners.boxes import Box
+from planners.checksums import bad_blocks, block_span
 from planners.errors import CheckpointError, InvalidCheckpointError, PickleNotAllowedError
 from planners.grid import CHECKSUM_ENTRY
-from planners.metadata import FORMAT_NAME, METADATA_FILE, SHARD_FILE_RE, ChunkRecord, FileRecord, Metadata
+from planners.leftovers import leftover_names
+from planners.metadata import FORMAT_NAME, ChunkRecord, FileRecord, Metadata
 from planners.values import decode_value
 from storage.backend import CheckpointStorage, open_storage
 from storage.checksummed_shard import checksum_slices, parse_checksum_table
@@ -194,13 +194,7 @@ def _verify_committed(
         results = [one(n) for n in names]
     problems = grid_problems + [p for file_problems, _ in results for p in file_problems]
     value_problems, pickled = _check_values(metadata)
-    leftovers = tuple(
-        n
-        for n in storage.list_names()
-        if (m := SHARD_FILE_RE.fullmatch(n))
-        and m["save_id"] != metadata.save_id
-        or n.startswith(f".{METADATA_FILE}.tmp-")
-    )
+    leftovers = tuple(leftover_names(storage.list_names(), keep={metadata.save_id}))
     rank_local_tensors = sum(t is not None for r in metadata.rank_local.values() for t in r.tensors)
     return VerifyReport(
         path=storage.url,
@@ -381,18 +375,15 @@ def _checksum_problem(
     for start in range(0, chunk.nbytes, step):
         n = min(step, chunk.nbytes - start)
         (data,) = storage.read_ranges(name, [(chunk.offset_bytes + start, n)])
-        for b in range(0, n, block):
-            index = (start + b) // block
-            if crc32c.crc32c(data[b : b + block]) != chunk.checksums[index]:
-                bad.append(index)
+        bad += bad_blocks(data, chunk.checksums, block, first_block=start // block)
         if progress is not None:
             progress(n)
     if not bad:
         return None
-    first = chunk.offset_bytes + bad[0] * block
+    first, end = block_span(bad[0], block, offset_bytes=chunk.offset_bytes, nbytes=chunk.nbytes)
     return (
         f"file {name}, key {ref.fqn!r}: checksum mismatch in {len(bad)} of {len(chunk.checksums)} block(s), "
-        f"first at bytes [{first}, {min(first + block, chunk.offset_bytes + chunk.nbytes)}); the file is corrupt"
+        f"first at bytes [{first}, {end}); the file is corrupt"
     )
 
 

@@ -64,6 +64,12 @@ class ChunkRecord:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TensorRecord:
+    """One saved tensor: its dtype name, its global shape, and the chunks that tile it exactly.
+
+    The global shape is recorded apart from the chunks so that a load can reshard into any layout: the loader
+    intersects the boxes its target holds with the chunks' boxes, whatever world size saved them.
+    """
+
     dtype: str
     shape: tuple[int, ...]
     chunks: tuple[ChunkRecord, ...]
@@ -83,12 +89,25 @@ class RankLocalRecord:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FileRecord:
+    """One shard file the checkpoint needs: its exact size and the rank that wrote it.
+
+    The size lets a load or `verify` refuse a truncated file before reading it, and the rank names who to
+    blame in messages; files not listed here are leftovers of other saves (`planners.leftovers`).
+    """
+
     nbytes: int
     rank: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Metadata:
+    """The parsed `metadata.json`: everything a load needs, written last so its presence commits the save.
+
+    Tensors are found through `tensors` (chunk records), non-tensor leaves are typed JSON in `values`, per-rank
+    leaves in `rank_local`, the files the checkpoint consists of in `files`, and the original nesting of the state
+    dict in `structure`. `save_id` names the save's shard files, so files of other saves are told apart.
+    """
+
     version: int
     save_id: str
     world_size: int

@@ -67,7 +67,6 @@ class RankPlan:
     """The coordinator's answer to one rank: which files it writes."""
 
     rank: int
-    plan_id: str
     files: tuple[FilePlan, ...]
 
 
@@ -75,7 +74,6 @@ class RankPlan:
 class GlobalPlan:
     """All ranks' final plans plus what the metadata needs about each tensor."""
 
-    plan_id: str
     world_size: int
     rank_plans: tuple[RankPlan, ...]
     tensors: dict[str, tuple[str, tuple[int, ...]]]  # fqn -> (dtype, global shape)
@@ -103,12 +101,11 @@ def plan_global(local_plans: Sequence[LocalPlan], *, max_file_bytes: int) -> Glo
         problem = tiling_problem(shape, boxes[fqn])
         if problem is not None:
             raise PlanCoverageError(f"key {fqn!r}: {problem}; check the tensor's placements on every rank")
-    digest = hashlib.sha256("".join(p.fingerprint() for p in plans).encode()).hexdigest()[:16]
     rank_plans = tuple(
-        RankPlan(rank=p.rank, plan_id=digest, files=pack_files(p.rank, items, max_file_bytes))
+        RankPlan(rank=p.rank, files=pack_files(p.rank, items, max_file_bytes))
         for p, items in zip(plans, assigned)
     )
-    return GlobalPlan(plan_id=digest, world_size=len(plans), rank_plans=rank_plans, tensors=tensors)
+    return GlobalPlan(world_size=len(plans), rank_plans=rank_plans, tensors=tensors)
 
 
 def _describe(keys: set[str]) -> str:

@@ -16,9 +16,9 @@ import struct
 from collections.abc import Sequence
 from typing import BinaryIO
 
-import crc32c
 import torch
 
+from planners.checksums import block_checksums
 from planners.errors import InvalidCheckpointError
 from planners.grid import CHECKSUM_ENTRY
 from storage.safetensors_io import (
@@ -55,9 +55,7 @@ def write_checksummed_shard(
         checksums = []
         for s in range(0, n, slice_bytes):
             piece = data[s : s + slice_bytes]
-            checksums.extend(
-                crc32c.crc32c(piece[b : b + block_bytes]) for b in range(0, len(piece), block_bytes)
-            )
+            checksums.extend(block_checksums(piece, block_bytes))
             write_exact(f, piece)
         every += checksums
         written.append(

@@ -23,11 +23,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, NoReturn, TypeVar, cast
+from typing import Any, BinaryIO, TypeVar, cast
 
 import fsspec.asyn
 
 from planners.errors import CheckpointError, CheckpointExistsError, InvalidCheckpointError, StorageError
+from storage.checked_stream import CheckedStream
 from storage.local import too_large_message
 from storage.multipart import MIN_PART_BYTES, PartUpload, S3Parts
 from storage.redact import Redactor
@@ -153,6 +154,10 @@ class FsspecStorage:
         except FileNotFoundError:
             return None
 
+    def _stored_size(self, name: str) -> int | None:
+        info = self._info(name)
+        return None if info is None else int(info.get("size", -1))
+
     def prepare(self) -> None:
         if self._object_store:
             bucket = self.root.split("/", 1)[0]
@@ -174,14 +179,7 @@ class FsspecStorage:
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[BinaryIO]:
         if self._s3:
-            upload = PartUpload(
-                S3Parts(self.fs, self._path(name)),
-                part_bytes=self.transfer.upload_part_bytes,
-                slots=self._part_slots,
-                retry=self.transfer.retry,
-                where=self._where(name),
-                redact=self._redact,
-            )
+            upload = self._part_upload(name)
             produced = False
             try:
                 yield cast(BinaryIO, upload)
@@ -191,15 +189,7 @@ class FsspecStorage:
                     upload.abort()
             upload.commit()
             return
-        f = self._call(
-            "open for writing",
-            name,
-            self.fs.open,
-            self._path(name),
-            "wb",
-            block_size=self.transfer.upload_part_bytes,
-        )
-        stream = _CheckedStream(f, self, name)
+        stream = self._checked_stream(name)
         produced = False
         try:
             yield cast(BinaryIO, stream)
@@ -208,6 +198,35 @@ class FsspecStorage:
             if not produced:
                 stream.discard()
         stream.finish()
+
+    def _part_upload(self, name: str) -> PartUpload:
+        """S3: a multipart upload with several parts in flight (`storage.multipart`)."""
+        return PartUpload(
+            S3Parts(self.fs, self._path(name)),
+            part_bytes=self.transfer.upload_part_bytes,
+            slots=self._part_slots,
+            retry=self.transfer.retry,
+            where=self._where(name),
+            redact=self._redact,
+        )
+
+    def _checked_stream(self, name: str) -> CheckedStream:
+        """Other backends: their own write stream, opened with retries, its failures and size checked."""
+        f = self._call(
+            "open for writing",
+            name,
+            self.fs.open,
+            self._path(name),
+            "wb",
+            block_size=self.transfer.upload_part_bytes,
+        )
+        return CheckedStream(
+            f,
+            where=self._where(name),
+            stored_size=lambda: self._stored_size(name),
+            remove=lambda: self.remove([name]),
+            redact=self._redact,
+        )
 
     def publish(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
         if not overwrite:
@@ -292,41 +311,16 @@ class FsspecStorage:
 
     def _fetch(self, name: str, pieces: list[tuple[int, int]]) -> list[bytes]:
         """The bytes of each `(start, end)`, all requested at once; only failed requests are retried."""
-        path = self._path(name)
         results: list[bytes] = [b""] * len(pieces)
         todo = list(range(len(pieces)))
         attempt = 1
         while True:
-            try:
-                got = self.fs.cat_ranges(
-                    [path] * len(todo),
-                    [pieces[i][0] for i in todo],
-                    [pieces[i][1] for i in todo],
-                    on_error="return",
-                )
-            except Exception as e:  # a backend that raises instead of returning per-range errors
-                got = [e] * len(todo)
-            failed = []
-            for i, blob in zip(todo, got, strict=True):
-                if not isinstance(blob, Exception):
-                    results[i] = blob
-                    continue
-                what = f"read bytes [{pieces[i][0]}, {pieces[i][1]})"
-                if error_code(blob) == "InvalidRange" or http_status(blob) == 416:
-                    raise InvalidCheckpointError(
-                        f"{self._where(name)}: {what}: the range lies outside the file"
-                    ) from blob
-                if gives_up(blob, attempt, self.transfer.retry):
-                    raise_storage_error(
-                        blob, what=what, where=self._where(name), attempts=attempt, redact=self._redact
-                    )
-                failed.append((i, blob))
+            failed = self._fetch_once(name, pieces, todo, results, attempt)
             if not failed:
                 return results
-            i, blob = failed[0]
             time.sleep(
                 retry_delay_s(
-                    blob,
+                    failed[0][1],
                     what=f"read of {len(failed)} byte range(s)",
                     where=self._where(name),
                     attempt=attempt,
@@ -336,6 +330,41 @@ class FsspecStorage:
             )
             todo = [i for i, _ in failed]
             attempt += 1
+
+    def _fetch_once(
+        self, name: str, pieces: list[tuple[int, int]], todo: list[int], results: list[bytes], attempt: int
+    ) -> list[tuple[int, Exception]]:
+        """One `cat_ranges` call for the pieces in `todo`: fills `results`, returns the retryable failures.
+
+        Raises:
+            InvalidCheckpointError: a range lies outside the file (never retried).
+            StorageError: a failure that is not transient, or the retries are spent.
+        """
+        try:
+            got = self.fs.cat_ranges(
+                [self._path(name)] * len(todo),
+                [pieces[i][0] for i in todo],
+                [pieces[i][1] for i in todo],
+                on_error="return",
+            )
+        except Exception as e:  # a backend that raises instead of returning per-range errors
+            got = [e] * len(todo)
+        failed = []
+        for i, blob in zip(todo, got, strict=True):
+            if not isinstance(blob, Exception):
+                results[i] = blob
+                continue
+            what = f"read bytes [{pieces[i][0]}, {pieces[i][1]})"
+            if error_code(blob) == "InvalidRange" or http_status(blob) == 416:
+                raise InvalidCheckpointError(
+                    f"{self._where(name)}: {what}: the range lies outside the file"
+                ) from blob
+            if gives_up(blob, attempt, self.transfer.retry):
+                raise_storage_error(
+                    blob, what=what, where=self._where(name), attempts=attempt, redact=self._redact
+                )
+            failed.append((i, blob))
+        return failed
 
     def size(self, name: str) -> int:
         info = self._info(name)
@@ -361,74 +390,3 @@ class FsspecStorage:
 
     def close(self) -> None:
         """Nothing to release: connections belong to the (cached, shared) file system instance."""
-
-
-class _CheckedStream:
-    """A backend's own write stream whose failures name the file (for backends without `PartUpload`).
-
-    A failure inside the stream cannot be retried here: the bytes already handed over are gone.
-    Opening is retried; backends retry their own requests underneath.
-    """
-
-    def __init__(self, f: Any, storage: FsspecStorage, name: str) -> None:
-        self._f = f
-        self._storage = storage
-        self._name = name
-        self._sent = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._sent
-
-    def write(self, data: Any) -> int:
-        n = len(memoryview(data).cast("B"))
-        try:
-            taken = self._f.write(data)
-        except Exception as e:
-            self._fail(e, "write")
-        if taken is not None and taken != n:
-            raise StorageError(f"{self._storage._where(self._name)}: the stream took {taken} of {n} bytes")
-        self._sent += n
-        return n
-
-    def finish(self) -> None:
-        """Close the stream, which completes the upload, then check the stored size against what was sent."""
-        try:
-            self._f.close()
-        except Exception as e:
-            self._remove_quietly()
-            self._fail(e, "finish upload")
-        info = self._storage._info(self._name)
-        landed = None if info is None else int(info.get("size", -1))
-        if landed != self._sent:
-            self._remove_quietly()
-            what = "no file" if landed is None else f"{landed} bytes"
-            raise StorageError(
-                f"{self._storage._where(self._name)}: the stored file holds {what} but {self._sent} bytes were sent"
-            )
-
-    def discard(self) -> None:
-        """The producer failed: drop what was written (best effort; cleanup removes leftovers later)."""
-        try:
-            self._f.close()
-        except Exception as e:
-            self._log_failure("close", e)
-        self._remove_quietly()
-
-    def _remove_quietly(self) -> None:
-        try:
-            self._storage.remove([self._name])
-        except Exception as e:
-            self._log_failure("remove a partly written file", e)
-
-    def _log_failure(self, what: str, error: Exception) -> None:
-        # The text only, redacted: a client's traceback may quote what it sent.
-        text = self._storage._redact(f"{type(error).__name__}: {error}")
-        logger.warning("%s: could not %s: %s", self._storage._where(self._name), what, text)
-
-    def _fail(self, error: Exception, what: str) -> NoReturn:
-        raise_storage_error(
-            error, what=what, where=self._storage._where(self._name), attempts=1, redact=self._storage._redact
-        )

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-import crc32c
 import torch
 
+from planners.checksums import block_checksums
 from planners.dtypes import itemsize, name_from_code, safetensors_code
 from planners.errors import InvalidCheckpointError, StorageError
 
@@ -114,9 +114,7 @@ def write_safetensors(
         checksums = []
         for s in range(0, n, slice_bytes):
             piece = data[s : s + slice_bytes]
-            checksums.extend(
-                crc32c.crc32c(piece[b : b + block_bytes]) for b in range(0, len(piece), block_bytes)
-            )
+            checksums.extend(block_checksums(piece, block_bytes))
             write_exact(f, piece)
         written.append(
             WrittenTensor(key=key, offset_bytes=len(head) + start, nbytes=n, checksums=tuple(checksums))
@@ -138,7 +136,6 @@ class HeaderEntry:
 class SafetensorsHeader:
     """A validated safetensors header: entries tile the data area exactly."""
 
-    data_offset_bytes: int  # where the data area starts: prefix + header length
     file_bytes: int
     metadata: dict[str, str]
     tensors: dict[str, HeaderEntry]
@@ -220,9 +217,7 @@ def parse_header(raw: bytes, *, file_bytes: int, where: str) -> SafetensorsHeade
         raise InvalidCheckpointError(
             f"{where}: tensors cover {end} bytes but the data area holds {data_bytes}: the file is truncated or padded"
         )
-    return SafetensorsHeader(
-        data_offset_bytes=data_start, file_bytes=file_bytes, metadata=metadata, tensors=tensors
-    )
+    return SafetensorsHeader(file_bytes=file_bytes, metadata=metadata, tensors=tensors)
 
 
 def _header_entry(key: str, entry: Any, data_start: int, data_bytes: int, where: str) -> HeaderEntry:

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 import s3fs
-from s3server import S3Endpoint, S3ServerError, SeaweedS3Server
+
+from checkpoint.testing.s3server import S3Endpoint, S3ServerError, SeaweedS3Server
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from checkpoint import (
     WriterHook,
 )
 from checkpoint.staging import ALIGN_BYTES, staging_layout
+from checkpoint.testing.ranks import run_ranks
 from planners.boxes import full_box
 from planners.dtypes import dtype_name
 from planners.errors import (
@@ -36,7 +37,6 @@ from planners.errors import (
 )
 from planners.save_plan import FilePlan, WriteItem
 from tests.dist_states import build_state, check_state
-from tests.multiproc import run_ranks
 
 BIG_SHAPE = (1024, 2048)  # 8 MiB of float32: enough that a leaked copy per save would show in the RSS
 

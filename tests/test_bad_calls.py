@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import checkpoint
+from checkpoint.testing.ranks import run_ranks
 from planners.errors import (
     CheckpointError,
     DistributedCheckpointError,
@@ -21,7 +22,6 @@ from planners.errors import (
     PickleNotAllowedError,
 )
 from planners.metadata import METADATA_FILE
-from tests.multiproc import run_ranks
 
 
 @pytest.fixture

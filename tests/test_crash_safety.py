@@ -31,9 +31,9 @@ import checkpoint
 import checkpoint.writer
 import storage.local
 from checkpoint.lease import MARKER_RE
+from checkpoint.testing.ranks import RankFailures, run_ranks
 from planners.errors import CheckpointExistsError, DistributedCheckpointError, IncompleteCheckpointError
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE
-from tests.multiproc import RankFailures, run_ranks
 
 pytestmark = pytest.mark.multiproc
 

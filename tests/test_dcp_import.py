@@ -13,9 +13,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 import checkpoint
 from checkpoint.dcp_import import import_dcp
+from checkpoint.testing.ranks import run_ranks
 from planners.errors import CheckpointExistsError, PickleNotAllowedError
 from tests.fsdp_workers import assert_same, build, snapshot, train
-from tests.multiproc import run_ranks
 
 
 def _save_with_dcp(rank: int, world_size: int, path: str) -> dict | None:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.multiproc import free_port
+from checkpoint.testing.ranks import free_port
 
 pytestmark = pytest.mark.multiproc
 

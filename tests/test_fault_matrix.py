@@ -43,9 +43,9 @@ from s3fs.errors import translate_boto_error
 import checkpoint
 import tests.test_s3_checkpoint  # noqa: F401  (registers is3://, the fault-injecting s3fs client)
 from checkpoint import CheckpointerConfig, CheckpointError, CheckpointExistsError, WriterHook
+from checkpoint.testing.s3server import S3Endpoint, S3ServerError, SeaweedS3Server
 from storage.remote import TransferConfig
 from storage.retry import RetryPolicy
-from tests.s3server import S3Endpoint, S3ServerError, SeaweedS3Server
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from checkpoint.testing.ranks import run_ranks
 from tests.fsdp_workers import load_and_compare, save_trained
-from tests.multiproc import run_ranks
 
 pytestmark = pytest.mark.multiproc
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import checkpoint
+from checkpoint.testing.ranks import run_ranks
 from planners.boxes import Box
 from planners.digest import seal
 from planners.errors import CorruptCheckpointError, InvalidCheckpointError
@@ -19,7 +20,6 @@ from planners.grid import CHECKSUM_ENTRY, GridIndex
 from planners.metadata import METADATA_FILE, parse_metadata
 from planners.placement import Layout, Replicate, Shard, StridedShard
 from tests.dist_states import build_state, check_state
-from tests.multiproc import run_ranks
 
 
 @st.composite

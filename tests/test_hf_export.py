@@ -15,9 +15,9 @@ from safetensors import safe_open
 
 import checkpoint
 from checkpoint.hf_export import export_hf, parse_size, plan_files
+from checkpoint.testing.ranks import run_ranks
 from planners.errors import CheckpointExistsError
 from tests.fsdp_workers import MLP, save_trained
-from tests.multiproc import run_ranks
 
 
 def _read_all(directory: str) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -17,8 +17,8 @@ from torch.distributed.tensor import DTensor
 
 import checkpoint
 from checkpoint import CheckpointerConfig
+from checkpoint.testing.ranks import run_ranks
 from planners.errors import IncompleteCheckpointError, InvalidCheckpointError, MismatchError, MissingKeysError
-from tests.multiproc import run_ranks
 
 LAYERS = 4
 WIDTH = 256

@@ -21,7 +21,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 import checkpoint
 from checkpoint import CheckpointerConfig, CheckpointManager, WriterHook
-from tests.multiproc import RankFailures, run_ranks
+from checkpoint.testing.ranks import RankFailures, run_ranks
 
 pytestmark = pytest.mark.multiproc
 

@@ -33,9 +33,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import checkpoint
+from checkpoint.testing.ranks import free_port, run_ranks
 from planners.errors import RankLocalError
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE
-from tests.multiproc import free_port, run_ranks
 
 # Two jobs per test, each bounded by its own deadline (240 s), above the suite's default 300 s per test.
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow, pytest.mark.timeout(600)]

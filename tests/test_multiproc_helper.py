@@ -13,7 +13,15 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from multiproc import FAILURE_GRACE_S, RankFailures, RankTimeout, free_port, run_ranks
+
+from checkpoint.testing.ranks import (
+    FAILURE_GRACE_S,
+    RankFailures,
+    RankTimeout,
+    backend_for,
+    free_port,
+    run_ranks,
+)
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(120)]
 
@@ -141,3 +149,31 @@ def test_free_port_can_be_bound() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
         assert sock.getsockname() == ("127.0.0.1", port)
+
+
+def _threads_and_backend(rank: int, world_size: int) -> tuple[int, str]:
+    return torch.get_num_threads(), dist.get_backend()
+
+
+def test_share_cores_splits_the_cores_between_ranks_on_gloo() -> None:
+    results = run_ranks(_threads_and_backend, 2, share_cores=True)
+
+    assert results == [(max(1, (os.cpu_count() or 1) // 2), "gloo")] * 2
+
+
+def test_rank_failures_are_runtime_errors_for_the_benchmarks() -> None:
+    # The benchmarks' launcher raised a RuntimeError; the shared one keeps that contract.
+    assert issubclass(RankFailures, RuntimeError) and issubclass(RankTimeout, TimeoutError)
+
+
+def test_backend_is_gloo_unless_every_rank_has_a_gpu() -> None:
+    assert backend_for("cpu", 2) == "gloo"
+    gpus = torch.cuda.device_count()
+    assert backend_for("cuda", gpus + 1) == "gloo"
+    if gpus:
+        assert backend_for("cuda", gpus) == "cpu:gloo,cuda:nccl"
+
+
+def test_unknown_device_is_rejected() -> None:
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'tpu'"):
+        run_ranks(_all_reduce_sum, 2, 0, device="tpu")

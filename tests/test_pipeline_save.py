@@ -8,8 +8,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import checkpoint
+from checkpoint.testing.ranks import run_ranks
 from planners.errors import InvalidStateDictError
-from tests.multiproc import run_ranks
 
 pytestmark = pytest.mark.multiproc
 

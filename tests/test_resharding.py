@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import checkpoint
+from checkpoint.testing.ranks import run_ranks
 from tests.dist_states import build_state, check_state
-from tests.multiproc import run_ranks
 
 pytestmark = pytest.mark.multiproc
 

@@ -34,6 +34,7 @@ from s3fs.errors import translate_boto_error
 
 import checkpoint
 from checkpoint import CheckpointerConfig, CheckpointWriterConfig, WriterHook
+from checkpoint.testing.ranks import run_ranks
 from planners.errors import DistributedCheckpointError, IncompleteCheckpointError, StorageError
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE
 from storage import RetryPolicy, TransferConfig, open_storage
@@ -41,7 +42,6 @@ from storage.redact import Redactor, display_url, secret_values
 from storage.remote import FsspecStorage
 from storage.retry import is_transient
 from tests.dist_states import build_state, check_state
-from tests.multiproc import run_ranks
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import s3fs
-from s3server import S3Endpoint
+
+from checkpoint.testing.s3server import S3Endpoint
+from checkpoint.testing.throttle import throttled_link
 
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(120)]
 
@@ -70,3 +73,29 @@ def test_requests_are_authenticated(s3_endpoint: S3Endpoint, s3_bucket: str) -> 
         wrong_secret.ls(s3_bucket)
     with pytest.raises(PermissionError, match="Access Denied"):
         anonymous.ls(s3_bucket)
+
+
+def test_throttled_link_caps_one_connection_and_keeps_the_bytes(
+    s3_endpoint: S3Endpoint, s3_bucket: str
+) -> None:
+    data = os.urandom(2 * MiB)
+    bytes_per_s = 4e6
+    with throttled_link(s3_endpoint.endpoint_url, bytes_per_s) as url:
+        options = s3_endpoint.storage_options
+        fs = s3fs.S3FileSystem(
+            **{**options, "client_kwargs": {**options["client_kwargs"], "endpoint_url": url}},
+            skip_instance_cache=True,
+        )
+        start = time.monotonic()
+        fs.pipe(f"{s3_bucket}/slow.bin", data)  # one PUT: one connection
+        elapsed = time.monotonic() - start
+        assert fs.cat(f"{s3_bucket}/slow.bin") == data
+
+    # 2 MiB at 4 MB/s cannot take less than ~0.52 s, however idle the machine (no upper bound: it may be loaded).
+    assert elapsed >= 0.9 * len(data) / bytes_per_s
+
+
+def test_throttled_link_rejects_a_non_positive_rate() -> None:
+    with pytest.raises(ValueError, match="bytes_per_s must be > 0, got 0"):
+        with throttled_link("http://127.0.0.1:1", 0):
+            pass

@@ -39,9 +39,9 @@ from checkpoint import (
 )
 from checkpoint.barriers import BarrierConfig
 from checkpoint.lease import MARKER_RE
+from checkpoint.testing.ranks import free_port, run_ranks
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE
 from storage.remote import TransferConfig
-from tests.multiproc import free_port, run_ranks
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -88,7 +88,7 @@ def _save_two_ranks(rank: int, world_size: int, path: str) -> None:
 
 
 def main() -> None:
-    from tests.multiproc import run_ranks
+    from checkpoint.testing.ranks import run_ranks
 
     out = os.path.join(GOLDEN_DIR, f"v{FORMAT_VERSION}")
     if os.path.exists(out):

