@@ -132,13 +132,12 @@ def rank_plan(world: WorldStructure, plan: LocalPlan, *, rank: int, max_file_byt
         for w in writes_of(world, rank)
     ]
     items += [i for i in plan.items if i.rank_local]
-    return RankPlan(rank=rank, plan_id=world.plan_id(), files=pack_files(rank, items, max_file_bytes))
+    return RankPlan(rank=rank, files=pack_files(rank, items, max_file_bytes))
 
 
 def draft_plan(world: WorldStructure) -> GlobalPlan:
     """What the coordinator's metadata needs of the plan: the tensor records (no per-rank files)."""
     return GlobalPlan(
-        plan_id=world.plan_id(),
         world_size=world.world_size,
         rank_plans=(),
         tensors=tensor_records(world),

@@ -154,10 +154,6 @@ class WorldStructure:
             )
         return table[rank]
 
-    def plan_id(self) -> str:
-        doc = [s.digest() for s in self.structures] + [list(run_lengths(self.rank_structure))]
-        return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
-
 
 def run_lengths(values: Sequence[int]) -> list[tuple[int, int]]:
     """`values` as (value, count) runs: a rank table of a pipeline job is a handful of runs."""

@@ -137,6 +137,7 @@ class SafetensorsHeader:
     """A validated safetensors header: entries tile the data area exactly."""
 
     file_bytes: int
+    data_offset_bytes: int  # prefix + header length: the bytes a reader fetched to learn the layout
     metadata: dict[str, str]
     tensors: dict[str, HeaderEntry]
 
@@ -217,7 +218,9 @@ def parse_header(raw: bytes, *, file_bytes: int, where: str) -> SafetensorsHeade
         raise InvalidCheckpointError(
             f"{where}: tensors cover {end} bytes but the data area holds {data_bytes}: the file is truncated or padded"
         )
-    return SafetensorsHeader(file_bytes=file_bytes, metadata=metadata, tensors=tensors)
+    return SafetensorsHeader(
+        file_bytes=file_bytes, data_offset_bytes=data_start, metadata=metadata, tensors=tensors
+    )
 
 
 def _header_entry(key: str, entry: Any, data_start: int, data_bytes: int, where: str) -> HeaderEntry:
