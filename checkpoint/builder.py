@@ -6,7 +6,7 @@ from checkpoint.async_checkpointer import AsyncCheckpointer
 from checkpoint.barriers import DistBarrier, create_barrier_from_config
 from checkpoint.checkpointer import SyncCheckpointer
 from checkpoint.config import CheckpointerConfig
-from checkpoint.hooks import WriterHook
+from checkpoint.hooks import CommitHook
 from checkpoint.process import CheckpointProcess
 from checkpoint.reader import CheckpointReader
 from checkpoint.staging import DefaultStager
@@ -17,7 +17,7 @@ from checkpoint.writer import CheckpointWriter
 def make_sync_checkpointer(
     config: CheckpointerConfig | None = None,
     rank_info: RankInfo | None = None,
-    commit_hook: WriterHook | None = None,
+    commit_hook: CommitHook | None = None,
 ) -> SyncCheckpointer:
     """A synchronous checkpointer for this rank.
 
@@ -48,7 +48,7 @@ def make_sync_checkpointer(
 def make_async_checkpointer(
     config: CheckpointerConfig | None = None,
     rank_info: RankInfo | None = None,
-    commit_hook: WriterHook | None = None,
+    commit_hook: CommitHook | None = None,
 ) -> AsyncCheckpointer:
     """An async checkpointer for this rank: staging into a reused shared buffer, a writer process per rank.
 
