@@ -18,7 +18,7 @@ from checkpoint.collectives import Exchange, ProcessGroupExchange, SingleRankExc
 from checkpoint.config import CheckpointWriterConfig
 from checkpoint.hooks import CommitHook
 from checkpoint.options import SAVE_OPTIONS, SaveOptions, check_options
-from checkpoint.pipeline import CommitSteps, SaveStats, TensorSource, plan_step, write_and_commit
+from checkpoint.pipeline import CommitSteps, PlannedSave, SaveStats, TensorSource, plan_step, write_and_commit
 from checkpoint.save import PlanCache
 from checkpoint.types import STATE_DICT, RankInfo
 from planners.errors import CheckpointStateError
@@ -103,6 +103,11 @@ class CheckpointWriter:
             storage_options=self._storage_options,
             transfer=self._transfer,
         )
+        self._write_and_commit(planned, path)
+
+    def _write_and_commit(self, planned: PlannedSave, path: str) -> None:
+        """The pipeline's write and commit, in this thread, from the trainer's own tensors."""
+        assert self._exchange is not None
         phase_secs = {"plan": planned.plan_secs}
         source = TensorSource(tensors=planned.local.tensors)
         try:

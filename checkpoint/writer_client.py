@@ -24,6 +24,7 @@ a new buffer, `close()` once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -203,11 +204,12 @@ class CheckpointProcess:
         phase_secs: dict[str, float],
     ) -> None:
         request = self._request(spec, prepared, staged, path)
-        buffer = staged.buffer
-        fd = buffer.fd if request.fd_follows and buffer is not None else None
         supervisor = self._supervisor
         try:
-            supervisor.ensure_running()
+            supervisor.ensure_running()  # a new writer process has no mapping: the descriptor follows
+            new_buffer = request.fd_follows and supervisor.mapped != request.buffer_id
+            request = dataclasses.replace(request, fd_follows=new_buffer)
+            fd = staged.buffer.fd if new_buffer and staged.buffer is not None else None
             timeout_s = self._config.write_timeout_secs
             response = supervisor.request(request, fd=fd, timeout_s=timeout_s, what=f"writing {prepared.url}")
         except Exception as e:  # no answer: the writer died, overran, or never started
@@ -244,9 +246,7 @@ class CheckpointProcess:
             layout=staged.layout,
             buffer_id=buffer.buffer_id if buffer else -1,
             buffer_nbytes=buffer.nbytes if buffer else 0,
-            fd_follows=staging_error is None
-            and buffer is not None
-            and self._supervisor.mapped != buffer.buffer_id,
+            fd_follows=staging_error is None and buffer is not None,  # narrowed once the writer runs
             staging_error=staging_error,
         )
 

@@ -13,7 +13,7 @@ calls `spec.open()` for its own `CheckpointStorage` handle.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import fsspec
@@ -45,7 +45,10 @@ class StorageSpec:
         url: the path as shown in messages and logs: never holds credentials.
         storage_options: the fsspec options the file system was built with (kept out of repr).
         transfer: part sizes, concurrency and retries of remote transfers (None: defaults).
-        fs: the fsspec file system for remote protocols (pickles as its constructor arguments).
+        path: the path as given (kept out of repr: a URL may carry credentials).
+        fs: the fsspec file system of a remote protocol, built by `resolve`. It is not pickled:
+            another process (the async writer) builds its own from `path` on its first `open()`,
+            so a file system the trainer registered but that process lacks fails there, by name.
     """
 
     protocol: str
@@ -53,7 +56,16 @@ class StorageSpec:
     url: str
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
     transfer: TransferConfig | None = None
+    path: str = field(default="", repr=False)
     fs: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fs"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "fs", None)
 
     @classmethod
     def resolve(
@@ -70,18 +82,19 @@ class StorageSpec:
                 installed (the message names the extra to install, e.g. `shardsafe[s3]`).
         """
         if "://" not in path:
-            return cls(protocol="file", root=path, url=path)
+            return cls(protocol="file", root=path, url=path, path=path)
         if path.startswith("file://"):
             root = path.removeprefix("file://")
-            return cls(protocol="file", root=root, url=root)
+            return cls(protocol="file", root=root, url=root, path=root)
         fs, root = _url_to_fs(path, storage_options)
         if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-            return cls(protocol="file", root=root, url=root)
+            return cls(protocol="file", root=root, url=root, path=root)
         protocol = path.split("://", 1)[0].rsplit("::", 1)[-1]
         return cls(
             protocol=protocol,
             root=root,
             url=display_url(path),
+            path=path,
             storage_options=storage_options,
             transfer=transfer,
             fs=fs,
@@ -94,6 +107,8 @@ class StorageSpec:
 
         if self.protocol == "file":
             return LocalStorage(self.root)
+        if self.fs is None:  # unpickled in another process: resolve there, once
+            object.__setattr__(self, "fs", _url_to_fs(self.path, self.storage_options)[0])
         redact = Redactor(secret_values(self.storage_options))
         return FsspecStorage(self.fs, self.root, url=self.url, transfer=self.transfer, redact=redact)
 
