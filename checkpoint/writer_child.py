@@ -50,8 +50,8 @@ class _Writer:
         self.init = init
         self.store: RecordingStore | None = None
         if init.store_address is not None:
-            timeout_s = init.writer_config.write_barrier_timeout_secs
-            self.store = RecordingStore(connect_commit_store(init.store_address, timeout_s=timeout_s))
+            timeout_secs = init.writer_config.write_barrier_timeout_secs
+            self.store = RecordingStore(connect_commit_store(init.store_address, timeout_secs=timeout_secs))
         self.steps = CommitSteps(
             hook=init.commit_hook,
             barrier=create_barrier_from_config(init.barrier_config),
@@ -81,7 +81,7 @@ class _Writer:
         if self.store is None:
             return SingleRankExchange()
         return commit_exchange(
-            self.store, prepared, timeout_s=self.init.writer_config.write_barrier_timeout_secs
+            self.store, prepared, timeout_secs=self.init.writer_config.write_barrier_timeout_secs
         )
 
     def write(self, request: WriteRequest) -> WriterResponse:

@@ -85,7 +85,7 @@ class CheckpointProcess:
         self.last_save: SaveStats | None = None
         self.exchange = make_exchange(rank_info)  # the trainers' exchange, also for planning each save
         self._store, address = host_commit_store(
-            rank_info, self.exchange, timeout_s=self.writer_config.write_barrier_timeout_secs
+            rank_info, self.exchange, timeout_secs=self.writer_config.write_barrier_timeout_secs
         )
         self._init = WriterInit(
             rank=rank_info.global_rank,
@@ -210,8 +210,10 @@ class CheckpointProcess:
             new_buffer = request.fd_follows and supervisor.mapped != request.buffer_id
             request = dataclasses.replace(request, fd_follows=new_buffer)
             fd = staged.buffer.fd if new_buffer and staged.buffer is not None else None
-            timeout_s = self._config.write_timeout_secs
-            response = supervisor.request(request, fd=fd, timeout_s=timeout_s, what=f"writing {prepared.url}")
+            timeout_secs = self._config.write_timeout_secs
+            response = supervisor.request(
+                request, fd=fd, timeout_secs=timeout_secs, what=f"writing {prepared.url}"
+            )
         except Exception as e:  # no answer: the writer died, overran, or never started
             supervisor.mapped = None  # send the descriptor again next time rather than trust the old mapping
             if supervisor.proc is None:  # have a new writer ready before the next save
@@ -265,16 +267,17 @@ class CheckpointProcess:
         """Take the dead writer's part in the commit (`checkpoint.pipeline.commit_failure`)."""
         if self._init.store_address is None:
             return
-        timeout_s = self.writer_config.write_barrier_timeout_secs
+        timeout_secs = self.writer_config.write_barrier_timeout_secs
         try:
             if self._store is None:  # ranks other than 0 connect on first need
-                self._store = connect_commit_store(self._init.store_address, timeout_s=timeout_s)
+                self._store = connect_commit_store(self._init.store_address, timeout_secs=timeout_secs)
+            exchange = commit_exchange(self._store, prepared, timeout_secs=timeout_secs)
         except Exception:
             logger.debug(
                 "stand-in commit for rank %d could not reach the store", prepared.rank, exc_info=True
             )
             return
-        commit_failure(spec, commit_exchange(self._store, prepared, timeout_s=timeout_s), prepared, error)
+        commit_failure(spec, exchange, prepared, error)
 
     def _start_in_background(self) -> None:
         try:

@@ -59,15 +59,15 @@ class WriterSupervisor:
             self._discard()
         self._start()
 
-    def request(self, request: object, *, fd: int | None, timeout_s: float, what: str) -> WriterResponse:
+    def request(self, request: object, *, fd: int | None, timeout_secs: float, what: str) -> WriterResponse:
         """Send `request` (and `fd` after it) and wait for the answer, error or not.
 
         Raises:
             WriterProcessError: the process died before answering.
-            CheckpointTimeoutError: no answer within `timeout_s`; the process was killed.
+            CheckpointTimeoutError: no answer within `timeout_secs`; the process was killed.
         """
         self._send(request, fd=fd, what=what)
-        return self._await(timeout_s, what)
+        return self._await(timeout_secs, what)
 
     def remote_error(self, response: WriterResponse) -> BaseException:
         """The writer's original exception, with its traceback there as the cause."""
@@ -149,11 +149,11 @@ class WriterSupervisor:
             "writer process of rank %d started (pid %d) in %.1fs", rank, proc.pid, time.perf_counter() - start
         )
 
-    def _checked(self, request: object | None, timeout_s: float, what: str) -> WriterResponse:
+    def _checked(self, request: object | None, timeout_secs: float, what: str) -> WriterResponse:
         """Send `request` (None: only wait) and raise the writer's error if it answered one."""
         if request is not None:
             self._send(request, fd=None, what=what)
-        response = self._await(timeout_s, what)
+        response = self._await(timeout_secs, what)
         if response.error is not None:
             raise self.remote_error(response)
         return response
@@ -167,15 +167,15 @@ class WriterSupervisor:
         except OSError as e:
             raise self._died(what) from e
 
-    def _await(self, timeout_s: float, what: str) -> WriterResponse:
-        """The next response, error or not; raises if the process dies or overruns `timeout_s`."""
+    def _await(self, timeout_secs: float, what: str) -> WriterResponse:
+        """The next response, error or not; raises if the process dies or overruns `timeout_secs`."""
         assert self._conn is not None and self.proc is not None
         pid = self.proc.pid
-        if not wait([self._conn, self.proc.sentinel], timeout=timeout_s):
+        if not wait([self._conn, self.proc.sentinel], timeout=timeout_secs):
             self.kill()
             raise CheckpointTimeoutError(
                 f"writer process of rank {self._init.rank} (pid {pid}) did not finish {what} within "
-                f"{timeout_s:.0f}s (CheckpointProcessConfig); it was killed and the next save() starts a new one"
+                f"{timeout_secs:.0f}s (CheckpointProcessConfig); it was killed and the next save() starts a new one"
             )
         try:
             if self._conn.poll():  # an answer sent just before exiting still counts
