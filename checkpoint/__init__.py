@@ -30,8 +30,10 @@ from checkpoint.errors import *  # noqa: F403
 from checkpoint.errors import __all__ as _errors
 from checkpoint.flatten import RankLocal
 from checkpoint.hf_export import HfExportResult, export_hf
-from checkpoint.hooks import WriterHook
+from checkpoint.hooks import CommitHook, WriterHook
 from checkpoint.manager import CheckpointManager, StepRecord
+from checkpoint.options import LoadOptions, SaveOptions
+from checkpoint.pipeline import SaveStats
 from checkpoint.process import CheckpointProcess
 from checkpoint.reader import CheckpointReader
 from checkpoint.staging import CheckpointStager, DefaultStager
@@ -46,6 +48,7 @@ __all__ = [
     "Barrier",
     "BarrierConfig",
     "CheckpointProcess",
+    "CommitHook",
     "CheckpointProcessConfig",
     "CheckpointReader",
     "CheckpointReaderConfig",
@@ -60,8 +63,11 @@ __all__ = [
     "DefaultStager",
     "DistBarrier",
     "HfExportResult",
+    "LoadOptions",
     "RankInfo",
     "RankLocal",
+    "SaveOptions",
+    "SaveStats",
     "SyncCheckpointer",
     "TCPStoreBarrier",
     "VerifyReport",

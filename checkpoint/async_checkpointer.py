@@ -1,13 +1,14 @@
 """AsyncCheckpointer: a save blocks training only while this rank's chunks are copied.
 
-On the trainer rank, `save()` runs the small synchronous part of the save
-protocol (`checkpoint.save`): flatten, local plan, and the plan exchange over
-the training job's process group (plans are reused while the structure is
-unchanged; the coordinator checks the path). It then stages exactly the chunks
-the global plan gives this rank into the reused shared buffer
-(`checkpoint.staging`) and hands the save to the rank's writer process
-(`checkpoint.process`), which writes the shard files and commits with the
-other ranks' writer processes outside the training job's process group.
+The async mode of `checkpoint.pipeline`. On the trainer rank, `save()` runs
+the pipeline's plan step (flatten, local plan, and the plan exchange over the
+training job's process group; plans are reused while the structure is
+unchanged; the coordinator checks the path and claims the lease). It then
+stages exactly the chunks the global plan gives this rank into the reused
+shared buffer (`checkpoint.staging`) and hands the save to the rank's writer
+process (`checkpoint.writer_client`), which runs the pipeline's write and
+commit steps from views of that buffer, committing with the other ranks'
+writer processes outside the training job's process group.
 
 A new save first waits for the previous one. If that one failed, the new save
 does not start: every rank joins the plan exchange with the failure instead
@@ -24,15 +25,14 @@ from concurrent.futures import Future
 from typing import Any
 
 from checkpoint.checkpointer import Checkpointer
-from checkpoint.lease import LeaseKeeper
-from checkpoint.process import CheckpointProcess
+from checkpoint.options import SaveOptions
+from checkpoint.pipeline import PlannedSave, SaveStats, plan_step
 from checkpoint.reader import CheckpointReader
-from checkpoint.save import LocalSave, PlanCache, PreparedSave, plan_save
+from checkpoint.save import PlanCache
 from checkpoint.staging import CheckpointStager, StagedSave, staging_layout
 from checkpoint.types import STATE_DICT
-from checkpoint.writer import SAVE_OPTIONS, check_options
+from checkpoint.writer_client import CheckpointProcess
 from planners.errors import WriterProcessError
-from storage.backend import open_storage
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,11 @@ class AsyncCheckpointer(Checkpointer):
     def checkpoint_stager(self) -> CheckpointStager:
         return self._stager
 
+    @property
+    def last_save(self) -> SaveStats | None:
+        """`SaveStats` of this rank's last completed save (set before its write future completes), or None."""
+        return self._process.last_save
+
     def _save(self, state_dict: STATE_DICT, path: str, **kwargs: Any) -> tuple[Future[None], Future[None]]:
         """Plan (collective), stage, and queue the write; see `Checkpointer.save` for the arguments.
 
@@ -82,75 +87,54 @@ class AsyncCheckpointer(Checkpointer):
             first is done; the checkpoint is committed on every rank once the second is.
 
         Raises:
+            TypeError: an unknown keyword argument.
             CheckpointExistsError, InvalidStateDictError, PickleNotAllowedError: as a sync save.
             WriterProcessError: the previous async save failed (its error is the cause), so
                 this one did not start; DistributedCheckpointError when another rank's did.
         """
-        check_options(kwargs, SAVE_OPTIONS, "save")
+        options = SaveOptions.from_kwargs(kwargs)
         previous = self._previous_failure(path)
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
-        storage = open_storage(
-            path, storage_options=self._process.storage_options, transfer=self._process.transfer
+        planned = plan_step(
+            state_dict,
+            path,
+            options=options,
+            exchange=self._exchange,
+            cache=self._cache,
+            config=self._writer_config,
+            storage_options=self._process.storage_options,
+            transfer=self._process.transfer,
+            failure=previous,
         )
         try:
-            local, prepared = plan_save(
-                state_dict,
-                self._exchange,
-                storage,
-                self._cache,
-                options=kwargs,
-                max_file_bytes=self._writer_config.max_file_bytes,
-                lease_secs=self._writer_config.save_lease_secs,
-                failure=previous,
-            )
-        finally:
-            storage.close()
-        keeper = self._keep_lease(path, prepared)
-        timings["plan"] = time.perf_counter() - start
-        try:
-            staged_future, self._write_future = self._stage_and_queue(local, prepared, path, timings, keeper)
+            staged_future, self._write_future = self._stage_and_queue(planned, path)
         except Exception:
-            if keeper is not None:  # the save never reached its writer: nothing else ends the lease
-                keeper.release()
+            if planned.lease is not None:  # the save never reached its writer: nothing else ends the lease
+                planned.lease.release()
             raise
         self._write_path = path
         return staged_future, self._write_future
 
-    def _stage_and_queue(
-        self,
-        local: LocalSave,
-        prepared: PreparedSave,
-        path: str,
-        timings: dict[str, float],
-        keeper: LeaseKeeper | None,
-    ) -> tuple[Future[None], Future[None]]:
-        """Stage this rank's chunks and queue the write; the keeper's lease ends with the write."""
-        layout = staging_layout(prepared.files, local.tensors)
+    def _stage_and_queue(self, planned: PlannedSave, path: str) -> tuple[Future[None], Future[None]]:
+        """Stage this rank's chunks and queue the write; the save's lease ends with the write."""
+        tensors = planned.local.tensors
+        layout = staging_layout(planned.prepared.files, tensors)
         if not self._stager.fits(layout):
             self._process.release_buffer()  # the writer unmaps the old buffer before a new one exists
+        phase_secs = {"plan": planned.plan_secs}
         stage_start = time.perf_counter()
         try:
-            staged = self._stager.stage(local.tensors, layout)
+            staged = self._stager.stage(tensors, layout)
         except Exception as e:  # the write still runs, to fail the commit on every rank together
             logger.exception("staging for %s failed on rank %d", path, self._rank_info.global_rank)
             staged = StagedSave.failed(layout, e)
         staged.future.add_done_callback(
-            lambda _: timings.__setitem__("stage", time.perf_counter() - stage_start)
+            lambda _: phase_secs.__setitem__("stage", time.perf_counter() - stage_start)
         )
+        lease = planned.lease
         write_future = self._process.write(
-            prepared, staged, path=path, timings=timings, on_end=keeper.release if keeper else None
+            planned, staged, path=path, timings=phase_secs, on_end=lease.release if lease else None
         )
         return staged.future, write_future
-
-    def _keep_lease(self, path: str, prepared: PreparedSave) -> LeaseKeeper | None:
-        """The coordinator's trainer renews the save's in-progress marker until its write future ends."""
-        if prepared.draft is None:  # not the coordinator
-            return None
-        own = open_storage(
-            path, storage_options=self._process.storage_options, transfer=self._process.transfer
-        )
-        return LeaseKeeper(own, prepared.save_id, lease_secs=self._writer_config.save_lease_secs)
 
     def _previous_failure(self, path: str) -> BaseException | None:
         """Wait for the previous save; its failure (reported once) becomes this save's."""

@@ -6,7 +6,7 @@ from checkpoint.async_checkpointer import AsyncCheckpointer
 from checkpoint.barriers import DistBarrier, create_barrier_from_config
 from checkpoint.checkpointer import SyncCheckpointer
 from checkpoint.config import CheckpointerConfig
-from checkpoint.hooks import WriterHook
+from checkpoint.hooks import CommitHook
 from checkpoint.process import CheckpointProcess
 from checkpoint.reader import CheckpointReader
 from checkpoint.staging import DefaultStager
@@ -17,7 +17,7 @@ from checkpoint.writer import CheckpointWriter
 def make_sync_checkpointer(
     config: CheckpointerConfig | None = None,
     rank_info: RankInfo | None = None,
-    commit_hook: WriterHook | None = None,
+    commit_hook: CommitHook | None = None,
 ) -> SyncCheckpointer:
     """A synchronous checkpointer for this rank.
 
@@ -48,14 +48,12 @@ def make_sync_checkpointer(
 def make_async_checkpointer(
     config: CheckpointerConfig | None = None,
     rank_info: RankInfo | None = None,
-    commit_hook: WriterHook | None = None,
+    commit_hook: CommitHook | None = None,
 ) -> AsyncCheckpointer:
     """An async checkpointer for this rank: staging into a reused shared buffer, a writer process per rank.
 
-    Collective when the world has more than one rank (rank 0 hosts the store the writer
-    processes commit through), so every rank builds it at the same point. The writer
-    process is spawned, so the training script needs the usual
-    `if __name__ == "__main__":` guard.
+    Collective when the world has more than one rank (rank 0 hosts the store the writer processes
+    commit through). The writer process is spawned: the script needs `if __name__ == "__main__":`.
 
     Args:
         config: tunables; defaults are fine for most jobs. Staging must use shared memory.
@@ -75,6 +73,21 @@ def make_async_checkpointer(
     """
     config = config or CheckpointerConfig()
     rank_info = rank_info or RankInfo.detect()
+    _check_async_config(config)
+    process = CheckpointProcess(
+        rank_info,
+        config.process_config,
+        writer_config=config.writer_config,
+        barrier_config=config.barrier_config,
+        commit_hook=commit_hook,
+        storage_options=config.storage_options,
+        transfer=config.transfer_config,
+    )
+    return AsyncCheckpointer(DefaultStager(config.staging_config), process, _make_reader(config, rank_info))
+
+
+def _check_async_config(config: CheckpointerConfig) -> None:
+    """Refuse what the writer process cannot do: private staging buffers, the job's process group."""
     if not config.staging_config.use_shared_memory:
         raise ValueError(
             "the async writer process reads staged tensors from shared memory; "
@@ -85,18 +98,6 @@ def make_async_checkpointer(
             f"barrier_type {DistBarrier.barrier_type!r} needs the training process group, which the writer "
             "process does not join; use 'tcp_store' or no barrier (the commit already waits for every rank)"
         )
-    stager = DefaultStager(config.staging_config)
-    process = CheckpointProcess(
-        rank_info,
-        config.process_config,
-        writer_config=config.writer_config,
-        barrier_config=config.barrier_config,
-        commit_hook=commit_hook,
-        storage_options=config.storage_options,
-        transfer=config.transfer_config,
-    )
-    reader = _make_reader(config, rank_info)
-    return AsyncCheckpointer(stager, process, reader)
 
 
 def _make_reader(config: CheckpointerConfig, rank_info: RankInfo) -> CheckpointReader:

@@ -153,7 +153,7 @@ class SyncCheckpointer(Checkpointer):
 
     @property
     def last_save(self) -> Any:
-        """`SaveStats` of this rank's last save (plan reuse, bytes, phase seconds), or None."""
+        """`SaveStats` of this rank's last save (plan reuse, bytes, `phase_secs`), or None."""
         return self._writer.last_save
 
     def _save(self, state_dict: STATE_DICT, path: str, **kwargs: Any) -> None:

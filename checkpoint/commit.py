@@ -20,7 +20,7 @@ from typing import Any
 
 from checkpoint import lease
 from checkpoint.collectives import COORDINATOR, Exchange
-from checkpoint.save import PreparedSave, RankWriteResult
+from checkpoint.save import PreparedSave, RankWriteResult, WrittenChunk
 from planners.errors import CheckpointExistsError, DistributedCheckpointError, StorageError
 from planners.leftovers import leftover_names
 from planners.metadata import (
@@ -141,14 +141,7 @@ def build_metadata(prepared: PreparedSave, results: list[RankWriteResult]) -> Me
     for r in results:
         files.update({name: FileRecord(nbytes=n, rank=r.rank) for name, n in r.files.items()})
         for c in r.chunks:
-            record = ChunkRecord(
-                box=c.box,
-                file=c.file,
-                key=c.written.key,
-                offset_bytes=c.written.offset_bytes,
-                nbytes=c.written.nbytes,
-                checksums=c.written.checksums,
-            )
+            record = _chunk_record(c)
             if c.rank_local:
                 rank_local_tensors.setdefault(c.fqn, [None] * len(results))[r.rank] = (c.dtype, record)
             else:
@@ -177,6 +170,18 @@ def build_metadata(prepared: PreparedSave, results: list[RankWriteResult]) -> Me
         files=files,
         structure=draft.structure,
         **draft.global_plan.grid_fields,
+    )
+
+
+def _chunk_record(c: WrittenChunk) -> ChunkRecord:
+    """Where one written chunk's bytes lie, as the metadata records it."""
+    return ChunkRecord(
+        box=c.box,
+        file=c.file,
+        key=c.written.key,
+        offset_bytes=c.written.offset_bytes,
+        nbytes=c.written.nbytes,
+        checksums=c.written.checksums,
     )
 
 

@@ -28,7 +28,7 @@ from checkpoint.types import RankInfo
 
 
 def host_commit_store(
-    rank_info: RankInfo, exchange: Exchange, *, timeout_s: float
+    rank_info: RankInfo, exchange: Exchange, *, timeout_secs: float
 ) -> tuple[dist.TCPStore | None, tuple[str, int] | None]:
     """Rank 0's trainer hosts the commit store; every rank learns its address through `exchange`.
 
@@ -45,22 +45,22 @@ def host_commit_store(
     store, address = None, None
     if rank_info.global_rank == 0:
         host = os.environ.get("MASTER_ADDR") or socket.gethostname()
-        timeout = timedelta(seconds=timeout_s)
+        timeout = timedelta(seconds=timeout_secs)
         store = dist.TCPStore(host, 0, None, True, timeout=timeout, wait_for_workers=False)
         address = (host, store.port)
     return store, exchange.broadcast(address)
 
 
-def connect_commit_store(address: tuple[str, int], *, timeout_s: float) -> dist.TCPStore:
+def connect_commit_store(address: tuple[str, int], *, timeout_secs: float) -> dist.TCPStore:
     """A client of the commit store at `address`."""
     host, port = address
     return dist.TCPStore(
-        host, port, None, False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+        host, port, None, False, timeout=timedelta(seconds=timeout_secs), wait_for_workers=False
     )
 
 
 def commit_exchange(
-    store: dist.Store | RecordingStore, prepared: PreparedSave, *, timeout_s: float
+    store: dist.Store | RecordingStore, prepared: PreparedSave, *, timeout_secs: float
 ) -> StoreExchange:
     """The exchange of one save's commit, in that save's own key namespace."""
     return StoreExchange(
@@ -68,7 +68,7 @@ def commit_exchange(
         rank=prepared.rank,
         world_size=prepared.world_size,
         prefix=f"shardsafe/commit/{prepared.save_id}",
-        timeout_s=timeout_s,
+        timeout_s=timeout_secs,
     )
 
 

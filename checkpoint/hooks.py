@@ -1,4 +1,9 @@
-"""Commit hooks: user code that runs around the commit of a save."""
+"""Commit hooks: user code that runs around the commit of a save.
+
+`checkpoint.pipeline` calls them, in the process that writes (the trainer rank
+for a sync save, the rank's writer process for an async one), the same way in
+both modes.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from planners.errors import PostCommitHookError
 logger = logging.getLogger(__name__)
 
 
-class WriterHook(abc.ABC):
+class CommitHook(abc.ABC):
     """Runs on every rank (in the process that writes) around the commit.
 
     `pre_commit` runs after the rank's shard files are written and before the
@@ -31,7 +36,7 @@ class WriterHook(abc.ABC):
         """After the commit; the checkpoint is complete and loadable."""
 
 
-def run_post_commit(hook: WriterHook, path: str, *, rank: int) -> None:
+def run_post_commit(hook: CommitHook, path: str, *, rank: int) -> None:
     """Run `hook.post_commit`; its failure becomes a `PostCommitHookError` saying the save is committed."""
     try:
         hook.post_commit(path, rank=rank)
@@ -41,3 +46,7 @@ def run_post_commit(hook: WriterHook, path: str, *, rank: int) -> None:
             f"rank {rank}: the checkpoint at {path} IS committed and loadable, but the post_commit hook "
             f"failed: {type(e).__name__}: {e}"
         ) from e
+
+
+# The seed's name for `CommitHook`, kept so existing subclasses keep working.
+WriterHook = CommitHook

@@ -17,7 +17,6 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from checkpoint.flatten import fill_target, flatten_state_dict
 from checkpoint.grid_load import GridResolver
 from checkpoint.hf_source import read_hf_metadata
 from checkpoint.load_values import ABSENT, SavedValues, rank_local_value
+from checkpoint.options import DEFAULT_MAX_METADATA_BYTES, LoadOptions  # noqa: F401 (re-exported)
 from planners.boxes import coalesce
 from planners.checksums import bad_blocks, block_span
 from planners.errors import (
@@ -60,21 +60,8 @@ logger = logging.getLogger(__name__)
 # Runs closer than this are fetched in one request: a few wasted bytes cost
 # less than another round trip.
 COALESCE_GAP_BYTES = 64 * 1024
-# The default cap on the metadata file's size (CheckpointReaderConfig.max_metadata_bytes).
-DEFAULT_MAX_METADATA_BYTES = 256 * 1024 * 1024
 # Keys named in a missing-keys error before "and N more".
 _MAX_KEYS_SHOWN = 20
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LoadOptions:
-    map_location: Any = None
-    allow_pickle: bool = False
-    verify: bool = True
-    strict: bool = False
-    io_threads: int = 8
-    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
-    key_map: Any = None  # Hugging Face layouts only: see checkpoint.hf_source.read_hf_metadata
 
 
 def read_metadata(storage: CheckpointStorage, *, max_bytes: int = DEFAULT_MAX_METADATA_BYTES) -> Metadata:

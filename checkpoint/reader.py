@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from checkpoint.config import CheckpointReaderConfig
-from checkpoint.load import LoadOptions, load_checkpoint
+from checkpoint.load import load_checkpoint
+from checkpoint.options import LOAD_OPTIONS, LoadOptions
 from checkpoint.types import STATE_DICT, RankInfo
-from checkpoint.writer import check_options
-from storage.backend import open_storage
 from storage.remote import TransferConfig
+from storage.spec import StorageSpec
 
-LOAD_OPTIONS = frozenset({"allow_pickle", "verify", "strict", "key_map"})
+__all__ = ["LOAD_OPTIONS", "CheckpointReader"]
 
 
 class CheckpointReader:
@@ -56,20 +56,16 @@ class CheckpointReader:
             key_map: for a Hugging Face layout, a key prefix to strip or a callable renaming
                 each key (see `checkpoint.hf_source.read_hf_metadata`).
 
+        Raises:
+            TypeError: an unknown keyword argument.
+
         Returns:
             The loaded state dict and the sorted list of target keys the checkpoint lacked.
         """
-        check_options(kwargs, LOAD_OPTIONS, "load")
-        options = LoadOptions(
-            map_location=map_location,
-            allow_pickle=kwargs.get("allow_pickle", False),
-            verify=kwargs.get("verify", self._config.verify_checksums),
-            strict=kwargs.get("strict", False),
-            io_threads=self._config.io_threads,
-            max_metadata_bytes=self._config.max_metadata_bytes,
-            key_map=kwargs.get("key_map"),
-        )
-        storage = open_storage(path, storage_options=self._storage_options, transfer=self._transfer)
+        options = LoadOptions.from_kwargs(kwargs, defaults=self._defaults(map_location))
+        storage = StorageSpec.resolve(
+            path, storage_options=self._storage_options, transfer=self._transfer
+        ).open()
         try:
             return load_checkpoint(
                 storage,
@@ -80,3 +76,12 @@ class CheckpointReader:
             )
         finally:
             storage.close()
+
+    def _defaults(self, map_location: Any) -> LoadOptions:
+        """The options of a load that passes no keyword arguments: the reader config's."""
+        return LoadOptions(
+            map_location=map_location,
+            verify=self._config.verify_checksums,
+            io_threads=self._config.io_threads,
+            max_metadata_bytes=self._config.max_metadata_bytes,
+        )

@@ -33,6 +33,7 @@ import torch
 from checkpoint import lease
 from checkpoint.collectives import COORDINATOR, Exchange
 from checkpoint.flatten import FlatStateDict, flatten_state_dict
+from checkpoint.options import SaveOptions
 from checkpoint.plan_exchange import agree_world, draft_plan, local_structure, rank_plan
 from planners.boxes import Box, full_box
 from planners.dtypes import dtype_name
@@ -275,24 +276,22 @@ def plan_save(
     storage: CheckpointStorage,
     cache: PlanCache,
     *,
-    options: Mapping[str, Any],
+    options: SaveOptions,
     max_file_bytes: int,
     lease_secs: float = 300.0,
     failure: BaseException | None = None,
 ) -> tuple[LocalSave, PreparedSave]:
     """Steps 1 and 2 for a trainer rank (collective); `failure` replaces this rank's local step.
 
-    `options` are the save() keyword arguments (`overwrite`, `allow_pickle`).
+    `options` are the save() keyword arguments, typed at the API boundary.
     """
-    local = failure or describe_or_error(
-        state_dict, exchange.rank, allow_pickle=options.get("allow_pickle", False)
-    )
+    local = failure or describe_or_error(state_dict, exchange.rank, allow_pickle=options.allow_pickle)
     prepared = prepare_save(
         local,
         exchange,
         storage,
         cache,
-        overwrite=options.get("overwrite", False),
+        overwrite=options.overwrite,
         max_file_bytes=max_file_bytes,
         lease_secs=lease_secs,
     )

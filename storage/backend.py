@@ -20,23 +20,8 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
-import fsspec
-
-from planners.errors import CheckpointError
-from storage.redact import Redactor, display_url, secret_values
 from storage.remote import TransferConfig
-
-# The pip extra that provides each object-store protocol, for the error when its package is missing.
-_EXTRAS = {
-    "s3": "s3",
-    "s3a": "s3",
-    "gs": "gcs",
-    "gcs": "gcs",
-    "az": "azure",
-    "abfs": "azure",
-    "abfss": "azure",
-    "adl": "azure",
-}
+from storage.spec import StorageSpec
 
 
 @runtime_checkable
@@ -120,30 +105,4 @@ def open_storage(
         >>> storage.url
         's3://bucket/run/step-100'
     """
-    from storage.local import LocalStorage
-    from storage.remote import FsspecStorage
-
-    if "://" not in path:
-        return LocalStorage(path)
-    protocol = path.split("://", 1)[0].rsplit("::", 1)[-1]
-    if path.startswith("file://"):
-        return LocalStorage(path.removeprefix("file://"))
-    shown = display_url(path)
-    redact = Redactor(secret_values(storage_options))
-    try:
-        fs, root = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
-    except ImportError as e:
-        extra = _EXTRAS.get(protocol)
-        hint = (
-            f"pip install 'shardsafe[{extra}]'"
-            if extra
-            else f"install the fsspec implementation for {protocol}://"
-        )
-        raise CheckpointError(
-            f"cannot open {shown}: the {protocol}:// backend is not installed ({redact(str(e))}); {hint}"
-        ) from None
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"cannot open {shown}: {type(e).__name__}: {redact(str(e))}") from None
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        return LocalStorage(root)
-    return FsspecStorage(fs, root, url=shown, transfer=transfer, redact=redact)
+    return StorageSpec.resolve(path, storage_options=storage_options, transfer=transfer).open()

@@ -28,12 +28,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import checkpoint
-import checkpoint.writer
 import storage.local
 from checkpoint.lease import MARKER_RE
 from checkpoint.testing.ranks import RankFailures, run_ranks
 from planners.errors import CheckpointExistsError, DistributedCheckpointError, IncompleteCheckpointError
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE
+from storage.spec import StorageSpec
 
 pytestmark = pytest.mark.multiproc
 
@@ -120,8 +120,8 @@ def _arm(point: str, rank: int, report: Any) -> None:
 
         storage.local.os.replace = replace  # storage.local's `os` is the os module: this process only
         return
-    real_open = checkpoint.writer.open_storage
-    checkpoint.writer.open_storage = lambda path, **kw: _StopAt(real_open(path, **kw), point, rank, report)
+    real_open = StorageSpec.open  # every storage a save opens (plan, lease, write) comes from its spec
+    StorageSpec.open = lambda spec: _StopAt(real_open(spec), point, rank, report)  # type: ignore[method-assign]
 
 
 def _save_until_killed(

@@ -1,0 +1,82 @@
+"""SaveOptions and LoadOptions: the seed's `**kwargs`, typed once at the API boundary.
+
+`Checkpointer.save(state_dict, path, **kwargs)` and `Checkpointer.load(path,
+state_dict, **kwargs)` keep the seed's signatures; the first thing a save or a
+load does (`CheckpointWriter.write`, `AsyncCheckpointer._save`,
+`CheckpointReader.read`) is to turn those keyword arguments into one of these
+frozen records, refusing unknown names with a `TypeError`. Nothing deeper
+reads a keyword dictionary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# The default cap on the metadata file's size (CheckpointReaderConfig.max_metadata_bytes).
+DEFAULT_MAX_METADATA_BYTES = 256 * 1024 * 1024
+
+
+def check_options(kwargs: Mapping[str, Any], allowed: frozenset[str], what: str) -> None:
+    """Raise `TypeError` naming the keyword arguments of `what()` that it does not accept."""
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise TypeError(f"{what}() got unexpected keyword argument(s) {unknown}; accepted: {sorted(allowed)}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveOptions:
+    """The keyword arguments of one save.
+
+    Attributes:
+        overwrite: replace a complete checkpoint at the path (False: refuse with
+            `CheckpointExistsError`).
+        allow_pickle: store values that are not JSON-able pickled (False: refuse with
+            `PickleNotAllowedError`).
+    """
+
+    overwrite: bool = False
+    allow_pickle: bool = False
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> SaveOptions:
+        """The options of `save(..., **kwargs)`; `TypeError` for a name save() does not take."""
+        check_options(kwargs, SAVE_OPTIONS, "save")
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadOptions:
+    """How one load reads: what `load(..., **kwargs)` asked, with the reader config's defaults.
+
+    Attributes:
+        map_location: device (or callable on each tensor) for tensors loaded without a target.
+        allow_pickle: unpickle pickled values (False: refuse with `PickleNotAllowedError`).
+        verify: check the crc32c of every block read before anything reaches the target.
+        strict: raise `MissingKeysError` when the target asks for keys the checkpoint lacks.
+        key_map: Hugging Face layouts only: a key prefix to strip or a callable renaming each
+            key (see `checkpoint.hf_source.read_hf_metadata`).
+        io_threads: files fetched at once (from `CheckpointReaderConfig`).
+        max_metadata_bytes: refuse a metadata file larger than this (from `CheckpointReaderConfig`).
+    """
+
+    map_location: Any = None
+    allow_pickle: bool = False
+    verify: bool = True
+    strict: bool = False
+    io_threads: int = 8
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
+    key_map: Any = None
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any], *, defaults: LoadOptions) -> LoadOptions:
+        """`defaults` with what `load(..., **kwargs)` set; `TypeError` for a name load() does not take."""
+        check_options(kwargs, LOAD_OPTIONS, "load")
+        return dataclasses.replace(defaults, **kwargs)
+
+
+SAVE_OPTIONS = frozenset(f.name for f in dataclasses.fields(SaveOptions))
+# Keyword arguments of load(); map_location is a named parameter, the rest come from the reader config.
+LOAD_OPTIONS = frozenset({"allow_pickle", "verify", "strict", "key_map"})
