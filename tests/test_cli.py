@@ -304,7 +304,9 @@ def test_console_script_is_installed_and_runs(run_root: Path) -> None:
             "the installed shardsafe distribution predates the console script (reinstall with pip install -e .)"
         )
     assert [(e.name, e.value) for e in declared] == [("shardsafe", "checkpoint.cli:main")]
-    exe = shutil.which("shardsafe")
+    # pip puts console scripts beside the interpreter; the venv need not be on PATH (make test does not activate it)
+    beside = Path(sys.executable).parent / "shardsafe"
+    exe = str(beside) if beside.exists() else shutil.which("shardsafe")
     if exe is None:
         if os.environ.get("CI") == "true":
             pytest.fail("the shardsafe console script is not on PATH in CI")
