@@ -48,9 +48,9 @@ from planners.metadata import (
     FileRecord,
     Metadata,
     TensorRecord,
-    parse_metadata,
     shard_file_name,
 )
+from planners.metadata_parse import parse_metadata
 from planners.placement import _chunk_box, _replica_positions, chunk_box, coordinate_of
 from planners.save_plan import FilePlan, WriteItem, pack_files
 from storage.checksummed_shard import checksum_slices

@@ -51,8 +51,8 @@ from planners.metadata import (
     ChunkRecord,
     Metadata,
     TensorRecord,
-    parse_metadata,
 )
+from planners.metadata_parse import parse_metadata
 from storage.backend import CheckpointStorage
 
 logger = logging.getLogger(__name__)

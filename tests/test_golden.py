@@ -17,7 +17,8 @@ import torch
 
 import checkpoint
 from planners.errors import RankLocalError
-from planners.metadata import FORMAT_VERSION, METADATA_FILE, parse_metadata
+from planners.metadata import FORMAT_VERSION, METADATA_FILE
+from planners.metadata_parse import parse_metadata
 from tests.golden.make_golden import GOLDEN_DIR, single_rank_state, two_rank_global
 
 VERSIONS = sorted(int(d[1:]) for d in os.listdir(GOLDEN_DIR) if re.fullmatch(r"v\d+", d))

@@ -17,7 +17,8 @@ from planners.digest import seal
 from planners.errors import CorruptCheckpointError, InvalidCheckpointError
 from planners.global_plan import WorldStructure, grid_fields, structure_of, writes_of
 from planners.grid import CHECKSUM_ENTRY, GridIndex
-from planners.metadata import METADATA_FILE, parse_metadata
+from planners.metadata import METADATA_FILE
+from planners.metadata_parse import parse_metadata
 from planners.placement import Layout, Replicate, Shard, StridedShard
 from tests.dist_states import build_state, check_state
 

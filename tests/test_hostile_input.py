@@ -36,7 +36,8 @@ from planners.errors import (
     InvalidCheckpointError,
     PickleNotAllowedError,
 )
-from planners.metadata import FORMAT_VERSION, METADATA_FILE, Metadata, parse_metadata
+from planners.metadata import FORMAT_VERSION, METADATA_FILE, Metadata
+from planners.metadata_parse import parse_metadata
 from storage.backend import open_storage
 from storage.safetensors_io import MAX_HEADER_BYTES, SafetensorsHeader, read_header
 
