@@ -18,15 +18,13 @@ from typing import BinaryIO
 
 import torch
 
-from planners.checksums import block_checksums
 from planners.errors import InvalidCheckpointError
 from planners.grid import CHECKSUM_ENTRY
 from storage.safetensors_io import (
-    WRITE_SLICE_BYTES,
     SafetensorsHeader,
     WrittenTensor,
     build_header,
-    tensor_bytes,
+    write_entries,
     write_exact,
 )
 
@@ -47,20 +45,8 @@ def write_checksummed_shard(
     table_stub = torch.empty(nblocks, dtype=torch.uint32)  # only its shape and dtype reach the header
     head, ranges = build_header([*entries, (CHECKSUM_ENTRY, table_stub)], metadata)
     write_exact(f, head)
-    written = []
-    every: list[int] = []
-    slice_bytes = max(block_bytes, WRITE_SLICE_BYTES // block_bytes * block_bytes)
-    for (key, tensor), (start, n) in zip(entries, ranges):
-        data = tensor_bytes(tensor)
-        checksums = []
-        for s in range(0, n, slice_bytes):
-            piece = data[s : s + slice_bytes]
-            checksums.extend(block_checksums(piece, block_bytes))
-            write_exact(f, piece)
-        every += checksums
-        written.append(
-            WrittenTensor(key=key, offset_bytes=len(head) + start, nbytes=n, checksums=tuple(checksums))
-        )
+    written = write_entries(f, entries, ranges, head_bytes=len(head), block_bytes=block_bytes)
+    every = [c for w in written for c in w.checksums]
     write_exact(f, struct.pack(f"<{len(every)}I", *every))
     return written, len(head) + ranges[-1][0] + ranges[-1][1]
 

@@ -106,6 +106,19 @@ def write_safetensors(
     """
     head, ranges = build_header(entries, metadata)
     write_exact(f, head)
+    written = write_entries(f, entries, ranges, head_bytes=len(head), block_bytes=block_bytes)
+    return written, len(head) + (ranges[-1][0] + ranges[-1][1] if ranges else 0)
+
+
+def write_entries(
+    f: BinaryIO,
+    entries: Sequence[tuple[str, torch.Tensor]],
+    ranges: Sequence[tuple[int, int]],
+    *,
+    head_bytes: int,
+    block_bytes: int,
+) -> list[WrittenTensor]:
+    """Stream each entry's bytes after a header of `head_bytes`, checksumming every block as it goes."""
     written = []
     # Slices hold whole checksum blocks so each block's crc is taken from one slice.
     slice_bytes = max(block_bytes, WRITE_SLICE_BYTES // block_bytes * block_bytes)
@@ -117,9 +130,9 @@ def write_safetensors(
             checksums.extend(block_checksums(piece, block_bytes))
             write_exact(f, piece)
         written.append(
-            WrittenTensor(key=key, offset_bytes=len(head) + start, nbytes=n, checksums=tuple(checksums))
+            WrittenTensor(key=key, offset_bytes=head_bytes + start, nbytes=n, checksums=tuple(checksums))
         )
-    return written, len(head) + (ranges[-1][0] + ranges[-1][1] if ranges else 0)
+    return written
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
