@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +22,7 @@ import checkpoint
 from planners.errors import InvalidCheckpointError
 from planners.grid import CHECKSUM_ENTRY
 from planners.metadata import METADATA_FILE
+from tests.damage import bit_flips, private_copy, put_file, read_file
 from tests.golden.make_golden import GOLDEN_DIR, two_rank_global
 
 GOLDEN = os.path.join(GOLDEN_DIR, "v2", "two_rank")
@@ -32,25 +31,7 @@ GOLDEN = os.path.join(GOLDEN_DIR, "v2", "two_rank")
 @pytest.fixture
 def work(tmp_path) -> str:
     path = str(tmp_path / "ckpt")
-    shutil.copytree(GOLDEN, path)
-    return path
-
-
-def _read(path: str, name: str) -> bytes:
-    with open(os.path.join(path, name), "rb") as f:
-        return f.read()
-
-
-def _put(path: str, name: str, data: bytes) -> None:
-    with open(os.path.join(path, name), "wb") as f:
-        f.write(data)
-
-
-def _flips(data: bytes) -> Iterator[tuple[int, bytes]]:
-    for bit in range(len(data) * 8):
-        flipped = bytearray(data)
-        flipped[bit // 8] ^= 1 << (bit % 8)
-        yield bit, bytes(flipped)
+    return private_copy(GOLDEN, path)
 
 
 def _assert_exact(loaded: dict[str, Any]) -> None:
@@ -65,7 +46,7 @@ def _shards() -> list[str]:
 
 
 def test_the_golden_is_a_sealed_grid_checkpoint():
-    doc = json.loads(_read(GOLDEN, METADATA_FILE))
+    doc = json.loads(read_file(GOLDEN, METADATA_FILE))
     assert doc["version"] == 2 and doc["digest"].startswith("sha256:")
     assert {k: "grid" in t for k, t in doc["tensors"].items()} == {
         "model.w": True,
@@ -73,18 +54,18 @@ def test_the_golden_is_a_sealed_grid_checkpoint():
         "model.r": True,
     }
     for name in _shards():
-        raw = _read(GOLDEN, name)
+        raw = read_file(GOLDEN, name)
         header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
         assert header[CHECKSUM_ENTRY]["dtype"] == "U32", name
     _assert_exact(checkpoint.make_sync_checkpointer().load(GOLDEN))
 
 
 def test_every_metadata_bit_flip_of_a_grid_checkpoint_blames_the_metadata(work):
-    raw = _read(GOLDEN, METADATA_FILE)
+    raw = read_file(GOLDEN, METADATA_FILE)
     ckpt = checkpoint.make_sync_checkpointer()
     refused = 0
-    for bit, flipped in _flips(raw):
-        _put(work, METADATA_FILE, flipped)
+    for bit, flipped in bit_flips(raw):
+        put_file(work, METADATA_FILE, flipped)
         try:
             _assert_exact(ckpt.load(work))
         except InvalidCheckpointError as e:
@@ -100,11 +81,11 @@ def test_every_metadata_bit_flip_of_a_grid_checkpoint_blames_the_metadata(work):
 def test_every_shard_bit_flip_of_a_grid_checkpoint_blames_that_shard(work, index):
     """Data, header and checksum-table flips: the load refuses naming the file or reads nothing changed."""
     shard = _shards()[index]
-    raw = _read(GOLDEN, shard)
+    raw = read_file(GOLDEN, shard)
     ckpt = checkpoint.make_sync_checkpointer()
     refused = 0
-    for bit, flipped in _flips(raw):
-        _put(work, shard, flipped)
+    for bit, flipped in bit_flips(raw):
+        put_file(work, shard, flipped)
         try:
             _assert_exact(ckpt.load(work))
         except InvalidCheckpointError as e:

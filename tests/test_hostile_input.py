@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import pickle
-import shutil
 import struct
 import uuid
 from collections.abc import Callable, Iterator
@@ -40,6 +39,7 @@ from planners.metadata import FORMAT_VERSION, METADATA_FILE, Metadata
 from planners.metadata_parse import parse_metadata
 from storage.backend import open_storage
 from storage.safetensors_io import MAX_HEADER_BYTES, SafetensorsHeader, read_header
+from tests.damage import private_copy
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -76,9 +76,7 @@ def original(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def work(original: str, tmp_path) -> str:
     """A private copy of the original checkpoint for the test to damage."""
-    path = str(tmp_path / "ckpt")
-    shutil.copytree(original, path)
-    return path
+    return private_copy(original, str(tmp_path / "ckpt"))
 
 
 def _doc(path: str) -> dict:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from planners.digest import seal
 from planners.errors import CorruptCheckpointError, InvalidCheckpointError
 from planners.metadata import METADATA_FILE
 from storage.local import LocalStorage
+from tests.damage import bit_flips, private_copy, put_file, read_file
 
 STEP, LR = 1234, 0.0003
 
@@ -58,8 +58,7 @@ def original(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def work(original: str, tmp_path) -> str:
     path = str(tmp_path / "ckpt")
-    shutil.copytree(original, path)
-    return path
+    return private_copy(original, path)
 
 
 def _shard(path: str) -> str:
@@ -67,40 +66,23 @@ def _shard(path: str) -> str:
     return name
 
 
-def _read(path: str, name: str) -> bytes:
-    with open(os.path.join(path, name), "rb") as f:
-        return f.read()
-
-
-def _put(path: str, name: str, data: bytes) -> None:
-    with open(os.path.join(path, name), "wb") as f:
-        f.write(data)
-
-
-def _flips(data: bytes) -> Iterator[tuple[int, bytes]]:
-    for bit in range(len(data) * 8):
-        flipped = bytearray(data)
-        flipped[bit // 8] ^= 1 << (bit % 8)
-        yield bit, bytes(flipped)
-
-
 # ---- the metadata digest ---------------------------------------------------------------------
 
 
 def test_typed_values_survive_and_the_metadata_is_sealed(original):
     _assert_exact(checkpoint.make_sync_checkpointer().load(original))
-    doc = json.loads(_read(original, METADATA_FILE))
+    doc = json.loads(read_file(original, METADATA_FILE))
     assert doc["version"] == 2 and doc["digest"].startswith("sha256:")
     assert checkpoint.verify(original).ok
 
 
 def test_every_metadata_bit_flip_is_refused_blaming_the_metadata(original, work):
     """Each of the file's bits flipped alone: refused naming metadata.json, or nothing loaded changes."""
-    raw, shard = _read(original, METADATA_FILE), _shard(original)
+    raw, shard = read_file(original, METADATA_FILE), _shard(original)
     ckpt = checkpoint.make_sync_checkpointer()
     refused = 0
-    for bit, flipped in _flips(raw):
-        _put(work, METADATA_FILE, flipped)
+    for bit, flipped in bit_flips(raw):
+        put_file(work, METADATA_FILE, flipped)
         try:
             loaded = ckpt.load(work)
         except InvalidCheckpointError as e:
@@ -114,10 +96,12 @@ def test_every_metadata_bit_flip_is_refused_blaming_the_metadata(original, work)
 
 
 def test_a_flipped_stored_checksum_blames_the_metadata_not_the_shard(work):
-    doc = json.loads(_read(work, METADATA_FILE))
+    doc = json.loads(read_file(work, METADATA_FILE))
     crc = doc["tensors"]["model.w"]["chunks"][0]["crc32c"][0]
-    raw = _read(work, METADATA_FILE).replace(f'"crc32c":[{crc}]'.encode(), f'"crc32c":[{crc ^ 1}]'.encode())
-    _put(work, METADATA_FILE, raw)
+    raw = read_file(work, METADATA_FILE).replace(
+        f'"crc32c":[{crc}]'.encode(), f'"crc32c":[{crc ^ 1}]'.encode()
+    )
+    put_file(work, METADATA_FILE, raw)
     with pytest.raises(CorruptCheckpointError, match="metadata.json: the metadata does not match its digest"):
         checkpoint.make_sync_checkpointer().load(work)
     report = checkpoint.verify(work)
@@ -127,10 +111,10 @@ def test_a_flipped_stored_checksum_blames_the_metadata_not_the_shard(work):
 def test_every_shard_bit_flip_is_refused_blaming_the_shard(original, work):
     """Data flips fail the load; header flips change nothing a load reads; verify reports every flip."""
     shard = _shard(original)
-    raw = _read(original, shard)
+    raw = read_file(original, shard)
     ckpt = checkpoint.make_sync_checkpointer()
-    for bit, flipped in _flips(raw):
-        _put(work, shard, flipped)
+    for bit, flipped in bit_flips(raw):
+        put_file(work, shard, flipped)
         try:
             _assert_exact(ckpt.load(work))
         except InvalidCheckpointError as e:
@@ -140,17 +124,17 @@ def test_every_shard_bit_flip_is_refused_blaming_the_shard(original, work):
 
 
 def test_an_unsealed_version_2_metadata_is_refused(work):
-    doc = json.loads(_read(work, METADATA_FILE))
+    doc = json.loads(read_file(work, METADATA_FILE))
     del doc["digest"]
-    _put(work, METADATA_FILE, json.dumps(doc).encode())
+    put_file(work, METADATA_FILE, json.dumps(doc).encode())
     with pytest.raises(CorruptCheckpointError, match="metadata.json: the metadata digest is missing"):
         checkpoint.make_sync_checkpointer().load(work)
 
 
 def test_a_reformatted_metadata_file_keeps_its_digest(work):
     """The digest covers the canonical JSON, so re-indenting the file by hand keeps it loadable."""
-    doc = json.loads(_read(work, METADATA_FILE))
-    _put(work, METADATA_FILE, json.dumps(doc, indent=2).encode())
+    doc = json.loads(read_file(work, METADATA_FILE))
+    put_file(work, METADATA_FILE, json.dumps(doc, indent=2).encode())
     _assert_exact(checkpoint.make_sync_checkpointer().load(work))
 
 
@@ -165,10 +149,10 @@ def test_a_reformatted_metadata_file_keeps_its_digest(work):
     ids=["duplicate-top", "duplicate-value", "nan", "infinity"],
 )
 def test_duplicate_keys_and_nan_literals_are_refused(work, edit, pattern):
-    raw = _read(work, METADATA_FILE)
+    raw = read_file(work, METADATA_FILE)
     edited = edit(raw)
     assert edited != raw
-    _put(work, METADATA_FILE, edited)
+    put_file(work, METADATA_FILE, edited)
     with pytest.raises(InvalidCheckpointError, match=f"metadata.json: metadata is not valid JSON: {pattern}"):
         checkpoint.make_sync_checkpointer().load(work)
 
@@ -181,7 +165,7 @@ def test_chunks_sharing_file_bytes_are_refused_before_allocating(tmp_path):
     path = str(tmp_path / "amplified")
     n, copies = 256 * 1024, 256
     checkpoint.make_sync_checkpointer().save({"w": torch.ones(n)}, path)
-    doc = json.loads(_read(path, METADATA_FILE))
+    doc = json.loads(read_file(path, METADATA_FILE))
     (chunk,) = doc["tensors"]["w"]["chunks"]
     # Every chunk's bytes and checksums are real: only the sharing of bytes is wrong.
     doc["tensors"]["w"] = {
@@ -189,7 +173,7 @@ def test_chunks_sharing_file_bytes_are_refused_before_allocating(tmp_path):
         "shape": [n * copies],
         "chunks": [dict(chunk, offsets=[i * n]) for i in range(copies)],
     }
-    _put(path, METADATA_FILE, seal(doc))
+    put_file(path, METADATA_FILE, seal(doc))
     assert os.path.getsize(os.path.join(path, chunk["file"])) < 1.1 * 2**20
     pattern = (
         rf"metadata\.json: invalid metadata: file {chunk['file']}: the bytes of key 'w' from offset "
@@ -270,8 +254,8 @@ def test_the_cap_applies_to_fsspec_storage(original):
     url = "memory://hardening/capped"
     fs = fsspec.filesystem("memory")
     for name in os.listdir(original):
-        fs.pipe_file(f"{url}/{name}", _read(original, name))
-    size = len(_read(original, METADATA_FILE))
+        fs.pipe_file(f"{url}/{name}", read_file(original, name))
+    size = len(read_file(original, METADATA_FILE))
     small = CheckpointerConfig(reader_config=CheckpointReaderConfig(max_metadata_bytes=size - 1))
     try:
         with pytest.raises(InvalidCheckpointError, match=f"{METADATA_FILE}: holds at least {size} bytes"):
