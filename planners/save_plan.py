@@ -19,9 +19,9 @@ from typing import Any
 
 from planners.boxes import Box, tiling_problem
 from planners.errors import InvalidStateDictError, PlanCoverageError
+from planners.key_check import check_same_keys
 
 # Keys listed in an error before it says "and N more".
-_MAX_KEYS_SHOWN = 10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,26 +108,8 @@ def plan_global(local_plans: Sequence[LocalPlan], *, max_file_bytes: int) -> Glo
     return GlobalPlan(world_size=len(plans), rank_plans=rank_plans, tensors=tensors)
 
 
-def _describe(keys: set[str]) -> str:
-    shown = sorted(keys)[:_MAX_KEYS_SHOWN]
-    more = len(keys) - len(shown)
-    return ", ".join(repr(k) for k in shown) + (f" and {more} more" if more > 0 else "")
-
-
 def _check_same_keys(plans: Sequence[LocalPlan]) -> None:
-    reference = set(plans[0].keys)
-    problems = []
-    for p in plans[1:]:
-        mine = set(p.keys)
-        if mine != reference:
-            parts = []
-            if mine - reference:
-                parts.append(f"has keys rank {plans[0].rank} lacks: {_describe(mine - reference)}")
-            if reference - mine:
-                parts.append(f"lacks keys rank {plans[0].rank} has: {_describe(reference - mine)}")
-            problems.append(f"rank {p.rank} " + "; ".join(parts))
-    if problems:
-        raise InvalidStateDictError("state dict keys differ between ranks: " + " | ".join(problems))
+    check_same_keys([(p.rank, set(p.keys)) for p in plans])
 
 
 def _check_same_tensors(plans: Sequence[LocalPlan]) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -13,14 +13,7 @@ from __future__ import annotations
 
 from planners.errors import InvalidStateDictError
 from planners.global_plan import RankStructure, TensorDescriptor, WorldStructure
-
-_MAX_SHOWN = 10
-
-
-def _describe(keys: set[str]) -> str:
-    shown = sorted(keys)[:_MAX_SHOWN]
-    more = len(keys) - len(shown)
-    return ", ".join(repr(k) for k in shown) + (f" and {more} more" if more > 0 else "")
+from planners.key_check import MAX_KEYS_SHOWN, check_same_keys, describe_keys
 
 
 def _everywhere_keys(s: RankStructure) -> set[str]:
@@ -62,20 +55,7 @@ def _check_same_kinds(world: WorldStructure) -> None:
 
 
 def _check_same_everywhere_keys(world: WorldStructure) -> None:
-    reps = [world.representative(i) for i in range(len(world.structures))]
-    reference = _everywhere_keys(world.structures[0])
-    problems = []
-    for i in range(1, len(world.structures)):
-        mine = _everywhere_keys(world.structures[i])
-        if mine != reference:
-            parts = []
-            if mine - reference:
-                parts.append(f"has keys rank {reps[0]} lacks: {_describe(mine - reference)}")
-            if reference - mine:
-                parts.append(f"lacks keys rank {reps[0]} has: {_describe(reference - mine)}")
-            problems.append(f"rank {reps[i]} " + "; ".join(parts))
-    if problems:
-        raise InvalidStateDictError("state dict keys differ between ranks: " + " | ".join(problems))
+    check_same_keys([(world.representative(i), _everywhere_keys(s)) for i, s in enumerate(world.structures)])
 
 
 def _check_same_tensors(world: WorldStructure) -> None:
@@ -111,18 +91,18 @@ def _check_meshes(world: WorldStructure) -> None:
             on_mesh = {t.fqn for t in s.tensors if t.mesh == m_index}
             if outside:
                 raise InvalidStateDictError(
-                    f"key {_describe(on_mesh)}: rank {outside[0]} holds a DTensor on a mesh of ranks "
-                    f"{sorted(members)[:_MAX_SHOWN]} that does not include it"
+                    f"key {describe_keys(on_mesh)}: rank {outside[0]} holds a DTensor on a mesh of ranks "
+                    f"{sorted(members)[:MAX_KEYS_SHOWN]} that does not include it"
                 )
             if any(r >= world.world_size for r in members):
                 raise InvalidStateDictError(
-                    f"key {_describe(on_mesh)}: mesh lists rank {max(members)} in a world of {world.world_size}"
+                    f"key {describe_keys(on_mesh)}: mesh lists rank {max(members)} in a world of {world.world_size}"
                 )
             for j in sorted({world.rank_structure[r] for r in members} - {i}):
                 missing = on_mesh - keys[j]
                 if missing:
                     lacking = next(r for r in sorted(members) if world.rank_structure[r] == j)
                     raise InvalidStateDictError(
-                        f"key {_describe(missing)}: rank {lacking} is in the key's DTensor mesh but lacks it "
+                        f"key {describe_keys(missing)}: rank {lacking} is in the key's DTensor mesh but lacks it "
                         f"(rank {world.representative(i)} holds it)"
                     )
