@@ -199,7 +199,7 @@ def measure(
     scratch = tempfile.mkdtemp(prefix="shardsafe-async-bench-") if root is None else root
     try:
         results = run_ranks(
-            _rank, world_size, total_bytes, num_tensors, saves, scratch, timeout_s=1800, share_cores=True
+            _rank, world_size, total_bytes, num_tensors, saves, scratch, timeout_secs=1800, share_cores=True
         )
     finally:
         if root is None:

@@ -28,7 +28,7 @@ class BenchConfig:
         planning_repeats: measured runs of the planning scenario.
         cold_cache: evict the checkpoint's files from the page cache before every load, so a
             load reads the disk (as a restart on another node does), not memory.
-        timeout_s: deadline of each spawn of ranks.
+        timeout_secs: deadline of each spawn of ranks.
     """
 
     spec: StateSpec
@@ -40,7 +40,7 @@ class BenchConfig:
     small_tensors: int = 10_000
     planning_repeats: int = 3
     cold_cache: bool = True
-    timeout_s: float = 1200.0
+    timeout_secs: float = 1200.0
 
     def __post_init__(self) -> None:
         for name in ("save_world_size", "repeats", "memory_repeats", "small_tensors", "planning_repeats"):

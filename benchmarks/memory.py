@@ -19,7 +19,7 @@ import psutil
 
 # Fine enough to catch a save's peak (saves take seconds); a sample reads two
 # small /proc files, so the sampler costs well under 1% of a core.
-SAMPLE_INTERVAL_S = 0.01
+SAMPLE_INTERVAL_SECS = 0.01
 # Helper processes of multiprocessing that are no checkpoint writer.
 _NOT_WRITERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
 
@@ -83,7 +83,7 @@ class RssSampler:
         return Peaks(self, writers)
 
     def _loop(self) -> None:
-        while not self._stop.wait(SAMPLE_INTERVAL_S):
+        while not self._stop.wait(SAMPLE_INTERVAL_SECS):
             with self._lock:
                 if self._peaks is not None:
                     self._peaks.sample()

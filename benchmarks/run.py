@@ -110,7 +110,7 @@ def build_config(args: argparse.Namespace, root: str) -> BenchConfig:
         small_tensors=args.small_tensors,
         planning_repeats=args.planning_repeats,
         cold_cache=not args.warm_cache,
-        timeout_s=args.timeout_s,
+        timeout_secs=args.timeout_s,
     )
 
 
@@ -135,7 +135,7 @@ def measure(cfg: BenchConfig) -> tuple[Results, dict[str, float]]:
             cfg.save_world_size,
             cfg,
             device=cfg.spec.device,
-            timeout_s=cfg.timeout_s,
+            timeout_secs=cfg.timeout_secs,
             share_cores=True,
         )[0]
     )
@@ -147,7 +147,7 @@ def measure(cfg: BenchConfig) -> tuple[Results, dict[str, float]]:
                 world_size,
                 cfg,
                 device=cfg.spec.device,
-                timeout_s=cfg.timeout_s,
+                timeout_secs=cfg.timeout_secs,
                 share_cores=True,
             )[0]
         )

@@ -166,7 +166,7 @@ def _job_store(group: dist.ProcessGroup | None) -> tuple[dist.Store | None, str]
 
 
 # Heartbeats of a rank in a store exchange: at most this far apart, and at least 4 per timeout.
-MAX_HEARTBEAT_INTERVAL_S = 5.0
+MAX_HEARTBEAT_INTERVAL_SECS = 5.0
 
 
 class StoreExchange:
@@ -178,20 +178,20 @@ class StoreExchange:
 
     A rank inside `heartbeat()` bumps its counter in the store every few
     seconds. A wait ends in `CheckpointTimeoutError` only when the ranks it
-    waits for have sent no heartbeat for `timeout_s`, so a rank that writes
+    waits for have sent no heartbeat for `timeout_secs`, so a rank that writes
     for an hour longer than the others does not fail a healthy save, while a
-    rank that died or hangs without a heartbeat fails it after `timeout_s`.
+    rank that died or hangs without a heartbeat fails it after `timeout_secs`.
     """
 
     def __init__(
-        self, store: dist.Store, *, rank: int, world_size: int, prefix: str, timeout_s: float
+        self, store: dist.Store, *, rank: int, world_size: int, prefix: str, timeout_secs: float
     ) -> None:
         self.store = store
         self.rank = rank
         self.world_size = world_size
         self.prefix = prefix
-        self.timeout = timedelta(seconds=timeout_s)
-        self.interval_s = min(MAX_HEARTBEAT_INTERVAL_S, timeout_s / 4)
+        self.timeout = timedelta(seconds=timeout_secs)
+        self.interval_secs = min(MAX_HEARTBEAT_INTERVAL_SECS, timeout_secs / 4)
         self._calls = 0
 
     def _key(self, op: str, rank: int | str) -> str:
@@ -206,7 +206,7 @@ class StoreExchange:
         stop = threading.Event()
 
         def beat() -> None:
-            while not stop.wait(self.interval_s):
+            while not stop.wait(self.interval_secs):
                 try:
                     self.store.add(self._alive_key(self.rank), 1)
                 except Exception:  # the store is gone: the waits report it
@@ -237,7 +237,7 @@ class StoreExchange:
         idle_since = time.monotonic()
         while True:
             try:
-                self.store.wait(keys, timedelta(seconds=self.interval_s))
+                self.store.wait(keys, timedelta(seconds=self.interval_secs))
                 return
             except Exception as e:  # the store raises a bare RuntimeError/DistStoreError on timeout
                 error = e

@@ -68,7 +68,7 @@ def commit_exchange(
         rank=prepared.rank,
         world_size=prepared.world_size,
         prefix=f"shardsafe/commit/{prepared.save_id}",
-        timeout_s=timeout_secs,
+        timeout_secs=timeout_secs,
     )
 
 

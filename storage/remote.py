@@ -39,7 +39,7 @@ from storage.retry import (
     gives_up,
     http_status,
     raise_storage_error,
-    retry_delay_s,
+    retry_delay_secs,
 )
 
 logger = logging.getLogger(__name__)
@@ -319,7 +319,7 @@ class FsspecStorage:
             if not failed:
                 return results
             time.sleep(
-                retry_delay_s(
+                retry_delay_secs(
                     failed[0][1],
                     what=f"read of {len(failed)} byte range(s)",
                     where=self._where(name),

@@ -117,30 +117,30 @@ class RetryPolicy:
 
     Attributes:
         max_attempts: tries per request, the first one included (1: never retry).
-        initial_backoff_s: wait before the first retry; doubled for each further one.
-        max_backoff_s: longest single wait.
+        initial_backoff_secs: wait before the first retry; doubled for each further one.
+        max_backoff_secs: longest single wait.
     """
 
     max_attempts: int = 6
-    initial_backoff_s: float = 0.1
-    max_backoff_s: float = 5.0
+    initial_backoff_secs: float = 0.1
+    max_backoff_secs: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"RetryPolicy.max_attempts must be at least 1, got {self.max_attempts!r}")
-        if not 0 <= self.initial_backoff_s <= self.max_backoff_s:
+        if not 0 <= self.initial_backoff_secs <= self.max_backoff_secs:
             raise ValueError(
-                "RetryPolicy needs 0 <= initial_backoff_s <= max_backoff_s, got "
-                f"{self.initial_backoff_s!r} and {self.max_backoff_s!r}"
+                "RetryPolicy needs 0 <= initial_backoff_secs <= max_backoff_secs, got "
+                f"{self.initial_backoff_secs!r} and {self.max_backoff_secs!r}"
             )
 
-    def backoff_s(self, retry: int) -> float:
+    def backoff_secs(self, retry: int) -> float:
         """Seconds to wait before retry number `retry` (1-based).
 
         Jittered between half and all of the exponential step, so ranks that failed together
         (one throttled bucket) do not come back together.
         """
-        step = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (retry - 1))
+        step = min(self.max_backoff_secs, self.initial_backoff_secs * 2 ** (retry - 1))
         return step * random.uniform(0.5, 1.0)
 
 
@@ -239,11 +239,11 @@ def gives_up(error: Exception, attempt: int, policy: RetryPolicy) -> bool:
     return attempt >= policy.max_attempts or not is_transient(error)
 
 
-def retry_delay_s(
+def retry_delay_secs(
     error: Exception, *, what: str, where: str, attempt: int, policy: RetryPolicy, redact: Redactor
 ) -> float:
     """Log that attempt `attempt` failed and will be retried; returns how long to wait first."""
-    delay = policy.backoff_s(attempt)
+    delay = policy.backoff_secs(attempt)
     logger.warning(
         "%s: %s failed (attempt %d of %d: %s); retrying in %.2fs",
         where,
@@ -273,7 +273,7 @@ def call_with_retry(
             if gives_up(e, attempt, policy):
                 raise_storage_error(e, what=what, where=where, attempts=attempt, redact=redact)
             time.sleep(
-                retry_delay_s(e, what=what, where=where, attempt=attempt, policy=policy, redact=redact)
+                retry_delay_secs(e, what=what, where=where, attempt=attempt, policy=policy, redact=redact)
             )
             attempt += 1
 
@@ -290,6 +290,6 @@ async def call_with_retry_async(
             if gives_up(e, attempt, policy):
                 raise_storage_error(e, what=what, where=where, attempts=attempt, redact=redact)
             await asyncio.sleep(
-                retry_delay_s(e, what=what, where=where, attempt=attempt, policy=policy, redact=redact)
+                retry_delay_secs(e, what=what, where=where, attempt=attempt, policy=policy, redact=redact)
             )
             attempt += 1

@@ -32,7 +32,7 @@ from planners.errors import RankLocalError
 from tests.fsdp_workers import assert_same, build, snapshot, train
 
 # Generous: the machine running the tests is small and shared.
-WRITE_TIMEOUT_S = 240.0
+WRITE_TIMEOUT_SECS = 240.0
 # Where torchrun placed this rank, as the test checks it.
 PLACEMENT_ENV = ("RANK", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "NODE_TAG")
 
@@ -68,7 +68,7 @@ def save_phase(out: Path) -> None:
     train(model, optim, 1)  # other values, so the two checkpoints cannot stand in for each other
     ckpt = checkpoint.make_async_checkpointer()
     _, write_future = ckpt.save(app_state(model, optim, 4, rank), str(out / "async"))
-    write_future.result(timeout=WRITE_TIMEOUT_S)
+    write_future.result(timeout=WRITE_TIMEOUT_SECS)
     ckpt.close()
     expected["async"] = snapshot(model, optim)
     if rank == 0:

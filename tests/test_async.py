@@ -295,7 +295,7 @@ def _shard_bytes(directory: Path) -> tuple[str, dict[str, bytes]]:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     root = tmp_path_factory.mktemp("async2")
-    return root, run_ranks(_two_ranks, 2, str(root), timeout_s=240)
+    return root, run_ranks(_two_ranks, 2, str(root), timeout_secs=240)
 
 
 def test_two_ranks_async_equals_sync_byte_for_byte(two_ranks: tuple[Path, list[dict]]) -> None:
@@ -349,13 +349,13 @@ def _four_ranks(rank: int, world_size: int, root: str) -> int:
     return ckpt.checkpoint_process.pid  # not closed: the writer process must go when this rank exits
 
 
-def _exits_within(pid: int, timeout_s: float) -> bool:
+def _exits_within(pid: int, timeout_secs: float) -> bool:
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return True
     try:
-        return bool(select.select([fd], [], [], timeout_s)[0])
+        return bool(select.select([fd], [], [], timeout_secs)[0])
     finally:
         os.close(fd)
 
@@ -363,7 +363,7 @@ def _exits_within(pid: int, timeout_s: float) -> bool:
 def test_four_ranks_save_async_then_load_on_one(tmp_path: Path) -> None:
     root = tmp_path
     shm_before = _shm_segments()
-    pids = run_ranks(_four_ranks, 4, str(root), timeout_s=240)
+    pids = run_ranks(_four_ranks, 4, str(root), timeout_secs=240)
     assert [_exits_within(pid, 30) for pid in pids] == [True] * 4
     assert _shm_segments() == shm_before
     with checkpoint.make_sync_checkpointer() as ckpt:

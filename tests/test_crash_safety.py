@@ -38,8 +38,8 @@ from storage.spec import StorageSpec
 pytestmark = pytest.mark.multiproc
 
 # Generous bounds for a loaded 2-core machine; a passing case takes a few seconds.
-STOP_TIMEOUT_S = 90.0
-RUN_TIMEOUT_S = 120.0
+STOP_TIMEOUT_SECS = 90.0
+RUN_TIMEOUT_SECS = 120.0
 
 
 def _state(world_size: int, version: int) -> dict[str, Any]:
@@ -164,19 +164,19 @@ def _crash(root: str, point: str, victim: int, target: str) -> tuple:
             target,
             stops,
             outcomes,
-            timeout_s=RUN_TIMEOUT_S,
+            timeout_secs=RUN_TIMEOUT_SECS,
         )
         try:
-            kind, rank, pid = stops.get(timeout=STOP_TIMEOUT_S)
+            kind, rank, pid = stops.get(timeout=STOP_TIMEOUT_SECS)
         except queue.Empty:
-            pytest.fail(f"rank {victim} never reached {point}: {outcomes.get(timeout=RUN_TIMEOUT_S)}")
+            pytest.fail(f"rank {victim} never reached {point}: {outcomes.get(timeout=RUN_TIMEOUT_SECS)}")
         assert (kind, rank) == ("stopped", victim)
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(RankFailures) as info:
-            run.result(timeout=RUN_TIMEOUT_S)
+            run.result(timeout=RUN_TIMEOUT_SECS)
     assert sorted(info.value.failures) == [victim], info.value
     assert "died from signal SIGKILL" in info.value.failures[victim]
-    return outcomes.get(timeout=STOP_TIMEOUT_S)
+    return outcomes.get(timeout=STOP_TIMEOUT_SECS)
 
 
 def _names(path: str) -> list[str]:

@@ -51,8 +51,8 @@ pytestmark = pytest.mark.timeout(180)
 
 MiB = 1 << 20
 # A fault must end the save within this (the retries below give up in well under a second).
-FAIL_WITHIN_S = 60.0
-FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)
+FAIL_WITHIN_SECS = 60.0
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_secs=0.01, max_backoff_secs=0.05)
 _RESULTS: list[dict[str, Any]] = []
 
 
@@ -117,7 +117,7 @@ def _run_case(
     )
     assert kept, f"{fault} on {target.backend}: version {previous} no longer loads bit-exact"
     assert next_ok, f"{fault} on {target.backend}: the next save failed"
-    assert seconds < FAIL_WITHIN_S, f"{fault} on {target.backend}: took {seconds:.1f}s"
+    assert seconds < FAIL_WITHIN_SECS, f"{fault} on {target.backend}: took {seconds:.1f}s"
 
 
 def _expect_failure(save: Callable[[], Any]) -> BaseException:
@@ -276,7 +276,7 @@ def _kill_writer(target: Target) -> tuple[BaseException | None, int | None]:
         _, write_future = ckpt.save(_state(2), target.plain, overwrite=True)
         assert hook.reached.wait(60)
         os.kill(ckpt.checkpoint_process.pid, signal.SIGKILL)
-        error = write_future.exception(timeout=FAIL_WITHIN_S)
+        error = write_future.exception(timeout=FAIL_WITHIN_SECS)
         assert isinstance(error, CheckpointError), error
         return error, None
     finally:
@@ -491,6 +491,6 @@ def test_sigkill_s3_server_mid_save(tmp_path: Path) -> None:
             }
         )
         assert box.get("killed"), error  # the save failed because the server died mid-save, not before
-        assert kept and next_ok and seconds < FAIL_WITHIN_S
+        assert kept and next_ok and seconds < FAIL_WITHIN_SECS
     finally:
         box["server"].stop()

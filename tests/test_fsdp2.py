@@ -20,5 +20,5 @@ def test_fsdp2_adamw_saved_on_2_loads_on_3_on_1_and_on_2(tmp_path):
 
 def test_fsdp2_tp_2x2_saved_on_4_loads_into_fsdp_on_2(tmp_path):
     path = str(tmp_path / "fsdp_tp")
-    expected = run_ranks(save_trained, 4, "fsdp_tp", path, timeout_s=240)[0]
+    expected = run_ranks(save_trained, 4, "fsdp_tp", path, timeout_secs=240)[0]
     assert run_ranks(load_and_compare, 2, "fsdp", path, expected, 4) == ["ok"] * 2

@@ -126,13 +126,13 @@ def test_job_killed_mid_async_save_resumes_on_three_ranks_bit_exact(tmp_path: Pa
     root, pids = str(tmp_path / "run"), tmp_path / "pids"
     pids.mkdir()
     with pytest.raises(RankFailures) as info:
-        run_ranks(_killed_job, 2, root, str(pids), timeout_s=120)
+        run_ranks(_killed_job, 2, root, str(pids), timeout_secs=120)
     assert all("SIGKILL" in text for text in info.value.failures.values()), info.value
     assert (tmp_path / "run" / "step-000000010" / "metadata.json").exists()
     interrupted = tmp_path / "run" / "step-000000015"
     assert any(interrupted.glob("shard-*.safetensors")) and not (interrupted / "metadata.json").exists()
 
-    results = run_ranks(_resumed_job, 3, root, timeout_s=120)
+    results = run_ranks(_resumed_job, 3, root, timeout_secs=120)
     ref10, ref20 = _reference(10), _reference(20)
     for out in results:
         assert out["start"] == 10
@@ -188,7 +188,7 @@ def _retention_and_signals(rank: int, world_size: int, root: str) -> dict:
 
 @pytest.mark.slow
 def test_retention_over_25_async_saves_and_sigterm_on_one_rank(tmp_path: Path) -> None:
-    results = run_ranks(_retention_and_signals, 2, str(tmp_path), timeout_s=180)
+    results = run_ranks(_retention_and_signals, 2, str(tmp_path), timeout_secs=180)
     rank0 = results[0]
     assert rank0["kept"] == [(10, True), (20, True), (24, True), (25, True)]
     # the newest complete step is never deleted: after save(step) returns, step - 1 is committed and still there
@@ -219,7 +219,7 @@ def _on_s3(rank: int, world_size: int, root: str, options: dict) -> dict:
 
 @pytest.mark.s3
 def test_manager_on_seaweedfs_s3(s3_endpoint, s3_bucket: str) -> None:
-    results = run_ranks(_on_s3, 2, f"{s3_bucket}/run", s3_endpoint.storage_options, timeout_s=120)
+    results = run_ranks(_on_s3, 2, f"{s3_bucket}/run", s3_endpoint.storage_options, timeout_secs=120)
     for out in results:
         assert out["start"] == 4
         assert torch.equal(out["w"], _reference(4)["w"])

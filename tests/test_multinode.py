@@ -43,7 +43,7 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.slow, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "multinode_worker.py"
 # Each torchrun job, start-up of its agents and ranks included (the machine is small and shared).
-JOB_TIMEOUT_S = 240.0
+JOB_TIMEOUT_SECS = 240.0
 # Lines of a failed process's log quoted in the assertion message.
 LOG_TAIL_LINES = 60
 
@@ -94,9 +94,9 @@ def _tail(launched: Launched) -> str:
     )
 
 
-def _run_job(agents: list[Launched], timeout_s: float = JOB_TIMEOUT_S) -> None:
+def _run_job(agents: list[Launched], timeout_secs: float = JOB_TIMEOUT_SECS) -> None:
     """Wait for every agent; the first failure or the deadline kills them all and fails the test."""
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_secs
     exits = {os.pidfd_open(a.proc.pid): a for a in agents}  # readable once the process has exited
     failed = False
     try:
@@ -112,7 +112,7 @@ def _run_job(agents: list[Launched], timeout_s: float = JOB_TIMEOUT_S) -> None:
             if agent.proc.poll() is None:
                 _kill_tree(agent)
     if failed or exits:
-        what = "a torchrun agent failed" if failed else f"torchrun did not finish within {timeout_s:.0f} s"
+        what = "a torchrun agent failed" if failed else f"torchrun did not finish within {timeout_secs:.0f} s"
         pytest.fail(f"{what}\n" + "\n".join(_tail(a) for a in agents), pytrace=False)
 
 
@@ -243,8 +243,8 @@ def _load_on_5(rank: int, world_size: int, path: str) -> dict[str, list[int]]:
 
 def test_8_ranks_on_2x4_mesh_load_into_5_ranks_and_one_process(tmp_path: Path) -> None:
     path = str(tmp_path / "mesh2x4")
-    run_ranks(_save_on_2x4, 8, path, timeout_s=240)
-    shapes = run_ranks(_load_on_5, 5, path, timeout_s=240)
+    run_ranks(_save_on_2x4, 8, path, timeout_secs=240)
+    shapes = run_ranks(_load_on_5, 5, path, timeout_secs=240)
     # The 5-rank layout has uneven and empty chunks where the 2x4 one had others.
     assert [s["rows_twice"] for s in shapes] == [[9, 1]] * 4 + [[9, 0]]
     assert [s["cols_replicated"] for s in shapes] == [[2, 11]] * 3 + [[0, 11]] * 2

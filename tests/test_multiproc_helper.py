@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint.testing.ranks import (
-    FAILURE_GRACE_S,
+    FAILURE_GRACE_SECS,
     RankFailures,
     RankTimeout,
     backend_for,
@@ -102,7 +102,7 @@ def test_every_rank_that_raises_is_reported_with_its_traceback() -> None:
 def test_ranks_that_die_silently_are_reported_promptly() -> None:
     start = time.monotonic()
     with pytest.raises(RankFailures) as info:
-        run_ranks(_die_on_ranks_1_and_2, 3, timeout_s=60.0)
+        run_ranks(_die_on_ranks_1_and_2, 3, timeout_secs=60.0)
     elapsed = time.monotonic() - start
 
     failures = info.value.failures
@@ -113,7 +113,7 @@ def test_ranks_that_die_silently_are_reported_promptly() -> None:
     # period; either way it is named, and the run ends long before the 60 s deadline.
     assert sorted(failures) == [0, 1, 2]
     assert "Traceback" in failures[0] or failures[0] == (
-        f"still running {FAILURE_GRACE_S} s after rank 1 failed; killed with SIGKILL"
+        f"still running {FAILURE_GRACE_SECS} s after rank 1 failed; killed with SIGKILL"
     )
     assert elapsed < 30.0
 
@@ -122,7 +122,7 @@ def test_hung_rank_is_killed_at_the_deadline() -> None:
     start = time.monotonic()
     with pytest.raises(RankTimeout) as info:
         # 15 s leaves room for two spawned ranks to import torch on a loaded 2-core machine
-        run_ranks(_sleep_on_rank_1, 2, 120.0, timeout_s=15.0)
+        run_ranks(_sleep_on_rank_1, 2, 120.0, timeout_secs=15.0)
     elapsed = time.monotonic() - start
 
     assert isinstance(info.value, TimeoutError)

@@ -46,7 +46,7 @@ from tests.dist_states import build_state, check_state
 pytestmark = pytest.mark.timeout(180)
 
 MiB = 1 << 20
-FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01)
+FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_secs=0.001, max_backoff_secs=0.01)
 # 30 MB of float32 whose rows split 2 ways on save and 3 ways on load at offsets that are not multiples of the
 # checksum block, so a verified load really reads partial blocks at its edges.
 BIG_SHAPE = (6000, 1250)

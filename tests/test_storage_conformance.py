@@ -30,7 +30,7 @@ SMALL_TRANSFER = TransferConfig(
     upload_part_bytes=5 * MiB,
     max_parts_in_flight=2,
     read_part_bytes=1 * MiB,
-    retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05),
+    retry=RetryPolicy(max_attempts=3, initial_backoff_secs=0.01, max_backoff_secs=0.05),
 )
 DATA = os.urandom(12 * MiB + 4321)
 

@@ -341,7 +341,7 @@ def _slow_rank_save(rank: int, world_size: int, root: str) -> float:
 
 @pytest.mark.multiproc
 def test_commit_waits_for_a_slow_rank_that_sends_heartbeats(tmp_path: Path) -> None:
-    waited = run_ranks(_slow_rank_save, 2, str(tmp_path), timeout_s=180)
+    waited = run_ranks(_slow_rank_save, 2, str(tmp_path), timeout_secs=180)
     assert min(waited) >= 9.0  # the whole save outlasted the 3 s no-progress timeout three times over
     loaded = checkpoint.make_sync_checkpointer().load(str(tmp_path / "slow"))
     assert torch.equal(loaded["w"], torch.zeros(4))  # replicated: rank 0's copy
@@ -382,7 +382,7 @@ def _writer_cannot_open(rank: int, world_size: int) -> dict:
 
 @pytest.mark.multiproc
 def test_writer_that_cannot_open_the_storage_fails_every_rank_at_once() -> None:
-    results = run_ranks(_writer_cannot_open, 2, timeout_s=200)
+    results = run_ranks(_writer_cannot_open, 2, timeout_secs=200)
     for out in results:
         assert out["type"] == "DistributedCheckpointError", out
         assert "rank 1" in out["message"] and "cannot open the storage" in out["message"]
@@ -416,7 +416,7 @@ def _barrier_after_restart(rank: int, world_size: int, root: str, port: int, vic
 @pytest.mark.multiproc
 @pytest.mark.parametrize("victim", [1, 0])
 def test_tcp_store_barrier_survives_a_killed_writer(tmp_path: Path, victim: int) -> None:
-    results = run_ranks(_barrier_after_restart, 2, str(tmp_path), free_port(), victim, timeout_s=200)
+    results = run_ranks(_barrier_after_restart, 2, str(tmp_path), free_port(), victim, timeout_secs=200)
     assert results == [[0, 1, 2, 3, 4]] * 2
     reader = checkpoint.make_sync_checkpointer()
     for step in range(5):

@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 # Once one rank has failed, its peers usually fail within milliseconds (gloo sees the closed connection), so wait
 # this long for their own errors before killing them; longer only delays the report of a broken test.
-FAILURE_GRACE_S = 5.0
+FAILURE_GRACE_SECS = 5.0
 
 
 class RankFailures(RuntimeError):
@@ -44,7 +44,7 @@ class RankFailures(RuntimeError):
 
 
 class RankTimeout(RankFailures, TimeoutError):
-    """The ranks did not all finish within ``timeout_s``; the ones still running were killed."""
+    """The ranks did not all finish within ``timeout_secs``; the ones still running were killed."""
 
 
 def free_port() -> int:
@@ -72,7 +72,7 @@ class _RankSetup:
     world_size: int
     port: int
     env: Mapping[str, str]
-    timeout_s: float
+    timeout_secs: float
     device: str
     share_cores: bool
 
@@ -103,7 +103,7 @@ def _rank_main(
         if setup.device == "cuda":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         # A collective waiting on a dead peer must not outlive the parent's own deadline.
-        timeout = datetime.timedelta(seconds=setup.timeout_s)
+        timeout = datetime.timedelta(seconds=setup.timeout_secs)
         backend = backend_for(setup.device, world_size)
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
         try:
@@ -123,7 +123,7 @@ def run_ranks(
     fn: Callable[..., Any],
     world_size: int,
     *args: Any,
-    timeout_s: float = 120.0,
+    timeout_secs: float = 120.0,
     env: Mapping[str, str] | None = None,
     device: str = "cpu",
     share_cores: bool = False,
@@ -134,14 +134,14 @@ def run_ranks(
         fn: a module-level (picklable) function; its return value must be picklable too.
         world_size: number of ranks (processes) to start.
         *args: extra picklable arguments passed to ``fn`` on every rank.
-        timeout_s: deadline for the whole run, start-up included; also the process group's collective timeout.
+        timeout_secs: deadline for the whole run, start-up included; also the process group's collective timeout.
         env: extra environment variables set in every rank before the process group is created.
         device: ``"cpu"``, or ``"cuda"``: rank r takes GPU ``r % device_count`` (backend: :func:`backend_for`).
         share_cores: give each rank ``cpu_count // world_size`` torch threads, as torchrun does (benchmarks).
 
     Raises:
         RankFailures: a rank raised (its traceback is included) or exited without reporting (its exit code is).
-        RankTimeout: ranks were still running after ``timeout_s``; they are killed and named.
+        RankTimeout: ranks were still running after ``timeout_secs``; they are killed and named.
 
     Example: ``run_ranks(_sum_of_ranks, 3) == [3, 3, 3]`` where ``_sum_of_ranks`` all-reduces ``[rank]``.
     """
@@ -149,7 +149,7 @@ def run_ranks(
         world_size=world_size,
         port=free_port(),
         env=dict(env or {}),
-        timeout_s=timeout_s,
+        timeout_secs=timeout_secs,
         device=device,
         share_cores=share_cores,
     )
@@ -159,7 +159,7 @@ def run_ranks(
 def _run(fn: Callable[..., Any], args: tuple[Any, ...], setup: _RankSetup) -> list[Any]:
     """Spawns the ranks, collects their reports, and always reaps every process and pipe."""
     ctx = mp.get_context("spawn")
-    deadline = time.monotonic() + setup.timeout_s
+    deadline = time.monotonic() + setup.timeout_secs
     procs: list[BaseProcess] = []
     readers: list[Connection] = []
     try:
@@ -173,7 +173,7 @@ def _run(fn: Callable[..., Any], args: tuple[Any, ...], setup: _RankSetup) -> li
         for reader in readers:
             reader.close()
     if timed_out:
-        raise RankTimeout(failures, what=f"ranks did not finish within {setup.timeout_s} s")
+        raise RankTimeout(failures, what=f"ranks did not finish within {setup.timeout_secs} s")
     if failures:
         raise RankFailures(failures)
     return [results[rank] for rank in range(setup.world_size)]
@@ -219,12 +219,12 @@ def _collect(
                 results[rank] = payload
             else:
                 failures[rank] = payload
-                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_SECS)
     timed_out = bool(pending) and not failures
     why = (
         "at the deadline"
         if timed_out
-        else f"{FAILURE_GRACE_S} s after rank {next(iter(failures), -1)} failed"
+        else f"{FAILURE_GRACE_SECS} s after rank {next(iter(failures), -1)} failed"
     )
     for rank in pending:
         procs[rank].kill()

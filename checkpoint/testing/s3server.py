@@ -33,10 +33,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 ACCESS_KEY = "shardsafe-test-key"
 SECRET_KEY = "shardsafe-test-secret"
 REGION = "us-east-1"  # what SeaweedFS accepts in signatures when none is configured
-START_TIMEOUT_S = 60.0
+START_TIMEOUT_SECS = 60.0
 # weed takes about 10 s to stop gracefully (draining gRPC streams); its data is throwaway, so don't wait for that.
-STOP_GRACE_S = 2.0
-_PROBE_INTERVAL_S = 0.1
+STOP_GRACE_SECS = 2.0
+_PROBE_INTERVAL_SECS = 0.1
 # One volume per bucket instead of 7: every test bucket is a SeaweedFS collection with volumes of its own.
 _MASTER_TOML = "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n"
 # Every listener weed opens, as its flag name; the gRPC ones default to http port + 10000.
@@ -83,11 +83,11 @@ class SeaweedS3Server:
         self._proc: subprocess.Popen[bytes] | None = None
         self._ports: dict[str, int] = {}
 
-    def start(self, *, timeout_s: float = START_TIMEOUT_S) -> S3Endpoint:
+    def start(self, *, timeout_secs: float = START_TIMEOUT_SECS) -> S3Endpoint:
         """Starts the server and returns once an authenticated ListBuckets succeeds.
 
         Raises:
-            S3ServerError: ``weed`` is missing, exited, or did not answer within ``timeout_s``; the message ends
+            S3ServerError: ``weed`` is missing, exited, or did not answer within ``timeout_secs``; the message ends
                 with the server log's tail.
         """
         weed = _find_weed()
@@ -115,16 +115,16 @@ class SeaweedS3Server:
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
-        self._wait_until_ready(proc, endpoint, timeout_s)
+        self._wait_until_ready(proc, endpoint, timeout_secs)
         return endpoint
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group, SIGKILL after ``STOP_GRACE_S``; idempotent."""
+        """SIGTERM to the server's process group, SIGKILL after ``STOP_GRACE_SECS``; idempotent."""
         proc, self._proc = self._proc, None
         if proc is not None:
             _signal_group(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=STOP_GRACE_S)
+                proc.wait(timeout=STOP_GRACE_SECS)
             except subprocess.TimeoutExpired:
                 pass
             _signal_group(proc.pid, signal.SIGKILL)  # also reaches anything left in the group
@@ -162,9 +162,9 @@ class SeaweedS3Server:
         ]
 
     def _wait_until_ready(
-        self, proc: subprocess.Popen[bytes], endpoint: S3Endpoint, timeout_s: float
+        self, proc: subprocess.Popen[bytes], endpoint: S3Endpoint, timeout_secs: float
     ) -> None:
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_secs
         client = botocore.session.get_session().create_client(
             "s3",
             endpoint_url=endpoint.endpoint_url,
@@ -185,10 +185,10 @@ class SeaweedS3Server:
                 last_error = e
             # There is no readiness event to wait on; waiting on the process doubles as noticing that it exited.
             with contextlib.suppress(subprocess.TimeoutExpired):
-                code = proc.wait(timeout=_PROBE_INTERVAL_S)
+                code = proc.wait(timeout=_PROBE_INTERVAL_SECS)
                 raise S3ServerError(f"weed exited with code {code} during startup\n{self.log_tail()}")
         raise S3ServerError(
-            f"SeaweedFS S3 gateway at {endpoint.endpoint_url} did not answer within {timeout_s} s"
+            f"SeaweedFS S3 gateway at {endpoint.endpoint_url} did not answer within {timeout_secs} s"
             f" (last error: {last_error!r})\n{self.log_tail()}"
         )
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
 # How long the proxy process may take to start (a spawn child imports little, but the machine may be loaded).
-START_TIMEOUT_S = 60.0
+START_TIMEOUT_SECS = 60.0
 # Bytes read per step: small enough that pacing is smooth at a few MB/s, large enough to be cheap.
 _CHUNK_BYTES = 256 * 1024
 
@@ -66,7 +66,7 @@ def throttled_link(endpoint_url: str, bytes_per_s: float) -> Iterator[str]:
 
     Raises:
         ValueError: ``bytes_per_s`` is not positive.
-        TimeoutError: the proxy did not start within ``START_TIMEOUT_S``.
+        TimeoutError: the proxy did not start within ``START_TIMEOUT_SECS``.
 
     Example:
         >>> with throttled_link(endpoint.endpoint_url, 10e6) as url:  # doctest: +SKIP
@@ -81,8 +81,8 @@ def throttled_link(endpoint_url: str, bytes_per_s: float) -> Iterator[str]:
     proc.start()
     send.close()
     try:
-        if not receive.poll(START_TIMEOUT_S):
-            raise TimeoutError(f"the throttling proxy did not start within {START_TIMEOUT_S} s")
+        if not receive.poll(START_TIMEOUT_SECS):
+            raise TimeoutError(f"the throttling proxy did not start within {START_TIMEOUT_SECS} s")
         yield f"http://127.0.0.1:{receive.recv()}"
     finally:
         proc.kill()
