@@ -2,8 +2,9 @@
 
 Checkpoint code is only trustworthy when every rank runs in its own process and the collectives (gather plans,
 scatter, barrier) really cross process boundaries, so tests and benchmarks go through :func:`run_ranks` instead of
-faking ``dist.get_rank``. Each rank is a ``spawn`` child (no forked torch state) that joins a fresh process group
-on a free loopback port (gloo on CPU; gloo beside NCCL when every rank has a GPU of its own, see
+faking ``dist.get_rank``. Each rank is a ``forkserver`` child (forked from a clean server process that has only
+imported torch and this package: no process group, no threads, no device state) that joins a fresh process group
+through a store the parent hosts on a free loopback port (gloo on CPU; gloo beside NCCL when every rank has a GPU of its own, see
 :func:`backend_for`), runs ``fn(rank, world_size, *args)`` and sends back its pickled return value or its
 traceback on a pipe of its own. The parent waits on those pipes and on the process sentinels, never on a sleep, so a rank that
 raises, dies without a word (``os._exit``, SIGKILL, segfault) or hangs is reported with its rank number, and every
@@ -32,6 +33,12 @@ import torch.multiprocessing as mp
 # Once one rank has failed, its peers usually fail within milliseconds (gloo sees the closed connection), so wait
 # this long for their own errors before killing them; longer only delays the report of a broken test.
 FAILURE_GRACE_SECS = 5.0
+
+
+# Imported once by the forkserver, so that each rank forks with them loaded instead of importing torch anew
+# (seconds per rank on a small machine, most of a short multi-rank test). Nothing here starts a thread or
+# touches a device at import, so forking after it is safe.
+_PRELOAD = ("torch", "torch.distributed", "checkpoint")
 
 
 class RankFailures(RuntimeError):
@@ -72,6 +79,8 @@ class _RankSetup:
     world_size: int
     port: int
     env: Mapping[str, str]
+    """The parent's whole environment when `run_ranks` was called, plus the caller's `env` on top."""
+    cwd: str
     timeout_secs: float
     device: str
     share_cores: bool
@@ -87,7 +96,10 @@ def _rank_main(
     fn: Callable[..., Any], rank: int, setup: _RankSetup, args: tuple[Any, ...], conn: Connection
 ) -> None:
     world_size = setup.world_size
+    # A forkserver child starts with the server's environment and directory, not the caller's: restore them.
+    os.environ.clear()
     os.environ.update(setup.env)
+    os.chdir(setup.cwd)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(setup.port),
@@ -105,7 +117,11 @@ def _rank_main(
         # A collective waiting on a dead peer must not outlive the parent's own deadline.
         timeout = datetime.timedelta(seconds=setup.timeout_secs)
         backend = backend_for(setup.device, world_size)
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        store = dist.TCPStore("127.0.0.1", setup.port, world_size, False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        # Every rank holds its connections before any rank can run `fn` to its end and close them: without
+        # this, a rank whose `fn` returns at once tears its side down while a peer is still connecting.
+        dist.barrier()
         try:
             result = fn(rank, world_size, *args)
         finally:
@@ -145,20 +161,28 @@ def run_ranks(
 
     Example: ``run_ranks(_sum_of_ranks, 3) == [3, 3, 3]`` where ``_sum_of_ranks`` all-reduces ``[rank]``.
     """
+    # The parent hosts the job's store, as torchrun's agent does: a rank that exits first (rank 0 included)
+    # never takes the store away from peers still using it.
+    store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
     setup = _RankSetup(
         world_size=world_size,
-        port=free_port(),
-        env=dict(env or {}),
+        port=store.port,
+        env={**os.environ, **(env or {})},
+        cwd=os.getcwd(),
         timeout_secs=timeout_secs,
         device=device,
         share_cores=share_cores,
     )
-    return _run(fn, args, setup)
+    try:
+        return _run(fn, args, setup)
+    finally:
+        del store  # after every rank has been reaped
 
 
 def _run(fn: Callable[..., Any], args: tuple[Any, ...], setup: _RankSetup) -> list[Any]:
     """Spawns the ranks, collects their reports, and always reaps every process and pipe."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(_PRELOAD))  # only the first call, which starts the server, uses it
     deadline = time.monotonic() + setup.timeout_secs
     procs: list[BaseProcess] = []
     readers: list[Connection] = []
