@@ -257,12 +257,26 @@ class FsspecStorage:
         try:
             self._call("write", name, put)
         except StorageError as e:
-            if error_code(e) == "PreconditionFailed" or http_status(e) == 412:
+            if not (error_code(e) == "PreconditionFailed" or http_status(e) == 412):
+                raise
+            self.fs.invalidate_cache(self._path(name))
+            if not self._holds(name, data):
                 raise CheckpointExistsError(
                     f"{self._where(name)} already exists (written by another save)"
                 ) from e
-            raise
+            logger.info("%s: an earlier attempt of this conditional write landed", self._where(name))
         self.fs.invalidate_cache(self._path(name))
+
+    def _holds(self, name: str, data: bytes) -> bool:
+        """Whether `name` holds exactly `data`: then a refused conditional write met an earlier attempt of itself.
+
+        When a PUT lands but its reply is lost, the retry finds the object and is refused. Every metadata
+        file carries its save's random id, so another save's object never has the same bytes.
+        """
+        try:
+            return self.read_bytes(name, max_bytes=len(data)) == data
+        except (CheckpointError, OSError):
+            return False
 
     def read_bytes(self, name: str, *, max_bytes: int | None = None) -> bytes:
         if max_bytes is None:

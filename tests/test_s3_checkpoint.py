@@ -35,7 +35,12 @@ from s3fs.errors import translate_boto_error
 import checkpoint
 from checkpoint import CheckpointerConfig, CheckpointWriterConfig, WriterHook
 from checkpoint.testing.ranks import run_ranks
-from planners.errors import DistributedCheckpointError, IncompleteCheckpointError, StorageError
+from planners.errors import (
+    CheckpointExistsError,
+    DistributedCheckpointError,
+    IncompleteCheckpointError,
+    StorageError,
+)
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE
 from storage import RetryPolicy, TransferConfig, open_storage
 from storage.redact import Redactor, display_url, secret_values
@@ -179,7 +184,8 @@ class InstrumentedS3FileSystem(s3fs.S3FileSystem):
     """A real s3fs client that counts S3 requests by operation and can fail chosen ones.
 
     `inject` maps an operation (`upload_part`), or an operation on one file (`put_object:metadata.json`),
-    to the failure kinds its next requests raise, in order. `part_barrier=N` holds each of the first N
+    to the failure kinds its next requests raise, in order; kind `reply-lost` sends the request to the
+    server first, then raises a connection reset, as when a reply is lost on the way back. `part_barrier=N` holds each of the first N
     `upload_part` requests until N are in flight together: a client that sends parts one at a time never
     gets past it.
     """
@@ -209,7 +215,11 @@ class InstrumentedS3FileSystem(s3fs.S3FileSystem):
         # A queue for this operation on this file name, when there is one, else the operation's queue.
         queue = self.plan.get(f"{method}:{key}", self.plan.get(method))
         if queue:
-            raise _injected(queue.pop(0), method, self.secret_text)
+            kind = queue.pop(0)
+            if kind == "reply-lost":  # the request reaches the server and is done; its reply never arrives
+                await super()._call_s3(method, *args, **kwargs)
+                raise _injected("reset", method)
+            raise _injected(kind, method, self.secret_text)
         if method == "upload_part" and self.part_barrier:
             await self._wait_for_other_parts()
         return await super()._call_s3(method, *args, **kwargs)
@@ -442,6 +452,30 @@ def test_s3_part_uploads_and_reads_retry_each_request(s3_endpoint, s3_bucket, s3
     assert calls["get_object"] == (1 + 1) + (3 + 2)  # metadata once retried; two of three ranges retried
     (shard,) = [p for p in s3_fs.ls(path, detail=False) if SHARD_FILE_RE.fullmatch(p.rsplit("/", 1)[-1])]
     assert s3_fs.info(shard)["ETag"].strip('"').endswith("-3")  # one object from a three-part upload
+
+
+@pytest.mark.s3
+def test_a_lost_reply_to_the_conditional_metadata_put_is_not_taken_for_another_save(
+    s3_endpoint, s3_bucket, s3_fs
+) -> None:
+    """The metadata PUT lands but its reply is lost: the retry meets our own object (412), which is a commit."""
+    options = {
+        **s3_endpoint.storage_options,
+        "tag": uuid.uuid4().hex,
+        "inject": {"put_object:metadata.json": ["reply-lost"]},
+    }
+    path = f"{_bucket_name(s3_bucket)}/ckpt"
+    ckpt = checkpoint.make_sync_checkpointer(CheckpointerConfig(storage_options=options))
+
+    ckpt.save(_state(), f"is3://{path}")  # overwrite=False: the commit is the conditional PUT
+    _check(ckpt.load(f"is3://{path}"))
+    # The checkpoint counts as there: a second save to the path is refused.
+    with pytest.raises(CheckpointExistsError, match="already exists"):
+        ckpt.save(_state(), f"is3://{path}")
+    ckpt.close()
+
+    assert fsspec.filesystem("is3", **options).calls["put_object"] >= 2  # the lost attempt and its retry
+    assert checkpoint.verify(f"s3://{path}", storage_options=s3_endpoint.storage_options).ok
 
 
 @pytest.mark.s3
