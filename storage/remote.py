@@ -180,24 +180,16 @@ class FsspecStorage:
     def open_write(self, name: str) -> Iterator[BinaryIO]:
         if self._s3:
             upload = self._part_upload(name)
-            produced = False
-            try:
-                yield cast(BinaryIO, upload)
-                produced = True
-            finally:
-                if not produced:
-                    upload.abort()
-            upload.commit()
-            return
-        stream = self._checked_stream(name)
-        produced = False
+            sink, finish, drop = cast(BinaryIO, upload), upload.commit, upload.abort
+        else:
+            stream = self._checked_stream(name)
+            sink, finish, drop = cast(BinaryIO, stream), stream.finish, stream.discard
         try:
-            yield cast(BinaryIO, stream)
-            produced = True
-        finally:
-            if not produced:
-                stream.discard()
-        stream.finish()
+            yield sink
+        except BaseException:  # the writer failed (or was closed early): nothing of it may become visible
+            drop()
+            raise
+        finish()
 
     def _part_upload(self, name: str) -> PartUpload:
         """S3: a multipart upload with several parts in flight (`storage.multipart`)."""
