@@ -175,7 +175,7 @@ def _agree_decision(
     overwrite: bool,
     lease_secs: float,
 ) -> _Decision:
-    """Gather plan digests (or local errors), let the coordinator decide, and raise its refusal on every rank."""
+    """Gather plan digests (or local errors); the coordinator decides; every rank raises its refusal."""
     digests = exchange.gather(
         portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint()
     )
