@@ -297,9 +297,11 @@ def write_rank_files(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _WrittenFile:
+    """One shard file as written: its name, its size and the chunk records it adds to the metadata."""
+
     name: str
     nbytes: int
-    chunks: list[WrittenChunk]
+    chunks: tuple[WrittenChunk, ...]
 
 
 _T = TypeVar("_T")
@@ -336,12 +338,12 @@ def _write_file(
     return _WrittenFile(name=name, nbytes=nbytes, chunks=_written_chunks(fp, name, written))
 
 
-def _written_chunks(fp: FilePlan, name: str, written: Sequence[WrittenTensor]) -> list[WrittenChunk]:
+def _written_chunks(fp: FilePlan, name: str, written: Sequence[WrittenTensor]) -> tuple[WrittenChunk, ...]:
     """The metadata's record of each chunk of one written file, from its plan item and where it landed.
 
     Grid chunks get none: their key's grid record and the file's header locate them.
     """
-    return [
+    return tuple(
         WrittenChunk(
             fqn=i.fqn,
             dtype=i.dtype,
@@ -357,7 +359,7 @@ def _written_chunks(fp: FilePlan, name: str, written: Sequence[WrittenTensor]) -
         )
         for i, w in zip(fp.items, written)
         if not i.grid
-    ]
+    )
 
 
 def timed(label: str, timings: dict[str, float]):
