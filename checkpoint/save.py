@@ -9,9 +9,9 @@
    writes this save's in-progress marker (`checkpoint.lease`) before any rank
    writes a shard file.
 3. `write_rank_files`: each rank streams its shard files (any process: the
-   trainer for a sync save, the writer process for an async one) through
-   `storage.safetensors_io`, which checksums every block as it writes, and
-   reports a `RankWriteResult`.
+   trainer for a sync save; for an async one the writer process, from the
+   copy `checkpoint.staging` made) through `storage.safetensors_io`, which
+   checksums every block as it writes, and reports a `RankWriteResult`.
 4. `checkpoint.commit.commit_save`: write results go to the coordinator,
    which checks every reported file's stored size, assembles the metadata
    (`planners.metadata_build`) and writes it last (without replacing one
