@@ -2,13 +2,14 @@
 
 Every rank hands its write result to the coordinator (`commit_save`, a
 collective). The coordinator refuses the save if any rank failed, checks that
-every reported shard file is stored with exactly the reported size, builds the
-metadata from the results and publishes it last: replacing an existing one
-only when the save passed overwrite=True, so that of two saves racing to one
-path with overwrite=False one commits and the other gets
-`CheckpointExistsError`. After a commit it deletes files of other saves that
-can no longer commit (see `checkpoint.lease` for which ones). Every rank
-learns the verdict, so all raise together.
+every reported shard file is stored with exactly the reported size, builds
+the metadata from the results (pure: `planners.metadata_build`) and
+publishes it last: replacing an existing one only when the save passed
+overwrite=True, so that of two saves racing to one path with overwrite=False
+one commits and the other gets `CheckpointExistsError`. After a commit it
+deletes files of other saves that can no longer commit (see
+`checkpoint.lease` for which ones). Every rank learns the verdict, so all
+raise together.
 """
 
 from __future__ import annotations
@@ -16,24 +17,14 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from checkpoint import lease
 from checkpoint.collectives import COORDINATOR, Exchange
-from checkpoint.save import PreparedSave, RankWriteResult, WrittenChunk
+from checkpoint.save import PreparedSave
 from planners.errors import CheckpointExistsError, DistributedCheckpointError, StorageError
 from planners.leftovers import leftover_names
-from planners.metadata import (
-    CHECKSUM_BLOCK_BYTES,
-    FORMAT_VERSION,
-    METADATA_FILE,
-    ChunkRecord,
-    FileRecord,
-    Metadata,
-    RankLocalRecord,
-    TensorRecord,
-)
-from planners.values import JSON
+from planners.metadata import METADATA_FILE, Metadata
+from planners.metadata_build import RankWriteResult, build_metadata
 from storage.backend import CheckpointStorage
 
 logger = logging.getLogger(__name__)
@@ -78,7 +69,10 @@ def _commit_on_coordinator(
     assert storage is not None  # a rank without storage reports an error
     try:
         check_stored_sizes(storage, results)
-        metadata = build_metadata(prepared, results)
+        assert prepared.draft is not None  # the coordinator's PreparedSave carries the draft
+        metadata = build_metadata(
+            prepared.draft, results, save_id=prepared.save_id, world_size=prepared.world_size
+        )
         storage.publish(METADATA_FILE, metadata.to_json(), overwrite=prepared.overwrite)
     except FileExistsError:
         error = CheckpointExistsError(
@@ -128,61 +122,6 @@ def check_stored_sizes(storage: CheckpointStorage, results: list[RankWriteResult
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise StorageError(found[0] + more)
-
-
-def build_metadata(prepared: PreparedSave, results: list[RankWriteResult]) -> Metadata:
-    """Complete the coordinator's draft with every rank's written byte ranges."""
-    draft = prepared.draft
-    assert draft is not None
-    chunks: dict[str, list[ChunkRecord]] = {fqn: [] for fqn in draft.global_plan.tensors}
-    rank_local_tensors: dict[str, list[Any]] = {}
-    rank_local_values: dict[str, list[JSON]] = {}
-    files = {}
-    for r in results:
-        files.update({name: FileRecord(nbytes=n, rank=r.rank) for name, n in r.files.items()})
-        for c in r.chunks:
-            record = _chunk_record(c)
-            if c.rank_local:
-                rank_local_tensors.setdefault(c.fqn, [None] * len(results))[r.rank] = (c.dtype, record)
-            else:
-                chunks[c.fqn].append(record)
-        for fqn, v in r.rank_local_values.items():
-            rank_local_values.setdefault(fqn, [None] * len(results))[r.rank] = v
-    rank_local = {}
-    for fqn in set(rank_local_tensors) | set(rank_local_values):
-        ts = rank_local_tensors.get(fqn, [None] * len(results))
-        vs = rank_local_values.get(fqn, [None] * len(results))
-        rank_local[fqn] = RankLocalRecord(tensors=tuple(ts), values=tuple(vs))
-    tensors = {
-        fqn: TensorRecord(
-            dtype=dtype, shape=shape, chunks=tuple(sorted(chunks[fqn], key=lambda c: c.box.offsets))
-        )
-        for fqn, (dtype, shape) in draft.global_plan.tensors.items()
-    }
-    return Metadata(
-        version=FORMAT_VERSION,
-        save_id=prepared.save_id,
-        world_size=prepared.world_size,
-        checksum_block_bytes=CHECKSUM_BLOCK_BYTES,
-        tensors=tensors,
-        values=draft.values,
-        rank_local=rank_local,
-        files=files,
-        structure=draft.structure,
-        **draft.global_plan.grid_fields,
-    )
-
-
-def _chunk_record(c: WrittenChunk) -> ChunkRecord:
-    """Where one written chunk's bytes lie, as the metadata records it."""
-    return ChunkRecord(
-        box=c.box,
-        file=c.file,
-        key=c.written.key,
-        offset_bytes=c.written.offset_bytes,
-        nbytes=c.written.nbytes,
-        checksums=c.written.checksums,
-    )
 
 
 def _remove_leftovers(storage: CheckpointStorage, metadata: Metadata) -> None:

@@ -37,16 +37,10 @@ from checkpoint.commit import commit_save
 from checkpoint.config import CheckpointWriterConfig
 from checkpoint.hooks import CommitHook, run_post_commit
 from checkpoint.lease import LeaseKeeper
+from checkpoint.local_plan import LocalSave
 from checkpoint.options import SaveOptions
-from checkpoint.save import (
-    LocalSave,
-    PlanCache,
-    PreparedSave,
-    RankWriteResult,
-    plan_save,
-    timed,
-    write_rank_files,
-)
+from checkpoint.save import PlanCache, PreparedSave, plan_save, timed, write_rank_files
+from planners.metadata_build import RankWriteResult
 from storage.backend import CheckpointStorage
 from storage.remote import TransferConfig
 from storage.spec import StorageSpec
@@ -98,7 +92,14 @@ class SaveStats:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PlannedSave:
-    """A save after `plan_step`, on a trainer rank: its storage, this rank's part and the global plan."""
+    """A save after `plan_step`, on a trainer rank: the agreed plan plus what stays in the trainer.
+
+    `prepared` (`checkpoint.save.PreparedSave`) is the part that can travel to the async
+    writer process; this record adds what cannot be pickled or must stay with the trainer:
+    the live tensors (`local`), the resolved storage spec, the coordinator's lease keeper
+    (a thread) and the plan's duration. The two are not merged so that what crosses the
+    process boundary is exactly `PreparedSave`.
+    """
 
     spec: StorageSpec
     local: LocalSave

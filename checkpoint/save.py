@@ -1,20 +1,27 @@
-"""The save protocol, in the order every rank runs it.
+"""The save protocol over the exchange, in the order every rank runs it.
 
-1. `describe_local`: flatten-derived local plan, encoded values (no I/O).
-2. `prepare_save`: the coordinator learns whether every rank's plan digest
-   matches the cached global plan; only if not are full local plans gathered
-   and a new global plan scattered. The coordinator also checks the path and
+1. `checkpoint.local_plan.describe_local`: this rank's local plan from its
+   live tensors (pure planning in `planners.save_plan`), its encoded values.
+2. `prepare_save` (`plan_save` runs steps 1 and 2): the coordinator learns
+   whether every rank's plan digest matches the cached global plan; only if
+   not are structures exchanged and every rank's files derived again
+   (`checkpoint.plan_exchange`). The coordinator also checks the path and
    writes this save's in-progress marker (`checkpoint.lease`) before any rank
    writes a shard file.
 3. `write_rank_files`: each rank streams its shard files (any process: the
-   trainer for a sync save, the writer process for an async one).
-4. `commit_save` (`checkpoint.commit`): write results go to the coordinator,
-   which checks every reported file's stored size, then writes the metadata
-   last (without replacing one unless the save passed overwrite=True); every
-   rank learns the outcome, so all raise together.
+   trainer for a sync save; for an async one the writer process, from the
+   copy `checkpoint.staging` made) through `storage.safetensors_io`, which
+   checksums every block as it writes, and reports a `RankWriteResult`.
+4. `checkpoint.commit.commit_save`: write results go to the coordinator,
+   which checks every reported file's stored size, assembles the metadata
+   (`planners.metadata_build`) and writes it last (without replacing one
+   unless the save passed overwrite=True); every rank learns the outcome, so
+   all raise together.
 
 Every rank joins every exchange even after a local failure; the failure
-travels in the exchange instead of leaving the others waiting.
+travels in the exchange instead of leaving the others waiting. The records
+that travel to the coordinator (`RankWriteResult`, `WrittenChunk`,
+`MetadataDraft`) are plain data in `planners.metadata_build`.
 """
 
 from __future__ import annotations
@@ -23,66 +30,67 @@ import logging
 import pickle
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from checkpoint import lease
 from checkpoint.collectives import COORDINATOR, Exchange
-from checkpoint.flatten import FlatStateDict, flatten_state_dict
+from checkpoint.local_plan import LocalSave, describe_local, describe_or_error
 from checkpoint.options import SaveOptions
 from checkpoint.plan_exchange import agree_world, draft_plan, local_structure, rank_plan
-from planners.boxes import Box, full_box
-from planners.dtypes import dtype_name
 from planners.errors import (
     CheckpointError,
     CheckpointExistsError,
     DistributedCheckpointError,
-    InvalidStateDictError,
     StorageError,
 )
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
     METADATA_FILE,
+    ChunkRecord,
     shard_file_name,
 )
-from planners.placement import Layout
-from planners.save_plan import FilePlan, GlobalPlan, LocalPlan, RankPlan, WriteItem
-from planners.values import JSON, encode_value
+from planners.metadata_build import MetadataDraft, RankWriteResult, WrittenChunk
+from planners.save_plan import FilePlan, GlobalPlan, RankPlan
+from planners.values import JSON
 from storage.backend import CheckpointStorage
 from storage.checksummed_shard import write_checksummed_shard
 from storage.safetensors_io import WrittenTensor, write_safetensors
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LocalSave:
-    """One rank's view of a save: its plan, the tensors behind it, its encoded values."""
-
-    plan: LocalPlan
-    tensors: dict[str, torch.Tensor]  # fqn -> this rank's chunk (or rank-local tensor)
-    values: dict[str, JSON]
-    rank_local_values: dict[str, JSON]
-    structure: JSON
-    layouts: dict[str, Layout | None] = field(default_factory=dict)  # fqn -> DTensor layout (None: plain)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MetadataDraft:
-    """What the coordinator knows before the writes; completed by the write results."""
-
-    global_plan: GlobalPlan
-    values: dict[str, JSON]
-    structure: JSON
+# `LocalSave`, `describe_local`, `describe_or_error` (checkpoint.local_plan) and the records of
+# planners.metadata_build were defined here before; they stay importable from this module.
+__all__ = [
+    "LocalSave",
+    "MetadataDraft",
+    "PlanCache",
+    "PreparedSave",
+    "RankWriteResult",
+    "WrittenChunk",
+    "describe_local",
+    "describe_or_error",
+    "plan_save",
+    "portable_error",
+    "prepare_save",
+    "timed",
+    "write_rank_files",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PreparedSave:
-    """Everything a rank needs to write and commit one save (picklable: it goes to the writer process)."""
+    """Everything a rank needs to write and commit one save, once the plan is agreed.
+
+    It is picklable, because it travels to the async writer process, so it holds
+    no tensors, storage or threads. The trainer-side record around it is
+    `checkpoint.pipeline.PlannedSave`, which adds what cannot travel (the
+    tensors, the resolved storage, the coordinator's lease keeper).
+    """
 
     url: str
     save_id: str
@@ -93,29 +101,6 @@ class PreparedSave:
     draft: MetadataDraft | None  # coordinator only
     plan_reused: bool = False
     overwrite: bool = False  # the commit may replace an existing metadata file
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WrittenChunk:
-    """One chunk as written: the plan's key, box and dtype, with where the writer put its bytes (`WrittenTensor`)."""
-
-    fqn: str
-    box: Box
-    dtype: str
-    rank_local: bool
-    file: str
-    written: WrittenTensor
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RankWriteResult:
-    """A rank's report to the coordinator: the file sizes and chunks to commit, or the error that stops it."""
-
-    rank: int
-    files: dict[str, int] = field(default_factory=dict)  # name -> nbytes
-    chunks: tuple[WrittenChunk, ...] = ()
-    rank_local_values: dict[str, JSON] = field(default_factory=dict)
-    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -135,57 +120,6 @@ class _Decision:
     failures: dict[int, BaseException] = field(default_factory=dict)
 
 
-def describe_local(flat: FlatStateDict, rank: int, *, allow_pickle: bool) -> LocalSave:
-    """Local plan and encoded values of one rank (raises on unsupported leaves)."""
-    held = [(leaf.fqn, leaf.local) for leaf in flat.tensors.values()]
-    held += [(fqn, h.value) for fqn, h in flat.rank_local.items() if isinstance(h.value, torch.Tensor)]
-    for fqn, t in held:
-        if t.device.type == "meta":
-            raise InvalidStateDictError(
-                f"key {fqn!r}: tensor is on the meta device and holds no data; materialise it before saving"
-            )
-    items = [
-        WriteItem(
-            fqn=leaf.fqn,
-            dtype=dtype_name(leaf.local.dtype, key=leaf.fqn),
-            global_shape=leaf.global_shape,
-            box=leaf.box,
-            nbytes=leaf.local.numel() * leaf.local.element_size(),
-        )
-        for leaf in flat.tensors.values()
-        if leaf.local.numel() or not leaf.box.numel  # a rank's empty shard holds nothing to write
-    ]
-    tensors = {leaf.fqn: leaf.local for leaf in flat.tensors.values()}
-    rank_local_values = {}
-    for fqn, holder in flat.rank_local.items():
-        if isinstance(holder.value, torch.Tensor):
-            t = holder.value
-            items.append(
-                WriteItem(
-                    fqn=fqn,
-                    dtype=dtype_name(t.dtype, key=fqn),
-                    global_shape=tuple(t.shape),
-                    box=full_box(t.shape),
-                    nbytes=t.numel() * t.element_size(),
-                    rank_local=True,
-                )
-            )
-            tensors[fqn] = t
-        else:
-            rank_local_values[fqn] = encode_value(holder.value, key=fqn, allow_pickle=allow_pickle)
-    values = {fqn: encode_value(v, key=fqn, allow_pickle=allow_pickle) for fqn, v in flat.values.items()}
-    keys = tuple(sorted([*flat.tensors, *flat.values, *flat.rank_local]))
-    plan = LocalPlan(rank=rank, items=tuple(items), keys=keys)
-    return LocalSave(
-        plan=plan,
-        tensors=tensors,
-        values=values,
-        rank_local_values=rank_local_values,
-        structure=flat.structure,
-        layouts={leaf.fqn: leaf.layout for leaf in flat.tensors.values()},
-    )
-
-
 def portable_error(e: BaseException) -> BaseException:
     """`e` if it survives pickling (it travels to other ranks), else a CheckpointError with its text."""
     try:
@@ -193,18 +127,6 @@ def portable_error(e: BaseException) -> BaseException:
         return e
     except Exception:
         return CheckpointError(f"{type(e).__name__}: {e}")
-
-
-def describe_or_error(state_dict: Any, rank: int, *, allow_pickle: bool) -> LocalSave | BaseException:
-    """`describe_local` of a state dict, or the error it raised.
-
-    The error is not raised here: it travels through the plan exchange, so the
-    other ranks fail with it instead of waiting for this one.
-    """
-    try:
-        return describe_local(flatten_state_dict(state_dict), rank, allow_pickle=allow_pickle)
-    except Exception as e:
-        return e
 
 
 def _raise_failures(rank: int, failures: Mapping[int, BaseException], url: str) -> None:
@@ -232,33 +154,53 @@ def prepare_save(
 
     The coordinator claims the save's in-progress marker (`lease_secs`) before the plan reaches any rank.
     """
-    coordinator = exchange.rank == COORDINATOR
+    decision = _agree_decision(local, exchange, storage, cache, overwrite=overwrite, lease_secs=lease_secs)
+    assert isinstance(local, LocalSave)  # _agree_decision raised this rank's error otherwise
+    if not decision.reuse:
+        try:
+            _replan(local, exchange, cache, max_file_bytes=max_file_bytes, url=storage.url)
+        except Exception:
+            if exchange.rank == COORDINATOR:  # no rank writes anything of this save: its marker goes now
+                lease.release_quietly(storage, decision.save_id)
+            raise
+    return _prepared(local, exchange, storage.url, cache, decision, overwrite=overwrite)
+
+
+def _agree_decision(
+    local: LocalSave | BaseException,
+    exchange: Exchange,
+    storage: CheckpointStorage,
+    cache: PlanCache,
+    *,
+    overwrite: bool,
+    lease_secs: float,
+) -> _Decision:
+    """Gather plan digests (or local errors); the coordinator decides; every rank raises its refusal."""
     digests = exchange.gather(
         portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint()
     )
     decision = None
-    if coordinator:
+    if exchange.rank == COORDINATOR:
         assert digests is not None
         decision = _decide(digests, storage, cache, overwrite=overwrite, lease_secs=lease_secs)
     decision = exchange.broadcast(decision)
     if decision.error is not None:
         raise decision.error
     _raise_failures(exchange.rank, decision.failures, storage.url)
-    assert isinstance(local, LocalSave)
-    if not decision.reuse:
-        try:
-            _replan(local, exchange, cache, max_file_bytes=max_file_bytes, url=storage.url)
-        except Exception:
-            if coordinator:  # no rank writes anything of this save: its marker goes now
-                lease.release_quietly(storage, decision.save_id)
-            raise
+    return decision
+
+
+def _prepared(
+    local: LocalSave, exchange: Exchange, url: str, cache: PlanCache, decision: _Decision, *, overwrite: bool
+) -> PreparedSave:
+    """This rank's part of the agreed plan; the coordinator's also carries the metadata draft."""
     assert cache.rank_plan is not None
     draft = None
-    if coordinator:
+    if exchange.rank == COORDINATOR:
         assert cache.draft_plan is not None
         draft = MetadataDraft(global_plan=cache.draft_plan, values=local.values, structure=local.structure)
     return PreparedSave(
-        url=storage.url,
+        url=url,
         save_id=decision.save_id,
         rank=exchange.rank,
         world_size=exchange.world_size,
@@ -339,47 +281,85 @@ def write_rank_files(
 ) -> RankWriteResult:
     """Write this rank's shard files; failures are returned, not raised, so the commit can report them."""
     try:
-        header = {"format": "shardsafe", "save_id": prepared.save_id, "rank": str(prepared.rank)}
-
-        def one(fp: FilePlan) -> tuple[str, int, list[WrittenChunk]]:
-            name = shard_file_name(prepared.save_id, fp.stem)
-            entries = [(item.fqn, tensors[item.fqn]) for item in fp.items]
-            # Version 2: a file holding grid chunks carries their checksums (storage/checksummed_shard.py).
-            write = write_checksummed_shard if any(i.grid for i in fp.items) else write_safetensors
-            try:
-                with storage.open_write(name) as f:
-                    written, nbytes = write(f, entries, metadata=header, block_bytes=CHECKSUM_BLOCK_BYTES)
-                    if f.tell() != nbytes:
-                        raise StorageError(f"{f.tell()} bytes were written but the file needs {nbytes}")
-            except Exception as e:
-                if isinstance(e, StorageError) and name in str(e):
-                    raise
-                raise StorageError(f"{prepared.url}/{name}: {type(e).__name__}: {e}") from e
-            chunks = [  # grid chunks need no record: their key's grid and the file header locate them
-                WrittenChunk(
-                    fqn=i.fqn, box=i.box, dtype=i.dtype, rank_local=i.rank_local, file=name, written=w
-                )
-                for i, w in zip(fp.items, written)
-                if not i.grid
-            ]
-            return name, nbytes, chunks
-
-        if len(prepared.files) > 1 and io_threads > 1:
-            with ThreadPoolExecutor(
-                max_workers=min(io_threads, len(prepared.files)), thread_name_prefix="shardsafe-write"
-            ) as pool:
-                done = list(pool.map(one, prepared.files))
-        else:
-            done = [one(fp) for fp in prepared.files]
-        return RankWriteResult(
-            rank=prepared.rank,
-            files={n: b for n, b, _ in done},
-            chunks=tuple(c for _, _, cs in done for c in cs),
-            rank_local_values=prepared.rank_local_values,
+        done = _map_files(
+            lambda fp: _write_file(storage, prepared, fp, tensors), prepared.files, io_threads=io_threads
         )
     except Exception as e:
         logger.exception("rank %d: writing shard files to %s failed", prepared.rank, prepared.url)
         return RankWriteResult(rank=prepared.rank, error=f"{type(e).__name__}: {e}")
+    return RankWriteResult(
+        rank=prepared.rank,
+        files={f.name: f.nbytes for f in done},
+        chunks=tuple(c for f in done for c in f.chunks),
+        rank_local_values=prepared.rank_local_values,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _WrittenFile:
+    """One shard file as written: its name, its size and the chunk records it adds to the metadata."""
+
+    name: str
+    nbytes: int
+    chunks: tuple[WrittenChunk, ...]
+
+
+_T = TypeVar("_T")
+
+
+def _map_files(write: Callable[[FilePlan], _T], files: Sequence[FilePlan], *, io_threads: int) -> list[_T]:
+    """`write` over the files in order, on up to `io_threads` threads at once."""
+    if len(files) > 1 and io_threads > 1:
+        with ThreadPoolExecutor(
+            max_workers=min(io_threads, len(files)), thread_name_prefix="shardsafe-write"
+        ) as pool:
+            return list(pool.map(write, files))
+    return [write(fp) for fp in files]
+
+
+def _write_file(
+    storage: CheckpointStorage, prepared: PreparedSave, fp: FilePlan, tensors: Mapping[str, torch.Tensor]
+) -> _WrittenFile:
+    """Stream one shard file and record where each of its chunks landed."""
+    name = shard_file_name(prepared.save_id, fp.stem)
+    header = {"format": "shardsafe", "save_id": prepared.save_id, "rank": str(prepared.rank)}
+    entries = [(item.fqn, tensors[item.fqn]) for item in fp.items]
+    # Version 2: a file holding grid chunks carries their checksums (storage/checksummed_shard.py).
+    write = write_checksummed_shard if any(i.grid for i in fp.items) else write_safetensors
+    try:
+        with storage.open_write(name) as f:
+            written, nbytes = write(f, entries, metadata=header, block_bytes=CHECKSUM_BLOCK_BYTES)
+            if f.tell() != nbytes:
+                raise StorageError(f"{f.tell()} bytes were written but the file needs {nbytes}")
+    except Exception as e:
+        if isinstance(e, StorageError) and name in str(e):
+            raise
+        raise StorageError(f"{prepared.url}/{name}: {type(e).__name__}: {e}") from e
+    return _WrittenFile(name=name, nbytes=nbytes, chunks=_written_chunks(fp, name, written))
+
+
+def _written_chunks(fp: FilePlan, name: str, written: Sequence[WrittenTensor]) -> tuple[WrittenChunk, ...]:
+    """The metadata's record of each chunk of one written file, from its plan item and where it landed.
+
+    Grid chunks get none: their key's grid record and the file's header locate them.
+    """
+    return tuple(
+        WrittenChunk(
+            fqn=i.fqn,
+            dtype=i.dtype,
+            rank_local=i.rank_local,
+            chunk=ChunkRecord(
+                box=i.box,
+                file=name,
+                key=w.key,
+                offset_bytes=w.offset_bytes,
+                nbytes=w.nbytes,
+                checksums=w.checksums,
+            ),
+        )
+        for i, w in zip(fp.items, written)
+        if not i.grid
+    )
 
 
 def timed(label: str, timings: dict[str, float]):

@@ -55,7 +55,12 @@ _CUDA_HOST_REGISTER_PORTABLE = 1
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StagedTensor:
-    """Where one chunk lies in the staging buffer."""
+    """Where one chunk lies in the staging buffer (host memory), with the dtype and shape to view it.
+
+    A position in the buffer, not in a shard file: the writer process streams it
+    out later, and only then does the storage layer report where its bytes landed
+    (`storage.safetensors_io.WrittenTensor`).
+    """
 
     fqn: str
     dtype: torch.dtype

@@ -47,7 +47,11 @@ def shard_file_name(save_id: str, stem: str) -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChunkRecord:
-    """Where one chunk's bytes lie: `nbytes` at `offset_bytes` of `file`, under safetensors key `key`."""
+    """Where one chunk's bytes lie: `nbytes` at `offset_bytes` of `file`, under safetensors key `key`.
+
+    The writer builds it as soon as a file is written (`planners.metadata_build.WrittenChunk`
+    carries it to the coordinator), so the metadata records exactly what was written.
+    """
 
     box: Box
     file: str

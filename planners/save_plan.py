@@ -1,11 +1,16 @@
-"""Save planning: local plans, and the coordinator's global plan.
+"""Save planning records: local plans, write items, shard files; `plan_global`.
 
-Each rank describes the chunks it holds (`LocalPlan`); the coordinator merges
-all of them (`plan_global`): it checks that the ranks agree on keys, dtypes
-and shapes, keeps one copy of every chunk that several ranks hold
-(replicated tensors, `Replicate()` placements), gives each copy to the
-holder with the fewest bytes so far, checks that each tensor's chunks tile
-it exactly, and packs each rank's chunks into shard files of bounded size.
+Each rank describes the chunks it holds (`LocalPlan`, built by `plan_local`
+from plain `LocalChunk` descriptors; `checkpoint.local_plan` reads those off
+the live tensors). A save then agrees its plan by exchanging structures
+(`planners.global_plan`, over `checkpoint.plan_exchange`), and each rank
+packs its writes into shard files of bounded size (`pack_files`).
+
+`plan_global` merges full local plans in one place instead (a save no longer
+calls it; tests do): it checks that the ranks agree on keys, dtypes and
+shapes, keeps one copy of every chunk that several ranks hold (replicated
+tensors, `Replicate()` placements), gives each copy to the holder with the
+fewest bytes so far, and checks that each tensor's chunks tile it exactly.
 Everything here is plain data: a 4096-rank plan is computed in one process.
 """
 
@@ -13,15 +18,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from planners.boxes import Box, tiling_problem
 from planners.errors import InvalidStateDictError, PlanCoverageError
 from planners.key_check import check_same_keys
-
-# Keys listed in an error before it says "and N more".
+from planners.placement import Layout
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +52,53 @@ class LocalPlan:
     def fingerprint(self) -> str:
         """Stable digest of the plan: equal digests mean the plan can be reused."""
         return hashlib.sha256(repr(self).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalChunk:
+    """What one rank holds of one tensor key, as plain data (the tensor itself stays with the caller).
+
+    Unlike a `WriteItem` (a chunk the plan writes), a `LocalChunk` is what the
+    state dict holds, including a shard with no elements, and carries the
+    key's layout, which the plan exchange needs to derive every rank's chunks.
+    """
+
+    fqn: str
+    dtype: str  # dtype name (planners.dtypes), checked to be storable
+    global_shape: tuple[int, ...]
+    box: Box  # the part of the global tensor this rank holds
+    nbytes: int  # bytes of the rank's local tensor
+    layout: Layout | None = None  # a DTensor's layout; None: a plain tensor, held whole by every rank
+    rank_local: bool = False  # a `RankLocal` tensor: this rank's own, saved whole
+
+
+def plan_local(rank: int, chunks: Sequence[LocalChunk], *, other_keys: Iterable[str]) -> LocalPlan:
+    """The local plan of one rank: a write item per held chunk, in the order given, and every key.
+
+    Args:
+        rank: the rank whose plan this is.
+        chunks: the rank's tensor keys, one chunk each.
+        other_keys: keys of its non-tensor leaves (values and rank-local values).
+    """
+    items = tuple(
+        WriteItem(
+            fqn=c.fqn,
+            dtype=c.dtype,
+            global_shape=c.global_shape,
+            box=c.box,
+            nbytes=c.nbytes,
+            rank_local=c.rank_local,
+        )
+        for c in chunks
+        if c.rank_local or c.nbytes or not c.box.numel  # a rank's empty shard holds nothing to write
+    )
+    keys = tuple(sorted([*(c.fqn for c in chunks), *other_keys]))
+    return LocalPlan(rank=rank, items=items, keys=keys)
+
+
+def chunk_layouts(chunks: Iterable[LocalChunk]) -> dict[str, Layout | None]:
+    """The layout of every tensor key that is not rank-local (None for a plain tensor)."""
+    return {c.fqn: c.layout for c in chunks if not c.rank_local}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

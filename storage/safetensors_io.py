@@ -41,7 +41,14 @@ MAX_HEADER_NUMEL = 1 << 50
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WrittenTensor:
-    """Where a tensor's bytes landed in the file, and their block checksums."""
+    """Where one entry's bytes landed in a file this process just wrote, and their block checksums.
+
+    It is what the storage layer knows: a safetensors key and a byte range, no
+    box or tensor key. The save turns it into the metadata's `ChunkRecord`
+    (`checkpoint.save`); `HeaderEntry` is the reading side (parsed from a file
+    that may be hostile), `checkpoint.staging.StagedTensor` a position in the
+    staging buffer, not in a file.
+    """
 
     key: str
     offset_bytes: int
@@ -137,7 +144,12 @@ def write_entries(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HeaderEntry:
-    """One tensor of a safetensors header; `offset_bytes` counts from the file's start."""
+    """One tensor of a safetensors header, read back and validated; offsets count from the file's start.
+
+    The reading-side counterpart of `WrittenTensor`: parsed from a file that is
+    not trusted, so it carries the dtype code and shape the file claims, which
+    readers check against the metadata before using the byte range.
+    """
 
     dtype: str  # safetensors code, e.g. "BF16"
     shape: tuple[int, ...]
