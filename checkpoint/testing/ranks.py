@@ -95,35 +95,11 @@ class _RankSetup:
 def _rank_main(
     fn: Callable[..., Any], rank: int, setup: _RankSetup, args: tuple[Any, ...], conn: Connection
 ) -> None:
-    world_size = setup.world_size
-    # A forkserver child starts with the server's environment and directory, not the caller's: restore them.
-    os.environ.clear()
-    os.environ.update(setup.env)
-    os.chdir(setup.cwd)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(setup.port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
+    _enter_rank_environment(rank, setup)
     try:
-        if (
-            setup.share_cores
-        ):  # as torchrun does: share the cores between the ranks instead of oversubscribing
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        if setup.device == "cuda":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        # A collective waiting on a dead peer must not outlive the parent's own deadline.
-        timeout = datetime.timedelta(seconds=setup.timeout_secs)
-        backend = backend_for(setup.device, world_size)
-        store = dist.TCPStore("127.0.0.1", setup.port, world_size, False, timeout=timeout)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-        # Every rank holds its connections before any rank can run `fn` to its end and close them: without
-        # this, a rank whose `fn` returns at once tears its side down while a peer is still connecting.
-        dist.barrier()
+        _join_group(rank, setup)
         try:
-            result = fn(rank, world_size, *args)
+            result = fn(rank, setup.world_size, *args)
         finally:
             dist.destroy_process_group()
         # Plain pickle, not torch's ForkingPickler: that one moves tensors to shared memory whose file descriptors
@@ -135,6 +111,38 @@ def _rank_main(
     conn.close()
 
 
+def _enter_rank_environment(rank: int, setup: _RankSetup) -> None:
+    """The caller's environment and directory (a forkserver child starts with the server's), plus torchrun's rank variables."""
+    os.environ.clear()
+    os.environ.update(setup.env)
+    os.chdir(setup.cwd)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(setup.port),
+        RANK=str(rank),
+        WORLD_SIZE=str(setup.world_size),
+        LOCAL_RANK=str(rank),
+    )
+
+
+def _join_group(rank: int, setup: _RankSetup) -> None:
+    """Set the rank's threads and device, join the process group through the parent's store, and meet every peer."""
+    world_size = setup.world_size
+    if setup.share_cores:  # as torchrun does: share the cores between the ranks instead of oversubscribing
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if setup.device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    # A collective waiting on a dead peer must not outlive the parent's own deadline.
+    timeout = datetime.timedelta(seconds=setup.timeout_secs)
+    store = dist.TCPStore("127.0.0.1", setup.port, world_size, False, timeout=timeout)
+    dist.init_process_group(
+        backend_for(setup.device, world_size), store=store, rank=rank, world_size=world_size, timeout=timeout
+    )
+    # Every rank holds its connections before any rank can run `fn` to its end and close them: without
+    # this, a rank whose `fn` returns at once tears its side down while a peer is still connecting.
+    dist.barrier()
+
+
 def run_ranks(
     fn: Callable[..., Any],
     world_size: int,
@@ -144,7 +152,7 @@ def run_ranks(
     device: str = "cpu",
     share_cores: bool = False,
 ) -> list[Any]:
-    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks and returns their results, by rank.
+    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` ranks and returns their results, by rank.
 
     Args:
         fn: a module-level (picklable) function; its return value must be picklable too.
@@ -173,14 +181,11 @@ def run_ranks(
         device=device,
         share_cores=share_cores,
     )
-    try:
-        return _run(fn, args, setup)
-    finally:
-        del store  # after every rank has been reaped
+    return _run(fn, args, setup, store)
 
 
-def _run(fn: Callable[..., Any], args: tuple[Any, ...], setup: _RankSetup) -> list[Any]:
-    """Spawns the ranks, collects their reports, and always reaps every process and pipe."""
+def _run(fn: Callable[..., Any], args: tuple[Any, ...], setup: _RankSetup, store: dist.Store) -> list[Any]:
+    """Starts the ranks, collects their reports, and always reaps every process and pipe (`store` lives until then)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(_PRELOAD))  # only the first call, which starts the server, uses it
     deadline = time.monotonic() + setup.timeout_secs
