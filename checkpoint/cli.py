@@ -28,12 +28,12 @@ from rich.table import Table
 from checkpoint.cli_common import Output, exit_on_errors, human_bytes, parse_storage_options, shared_options
 from checkpoint.diff import diff_checkpoints
 from checkpoint.load import read_metadata
-from checkpoint.manager_steps import list_step_dirs, modified_at, scan_steps
+from checkpoint.manager_steps import modified_at, scan_steps, step_dirs
 from checkpoint.verify import EXIT_OK, EXIT_PROBLEMS, verify
 from planners.errors import InvalidCheckpointError, PickleNotAllowedError
 from planners.metadata import FORMAT_NAME, METADATA_FILE, Metadata
 from planners.values import decode_value
-from storage.backend import open_storage
+from storage.spec import StorageSpec, specs_for
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,7 +60,7 @@ def ls_command(root: str, as_json: bool, quiet: bool, storage_options: str | Non
     out = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
     with exit_on_errors(out):
-        records = [r for _, r in scan_steps(root, options)]
+        records = [r for _, r in scan_steps(StorageSpec.resolve(root, storage_options=options))]
     if as_json:
         out.emit({"root": root, "steps": [r.to_json() for r in records]})
         return
@@ -89,9 +89,9 @@ def inspect_command(
     out = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
     with exit_on_errors(out):
-        storage = open_storage(path, storage_options=options)
+        storage = StorageSpec.resolve(path, storage_options=options).open()
         try:
-            metadata = _read_or_explain(storage, path, options)
+            metadata = _read_or_explain(storage, path)
             saved_at = modified_at(storage, METADATA_FILE)
             url = storage.url
         finally:
@@ -103,12 +103,12 @@ def inspect_command(
     _print_inspect(out, doc)
 
 
-def _read_or_explain(storage: Any, path: str, options: dict[str, Any] | None) -> Metadata:
+def _read_or_explain(storage: Any, path: str) -> Metadata:
     """The metadata; a run's root given instead of one of its steps says so."""
     try:
         return read_metadata(storage)
     except FileNotFoundError:
-        steps = list_step_dirs(path, options)
+        steps = step_dirs(storage.list_names())
         if steps and not storage.exists(METADATA_FILE):
             raise FileNotFoundError(
                 f"{storage.url} is a run with {len(steps)} step(s), not a checkpoint: "
@@ -196,9 +196,10 @@ def verify_command(
     out = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
     with exit_on_errors(out):
-        total = _tensor_bytes(path, options)
+        spec = StorageSpec.resolve(path, storage_options=options)
+        total = _tensor_bytes(spec)
         with out.progress(total, "verifying") as advance:
-            report = verify(path, storage_options=options, io_threads=io_threads, progress=advance)
+            report = verify(spec, io_threads=io_threads, progress=advance)
     if as_json:
         out.emit(
             {
@@ -229,9 +230,9 @@ def verify_command(
     sys.exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 
 
-def _tensor_bytes(path: str, options: dict[str, Any] | None) -> int:
+def _tensor_bytes(spec: StorageSpec) -> int:
     """The bytes verify will checksum (for the progress bar); 0 when the metadata is unreadable."""
-    storage = open_storage(path, storage_options=options)
+    storage = spec.open()
     try:
         m = read_metadata(storage)
     except InvalidCheckpointError:
@@ -255,9 +256,10 @@ def diff_command(a: str, b: str, as_json: bool, quiet: bool, storage_options: st
     out = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
     with exit_on_errors(out):
-        total = _tensor_bytes(a, options)
+        spec_a, spec_b = specs_for(a, b, storage_options=options)
+        total = _tensor_bytes(spec_a)
         with out.progress(total, "comparing") as advance:
-            report = diff_checkpoints(a, b, storage_options=options, progress=advance)
+            report = diff_checkpoints(spec_a, spec_b, progress=advance)
     if as_json:
         out.emit(
             {

@@ -26,6 +26,7 @@ so `{"model": ..., "optim": ...}` loads as it was saved with DCP.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import warnings
 from collections.abc import Callable
@@ -33,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import crc32c
-import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -56,8 +56,9 @@ from planners.metadata import (
     shard_file_name,
 )
 from planners.values import encode_value
-from storage.backend import CheckpointStorage, open_storage
+from storage.backend import CheckpointStorage
 from storage.safetensors_io import WRITE_SLICE_BYTES, build_header, tensor_bytes
+from storage.spec import StorageSpec, spec_for
 
 DCP_METADATA_FILE = ".metadata"
 # Shard files of the converted checkpoint, as the writer's default max_file_bytes.
@@ -77,7 +78,7 @@ class DcpImportResult:
 
 def import_dcp(
     dcp_dir: str,
-    out: str,
+    out: str | StorageSpec,
     *,
     trust_pickle: bool = False,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
@@ -88,11 +89,12 @@ def import_dcp(
 
     Args:
         dcp_dir: a directory written by `torch.distributed.checkpoint.save` (local, or an fsspec URL).
-        out: the new checkpoint's path (local or fsspec URL); must not hold a committed checkpoint.
+        out: the new checkpoint's path (local, fsspec URL or `StorageSpec`); must not hold a
+            committed checkpoint.
         trust_pickle: confirm that `dcp_dir` comes from a trusted source: DCP's metadata and
             non-tensor entries are pickles, and unpickling can run arbitrary code.
         max_file_bytes: the largest shard file written (a bigger tensor gets a file of its own).
-        storage_options: fsspec options for both paths (where they are URLs).
+        storage_options: fsspec options for both paths (where they are URLs; a `StorageSpec` keeps its own).
         progress: called as `progress(bytes_just_written, total_bytes)` after each tensor.
 
     Raises:
@@ -103,7 +105,7 @@ def import_dcp(
     Example: `import_dcp("/runs/titan/step-1000", "/ckpt/step-1000", trust_pickle=True)`.
     """
     reader = _open_dcp(dcp_dir, trust_pickle=trust_pickle, storage_options=storage_options)
-    target = open_storage(out, storage_options=storage_options)
+    target = spec_for(out, storage_options=storage_options).open()
     try:
         return _convert(reader, target, dcp_dir, max_file_bytes=max_file_bytes, progress=progress)
     finally:
@@ -182,12 +184,17 @@ def _write_tensors(
 
 
 def _open_dcp(dcp_dir: str, *, trust_pickle: bool, storage_options: dict[str, Any] | None) -> Any:
-    """A DCP storage reader whose (pickled) metadata is read once, after the caller trusted it."""
+    """A DCP storage reader whose (pickled) metadata is read once, after the caller trusted it.
+
+    Building the reader reads nothing; DCP's fsspec reader resolves the URL itself, so its file
+    system (not a second resolution of ours) answers whether `.metadata` is there.
+    """
     remote = "://" in dcp_dir and not dcp_dir.startswith("file://")
-    path = dcp_dir if remote else dcp_dir.removeprefix("file://")
-    options = dict(storage_options or {}) if remote else {}
-    fs, root = fsspec.core.url_to_fs(path, **options)
-    if not fs.exists(f"{root.rstrip('/')}/{DCP_METADATA_FILE}"):
+    if remote:
+        reader = _RemoteReader(dcp_dir, **dict(storage_options or {}))
+    else:
+        reader = _LocalReader(os.path.expanduser(dcp_dir.removeprefix("file://")))
+    if not reader.fs.exists(reader.fs.concat_path(reader.path, DCP_METADATA_FILE)):
         raise FileNotFoundError(f"no DCP checkpoint at {dcp_dir}: {DCP_METADATA_FILE} not found")
     if not trust_pickle:
         raise PickleNotAllowedError(
@@ -195,8 +202,7 @@ def _open_dcp(dcp_dir: str, *, trust_pickle: bool, storage_options: dict[str, An
             "unpickling a file can run arbitrary code; convert only a checkpoint you trust, passing "
             "trust_pickle=True (--trust-pickle on the command line)"
         )
-
-    return _RemoteReader(path, **options) if remote else _LocalReader(path)
+    return reader
 
 
 class _MetadataOnce:

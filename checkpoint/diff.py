@@ -27,7 +27,8 @@ from checkpoint.dtypes import dtype_from_name
 from checkpoint.load import read_metadata
 from planners.errors import CorruptCheckpointError
 from planners.metadata import ChunkRecord, Metadata, TensorRecord
-from storage.backend import CheckpointStorage, open_storage
+from storage.backend import CheckpointStorage
+from storage.spec import StorageSpec, specs_for
 
 # Each block of a tensor, widened to float64 for the difference, stays under this.
 BLOCK_BYTES = 64 * 1024 * 1024
@@ -77,8 +78,8 @@ class DiffReport:
 
 
 def diff_checkpoints(
-    a: str,
-    b: str,
+    a: str | StorageSpec,
+    b: str | StorageSpec,
     *,
     storage_options: Mapping[str, Any] | None = None,
     block_bytes: int = BLOCK_BYTES,
@@ -87,8 +88,8 @@ def diff_checkpoints(
     """Compare the checkpoints at `a` and `b` key by key, streaming tensors block by block.
 
     Args:
-        a, b: checkpoint directories (local paths or fsspec URLs).
-        storage_options: fsspec options for remote paths (both).
+        a, b: checkpoint directories (local paths or fsspec URLs), or `StorageSpec`s resolved earlier.
+        storage_options: fsspec options for remote paths (both, where given as strings).
         block_bytes: bound on each compared block (float64 bytes); memory stays a small multiple of it.
         progress: called with the bytes of `a` compared after each block (for a progress bar).
 
@@ -102,8 +103,7 @@ def diff_checkpoints(
         >>> [t.key for t in report.tensors if not t.equal]
         ['model.w']
     """
-    sa = open_storage(a, storage_options=storage_options)
-    sb = open_storage(b, storage_options=storage_options)
+    sa, sb = (spec.open() for spec in specs_for(a, b, storage_options=storage_options))
     try:
         return _diff(sa, sb, block_bytes, progress)
     finally:

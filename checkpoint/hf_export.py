@@ -33,8 +33,9 @@ from planners.boxes import full_box
 from planners.errors import CheckpointExistsError, InvalidCheckpointError
 from planners.load_plan import LoadTarget
 from planners.metadata import Metadata, TensorRecord
-from storage.backend import CheckpointStorage, open_storage
+from storage.backend import CheckpointStorage
 from storage.safetensors_io import WRITE_SLICE_BYTES, build_header, tensor_bytes
+from storage.spec import StorageSpec, specs_for
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 # The metadata huggingface_hub and transformers expect in every file written for torch.
@@ -103,8 +104,8 @@ def plan_files(sizes: list[int], max_bytes: int) -> list[list[int]]:
 
 
 def export_hf(
-    path: str,
-    out: str,
+    path: str | StorageSpec,
+    out: str | StorageSpec,
     *,
     prefix: str | None = None,
     dtype: torch.dtype | str | None = None,
@@ -116,13 +117,13 @@ def export_hf(
     """Write the tensors of the checkpoint at `path` as a Hugging Face layout in `out`, streaming.
 
     Args:
-        path: a committed shardsafe checkpoint (local path or fsspec URL).
-        out: the output directory (local path or fsspec URL); created if needed.
+        path: a committed shardsafe checkpoint (local path, fsspec URL or `StorageSpec`).
+        out: the output directory (local path, fsspec URL or `StorageSpec`); created if needed.
         prefix: export only keys starting with it, removed (`"model."`: `model.0.weight` becomes `0.weight`).
         dtype: cast floating-point tensors to it (e.g. `"bfloat16"`); integer and bool tensors keep theirs.
         max_shard_size: largest output file before splitting, e.g. `"5GB"` (GB = 10**9).
         overwrite: replace an existing Hugging Face layout in `out` (default: refuse).
-        storage_options: fsspec options for both paths.
+        storage_options: fsspec options for both paths (those given as strings).
         progress: called as `progress(bytes_just_written, total_bytes)` after each tensor.
 
     Returns:
@@ -135,8 +136,7 @@ def export_hf(
     Example: `export_hf("/ckpt/step-1000", "/export/hf", prefix="model.", dtype="bfloat16")`.
     """
     max_bytes, cast = parse_size(max_shard_size), _parse_dtype(dtype)
-    source = open_storage(path, storage_options=storage_options)
-    target = open_storage(out, storage_options=storage_options)
+    source, target = (spec.open() for spec in specs_for(path, out, storage_options=storage_options))
     try:
         return _export(source, target, prefix, cast, max_bytes, overwrite=overwrite, progress=progress)
     finally:

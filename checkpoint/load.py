@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from checkpoint.flatten import fill_target, flatten_state_dict
+from checkpoint.flatten import FlatStateDict, fill_target, flatten_state_dict
 from checkpoint.grid_load import GridResolver
 from checkpoint.hf_source import read_hf_metadata
 from checkpoint.load_values import ABSENT, SavedValues, rank_local_value
@@ -140,7 +140,35 @@ def _read_source(storage: CheckpointStorage, options: LoadOptions) -> tuple[Meta
 def _load_into(
     target: Any, metadata: Metadata, reader: _ChunkReader, *, rank: int, world_size: int, options: LoadOptions
 ) -> tuple[Any, list[str]]:
+    """Plan every read the target needs, refuse a strict load with missing keys, then read and fill."""
     flat = flatten_state_dict(target, for_load=True)
+    jobs, missing = _plan_tensors(flat, metadata, reader)
+    saved = SavedValues(metadata, reader, jobs, options)
+    new_values = {}
+    for fqn, path in flat.value_paths.items():
+        value = saved.at(fqn, path)
+        if value is ABSENT:
+            missing.append(fqn)
+        else:
+            new_values[fqn] = value
+    for fqn, holder in flat.rank_local.items():
+        record = metadata.rank_local.get(fqn)
+        if record is None:
+            missing.append(fqn)
+            continue
+        _check_rank_local_world(reader.storage.url, fqn, record.world_size, rank=rank, world_size=world_size)
+        new_values[fqn] = rank_local_value(record, rank, holder.value, reader, jobs, fqn, options)
+    if options.strict and missing:
+        raise _missing_keys_error(reader.storage.url, missing)
+    reader.run(jobs)
+    new_values = {fqn: saved.placed(v) if fqn in saved.produced else v for fqn, v in new_values.items()}
+    return fill_target(target, flat, new_values), sorted(missing)
+
+
+def _plan_tensors(
+    flat: FlatStateDict, metadata: Metadata, reader: _ChunkReader
+) -> tuple[list[tuple[ReadItem, torch.Tensor]], list[str]]:
+    """The reads that fill the target's tensors, and the tensor keys the checkpoint lacks."""
     where = reader.storage.url
     missing: list[str] = []
     jobs: list[tuple[ReadItem, torch.Tensor]] = []
@@ -156,35 +184,25 @@ def _load_into(
         lt = LoadTarget(fqn=fqn, dtype=leaf.local.dtype, global_shape=leaf.global_shape, box=leaf.box)
         check_compatible(lt, record, where=where)
         jobs += [(item, leaf.local) for item in reader.plan(lt, record)]
-    saved = SavedValues(metadata, reader, jobs, options)
-    new_values = {}
-    for fqn, path in flat.value_paths.items():
-        value = saved.at(fqn, path)
-        if value is ABSENT:
-            missing.append(fqn)
-        else:
-            new_values[fqn] = value
-    for fqn, holder in flat.rank_local.items():
-        record = metadata.rank_local.get(fqn)
-        if record is None:
-            missing.append(fqn)
-            continue
-        if record.world_size != world_size:
-            raise RankLocalError(
-                f"{where}: rank-local key {fqn!r} was saved by {record.world_size} ranks and cannot go back to "
-                f"rank {rank} of {world_size}; load it with the saving world size, or drop it from the target"
-            )
-        new_values[fqn] = rank_local_value(record, rank, holder.value, reader, jobs, fqn, options)
-    if options.strict and missing:
-        shown = ", ".join(repr(k) for k in sorted(missing)[:_MAX_KEYS_SHOWN])
-        more = f" and {len(missing) - _MAX_KEYS_SHOWN} more" if len(missing) > _MAX_KEYS_SHOWN else ""
-        raise MissingKeysError(
-            f"checkpoint at {where} lacks {len(missing)} key(s) the target asks for: {shown}{more}",
-            sorted(missing),
+    return jobs, missing
+
+
+def _check_rank_local_world(where: str, fqn: str, saved_by: int, *, rank: int, world_size: int) -> None:
+    """A rank-local entry goes back only to the world size that saved it (one entry per rank)."""
+    if saved_by != world_size:
+        raise RankLocalError(
+            f"{where}: rank-local key {fqn!r} was saved by {saved_by} ranks and cannot go back to "
+            f"rank {rank} of {world_size}; load it with the saving world size, or drop it from the target"
         )
-    reader.run(jobs)
-    new_values = {fqn: saved.placed(v) if fqn in saved.produced else v for fqn, v in new_values.items()}
-    return fill_target(target, flat, new_values), sorted(missing)
+
+
+def _missing_keys_error(where: str, missing: list[str]) -> MissingKeysError:
+    shown = ", ".join(repr(k) for k in sorted(missing)[:_MAX_KEYS_SHOWN])
+    more = f" and {len(missing) - _MAX_KEYS_SHOWN} more" if len(missing) > _MAX_KEYS_SHOWN else ""
+    return MissingKeysError(
+        f"checkpoint at {where} lacks {len(missing)} key(s) the target asks for: {shown}{more}",
+        sorted(missing),
+    )
 
 
 def _load_everything(

@@ -41,6 +41,7 @@ from planners.errors import (
     InvalidCheckpointError,
 )
 from storage.redact import display_url
+from storage.spec import StorageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class CheckpointManager:
         self._storage_options = (
             storage_options if storage_options is not None else checkpointer.storage_options
         )
+        self._root_spec: StorageSpec | None = None  # resolved at first use, then every step derives from it
         self._rank = RankInfo.detect().global_rank
         self._group = agreement_group()  # collective when distributed: every rank builds the manager
         self._notice = PreemptionNotice(tuple(save_on_signals), self._group)
@@ -118,7 +120,7 @@ class CheckpointManager:
 
     def steps(self) -> list[StepRecord]:
         """Every step directory of the run, oldest first (complete or not)."""
-        return [record for _, record in scan_steps(self.root, self._storage_options)]
+        return [record for _, record in scan_steps(self._root())]
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None when there is none."""
@@ -222,18 +224,18 @@ class CheckpointManager:
             )
 
     def _delete_unkept(self) -> None:
-        found = scan_steps(self.root, self._storage_options)
+        found = scan_steps(self._root())
         complete = [r.step for _, r in found if r.complete]
         if not complete:
             return
         keep = set(complete if self.keep_last is None else complete[-self.keep_last :])
         keep |= {s for s in complete if self.keep_every is not None and s % self.keep_every == 0}
         keep.add(complete[-1])  # the step a restart would load
-        for path, record in found:
+        for spec, record in found:
             stale = record.complete and record.step not in keep
             leftover = not record.complete and record.step < complete[-1]
             if stale or leftover:
-                remove_step(path, self._storage_options)
+                remove_step(spec)
                 logger.info(
                     "deleted %s step %d (%s)", "old" if stale else "incomplete", record.step, record.path
                 )
@@ -287,7 +289,8 @@ class CheckpointManager:
 
     def _shared_listing(self) -> list[tuple[str, StepRecord]]:
         """Rank 0's listing of the run, the same on every rank (one listing instead of one per rank)."""
-        records = scan_steps(self.root, self._storage_options) if self._rank == 0 else None
+        # Paths, not specs, are shared: a spec would carry the storage options (credentials) over the wire.
+        records = [(s.path, r) for s, r in scan_steps(self._root())] if self._rank == 0 else None
         if self._group is None:
             return records
         box = [records]
@@ -348,6 +351,12 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointStateError("CheckpointManager is closed")
+
+    def _root(self) -> StorageSpec:
+        """The run root's spec, resolved once (at first use, as a listing or a purge needs it)."""
+        if self._root_spec is None:
+            self._root_spec = StorageSpec.resolve(self.root, storage_options=self._storage_options)
+        return self._root_spec
 
     def _step_url(self, step: int) -> str:
         return display_url(join(self.root, step_dir_name(step)))

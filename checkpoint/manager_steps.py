@@ -21,12 +21,13 @@ import datetime as dt
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from planners.metadata import FORMAT_NAME, METADATA_FILE
-from storage.backend import CheckpointStorage, open_storage
+from storage.backend import CheckpointStorage
+from storage.spec import StorageSpec
 
 # Nine digits sort a billion steps in order in a plain `ls`; longer steps still work (just unpadded).
 STEP_DIGITS = 9
@@ -80,16 +81,11 @@ def join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
 
-def list_step_dirs(root: str, storage_options: Mapping[str, Any] | None) -> dict[int, str]:
-    """Step -> directory name of every `step-N` entry under `root` (empty when `root` does not exist).
+def step_dirs(names: Iterable[str]) -> dict[int, str]:
+    """Step -> directory name of every `step-N` name in `names`.
 
     When a step appears twice (`step-7` and `step-000000007`), the manager's padded name wins.
     """
-    storage = open_storage(root, storage_options=storage_options)
-    try:
-        names = storage.list_names()
-    finally:
-        storage.close()
     found: dict[int, str] = {}
     for name in names:
         step = parse_step_dir(name)
@@ -98,22 +94,31 @@ def list_step_dirs(root: str, storage_options: Mapping[str, Any] | None) -> dict
     return found
 
 
-def scan_steps(root: str, storage_options: Mapping[str, Any] | None) -> list[tuple[str, StepRecord]]:
-    """Every step directory under `root`, oldest first: (its full path, what its metadata says).
+def list_step_dirs(root: StorageSpec) -> dict[int, str]:
+    """Step -> directory name of every `step-N` entry under `root` (empty when `root` does not exist)."""
+    storage = root.open()
+    try:
+        return step_dirs(storage.list_names())
+    finally:
+        storage.close()
 
-    The path is the one to open (it is `root` joined with the directory's name); the record's
-    `path` is the same without any credentials, for display.
+
+def scan_steps(root: StorageSpec) -> list[tuple[StorageSpec, StepRecord]]:
+    """Every step directory under `root`, oldest first: (its spec, what its metadata says).
+
+    Each step's spec is derived from `root`'s (nothing is resolved again); its `path` is the one
+    to open, the record's `path` the same without any credentials, for display.
     """
     found = []
-    for step, name in sorted(list_step_dirs(root, storage_options).items()):
-        path = join(root, name)
-        storage = open_storage(path, storage_options=storage_options)
+    for step, name in sorted(list_step_dirs(root).items()):
+        spec = root.child(name)
+        storage = spec.open()
         try:
             record = _record(step, storage)
         finally:
             storage.close()
         if record is not None:
-            found.append((path, record))
+            found.append((spec, record))
     return found
 
 
@@ -188,9 +193,9 @@ def modified_at(storage: CheckpointStorage, name: str) -> dt.datetime | None:
     return None
 
 
-def remove_step(path: str, storage_options: Mapping[str, Any] | None) -> None:
+def remove_step(step: StorageSpec) -> None:
     """Delete one step directory: the commit marker first, then the rest (see the module docstring)."""
-    storage = open_storage(path, storage_options=storage_options)
+    storage = step.open()
     try:
         storage.remove([METADATA_FILE])
         storage.remove(storage.list_names())

@@ -41,7 +41,8 @@ from planners.errors import CheckpointError, InvalidCheckpointError, PickleNotAl
 from planners.leftovers import leftover_names
 from planners.metadata import Metadata
 from planners.values import decode_value
-from storage.backend import CheckpointStorage, open_storage
+from storage.backend import CheckpointStorage
+from storage.spec import StorageSpec, spec_for
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class VerifyReport:
 
 
 def verify(
-    path: str,
+    path: str | StorageSpec,
     *,
     storage_options: Mapping[str, Any] | None = None,
     io_threads: int = 4,
@@ -108,7 +109,7 @@ def verify(
     """Check every file, header, checksum and tensor of the checkpoint at `path`.
 
     Args:
-        path: local path or fsspec URL of the checkpoint directory.
+        path: local path or fsspec URL of the checkpoint directory, or a `StorageSpec` resolved earlier.
         storage_options: fsspec options for remote paths (endpoint, credentials).
         io_threads: shard files checked at the same time.
         max_metadata_bytes: a larger metadata file is reported as a problem without being read.
@@ -128,23 +129,33 @@ def verify(
         >>> report.ok, report.problems
         (True, ())
     """
-    start = time.perf_counter()
-    storage = open_storage(path, storage_options=storage_options)
+    storage = spec_for(path, storage_options=storage_options).open()
     try:
-        try:
-            metadata = read_metadata(storage, max_bytes=max_metadata_bytes)
-        except InvalidCheckpointError as e:
-            return VerifyReport(
-                path=storage.url,
-                save_id=None,
-                files_checked=0,
-                tensors_checked=0,
-                bytes_checked=0,
-                problems=(str(e),),
-            )
-        report = _verify_committed(storage, metadata, io_threads=io_threads, progress=progress)
+        return _verify_storage(storage, io_threads, max_metadata_bytes, progress)
     finally:
         storage.close()
+
+
+def _verify_storage(
+    storage: CheckpointStorage,
+    io_threads: int,
+    max_metadata_bytes: int,
+    progress: Callable[[int], None] | None,
+) -> VerifyReport:
+    """`verify` once the storage is open; invalid metadata is the report's one problem, not an error."""
+    start = time.perf_counter()
+    try:
+        metadata = read_metadata(storage, max_bytes=max_metadata_bytes)
+    except InvalidCheckpointError as e:
+        return VerifyReport(
+            path=storage.url,
+            save_id=None,
+            files_checked=0,
+            tensors_checked=0,
+            bytes_checked=0,
+            problems=(str(e),),
+        )
+    report = _verify_committed(storage, metadata, io_threads=io_threads, progress=progress)
     logger.info(
         "verified %s: %d files, %d tensors, %d bytes, %d problem(s) in %.3fs",
         report.path,

@@ -57,14 +57,37 @@ def verify_file(
             f"file {name}: {size} bytes on storage, the metadata records {record.nbytes}; "
             "it was truncated or replaced"
         )
+    problems += _header_problems(storage, name, metadata, record, refs)
+    data_problems, checked = _data_problems(
+        storage, name, size, refs, metadata.checksum_block_bytes, progress
+    )
+    return problems + data_problems, checked
+
+
+def _header_problems(
+    storage: CheckpointStorage, name: str, metadata: Metadata, record: FileRecord, refs: Sequence[ChunkRef]
+) -> list[str]:
+    """Where the file's safetensors header (and its checksum table) disagrees with the metadata."""
     try:
         header = read_header(storage, name, where=storage.url)
     except InvalidCheckpointError as e:
-        problems.append(str(e))
-    else:
-        problems += _cross_check(name, header, metadata, record, refs)
-        problems += _table_problems(storage, name, header, refs, metadata.checksum_block_bytes)
-    checked = 0
+        return [str(e)]
+    problems = _owner_problems(name, header, metadata, record)
+    problems += _key_use_problems(name, header, refs)
+    problems += _entry_problems(name, header, refs)
+    return problems + _table_problems(storage, name, header, refs, metadata.checksum_block_bytes)
+
+
+def _data_problems(
+    storage: CheckpointStorage,
+    name: str,
+    size: int,
+    refs: Sequence[ChunkRef],
+    block: int,
+    progress: Callable[[int], None] | None,
+) -> tuple[list[str], int]:
+    """Chunks lying past the file's end, and chunks whose blocks fail their checksums; bytes checksummed."""
+    problems, checked = [], 0
     for ref in refs:
         end = ref.chunk.offset_bytes + ref.chunk.nbytes
         if end > size:
@@ -74,7 +97,7 @@ def verify_file(
             )
             continue
         try:
-            problem = _checksum_problem(storage, name, ref, metadata.checksum_block_bytes, progress)
+            problem = _checksum_problem(storage, name, ref, block, progress)
         except InvalidCheckpointError as e:  # truncated or replaced while it was read
             problem = str(e)
         if problem is not None:
@@ -83,32 +106,41 @@ def verify_file(
     return problems, checked
 
 
-def _cross_check(
-    name: str, header: SafetensorsHeader, metadata: Metadata, record: FileRecord, refs: Sequence[ChunkRef]
+def _owner_problems(
+    name: str, header: SafetensorsHeader, metadata: Metadata, record: FileRecord
 ) -> list[str]:
-    """Where the file's own header disagrees with the metadata about its chunks."""
-    problems = []
+    """The header's `__metadata__` must name this save and the rank the metadata says wrote the file."""
     save_id, rank = header.metadata.get("save_id"), header.metadata.get("rank")
     if save_id != metadata.save_id or rank != str(record.rank):
-        problems.append(
+        return [
             f"file {name}: its header says save {save_id!r} rank {rank!r}, the metadata says save "
             f"{metadata.save_id!r} rank {record.rank}; the file belongs to another save"
-        )
-    elif header.metadata != {"format": FORMAT_NAME, "save_id": save_id, "rank": rank}:
-        problems.append(
+        ]
+    if header.metadata != {"format": FORMAT_NAME, "save_id": save_id, "rank": rank}:
+        return [
             f"file {name}: its header's __metadata__ holds other entries than format, save_id and rank; "
             "the header is damaged"
-        )
+        ]
+    return []
+
+
+def _key_use_problems(name: str, header: SafetensorsHeader, refs: Sequence[ChunkRef]) -> list[str]:
+    """Each safetensors key belongs to exactly one chunk, and every tensor of the file to some chunk."""
     uses = Counter(ref.chunk.key for ref in refs)
-    problems += [
+    problems = [
         f"file {name}: safetensors key {k!r} is claimed by {n} chunks"
         for k, n in sorted(uses.items())
         if n > 1
     ]
-    problems += [
+    return problems + [
         f"file {name}: holds tensor {k!r} that no chunk of the metadata refers to"
         for k in sorted(set(header.tensors) - set(uses) - {CHECKSUM_ENTRY})
     ]
+
+
+def _entry_problems(name: str, header: SafetensorsHeader, refs: Sequence[ChunkRef]) -> list[str]:
+    """Each chunk's header entry must have the metadata's dtype, shape and byte range."""
+    problems = []
     for ref in refs:
         entry = header.tensors.get(ref.chunk.key)
         c = ref.chunk

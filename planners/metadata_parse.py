@@ -19,6 +19,7 @@ from planners.digest import DIGEST_FIELD, check_digest, strict_loads
 from planners.dtypes import checked_name
 from planners.dtypes import itemsize as dtype_itemsize
 from planners.errors import InvalidCheckpointError
+from planners.global_plan import Mesh
 from planners.grid import GridIndex, GridRecord, parse_grid, parse_meshes
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
@@ -49,44 +50,15 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
         InvalidCheckpointError: anything malformed, out of range or unsafe, naming `where`,
             the metadata file and the key.
     """
-    named = f"{where}: {METADATA_FILE}"
-    try:
-        doc = strict_loads(data)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise InvalidCheckpointError(f"{named}: metadata is not valid JSON: {e}") from e
+    doc = _json_document(data, where=where)
     v = _Validator(where)
-    v.check(isinstance(doc, dict) and doc.get("format") == FORMAT_NAME, "not a shardsafe metadata file")
-    version = doc.get("version")
-    if DIGEST_FIELD in doc or (type(version) is int and version >= DIGEST_SINCE_VERSION):
-        check_digest(data, doc, where=named)
-    version = v.int_(version, "version", low=1)
-    v.check(
-        version <= FORMAT_VERSION,
-        f"format version {version} is newer than this reader ({FORMAT_VERSION}); upgrade shardsafe",
-    )
-    world_size = v.int_(doc.get("world_size"), "world_size", low=1)
-    block = v.int_(doc.get("checksum_block_bytes"), "checksum_block_bytes", low=4096, high=1 << 40)
-    save_id = doc.get("save_id")
-    v.check(isinstance(save_id, str) and re.fullmatch(r"[0-9a-f]{8,32}", save_id) is not None, "bad save_id")
-    v.block = block
-    v.world_size = world_size
-    files = {
-        v.file_name(n): FileRecord(
-            nbytes=v.int_(f.get("nbytes"), f"files[{n!r}].nbytes", high=MAX_FILE_BYTES),
-            rank=v.int_(f.get("rank"), f"files[{n!r}].rank", high=world_size - 1),
-        )
-        for n, f in v.dict_(doc.get("files"), "files").items()
-        if v.dict_(f, f"files[{n!r}]") is not None
-    }
-    meshes = parse_meshes(doc.get("meshes") if version >= 2 else None, world_size=world_size, fail=v.fail)
-    index = GridIndex(meshes=meshes, grids={}, plain={}, world_size=world_size)
+    version = _checked_version(v, doc, data)
+    save_id = _save_fields(v, doc)
+    files = v.files(doc.get("files"))
+    meshes = parse_meshes(doc.get("meshes") if version >= 2 else None, world_size=v.world_size, fail=v.fail)
     grids: dict[str, GridRecord] = {}
-    tensors = {
-        k: v.tensor(k, t, files, index, grids) for k, t in v.dict_(doc.get("tensors"), "tensors").items()
-    }
-    rank_local = {
-        k: v.rank_local(k, r, files) for k, r in v.dict_(doc.get("rank_local"), "rank_local").items()
-    }
+    tensors = v.tensors(doc.get("tensors"), files, meshes, grids)
+    rank_local = v.rank_locals(doc.get("rank_local"), files)
     problem = byte_overlap_problem(tensors, rank_local)
     v.check(problem is None, str(problem))
     values = v.dict_(doc.get("values"), "values")
@@ -95,8 +67,8 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
     return Metadata(
         version=version,
         save_id=save_id,
-        world_size=world_size,
-        checksum_block_bytes=block,
+        world_size=v.world_size,
+        checksum_block_bytes=v.block,
         tensors=tensors,
         values=values,
         rank_local=rank_local,
@@ -105,6 +77,43 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
         meshes=meshes,
         grids=grids,
     )
+
+
+def _json_document(data: bytes, *, where: str) -> Any:
+    """The parsed JSON (strict: no duplicate keys, no NaN), before anything in it is trusted."""
+    try:
+        return strict_loads(data)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise InvalidCheckpointError(f"{where}: {METADATA_FILE}: metadata is not valid JSON: {e}") from e
+
+
+def _checked_version(v: _Validator, doc: Any, data: bytes) -> int:
+    """The format version, once the document is known to be shardsafe metadata whose digest matches.
+
+    The digest is checked before the version is trusted: a damaged version field must read as a
+    damaged file, not as a file from a newer shardsafe.
+    """
+    v.check(isinstance(doc, dict) and doc.get("format") == FORMAT_NAME, "not a shardsafe metadata file")
+    version = doc.get("version")
+    if DIGEST_FIELD in doc or (type(version) is int and version >= DIGEST_SINCE_VERSION):
+        check_digest(data, doc, where=f"{v.where}: {METADATA_FILE}")
+    version = v.int_(version, "version", low=1)
+    v.check(
+        version <= FORMAT_VERSION,
+        f"format version {version} is newer than this reader ({FORMAT_VERSION}); upgrade shardsafe",
+    )
+    return version
+
+
+def _save_fields(v: _Validator, doc: dict) -> str:
+    """Check the save's world size, checksum block size and id; the first two size every later check."""
+    world_size = v.int_(doc.get("world_size"), "world_size", low=1)
+    block = v.int_(doc.get("checksum_block_bytes"), "checksum_block_bytes", low=4096, high=1 << 40)
+    save_id = doc.get("save_id")
+    v.check(isinstance(save_id, str) and re.fullmatch(r"[0-9a-f]{8,32}", save_id) is not None, "bad save_id")
+    v.block = block
+    v.world_size = world_size
+    return save_id
 
 
 def byte_overlap_problem(
@@ -172,6 +181,17 @@ class _Validator:
         )
         return name
 
+    def files(self, doc_files: Any) -> dict[str, FileRecord]:
+        """The shard files: plain names, sizes within bounds, each written by a rank of the save."""
+        return {
+            self.file_name(n): FileRecord(
+                nbytes=self.int_(f.get("nbytes"), f"files[{n!r}].nbytes", high=MAX_FILE_BYTES),
+                rank=self.int_(f.get("rank"), f"files[{n!r}].rank", high=self.world_size - 1),
+            )
+            for n, f in self.dict_(doc_files, "files").items()
+            if self.dict_(f, f"files[{n!r}]") is not None
+        }
+
     def chunk(
         self, key: str, c: Any, shape: tuple[int, ...], itemsize: int, files: dict[str, FileRecord]
     ) -> ChunkRecord:
@@ -209,6 +229,23 @@ class _Validator:
         return ChunkRecord(
             box=box, file=name, key=c["key"], offset_bytes=offset, nbytes=nbytes, checksums=checksums
         )
+
+    def tensors(
+        self,
+        doc_tensors: Any,
+        files: dict[str, FileRecord],
+        meshes: tuple[Mesh, ...],
+        grids: dict[str, GridRecord],
+    ) -> dict[str, TensorRecord]:
+        """Every tensor record; the grid records of format version 2 are added to `grids`."""
+        index = GridIndex(meshes=meshes, grids={}, plain={}, world_size=self.world_size)
+        return {
+            k: self.tensor(k, t, files, index, grids) for k, t in self.dict_(doc_tensors, "tensors").items()
+        }
+
+    def rank_locals(self, doc_rank_local: Any, files: dict[str, FileRecord]) -> dict[str, RankLocalRecord]:
+        """Every rank-local record (one entry per saving rank each)."""
+        return {k: self.rank_local(k, r, files) for k, r in self.dict_(doc_rank_local, "rank_local").items()}
 
     def tensor(
         self, key: str, t: Any, files: dict[str, FileRecord], index: GridIndex, grids: dict[str, GridRecord]

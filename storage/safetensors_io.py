@@ -218,16 +218,30 @@ def parse_header(raw: bytes, *, file_bytes: int, where: str) -> SafetensorsHeade
         raise InvalidCheckpointError(
             f"{where}: header of {len(raw)} bytes exceeds the file of {file_bytes} bytes"
         )
+    doc = _header_document(raw, where=where)
+    metadata = doc.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidCheckpointError(f"{where}: safetensors __metadata__ must map strings to strings")
+    tensors = {key: _header_entry(key, entry, data_start, data_bytes, where) for key, entry in doc.items()}
+    _check_tiling(tensors, data_start, data_bytes, where)
+    return SafetensorsHeader(
+        file_bytes=file_bytes, data_offset_bytes=data_start, metadata=metadata, tensors=tensors
+    )
+
+
+def _header_document(raw: bytes, *, where: str) -> dict[str, Any]:
+    """The header's JSON object (its entries not yet checked)."""
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise InvalidCheckpointError(f"{where}: safetensors header is not valid JSON: {e}") from e
     if not isinstance(doc, dict):
         raise InvalidCheckpointError(f"{where}: safetensors header must be a JSON object")
-    metadata = doc.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise InvalidCheckpointError(f"{where}: safetensors __metadata__ must map strings to strings")
-    tensors = {key: _header_entry(key, entry, data_start, data_bytes, where) for key, entry in doc.items()}
+    return doc
+
+
+def _check_tiling(tensors: dict[str, HeaderEntry], data_start: int, data_bytes: int, where: str) -> None:
+    """The entries, in offset order, must cover the data area exactly: no gap, no overlap, no tail."""
     end = 0
     for key, e in sorted(tensors.items(), key=lambda kv: (kv[1].offset_bytes, kv[1].nbytes)):
         start = e.offset_bytes - data_start
@@ -243,9 +257,6 @@ def parse_header(raw: bytes, *, file_bytes: int, where: str) -> SafetensorsHeade
         raise InvalidCheckpointError(
             f"{where}: tensors cover {end} bytes but the data area holds {data_bytes}: the file is truncated or padded"
         )
-    return SafetensorsHeader(
-        file_bytes=file_bytes, data_offset_bytes=data_start, metadata=metadata, tensors=tensors
-    )
 
 
 def _header_entry(key: str, entry: Any, data_start: int, data_bytes: int, where: str) -> HeaderEntry:

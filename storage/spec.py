@@ -8,6 +8,11 @@ path (fsspec's `url_to_fs`, which parses the URL and builds the file system)
 happens once, in `StorageSpec.resolve`; the resulting spec is a small picklable
 record that travels to the writer process with each request, and every step
 calls `spec.open()` for its own `CheckpointStorage` handle.
+
+The read-side entry points (verify, diff, the exports, the `shardsafe`
+command) resolve the location they are given once (`spec_for`, which also
+accepts a spec resolved earlier) and pass the spec down; a run's root is
+resolved once and each step directory derived from it (`StorageSpec.child`).
 """
 
 from __future__ import annotations
@@ -100,6 +105,28 @@ class StorageSpec:
             fs=fs,
         )
 
+    def child(self, name: str) -> StorageSpec:
+        """The spec of the directory `name` directly inside this one, without resolving anything again.
+
+        A run's root is resolved once and each step directory derived from it, so listing a run of
+        N steps builds one file system, not N + 1 (the child shares this spec's file system).
+
+        Raises:
+            ValueError: `name` is not one plain directory name (empty, `.`, `..`, or holds a `/`).
+        """
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"child directory name must be one plain name, got {name!r}")
+        path = _join(self.path, name)
+        return StorageSpec(
+            protocol=self.protocol,
+            root=_join(self.root, name),
+            url=_join(self.url, name) if self.protocol == "file" else display_url(path),
+            storage_options=self.storage_options,
+            transfer=self.transfer,
+            path=path,
+            fs=self.fs,
+        )
+
     def open(self) -> Any:
         """A `CheckpointStorage` for this directory (cheap: the file system is already built)."""
         from storage.local import LocalStorage
@@ -111,6 +138,35 @@ class StorageSpec:
             object.__setattr__(self, "fs", _url_to_fs(self.path, self.storage_options)[0])
         redact = Redactor(secret_values(self.storage_options))
         return FsspecStorage(self.fs, self.root, url=self.url, transfer=self.transfer, redact=redact)
+
+
+def spec_for(location: str | StorageSpec, *, storage_options: Mapping[str, Any] | None = None) -> StorageSpec:
+    """What a public entry point was given, as a spec: a path or URL is resolved now, a spec is used as is.
+
+    Entry points (verify, diff, the exports, the command line) take either, so a caller that
+    already resolved a location (the `shardsafe` command reads a checkpoint twice) resolves it
+    once. `storage_options` apply to a location given as a string; a spec keeps its own.
+
+    Raises:
+        CheckpointError: as `StorageSpec.resolve`.
+    """
+    if isinstance(location, StorageSpec):
+        return location
+    return StorageSpec.resolve(location, storage_options=storage_options)
+
+
+def specs_for(
+    *locations: str | StorageSpec, storage_options: Mapping[str, Any] | None = None
+) -> list[StorageSpec]:
+    """`spec_for` each location of one call (a diff's two checkpoints, an export's source and output).
+
+    All are resolved before the caller opens any, so a bad second URL leaves nothing open.
+    """
+    return [spec_for(location, storage_options=storage_options) for location in locations]
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}"
 
 
 def _url_to_fs(path: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
