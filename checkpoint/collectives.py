@@ -274,7 +274,28 @@ class StoreExchange:
                 self.store.set(self._key("scatter", r), pickle.dumps(o))
         key = self._key("scatter", self.rank)
         self._wait([key], "waiting for the coordinator")
-        return _from_peer(self.store.get(key))
+        value = _from_peer(self.store.get(key))
+        if self.rank == COORDINATOR:
+            self._await_readers()
+        else:
+            self.store.set(self._key("read", self.rank), b"")
+        return value
+
+    def _await_readers(self) -> None:
+        """Return once every other rank has read what the coordinator scattered.
+
+        The store lives in rank 0's trainer. Once rank 0's part of a save has ended, its trainer may
+        exit and take the store along, and a rank still about to read the commit's outcome would
+        report a committed save as failed. A rank that died meanwhile is waited for until the
+        heartbeat timeout, then logged, never raised: what was scattered stands.
+        """
+        keys = [self._key("read", r) for r in range(self.world_size) if r != COORDINATOR]
+        if not keys:
+            return
+        try:
+            self._wait(keys, "waiting for every rank to read the coordinator's answer")
+        except CheckpointTimeoutError as e:
+            logger.warning("%s", e)
 
     def broadcast(self, obj: Any) -> Any:
         return self.scatter([obj] * self.world_size if self.rank == COORDINATOR else None)

@@ -2,7 +2,8 @@
 
 The async path (a writer process SIGKILLed between saves) is covered in tests/test_write_safety.py; here the
 barrier itself is shown to hold ranks back until all arrive, to time out naming how many arrived, and to run
-once per save, keyed by the save id, when `CheckpointerConfig.barrier_config` asks for it.
+once per save, keyed by the save id, when `CheckpointerConfig.barrier_config` asks for it. The commit
+store's exchange is shown to keep the coordinator until every rank has read its answer.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.distributed as dist
 import checkpoint
 from checkpoint import CheckpointerConfig
 from checkpoint.barriers import BarrierConfig, TCPStoreBarrier, create_barrier_from_config
+from checkpoint.collectives import StoreExchange
 from checkpoint.testing.ranks import free_port, run_ranks
 from planners.errors import CheckpointTimeoutError
 
@@ -93,3 +95,27 @@ def test_sync_checkpointer_runs_the_tcp_store_barrier_after_each_commit(tmp_path
     for step in range(2):
         loaded = reader.load(str(tmp_path / f"s{step}"))
         assert torch.equal(loaded["w"], torch.full((4, 6), float(step))) and loaded["step"] == step
+
+
+# --- the commit store's scatter: the coordinator leaves only once every rank has its answer -----------------
+
+
+def _scatter_with_a_late_reader(rank: int, world_size: int, port: int) -> tuple[str, float]:
+    store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
+    exchange = StoreExchange(store, rank=rank, world_size=world_size, prefix="save-1", timeout_secs=60)
+    dist.barrier()  # every client connected to rank 0's store
+    if rank == world_size - 1:
+        time.sleep(1.5)  # a rank slow to read the commit's outcome (a loaded machine, a slow writer)
+    start = time.monotonic()
+    got = exchange.broadcast("committed" if rank == 0 else None)
+    waited = time.monotonic() - start
+    dist.barrier()
+    return got, waited
+
+
+def test_the_coordinator_of_a_store_exchange_waits_until_every_rank_has_read_the_outcome() -> None:
+    """Rank 0 hosts the store; were its broadcast to return before the last rank read, rank 0 could exit
+    and take the store along, and that rank would report a committed save as failed."""
+    results = run_ranks(_scatter_with_a_late_reader, 3, free_port(), timeout_secs=120)
+    assert [got for got, _ in results] == ["committed"] * 3
+    assert results[0][1] >= 1.0, results  # the coordinator waited for the late rank's read
