@@ -115,14 +115,23 @@ def _report_export(ui: Output, result: HfExportResult, path: str, out: str, *, a
         "total_bytes": result.total_bytes,
         "skipped": list(result.skipped),
     }
+    line = (
+        f"exported {result.tensors} tensors ({result.total_bytes} bytes) to {out}: {', '.join(result.files)}"
+    )
+    skipped = (
+        f"not exported (not tensors, or rank-local): {', '.join(result.skipped)}" if result.skipped else ""
+    )
+    _report(ui, doc, line, as_json=as_json, note=skipped)
+
+
+def _report(ui: Output, doc: dict, line: str, *, as_json: bool, note: str = "") -> None:
+    """A command's outcome: `doc` as JSON, or one line for a person and an optional note."""
     if as_json:
         ui.emit(doc)
         return
-    click.echo(
-        f"exported {result.tensors} tensors ({result.total_bytes} bytes) to {out}: {', '.join(result.files)}"
-    )
-    if result.skipped:
-        ui.note(f"not exported (not tensors, or rank-local): {', '.join(result.skipped)}")
+    click.echo(line)
+    if note:
+        ui.note(note)
 
 
 def import_dcp_command(
@@ -159,12 +168,8 @@ def import_dcp_command(
         "total_bytes": result.total_bytes,
         "files": list(result.files),
     }
-    if as_json:
-        ui.emit(doc)
-        return
-    click.echo(
-        f"imported {result.tensors} tensors ({result.total_bytes} bytes) and {result.values} values into {out}"
-    )
+    line = f"imported {result.tensors} tensors ({result.total_bytes} bytes) and {result.values} values into {out}"
+    _report(ui, doc, line, as_json=as_json)
 
 
 @contextmanager
