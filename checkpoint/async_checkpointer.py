@@ -101,8 +101,7 @@ class AsyncCheckpointer(Checkpointer):
             exchange=self._exchange,
             cache=self._cache,
             config=self._writer_config,
-            storage_options=self._process.storage_options,
-            transfer=self._process.transfer,
+            storage=self._process.storage,
             failure=previous,
         )
         try:

@@ -12,6 +12,7 @@ from checkpoint.reader import CheckpointReader
 from checkpoint.staging import DefaultStager
 from checkpoint.types import RankInfo
 from checkpoint.writer import CheckpointWriter
+from storage.spec import StorageAccess
 
 
 def make_sync_checkpointer(
@@ -38,8 +39,7 @@ def make_sync_checkpointer(
         rank_info,
         create_barrier_from_config(config.barrier_config),
         commit_hook,
-        storage_options=config.storage_options,
-        transfer=config.transfer_config,
+        storage=_storage_access(config),
     )
     reader = _make_reader(config, rank_info)
     return SyncCheckpointer(writer, reader)
@@ -80,8 +80,7 @@ def make_async_checkpointer(
         writer_config=config.writer_config,
         barrier_config=config.barrier_config,
         commit_hook=commit_hook,
-        storage_options=config.storage_options,
-        transfer=config.transfer_config,
+        storage=_storage_access(config),
     )
     return AsyncCheckpointer(DefaultStager(config.staging_config), process, _make_reader(config, rank_info))
 
@@ -100,11 +99,15 @@ def _check_async_config(config: CheckpointerConfig) -> None:
         )
 
 
+def _storage_access(config: CheckpointerConfig) -> StorageAccess:
+    """The one value through which the writer, the reader and the writer process reach storage."""
+    return StorageAccess(storage_options=config.storage_options, transfer=config.transfer_config)
+
+
 def _make_reader(config: CheckpointerConfig, rank_info: RankInfo) -> CheckpointReader:
     """Loading is the same for both checkpointers."""
     return CheckpointReader(
         rank_info,
         config=config.reader_config,
-        storage_options=config.storage_options,
-        transfer=config.transfer_config,
+        storage=_storage_access(config),
     )

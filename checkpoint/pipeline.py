@@ -42,8 +42,7 @@ from checkpoint.options import SaveOptions
 from checkpoint.save import PlanCache, PreparedSave, plan_save, timed, write_rank_files
 from planners.metadata_build import RankWriteResult
 from storage.backend import CheckpointStorage
-from storage.remote import TransferConfig
-from storage.spec import StorageSpec
+from storage.spec import StorageAccess, StorageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +133,7 @@ def plan_step(
     exchange: Exchange,
     cache: PlanCache,
     config: CheckpointWriterConfig,
-    storage_options: Mapping[str, Any] | None,
-    transfer: TransferConfig | None,
+    storage: StorageAccess,
     failure: BaseException | None = None,
 ) -> PlannedSave:
     """Steps 1 and 2 on a trainer rank (collective): resolve the storage, agree the plan, keep the lease.
@@ -144,7 +142,7 @@ def plan_step(
     raises together. Raises what `checkpoint.save.plan_save` raises.
     """
     start = time.perf_counter()
-    spec = StorageSpec.resolve(path, storage_options=storage_options, transfer=transfer)
+    spec = storage.resolve(path)
     storage = spec.open()
     try:
         local, prepared = plan_save(

@@ -8,8 +8,7 @@ from checkpoint.config import CheckpointReaderConfig
 from checkpoint.load import load_checkpoint
 from checkpoint.options import LOAD_OPTIONS, LoadOptions
 from checkpoint.types import STATE_DICT, RankInfo
-from storage.remote import TransferConfig
-from storage.spec import StorageSpec
+from storage.spec import StorageAccess
 
 __all__ = ["LOAD_OPTIONS", "CheckpointReader"]
 
@@ -27,18 +26,16 @@ class CheckpointReader:
         rank_info: RankInfo,
         *,
         config: CheckpointReaderConfig | None = None,
-        storage_options: dict[str, Any] | None = None,
-        transfer: TransferConfig | None = None,
+        storage: StorageAccess | None = None,
     ) -> None:
         self._rank_info = rank_info
         self._config = config or CheckpointReaderConfig()
-        self._storage_options = storage_options
-        self._transfer = transfer
+        self._storage = storage or StorageAccess()
 
     @property
     def storage_options(self) -> dict[str, Any] | None:
         """The fsspec options paths are opened with (tools built on a checkpointer reach the same storage)."""
-        return self._storage_options
+        return self._storage.storage_options
 
     def read(
         self, path: str, state_dict: STATE_DICT | None = None, *, map_location: Any = None, **kwargs: Any
@@ -63,9 +60,7 @@ class CheckpointReader:
             The loaded state dict and the sorted list of target keys the checkpoint lacked.
         """
         options = LoadOptions.from_kwargs(kwargs, defaults=self._defaults(map_location))
-        storage = StorageSpec.resolve(
-            path, storage_options=self._storage_options, transfer=self._transfer
-        ).open()
+        storage = self._storage.resolve(path).open()
         try:
             return load_checkpoint(
                 storage,

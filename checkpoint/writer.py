@@ -22,7 +22,7 @@ from checkpoint.pipeline import CommitSteps, PlannedSave, SaveStats, TensorSourc
 from checkpoint.save import PlanCache
 from checkpoint.types import STATE_DICT, RankInfo
 from planners.errors import CheckpointStateError
-from storage.remote import TransferConfig
+from storage.spec import StorageAccess
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +62,12 @@ class CheckpointWriter:
         barrier: Barrier | None = None,
         commit_hook: CommitHook | None = None,
         *,
-        storage_options: dict[str, Any] | None = None,
-        transfer: TransferConfig | None = None,
+        storage: StorageAccess | None = None,
     ) -> None:
         self._config = config
         self._rank_info = rank_info
         self._steps = CommitSteps(hook=commit_hook, barrier=barrier, io_threads=config.io_threads)
-        self._storage_options = storage_options
-        self._transfer = transfer
+        self._storage = storage or StorageAccess()
         self._cache = PlanCache()
         self._exchange: Exchange | None = None
         self.last_save: SaveStats | None = None
@@ -100,8 +98,7 @@ class CheckpointWriter:
             exchange=self._exchange,
             cache=self._cache,
             config=self._config,
-            storage_options=self._storage_options,
-            transfer=self._transfer,
+            storage=self._storage,
         )
         self._write_and_commit(planned, path)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -43,8 +43,7 @@ from checkpoint.writer import make_exchange
 from checkpoint.writer_messages import WriteRequest, WriterInit, WriterResponse
 from checkpoint.writer_supervisor import WriterSupervisor
 from planners.errors import CheckpointStateError
-from storage.remote import TransferConfig
-from storage.spec import StorageSpec
+from storage.spec import StorageAccess, StorageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class CheckpointProcess:
         rank_info: this trainer's rank and the world size.
         writer_config: shard file sizes, I/O threads and the commit's barrier timeout.
         exchange: the trainers' exchange over the job's process group (plans are agreed on it).
-        transfer: part sizes, concurrency and retries of remote transfers.
+        storage: the storage options and transfer settings every path is opened with.
         last_save: `SaveStats` of the last save that completed, or None.
 
     Example:
@@ -74,14 +73,12 @@ class CheckpointProcess:
         writer_config: CheckpointWriterConfig | None = None,
         barrier_config: BarrierConfig | None = None,
         commit_hook: CommitHook | None = None,
-        storage_options: dict[str, Any] | None = None,
-        transfer: TransferConfig | None = None,
+        storage: StorageAccess | None = None,
     ) -> None:
         self.rank_info = rank_info
         self.writer_config = writer_config or CheckpointWriterConfig()
         self._config = config
-        self._storage_options = storage_options
-        self.transfer = transfer
+        self.storage = storage or StorageAccess()
         self.last_save: SaveStats | None = None
         self.exchange = make_exchange(rank_info)  # the trainers' exchange, also for planning each save
         self._store, address = host_commit_store(
@@ -114,8 +111,9 @@ class CheckpointProcess:
         return self._supervisor.proc
 
     @property
-    def storage_options(self) -> dict[str, Any] | None:
-        return self._storage_options
+    def storage_options(self) -> Mapping[str, Any] | None:
+        """The fsspec options paths are opened with."""
+        return self.storage.storage_options
 
     def write(
         self,
@@ -146,7 +144,7 @@ class CheckpointProcess:
         if isinstance(prepared, PlannedSave):
             spec, prepared = prepared.spec, prepared.prepared
         else:
-            spec = StorageSpec.resolve(path, storage_options=self._storage_options, transfer=self.transfer)
+            spec = self.storage.resolve(path)
         future: Future[None] = Future()
         future.set_running_or_notify_cancel()  # a save that other ranks take part in cannot be cancelled
         phase_secs = timings if timings is not None else {}

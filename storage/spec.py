@@ -9,7 +9,8 @@ happens once, in `StorageSpec.resolve`; the resulting spec is a small picklable
 record that travels to the writer process with each request, and every step
 calls `spec.open()` for its own `CheckpointStorage` handle.
 
-The read-side entry points (verify, diff, the exports, the `shardsafe`
+A checkpointer holds one `StorageAccess` (its storage options and transfer
+settings) and resolves each save's or load's path through it. The read-side entry points (verify, diff, the exports, the `shardsafe`
 command) resolve the location they are given once (`spec_for`, which also
 accepts a spec resolved earlier) and pass the spec down; a run's root is
 resolved once and each step directory derived from it (`StorageSpec.child`).
@@ -138,6 +139,26 @@ class StorageSpec:
             object.__setattr__(self, "fs", _url_to_fs(self.path, self.storage_options)[0])
         redact = Redactor(secret_values(self.storage_options))
         return FsspecStorage(self.fs, self.root, url=self.url, transfer=self.transfer, redact=redact)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageAccess:
+    """How a checkpointer reaches storage: the fsspec options and transfer settings it opens every path with.
+
+    Built once from the checkpointer's config and handed to its writer, reader and writer process
+    as one value; each save or load then resolves its own path through it, once (`resolve`).
+
+    Attributes:
+        storage_options: fsspec options (credentials, endpoint) for remote paths (kept out of repr).
+        transfer: part sizes, concurrency and retries of remote transfers (None: defaults).
+    """
+
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+    transfer: TransferConfig | None = None
+
+    def resolve(self, path: str) -> StorageSpec:
+        """The spec of the checkpoint directory at `path`, resolved with these options."""
+        return StorageSpec.resolve(path, storage_options=self.storage_options, transfer=self.transfer)
 
 
 def spec_for(location: str | StorageSpec, *, storage_options: Mapping[str, Any] | None = None) -> StorageSpec:
