@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
+from checkpoint.chunk_reader import ChunkReader
 from checkpoint.dtypes import dtype_from_name
 from checkpoint.hf_source import INDEX_FILE, SINGLE_FILE
-from checkpoint.load import _ChunkReader, read_metadata
+from checkpoint.load import read_metadata
 from planners.boxes import full_box
 from planners.errors import CheckpointExistsError, InvalidCheckpointError
 from planners.load_plan import LoadTarget
@@ -160,7 +161,7 @@ def _export(
     groups = plan_files([e.nbytes for e in entries], max_bytes)
     names = _file_names(len(groups))
     _clear_output(target, overwrite=overwrite)
-    reader = _ChunkReader(source, metadata, verify=True, io_threads=_READ_THREADS)
+    reader = ChunkReader(source, metadata, verify=True, io_threads=_READ_THREADS)
     total = sum(e.nbytes for e in entries)
     tick = (lambda n: progress(n, total)) if progress is not None else None
     for name, group in zip(names, groups):
@@ -233,7 +234,7 @@ def _write_file(
     target: CheckpointStorage,
     name: str,
     entries: list[_Entry],
-    reader: _ChunkReader,
+    reader: ChunkReader,
     progress: Callable[[int], None] | None,
 ) -> None:
     """One output file: the header (every size is known), then each tensor as it is read."""
@@ -251,7 +252,7 @@ def _write_file(
                 progress(entry.nbytes)
 
 
-def _read_whole(reader: _ChunkReader, entry: _Entry) -> torch.Tensor:
+def _read_whole(reader: ChunkReader, entry: _Entry) -> torch.Tensor:
     """All chunks of one saved tensor, verified, as one plain CPU tensor."""
     record = entry.record
     dtype = dtype_from_name(record.dtype, where=reader.storage.url)

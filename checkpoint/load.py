@@ -10,27 +10,19 @@ sizes the metadata claims until the files are known to hold those bytes.
 
 from __future__ import annotations
 
-import bisect
 import logging
-import threading
 import time
-from collections import defaultdict
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from checkpoint.chunk_reader import ChunkReader
 from checkpoint.flatten import FlatStateDict, fill_target, flatten_state_dict
-from checkpoint.grid_load import GridResolver
 from checkpoint.hf_source import read_hf_metadata
 from checkpoint.load_values import ABSENT, SavedValues, rank_local_value
 from checkpoint.options import DEFAULT_MAX_METADATA_BYTES, LoadOptions  # noqa: F401 (re-exported)
-from planners.boxes import coalesce
-from planners.checksums import bad_blocks, block_span
 from planners.errors import (
     CheckpointError,
-    CorruptCheckpointError,
     IncompleteCheckpointError,
     InvalidCheckpointError,
     InvalidStateDictError,
@@ -40,17 +32,12 @@ from planners.errors import (
 from planners.load_plan import (
     LoadTarget,
     ReadItem,
-    build_index,
     check_compatible,
-    element_strides,
-    plan_tensor_reads,
 )
 from planners.metadata import (
     METADATA_FILE,
     SHARD_FILE_RE,
-    ChunkRecord,
     Metadata,
-    TensorRecord,
 )
 from planners.metadata_parse import parse_metadata
 from storage.backend import CheckpointStorage
@@ -58,8 +45,6 @@ from storage.backend import CheckpointStorage
 logger = logging.getLogger(__name__)
 
 # Runs closer than this are fetched in one request: a few wasted bytes cost
-# less than another round trip.
-COALESCE_GAP_BYTES = 64 * 1024
 # Keys named in a missing-keys error before "and N more".
 _MAX_KEYS_SHOWN = 20
 
@@ -97,7 +82,7 @@ def load_checkpoint(
     """Load into `target` (or, when None, the whole checkpoint); returns it and the missing keys."""
     start = time.perf_counter()
     metadata, verify = _read_source(storage, options)
-    reader = _ChunkReader(storage, metadata, verify=verify, io_threads=options.io_threads)
+    reader = ChunkReader(storage, metadata, verify=verify, io_threads=options.io_threads)
     if target is None:
         result, missing = (
             _load_everything(metadata, reader, rank=rank, world_size=world_size, options=options),
@@ -138,7 +123,7 @@ def _read_source(storage: CheckpointStorage, options: LoadOptions) -> tuple[Meta
 
 
 def _load_into(
-    target: Any, metadata: Metadata, reader: _ChunkReader, *, rank: int, world_size: int, options: LoadOptions
+    target: Any, metadata: Metadata, reader: ChunkReader, *, rank: int, world_size: int, options: LoadOptions
 ) -> tuple[Any, list[str]]:
     """Plan every read the target needs, refuse a strict load with missing keys, then read and fill."""
     flat = flatten_state_dict(target, for_load=True)
@@ -166,7 +151,7 @@ def _load_into(
 
 
 def _plan_tensors(
-    flat: FlatStateDict, metadata: Metadata, reader: _ChunkReader
+    flat: FlatStateDict, metadata: Metadata, reader: ChunkReader
 ) -> tuple[list[tuple[ReadItem, torch.Tensor]], list[str]]:
     """The reads that fill the target's tensors, and the tensor keys the checkpoint lacks."""
     where = reader.storage.url
@@ -206,155 +191,10 @@ def _missing_keys_error(where: str, missing: list[str]) -> MissingKeysError:
 
 
 def _load_everything(
-    metadata: Metadata, reader: _ChunkReader, *, rank: int, world_size: int, options: LoadOptions
+    metadata: Metadata, reader: ChunkReader, *, rank: int, world_size: int, options: LoadOptions
 ) -> Any:
     jobs: list[tuple[ReadItem, torch.Tensor]] = []
     saved = SavedValues(metadata, reader, jobs, options)
     result = saved.subtree(metadata.structure)
     reader.run(jobs)
     return saved.placed(result)
-
-
-class _ChunkReader:
-    """Plans and runs the byte-range reads of one load."""
-
-    def __init__(
-        self, storage: CheckpointStorage, metadata: Metadata, *, verify: bool, io_threads: int
-    ) -> None:
-        self.storage = storage
-        self.metadata = metadata
-        self.verify = verify
-        self.io_threads = io_threads
-        self.bytes_read = 0
-        self._lock = threading.Lock()
-        self._indexes: dict[int, Any] = {}
-        self._sizes: dict[str, int] = {}
-        self._grids: GridResolver | None = None
-
-    def require_bytes(self, fqn: str, chunk: ChunkRecord) -> None:
-        """Refuse a chunk its file is too short to hold, before anything is allocated for it.
-
-        The metadata's sizes are only claims; checking them against the real
-        file keeps a forged shape from sizing an allocation.
-        """
-        size = self._sizes.get(chunk.file)
-        if size is None:
-            try:
-                size = self._sizes[chunk.file] = self.storage.size(chunk.file)
-            except FileNotFoundError:
-                raise _missing_file(self.storage.url, chunk.file, fqn) from None
-        if chunk.offset_bytes + chunk.nbytes > size:
-            raise InvalidCheckpointError(
-                f"{self.storage.url}: file {chunk.file}, key {fqn!r}: chunk bytes [{chunk.offset_bytes}, "
-                f"{chunk.offset_bytes + chunk.nbytes}) lie outside the file of {size} bytes; the file is truncated"
-            )
-
-    def plan(self, target: LoadTarget, record: TensorRecord) -> list[ReadItem]:
-        if target.fqn in self.metadata.grids:  # format version 2: locate the chunks this box needs
-            if self._grids is None:
-                self._grids = GridResolver(self.storage, self.metadata)
-            record = self._grids.record(target.fqn, target.box)
-        index = self._indexes.get(id(record))
-        if index is None:
-            index = self._indexes[id(record)] = (record, build_index(record))
-        block = self.metadata.checksum_block_bytes if self.verify else None
-        return plan_tensor_reads(target, record, index[1], block_bytes=block)
-
-    def run(self, jobs: Sequence[tuple[ReadItem, torch.Tensor]]) -> None:
-        by_file: dict[str, list[tuple[ReadItem, torch.Tensor]]] = defaultdict(list)
-        for item, dest in jobs:
-            by_file[item.chunk.file].append((item, dest))
-        if self.io_threads > 1 and len(by_file) > 1:
-            with ThreadPoolExecutor(
-                max_workers=min(self.io_threads, len(by_file)), thread_name_prefix="shardsafe-read"
-            ) as pool:
-                list(pool.map(self._run_file, by_file.items()))
-        else:
-            for entry in by_file.items():
-                self._run_file(entry)
-
-    def _run_file(self, entry: tuple[str, list[tuple[ReadItem, torch.Tensor]]]) -> None:
-        name, jobs = entry
-        wanted = [(item.chunk.offset_bytes + s, n) for item, _ in jobs for s, n in item.runs]
-        merged = coalesce(wanted, max_gap=COALESCE_GAP_BYTES)
-        try:
-            buffers = self.storage.read_ranges(name, merged)
-        except FileNotFoundError:
-            raise _missing_file(self.storage.url, name, jobs[0][0].fqn) from None
-        with self._lock:  # files are read on several threads
-            self.bytes_read += sum(n for _, n in merged)
-        starts = [s for s, _ in merged]
-        verified: set[tuple[int, int]] = set()
-        pieces = [
-            [
-                (run, self._slice(merged, starts, buffers, item.chunk.offset_bytes + run[0], run[1]))
-                for run in item.runs
-            ]
-            for item, _ in jobs
-        ]
-        if self.verify:  # every block of the file first: a corrupt file contributes nothing to the target
-            for (item, _), item_pieces in zip(jobs, pieces, strict=True):
-                self._check(name, item, item_pieces, verified)
-        for (item, dest), item_pieces in zip(jobs, pieces, strict=True):
-            _copy_region(item, _span_bytes(item, item_pieces), dest)
-
-    @staticmethod
-    def _slice(
-        merged: list[tuple[int, int]], starts: list[int], buffers: list[memoryview], offset: int, n: int
-    ) -> memoryview:
-        i = bisect.bisect_right(starts, offset) - 1
-        base = merged[i][0]
-        return buffers[i][offset - base : offset - base + n]
-
-    def _check(self, name: str, item: ReadItem, pieces: list, verified: set[tuple[int, int]]) -> None:
-        block = self.metadata.checksum_block_bytes
-        chunk = item.chunk
-
-        # `verified` holds (chunk offset, block start byte) of the blocks an earlier read of this file checked.
-        def checked(index: int) -> bool:
-            return (chunk.offset_bytes, index * block) in verified
-
-        for (start, n), data in pieces:
-            bad = bad_blocks(data, chunk.checksums, block, first_block=start // block, skip=checked)
-            if bad:
-                # Neither checksum is shown: the computed one would describe bytes that may not
-                # belong to the checkpoint at all.
-                lo, hi = block_span(bad[0], block, offset_bytes=chunk.offset_bytes, nbytes=chunk.nbytes)
-                raise CorruptCheckpointError(
-                    f"{self.storage.url}: file {name}, key {item.fqn!r}: checksum mismatch in block "
-                    f"{bad[0]} (bytes [{lo}, {hi})); the file is corrupt"
-                )
-            verified.update((chunk.offset_bytes, b) for b in range(start, start + n, block))
-
-
-def _missing_file(url: str, name: str, fqn: str) -> IncompleteCheckpointError:
-    return IncompleteCheckpointError(
-        f"{url}: shard file {name} (key {fqn!r}) listed in the metadata is missing; the checkpoint is damaged"
-    )
-
-
-def _span_bytes(item: ReadItem, pieces: list[tuple[tuple[int, int], memoryview]]) -> memoryview:
-    """The bytes from the region's first to its last element, without a copy when one run holds them."""
-    first, end = item.span
-    for (start, n), data in pieces:
-        if start <= first and end <= start + n:
-            return data[first - start : end - start]
-    out = bytearray(end - first)
-    for (start, n), data in pieces:
-        lo, hi = max(start, first), min(start + n, end)
-        if lo < hi:
-            out[lo - first : hi - first] = data[lo - start : hi - start]
-    return memoryview(out)
-
-
-def _copy_region(item: ReadItem, span: memoryview, dest: torch.Tensor) -> None:
-    """Copy the region (viewed in place inside `span`) into its box of `dest`."""
-    src = (
-        torch.frombuffer(span, dtype=torch.uint8).view(item.dtype)
-        if len(span)
-        else torch.empty(0, dtype=item.dtype)
-    )
-    src = src.as_strided(item.region.sizes, element_strides(item.chunk.box.sizes), 0)
-    index = tuple(slice(o, o + n) for o, n in zip(item.dest.offsets, item.dest.sizes))
-    with torch.no_grad():  # targets may be parameters that require grad; loading is not part of the graph
-        dest[index].copy_(src)

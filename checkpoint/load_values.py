@@ -26,7 +26,8 @@ from planners.select import ABSENT, index_structure, locate, pick
 from planners.values import decode_value
 
 if TYPE_CHECKING:
-    from checkpoint.load import LoadOptions, _ChunkReader
+    from checkpoint.chunk_reader import ChunkReader
+    from checkpoint.load import LoadOptions
 
 Jobs = list[tuple[ReadItem, torch.Tensor]]
 
@@ -43,7 +44,7 @@ class SavedValues:
     def __init__(
         self,
         metadata: Metadata,
-        reader: _ChunkReader,
+        reader: ChunkReader,
         jobs: Jobs,
         options: LoadOptions,
     ) -> None:
@@ -138,7 +139,7 @@ def _placer(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def rank_local_value(
-    record: Any, rank: int, current: Any, reader: _ChunkReader, jobs: list, fqn: str, options: LoadOptions
+    record: Any, rank: int, current: Any, reader: ChunkReader, jobs: list, fqn: str, options: LoadOptions
 ) -> Any:
     entry = record.tensors[rank]
     if entry is None:

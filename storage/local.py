@@ -27,7 +27,7 @@ import contextlib
 import os
 import secrets
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO, cast
 
 import torch
@@ -249,9 +249,37 @@ class LocalStorage:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def reading(self, name: str) -> Iterator[Callable[[int, memoryview], None]]:
+        """Read parts of file `name` straight into the caller's buffers, the file opened and checked once.
+
+        Yields `read_into(offset, out)`, which fills all of `out` with the bytes from `offset`, so a
+        load can land bytes in its target tensors without an intermediate buffer (a capability of
+        local disk only; loads use `read_ranges` elsewhere).
+
+        Raises:
+            FileNotFoundError / InvalidCheckpointError: as `read_ranges` (no link, a regular file).
+            CorruptCheckpointError (from `read_into`): the file ended first: truncated during the load.
+        """
+        fd, size = self._open_read(name)
+        try:
+            yield lambda offset, out: self._pread_into(fd, name, offset, out, size)
+        finally:
+            os.close(fd)
+
     def _pread(self, fd: int, name: str, offset: int, n: int) -> memoryview:
         # torch.empty: an uninitialised, writable buffer (a bytearray would be zero-filled first).
         buffer = memoryview(torch.empty(n, dtype=torch.uint8).numpy())
+        self._pread_into(fd, name, offset, buffer, offset + n)
+        return buffer
+
+    def _pread_into(self, fd: int, name: str, offset: int, buffer: memoryview, size: int) -> None:
+        n = len(buffer)
+        if offset < 0 or offset + n > size:
+            raise InvalidCheckpointError(
+                f"{self._path(name)}: bytes [{offset}, {offset + n}) lie outside the file of {size} bytes; "
+                "the file is truncated"
+            )
         done = 0
         while done < n:
             got = os.preadv(fd, [buffer[done : done + _MAX_READ_BYTES]], offset + done)
@@ -261,7 +289,6 @@ class LocalStorage:
                     f"[{offset}, {offset + n}) were read; it was truncated during the load"
                 )
             done += got
-        return buffer
 
     def size(self, name: str) -> int:
         fd, size = self._open_read(name)  # the same rules as a read: no link, a regular file

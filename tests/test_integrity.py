@@ -22,9 +22,10 @@ import torch
 from safetensors import safe_open
 
 import checkpoint
+from checkpoint.chunk_reader import ChunkReader
 from checkpoint.collectives import SingleRankExchange
 from checkpoint.flatten import flatten_state_dict
-from checkpoint.load import _ChunkReader, read_metadata
+from checkpoint.load import read_metadata
 from checkpoint.save import PlanCache, describe_local, prepare_save
 from checkpoint.verify import EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_PROBLEMS, main
 from planners.boxes import Box
@@ -159,7 +160,7 @@ def test_partial_read_verifies_the_blocks_it_reads(saved):
 
     def read() -> torch.Tensor:
         dest = torch.zeros(1000)
-        reader = _ChunkReader(storage, metadata, verify=True, io_threads=1)
+        reader = ChunkReader(storage, metadata, verify=True, io_threads=1)
         reader.run([(item, dest) for item in reader.plan(target, metadata.tensors["a"])])
         assert reader.bytes_read == A_NUMEL * 4 - CHECKSUM_BLOCK_BYTES  # exactly the second block
         return dest

@@ -299,3 +299,48 @@ def test_a_shard_truncated_during_the_load_is_corrupt_not_fatal(tmp_path):
     with pytest.raises(CorruptCheckpointError, match=f"{shard}: the file ended at byte \\d+ while bytes"):
         load_checkpoint(storage, None, rank=0, world_size=1, options=LoadOptions())
     assert storage.opened == [METADATA_FILE, shard, shard]
+
+
+# ---- reads straight into the target ----------------------------------------------------------
+
+
+class _ChangedAfterVerification(LocalStorage):
+    """Real local storage; another writer flips a byte of a shard after the load checked it, before the copy.
+
+    A region that lands in its target directly is read twice: once through a scratch buffer to check every
+    block before anything of the file reaches a target, then into the target, checked again window by window.
+    """
+
+    def __init__(self, root: str, shard: str, at: int) -> None:
+        super().__init__(root)
+        self.shard, self.at, self.reads = shard, at, 0
+
+    def _pread_into(self, fd: int, name: str, offset: int, buffer: memoryview, size: int) -> None:
+        if (
+            name == self.shard and self.reads == 1
+        ):  # the check read the region; the read into the target is next
+            with open(self._path(name), "r+b") as f:
+                f.seek(self.at)
+                byte = f.read(1)
+                f.seek(self.at)
+                f.write(bytes([byte[0] ^ 0x10]))
+        self.reads += name == self.shard
+        super()._pread_into(fd, name, offset, buffer, size)
+
+
+def test_direct_reads_land_exact_values_and_recheck_bytes_changed_after_the_check(tmp_path):
+    path = str(tmp_path / "ckpt")
+    w = torch.arange(1 << 16, dtype=torch.float32)  # 256 KiB: one read window, one checksum block
+    checkpoint.make_sync_checkpointer().save({"w": w, "b": torch.arange(7, dtype=torch.bfloat16)}, path)
+    shard = _shard(path)
+    target = {"w": torch.zeros_like(w), "b": torch.zeros(7, dtype=torch.bfloat16)}
+    loaded, _ = load_checkpoint(LocalStorage(path), target, rank=0, world_size=1, options=LoadOptions())
+    assert torch.equal(loaded["w"], w) and torch.equal(loaded["b"], torch.arange(7, dtype=torch.bfloat16))
+
+    doc = json.loads(read_file(path, METADATA_FILE))
+    (chunk,) = doc["tensors"]["w"]["chunks"]
+    storage = _ChangedAfterVerification(path, shard, chunk["offset_bytes"] + 4 * 1000)
+    target = {"w": torch.zeros_like(w)}
+    with pytest.raises(CorruptCheckpointError, match=f"file {shard}, key 'w': checksum mismatch in block 0"):
+        load_checkpoint(storage, target, rank=0, world_size=1, options=LoadOptions())
+    assert storage.reads == 2  # checked through the scratch buffer, then read into the target and refused
