@@ -1,11 +1,13 @@
-"""What reading with `pread` instead of a memory map costs a warm local load.
+"""What the local read paths cost a warm load: memory map, `pread` buffers, and direct reads.
 
-LocalStorage reads byte ranges with `preadv` into private buffers, so a shard
-truncated during a load is reported as corruption instead of killing the
-process with SIGBUS (a memory map's failure mode). This compares it with a
-memory-mapped reader (the previous implementation, kept here only as the
-baseline) on a warm 256 MiB single-file checkpoint, loaded in place into a
-preallocated target.
+LocalStorage reads with `preadv`, so a shard truncated during a load is
+reported as corruption instead of killing the process with SIGBUS (a memory
+map's failure mode). Whole regions are read straight into their targets
+(`checkpoint/direct_read.py`); other regions go through private buffers. This
+compares three readers on a warm 256 MiB single-file checkpoint, loaded in
+place into a preallocated target: a memory-mapped reader (the first
+implementation, kept here only as a baseline), `pread` into buffers for every
+region (the second), and the current LocalStorage (direct reads).
 
     PYTHONPATH=$PWD python -m benchmarks.read_path_bench [--mib 256] [--repeats 5]
 """
@@ -41,6 +43,14 @@ class MappedLocalStorage(LocalStorage):
             os.close(fd)
         return [memoryview(m)[o : o + n] if m is not None else memoryview(b"") for o, n in ranges]
 
+    reading = None  # no direct reads: every region comes from the map
+
+
+class BufferedLocalStorage(LocalStorage):
+    """`pread` into a fresh buffer for every region, then a copy into the target."""
+
+    reading = None
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -54,7 +64,11 @@ def main() -> None:
         checkpoint.make_sync_checkpointer().save(state, path)
         target = {k: torch.empty_like(v) for k, v in state.items()}
         for verify in (True, False):
-            for label, storage_type in (("mmap", MappedLocalStorage), ("pread", LocalStorage)):
+            for label, storage_type in (
+                ("mmap", MappedLocalStorage),
+                ("pread buffers", BufferedLocalStorage),
+                ("direct", LocalStorage),
+            ):
                 seconds = []
                 for _ in range(args.repeats):
                     start = time.perf_counter()

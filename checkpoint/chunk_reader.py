@@ -136,7 +136,7 @@ class ChunkReader:
         self, jobs: list[tuple[ReadItem, torch.Tensor]]
     ) -> tuple[list[tuple[ReadItem, memoryview]], list[tuple[ReadItem, torch.Tensor]]]:
         """The regions read straight into their targets (`checkpoint.direct_read`), and the others."""
-        if not hasattr(self.storage, "reading"):  # only local disk reads into caller buffers
+        if not callable(getattr(self.storage, "reading", None)):  # only local disk reads into caller buffers
             return [], jobs
         direct, buffered = [], []
         for item, dest in jobs:
