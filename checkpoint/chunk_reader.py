@@ -176,19 +176,17 @@ class ChunkReader:
         if not direct:
             yield None
             return
-        try:
-            context = self.storage.reading(name)  # type: ignore[attr-defined]
-            read_into = context.__enter__()
-        except FileNotFoundError:
-            raise _missing_file(self.storage.url, name, direct[0][0].fqn) from None
         with contextlib.ExitStack() as stack:
-            stack.push(context)
+            try:
+                read_into = stack.enter_context(self.storage.reading(name))  # type: ignore[attr-defined]
+            except FileNotFoundError:
+                raise _missing_file(self.storage.url, name, direct[0][0].fqn) from None
             yield read_into
 
     def _check_direct(
         self, name: str, direct: list[tuple[ReadItem, memoryview]], read_into: ReadInto | None
     ) -> None:
-        if not direct or read_into is None:
+        if read_into is None:  # nothing to read directly
             return
         block = self.metadata.checksum_block_bytes
         scratch = scratch_buffer(direct, block)

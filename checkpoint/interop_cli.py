@@ -92,7 +92,7 @@ def export_hf_command(
     """
     ui = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
-    with exit_on_errors(ui), _usage_errors(), _progress(ui, "export") as tick:
+    with _conversion(ui, "export") as tick:
         result = export_hf(
             path,
             out,
@@ -151,7 +151,7 @@ def import_dcp_command(
     """
     ui = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
-    with exit_on_errors(ui), _usage_errors(), _progress(ui, "import") as tick:
+    with _conversion(ui, "import") as tick:
         result = import_dcp(
             dcp_dir,
             out,
@@ -170,6 +170,13 @@ def import_dcp_command(
     }
     line = f"imported {result.tensors} tensors ({result.total_bytes} bytes) and {result.values} values into {out}"
     _report(ui, doc, line, as_json=as_json)
+
+
+@contextmanager
+def _conversion(ui: Output, what: str) -> Iterator[Callable[[int, int], None] | None]:
+    """Run one conversion command: its errors become exit codes, and its bytes advance a progress bar."""
+    with exit_on_errors(ui), _usage_errors(), _progress(ui, what) as tick:
+        yield tick
 
 
 @contextmanager

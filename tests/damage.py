@@ -35,3 +35,10 @@ def bit_flips(data: bytes) -> Iterator[tuple[int, bytes]]:
         flipped = bytearray(data)
         flipped[bit // 8] ^= 1 << (bit % 8)
         yield bit, bytes(flipped)
+
+
+def flipped_in_place(path: str, name: str, data: bytes) -> Iterator[int]:
+    """Write each single-bit variant of `data` over file `name` of the checkpoint at `path`; yield the bit."""
+    for bit, flipped in bit_flips(data):
+        put_file(path, name, flipped)
+        yield bit

@@ -120,6 +120,11 @@ def _run_case(
     assert seconds < FAIL_WITHIN_SECS, f"{fault} on {target.backend}: took {seconds:.1f}s"
 
 
+def _failing_save(options: dict, url: str) -> Callable[[], tuple[BaseException | None, int | None]]:
+    """The fault injection of a case whose storage fails: version 2 saved through `options`, expected to fail."""
+    return lambda: (_expect_failure(lambda: _sync(options).save(_state(2), url, overwrite=True)), None)
+
+
 def _expect_failure(save: Callable[[], Any]) -> BaseException:
     try:
         save()
@@ -376,7 +381,7 @@ def test_s3_bucket_full(s3: Target) -> None:
     _run_case(
         s3,
         "disk full mid-file",
-        lambda: (_expect_failure(lambda: _sync(options).save(_state(2), url, overwrite=True)), None),
+        _failing_save(options, url),
     )
 
 
@@ -394,7 +399,7 @@ def test_eio_from_storage(backend: str, request: pytest.FixtureRequest) -> None:
     _run_case(
         target,
         "EIO from storage",
-        lambda: (_expect_failure(lambda: _sync(options).save(_state(2), url, overwrite=True)), None),
+        _failing_save(options, url),
     )
 
 
@@ -403,9 +408,7 @@ def test_s3_multipart_interrupted(s3: Target, kind: str) -> None:
     options = {**s3.plain_options, "inject": {"upload_part": [kind] * 20}, "tag": uuid.uuid4().hex}
     url = f"is3://{s3.plain.removeprefix('s3://')}"
     name = "connection reset mid-multipart" if kind == "reset" else "503 SlowDown mid-multipart"
-    _run_case(
-        s3, name, lambda: (_expect_failure(lambda: _sync(options).save(_state(2), url, overwrite=True)), None)
-    )
+    _run_case(s3, name, _failing_save(options, url))
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])

@@ -22,7 +22,7 @@ import checkpoint
 from planners.errors import InvalidCheckpointError
 from planners.grid import CHECKSUM_ENTRY
 from planners.metadata import METADATA_FILE
-from tests.damage import bit_flips, private_copy, put_file, read_file
+from tests.damage import flipped_in_place, private_copy, read_file
 from tests.golden.make_golden import GOLDEN_DIR, two_rank_global
 
 GOLDEN = os.path.join(GOLDEN_DIR, "v2", "two_rank")
@@ -64,8 +64,7 @@ def test_every_metadata_bit_flip_of_a_grid_checkpoint_blames_the_metadata(work):
     raw = read_file(GOLDEN, METADATA_FILE)
     ckpt = checkpoint.make_sync_checkpointer()
     refused = 0
-    for bit, flipped in bit_flips(raw):
-        put_file(work, METADATA_FILE, flipped)
+    for bit in flipped_in_place(work, METADATA_FILE, raw):
         try:
             _assert_exact(ckpt.load(work))
         except InvalidCheckpointError as e:
@@ -84,8 +83,7 @@ def test_every_shard_bit_flip_of_a_grid_checkpoint_blames_that_shard(work, index
     raw = read_file(GOLDEN, shard)
     ckpt = checkpoint.make_sync_checkpointer()
     refused = 0
-    for bit, flipped in bit_flips(raw):
-        put_file(work, shard, flipped)
+    for bit in flipped_in_place(work, shard, raw):
         try:
             _assert_exact(ckpt.load(work))
         except InvalidCheckpointError as e:

@@ -24,7 +24,7 @@ from planners.digest import seal
 from planners.errors import CorruptCheckpointError, InvalidCheckpointError
 from planners.metadata import METADATA_FILE
 from storage.local import LocalStorage
-from tests.damage import bit_flips, private_copy, put_file, read_file
+from tests.damage import flipped_in_place, private_copy, put_file, read_file
 
 STEP, LR = 1234, 0.0003
 
@@ -81,8 +81,7 @@ def test_every_metadata_bit_flip_is_refused_blaming_the_metadata(original, work)
     raw, shard = read_file(original, METADATA_FILE), _shard(original)
     ckpt = checkpoint.make_sync_checkpointer()
     refused = 0
-    for bit, flipped in bit_flips(raw):
-        put_file(work, METADATA_FILE, flipped)
+    for bit in flipped_in_place(work, METADATA_FILE, raw):
         try:
             loaded = ckpt.load(work)
         except InvalidCheckpointError as e:
@@ -113,8 +112,7 @@ def test_every_shard_bit_flip_is_refused_blaming_the_shard(original, work):
     shard = _shard(original)
     raw = read_file(original, shard)
     ckpt = checkpoint.make_sync_checkpointer()
-    for bit, flipped in bit_flips(raw):
-        put_file(work, shard, flipped)
+    for bit in flipped_in_place(work, shard, raw):
         try:
             _assert_exact(ckpt.load(work))
         except InvalidCheckpointError as e:
