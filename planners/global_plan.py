@@ -44,7 +44,7 @@ class Mesh:
     """A device mesh as plain data: its shape and the global rank at each position (row-major)."""
 
     shape: tuple[int, ...]
-    ranks: tuple[int, ...]
+    ranks: tuple[int, ...] | range  # a range when parsed from first_rank/rank_step (planners.grid)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -47,6 +47,14 @@ from planners.placement import (
 CHECKSUM_ENTRY = "__shardsafe_crc32c__"
 # More mesh positions than this along the dims sharding one tensor dim is a hostile file.
 MAX_CUTS_PER_DIM = 1 << 20
+# Bound on `_placement_steps` of one dim cut by strided shards (a few us per step; cached per
+# distinct dim length and chain): FSDP over 4096 ranks of a TP-8 tensor takes about 3e5 steps
+# (about a second); split 2**20 on 1024 ranks (2**30 steps, minutes) is a hostile file.
+MAX_STRIDED_STEPS = 1 << 19
+# Ranks in one mesh: ten times the largest jobs run today (about 100k accelerators). A mesh is kept
+# as a `range` when its ranks are an arithmetic run, so this bounds only the explicit rank lists
+# and the per-mesh work (positions, replica groups), not what a 900-byte file can make us expand.
+MAX_MESH_RANKS = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +86,8 @@ def placement_json(p: Placement) -> list[Any]:
 def mesh_json(m: Mesh) -> dict[str, Any]:
     """A mesh; a rank list that is an arithmetic run is stored as its start and step."""
     r = m.ranks
+    if isinstance(r, range):
+        return {"shape": list(m.shape), "first_rank": r.start, "rank_step": r.step}
     step = r[1] - r[0] if len(r) > 1 else 1
     if step > 0 and all(b - a == step for a, b in zip(r, r[1:])):
         return {"shape": list(m.shape), "first_rank": r[0], "rank_step": step}
@@ -97,6 +107,9 @@ def _cuts(
         raise ValueError(f"{math.prod(sizes)} pieces along one dim")
     if all(type(p) is Shard for p, _ in chain):
         return tuple(sorted(_nested_shards(0, length, sizes)))
+    steps = _placement_steps(chain)
+    if steps > MAX_STRIDED_STEPS:
+        raise ValueError(f"{steps} placement steps (mesh positions x strided splits) along one dim")
     one_d = tuple(
         StridedShard(dim=0, split_factor=p.split_factor) if isinstance(p, StridedShard) else Shard(dim=0)
         for p, _ in chain
@@ -104,6 +117,19 @@ def _cuts(
     out: list[tuple[int, int, tuple[int, ...]]] = []
     _walk_chain([(0, length)] if length else [], one_d, sizes, (), out)
     return tuple(sorted(out))
+
+
+def _placement_steps(chain: tuple[tuple[Placement, int], ...]) -> int:
+    """An upper bound on the interval steps of `_walk_chain`, found before any walk: each level
+    visits every position of the levels so far, cutting each of its (at most `intervals`) held
+    intervals into the level's split pieces."""
+    steps, positions, intervals = 0, 1, 1
+    for p, n in chain:
+        split = p.split_factor if isinstance(p, StridedShard) else 1
+        positions *= n
+        steps += positions * split * intervals
+        intervals *= split
+    return steps
 
 
 def _walk_chain(
@@ -160,8 +186,11 @@ class GridIndex:
 
     def position(self, mesh: int, rank: int) -> int | None:
         """Where `rank` sits in mesh `mesh` (None: not in it); one dict per mesh, built once."""
+        ranks = self.meshes[mesh].ranks
+        if isinstance(ranks, range):  # arithmetic: no table for a mesh kept as a range
+            return ranks.index(rank) if rank in ranks else None
         if mesh not in self._positions:
-            self._positions[mesh] = {r: i for i, r in enumerate(self.meshes[mesh].ranks)}
+            self._positions[mesh] = {r: i for i, r in enumerate(ranks)}
         return self._positions[mesh].get(rank)
 
     def layout(self, g: GridRecord) -> Layout:
@@ -180,6 +209,16 @@ class GridIndex:
             cuts = _cuts(g.shape[d], chain)
             self._cut_cache[key] = ([c[0] for c in cuts], cuts)
         return self._cut_cache[key]
+
+    def chunk_stats(self, fqn: str) -> tuple[int, int]:
+        """(saved chunks, elements) of `fqn`, from its cuts alone: no cell is enumerated."""
+        g = self.grids[fqn]
+        count = numel = 1
+        for d in range(len(g.shape)):
+            cuts = self._dim_cuts(g, d)[1]
+            count *= len(cuts)
+            numel *= sum(stop - start for start, stop, _ in cuts)
+        return (count, numel) if count else (0, 0)
 
     def cells(self, fqn: str, query: Box) -> list[Cell]:
         """The saved chunks of `fqn` that overlap `query`, each with its writer rank."""
@@ -249,7 +288,11 @@ def _coordinate(pos: int, mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def parse_meshes(raw: Any, *, world_size: int, fail: Any) -> tuple[Mesh, ...]:
-    """Validate the untrusted `meshes` list; `fail(problem)` raises."""
+    """Validate the untrusted `meshes` list; `fail(problem)` raises.
+
+    A mesh given by `first_rank`/`rank_step` stays a `range` (bounds checked arithmetically);
+    an explicit list must be distinct ranks. Either way at most `MAX_MESH_RANKS` ranks.
+    """
     if raw is None:
         return ()
     if not isinstance(raw, list) or len(raw) > MAX_CUTS_PER_DIM:
@@ -264,17 +307,29 @@ def parse_meshes(raw: Any, *, world_size: int, fail: Any) -> tuple[Mesh, ...]:
         ):
             fail(f"meshes[{i}].shape must list 1 to 16 sizes in [1, {world_size}]")
         n = math.prod(shape)
-        if "ranks" in m:
-            ranks = m["ranks"]
-            ok = isinstance(ranks, list) and len(ranks) == n and all(type(r) is int for r in ranks)
-        else:
-            first, step = m.get("first_rank"), m.get("rank_step")
-            ok = type(first) is int and type(step) is int and step >= 1 and n <= world_size
-            ranks = list(range(first, first + n * step, step)) if ok else []
-        if not ok or len(set(ranks)) != n or not all(0 <= r < world_size for r in ranks):
+        if n > min(world_size, MAX_MESH_RANKS):
+            limit = "the world size" if n > world_size else "the most a mesh may have"
+            fail(f"meshes[{i}] has {n} ranks, more than {min(world_size, MAX_MESH_RANKS)} ({limit})")
+        ranks = _mesh_ranks(m, n, world_size)
+        if ranks is None:
             fail(f"meshes[{i}] must list {n} distinct ranks in [0, {world_size})")
-        out.append(Mesh(shape=tuple(shape), ranks=tuple(ranks)))
+        out.append(Mesh(shape=tuple(shape), ranks=ranks))
     return tuple(out)
+
+
+def _mesh_ranks(m: dict, n: int, world_size: int) -> tuple[int, ...] | range | None:
+    """The `n` ranks of mesh record `m` (None: malformed, repeated or outside the world)."""
+    if "ranks" in m:
+        ranks = m["ranks"]
+        if not (isinstance(ranks, list) and len(ranks) == n and all(type(r) is int for r in ranks)):
+            return None
+        ok = len(set(ranks)) == n and all(0 <= r < world_size for r in ranks)
+        return tuple(ranks) if ok else None
+    first, step = m.get("first_rank"), m.get("rank_step")
+    if type(first) is not int or type(step) is not int or step < 1:
+        return None
+    ranks = range(first, first + n * step, step)
+    return ranks if first >= 0 and ranks[-1] < world_size else None
 
 
 def _placement(raw: Any, ndim: int) -> Placement | None:
@@ -321,6 +376,29 @@ def parse_grid(
     except ValueError as e:
         fail(f"key {key!r}: grid does not cut the tensor into boxes: {e}")
     return record
+
+
+def unwritten_chunks_problem(index: GridIndex, file_ranks: set[int]) -> str | None:
+    """A grid key with more saved chunks than its mesh has ranks owning a listed file, or None.
+
+    Each rank holds one chunk of a DTensor, so a key of N non-empty chunks has N distinct writers,
+    each of which must own a shard file. Checked arithmetically (chunk counts from the cuts, file
+    owners counted per mesh), so a small file claiming millions of cells fails here, at parse time,
+    instead of after the cells are enumerated and their headers looked for.
+    """
+    owners: dict[int, int] = {}
+    for fqn, g in index.grids.items():
+        if g.mesh not in owners:
+            ranks = index.meshes[g.mesh].ranks
+            members = ranks if isinstance(ranks, range) else frozenset(ranks)
+            owners[g.mesh] = sum(1 for r in file_ranks if r in members)
+        chunks, _ = index.chunk_stats(fqn)
+        if chunks > owners[g.mesh]:
+            return (
+                f"key {fqn!r} is saved as {chunks} chunks, each written by a different rank of its mesh, "
+                f"but only {owners[g.mesh]} rank(s) of that mesh own a listed shard file"
+            )
+    return None
 
 
 def grid_json(g: GridRecord) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from planners.dtypes import checked_name
 from planners.dtypes import itemsize as dtype_itemsize
 from planners.errors import InvalidCheckpointError
 from planners.global_plan import Mesh
-from planners.grid import GridIndex, GridRecord, parse_grid, parse_meshes
+from planners.grid import GridIndex, GridRecord, parse_grid, parse_meshes, unwritten_chunks_problem
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
     DIGEST_SINCE_VERSION,
@@ -58,6 +58,9 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
     meshes = parse_meshes(doc.get("meshes") if version >= 2 else None, world_size=v.world_size, fail=v.fail)
     grids: dict[str, GridRecord] = {}
     tensors = v.tensors(doc.get("tensors"), files, meshes, grids)
+    index = GridIndex(meshes=meshes, grids=grids, plain={}, world_size=v.world_size)
+    problem = unwritten_chunks_problem(index, {f.rank for f in files.values()})
+    v.check(problem is None, str(problem))
     rank_local = v.rank_locals(doc.get("rank_local"), files)
     problem = byte_overlap_problem(tensors, rank_local)
     v.check(problem is None, str(problem))
