@@ -30,6 +30,7 @@ from checkpoint.diff import diff_checkpoints
 from checkpoint.load import read_metadata
 from checkpoint.manager_steps import modified_at, scan_steps, step_dirs
 from checkpoint.verify import EXIT_OK, EXIT_PROBLEMS, verify
+from planners.dtypes import itemsize
 from planners.errors import InvalidCheckpointError, PickleNotAllowedError
 from planners.metadata import FORMAT_NAME, METADATA_FILE, Metadata
 from planners.values import decode_value
@@ -123,14 +124,9 @@ def inspect_document(url: str, m: Metadata, saved_at: dt.datetime | None, patter
     def wanted(key: str) -> bool:
         return pattern is None or fnmatch.fnmatchcase(key, pattern)
 
+    saved = _saved_chunks(m)
     tensors = [
-        {
-            "key": k,
-            "dtype": t.dtype,
-            "shape": list(t.shape),
-            "chunks": len(t.chunks),
-            "nbytes": sum(c.nbytes for c in t.chunks),
-        }
+        {"key": k, "dtype": t.dtype, "shape": list(t.shape), "chunks": saved[k][0], "nbytes": saved[k][1]}
         for k, t in sorted(m.tensors.items())
         if wanted(k)
     ]
@@ -152,6 +148,17 @@ def inspect_document(url: str, m: Metadata, saved_at: dt.datetime | None, patter
         "tensors": tensors,
         "values": sorted(values, key=lambda v: v["key"]),
     }
+
+
+def _saved_chunks(m: Metadata) -> dict[str, tuple[int, int]]:
+    """key -> (chunks saved, their bytes); a grid key's come from its cuts, as a load resolves them."""
+    out = {k: (len(t.chunks), sum(c.nbytes for c in t.chunks)) for k, t in m.tensors.items()}
+    if m.grids:
+        index = m.grid_index()
+        for k, g in m.grids.items():
+            count, numel = index.chunk_stats(k)
+            out[k] = (count, numel * itemsize(g.dtype))
+    return out
 
 
 def _shown_value(key: str, typed: Any) -> str:

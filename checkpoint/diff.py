@@ -1,13 +1,19 @@
 """Comparing two checkpoints without loading either: `diff_checkpoints(a, b)` (and `shardsafe diff`).
 
 Both checkpoints may be larger than memory and saved by different world sizes,
-so tensors are compared block by block: a block is a run of whole rows along
-the first dimension, at most `block_bytes` of float64 (the width the
-differences are computed in). Rows are contiguous inside every chunk whatever
-the saved sharding, because a block spans every other dimension completely:
-each chunk overlapping a block contributes one contiguous byte range, read
-alone, checked against its CRC-32C blocks and copied into place. Memory is
-therefore bounded by a few blocks, not by the tensor or the checkpoint.
+so tensors are compared block by block, each block at most `block_bytes` of
+float64 (the width the differences are computed in). A block is a box that
+is one contiguous run of the tensor in row-major order: it fixes a single
+index of every dim before some dim d, takes a range along d and spans every
+dim after d completely (`_blocks`). Cut that way, a wide row is split too,
+and each saved chunk the block overlaps contributes one contiguous byte
+range, so memory is bounded by a few blocks, not by a row, a chunk or the
+checkpoint.
+
+Each block is read as a load reads a box (`checkpoint.chunk_reader.ChunkReader`):
+the same plan, the same grid resolution for DTensor keys of format version 2
+(their chunks found in the writers' shard headers), the same checks of file
+sizes and CRC-32C blocks before any byte is compared.
 
 Non-tensor values are compared as their stored typed JSON (so nothing is
 unpickled); rank-local entries by their per-rank checksums and values.
@@ -15,23 +21,27 @@ unpickled); rank-local entries by their per-rank checksums and values.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import crc32c
 import torch
 
+from checkpoint.chunk_reader import ChunkReader
 from checkpoint.dtypes import dtype_from_name
 from checkpoint.load import read_metadata
-from planners.errors import CorruptCheckpointError
-from planners.metadata import ChunkRecord, Metadata, TensorRecord
+from planners.boxes import Box
+from planners.load_plan import LoadTarget
+from planners.metadata import Metadata
 from storage.backend import CheckpointStorage
 from storage.spec import StorageSpec, specs_for
 
 # Each block of a tensor, widened to float64 for the difference, stays under this.
 BLOCK_BYTES = 64 * 1024 * 1024
+# Files each side reads at the same time within one block.
+_READ_THREADS = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,6 +126,8 @@ def _diff(
 ) -> DiffReport:
     """`diff_checkpoints` once both storages are open: keys by kind first, then tensors and values."""
     ma, mb = read_metadata(sa), read_metadata(sb)
+    ra = ChunkReader(sa, ma, verify=True, io_threads=_READ_THREADS)
+    rb = ChunkReader(sb, mb, verify=True, io_threads=_READ_THREADS)
     kinds_a, kinds_b = _kinds(ma), _kinds(mb)
     both = sorted(kinds_a.keys() & kinds_b.keys())
     same = [k for k in both if kinds_a[k] == kinds_b[k]]
@@ -123,9 +135,7 @@ def _diff(
         only_in_a=tuple(sorted(kinds_a.keys() - kinds_b.keys())),
         only_in_b=tuple(sorted(kinds_b.keys() - kinds_a.keys())),
         changed=tuple(Changed(key=k, a=kinds_a[k], b=kinds_b[k]) for k in both if kinds_a[k] != kinds_b[k]),
-        tensors=tuple(
-            _compare_tensor(k, (sa, ma), (sb, mb), block_bytes, progress) for k in same if k in ma.tensors
-        ),
+        tensors=tuple(_compare_tensor(k, ra, rb, block_bytes, progress) for k in same if k in ma.tensors),
         values={k: _value_entry(ma, k) == _value_entry(mb, k) for k in same if k not in ma.tensors},
     )
 
@@ -150,27 +160,21 @@ def _value_entry(m: Metadata, key: str) -> Any:
 
 def _compare_tensor(
     key: str,
-    a: tuple[CheckpointStorage, Metadata],
-    b: tuple[CheckpointStorage, Metadata],
+    a: ChunkReader,
+    b: ChunkReader,
     block_bytes: int,
     progress: Callable[[int], None] | None,
 ) -> TensorComparison:
-    record = a[1].tensors[key]
+    record = a.metadata.tensors[key]
     dtype = dtype_from_name(record.dtype, where=key)
-    shape = tuple(record.shape)
-    rows = shape[0] if shape else 1
-    row_numel = math.prod(shape[1:]) if shape else 1
-    step = max(1, block_bytes // max(1, row_numel * 8))
     equal, worst = True, 0.0
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        xa = _read_rows(*a, key, dtype, r0, r1)
-        xb = _read_rows(*b, key, dtype, r0, r1)
+    for box in _blocks(tuple(record.shape), max(1, block_bytes // 8)):
+        xa, xb = _read_box(a, key, dtype, box), _read_box(b, key, dtype, box)
         if not torch.equal(xa.reshape(-1).view(torch.uint8), xb.reshape(-1).view(torch.uint8)):
             equal = False
             worst = max(worst, _max_abs_diff(xa, xb), key=lambda x: (math.isnan(x), x))
         if progress is not None:
-            progress((r1 - r0) * row_numel * dtype.itemsize)
+            progress(box.numel * dtype.itemsize)
     return TensorComparison(key=key, equal=equal, max_abs_diff=worst)
 
 
@@ -184,47 +188,38 @@ def _max_abs_diff(xa: torch.Tensor, xb: torch.Tensor) -> float:
     return float("nan") if bool(d.isnan().any()) else float(d.max())
 
 
-def _read_rows(
-    storage: CheckpointStorage, m: Metadata, key: str, dtype: torch.dtype, r0: int, r1: int
-) -> torch.Tensor:
-    """Rows [r0, r1) of a tensor (the whole of a 0-d one), assembled from the chunks that hold them."""
-    record: TensorRecord = m.tensors[key]
-    shape = tuple(record.shape)
-    if not shape:
-        out = torch.empty((), dtype=dtype)
-        for chunk in record.chunks:
-            out.view(1).copy_(_chunk_bytes(storage, m, key, chunk, 0, chunk.nbytes).view(dtype))
-        return out
-    out = torch.empty((r1 - r0, *shape[1:]), dtype=dtype)
-    for chunk in record.chunks:
-        lo = max(r0, chunk.box.offsets[0])
-        hi = min(r1, chunk.box.offsets[0] + chunk.box.sizes[0])
-        if lo >= hi or chunk.nbytes == 0:
-            continue
-        row_bytes = chunk.nbytes // chunk.box.sizes[0]
-        start = (lo - chunk.box.offsets[0]) * row_bytes
-        data = _chunk_bytes(storage, m, key, chunk, start, (hi - lo) * row_bytes)
-        piece = data.view(dtype).reshape(hi - lo, *chunk.box.sizes[1:])
-        index = (slice(lo - r0, hi - r0),) + tuple(
-            slice(o, o + n) for o, n in zip(chunk.box.offsets[1:], chunk.box.sizes[1:])
-        )
-        out[index].copy_(piece)
-    return out
+def _blocks(shape: tuple[int, ...], max_numel: int) -> Iterator[Box]:
+    """Boxes of at most `max_numel` elements (at least one) tiling `shape`, each one row-major run.
 
-
-def _chunk_bytes(
-    storage: CheckpointStorage, m: Metadata, key: str, chunk: ChunkRecord, start: int, n: int
-) -> torch.Tensor:
-    """Bytes [start, start + n) of a chunk, read in whole checksum blocks and verified."""
-    block = m.checksum_block_bytes
-    lo = start // block * block
-    hi = min(-(-(start + n) // block) * block, chunk.nbytes)
-    (data,) = storage.read_ranges(chunk.file, [(chunk.offset_bytes + lo, hi - lo)])
-    for b in range(lo, hi, block):
-        view = data[b - lo : min(b - lo + block, hi - lo)]
-        if crc32c.crc32c(view) != chunk.checksums[b // block]:
-            raise CorruptCheckpointError(
-                f"{storage.url}: file {chunk.file}, key {key!r}: checksum mismatch in bytes "
-                f"[{chunk.offset_bytes + b}, {chunk.offset_bytes + b + len(view)}); the file is corrupt"
+    d is the first dim whose trailing dims (after it) fit in `max_numel`; a block fixes one index
+    of each dim before d, takes up to `max_numel // inner` indices of d and all of the dims after.
+    """
+    if math.prod(shape) == 0:
+        return
+    d, inner = len(shape), 1
+    while d > 0 and inner * shape[d - 1] <= max_numel:
+        d -= 1
+        inner *= shape[d]
+    if d == 0:  # the whole tensor (a 0-d one too) fits in one block
+        yield Box(offsets=(0,) * len(shape), sizes=shape)
+        return
+    d -= 1  # the dim the blocks take ranges of; the dims after it are whole in every block
+    step = max(1, max_numel // inner)
+    for lead in itertools.product(*(range(n) for n in shape[:d])):
+        for start in range(0, shape[d], step):
+            size = min(step, shape[d] - start)
+            yield Box(
+                offsets=(*lead, start) + (0,) * (len(shape) - d - 1), sizes=(1,) * d + (size, *shape[d + 1 :])
             )
-    return torch.frombuffer(data, dtype=torch.uint8)[start - lo : start - lo + n]
+
+
+def _read_box(reader: ChunkReader, key: str, dtype: torch.dtype, box: Box) -> torch.Tensor:
+    """One block of a saved tensor, as a load reads a box: planned, sizes checked, checksums verified."""
+    record = reader.metadata.tensors[key]
+    target = LoadTarget(fqn=key, dtype=dtype, global_shape=tuple(record.shape), box=box)
+    items = reader.plan(target, record)
+    for item in items:  # the file must hold the bytes before anything is read from it
+        reader.require_bytes(key, item.chunk)
+    out = torch.empty(box.sizes, dtype=dtype)
+    reader.run([(item, out) for item in items])
+    return out

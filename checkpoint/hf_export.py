@@ -17,6 +17,7 @@ result as skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -28,6 +29,7 @@ import torch
 
 from checkpoint.chunk_reader import ChunkReader
 from checkpoint.dtypes import dtype_from_name
+from checkpoint.grid_load import GridResolver
 from checkpoint.hf_source import INDEX_FILE, SINGLE_FILE
 from checkpoint.load import read_metadata
 from planners.boxes import full_box
@@ -157,11 +159,11 @@ def _export(
 ) -> HfExportResult:
     """`export_hf` once both storages are open: plan the output files, stream them, then the index."""
     metadata = read_metadata(source)
-    entries = _select(metadata, prefix, cast, where=source.url)
+    reader = ChunkReader(source, metadata, verify=True, io_threads=_READ_THREADS)
+    entries = _located(reader, _select(metadata, prefix, cast, where=source.url))
     groups = plan_files([e.nbytes for e in entries], max_bytes)
     names = _file_names(len(groups))
     _clear_output(target, overwrite=overwrite)
-    reader = ChunkReader(source, metadata, verify=True, io_threads=_READ_THREADS)
     total = sum(e.nbytes for e in entries)
     tick = (lambda n: progress(n, total)) if progress is not None else None
     for name, group in zip(names, groups):
@@ -212,6 +214,27 @@ def _select(metadata: Metadata, prefix: str | None, cast: torch.dtype | None, *,
     return entries
 
 
+def _located(reader: ChunkReader, entries: list[_Entry]) -> list[_Entry]:
+    """`entries` with every chunk located and its bytes known to be in its file, before anything is
+    written or allocated: a grid key's chunks come from its writers' shard headers (as a load
+    finds them), so a shape the files do not hold is refused here, naming the key and the file.
+
+    Raises:
+        InvalidCheckpointError: a file does not hold a chunk as the metadata says.
+        FileNotFoundError: a shard file is missing.
+    """
+    grids = reader.metadata.grids
+    resolver = GridResolver(reader.storage, reader.metadata) if grids else None
+    out = []
+    for e in entries:
+        if resolver is not None and e.source in grids:
+            e = dataclasses.replace(e, record=resolver.record(e.source, full_box(e.record.shape)))
+        for chunk in e.record.chunks:
+            reader.require_bytes(e.source, chunk)
+        out.append(e)
+    return out
+
+
 def _file_names(count: int) -> list[str]:
     if count == 1:
         return [SINGLE_FILE]
@@ -254,10 +277,8 @@ def _write_file(
 
 def _read_whole(reader: ChunkReader, entry: _Entry) -> torch.Tensor:
     """All chunks of one saved tensor, verified, as one plain CPU tensor."""
-    record = entry.record
+    record = entry.record  # located, its bytes checked against the files (`_located`)
     dtype = dtype_from_name(record.dtype, where=reader.storage.url)
-    for chunk in record.chunks:  # the file must hold the bytes before their size sizes an allocation
-        reader.require_bytes(entry.source, chunk)
     dest = torch.empty(record.shape, dtype=dtype)
     lt = LoadTarget(fqn=entry.source, dtype=dtype, global_shape=record.shape, box=full_box(record.shape))
     reader.run([(item, dest) for item in reader.plan(lt, record)])

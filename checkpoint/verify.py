@@ -223,7 +223,8 @@ def _add_grid_chunks(
     """Format version 2: every chunk of every grid key, located through its writer's header.
 
     Chunks are located one by one, so a damaged file is reported (naming it) while the chunks of the
-    other files are still checked, instead of leaving those files' entries unaccounted for.
+    other files are still checked, instead of leaving those files' entries unaccounted for. A key
+    stops at its first problem: one missing writer would otherwise cost a message per cell.
     """
     if not metadata.grids:
         return []
@@ -235,7 +236,7 @@ def _add_grid_chunks(
                 chunk = resolver.chunk(fqn, cell)
             except (CheckpointError, FileNotFoundError) as e:  # reported like any other problem, not raised
                 problems.setdefault(str(e), f"grid key {fqn!r} cannot be located: {e}")
-                continue
+                break
             by_file[chunk.file].append(ChunkRef(fqn=fqn, dtype=grid.dtype, chunk=chunk))
     return list(problems.values())
 

@@ -51,10 +51,6 @@ MAX_CUTS_PER_DIM = 1 << 20
 # distinct dim length and chain): FSDP over 4096 ranks of a TP-8 tensor takes about 3e5 steps
 # (about a second); split 2**20 on 1024 ranks (2**30 steps, minutes) is a hostile file.
 MAX_STRIDED_STEPS = 1 << 19
-# Ranks in one mesh: ten times the largest jobs run today (about 100k accelerators). A mesh is kept
-# as a `range` when its ranks are an arithmetic run, so this bounds only the explicit rank lists
-# and the per-mesh work (positions, replica groups), not what a 900-byte file can make us expand.
-MAX_MESH_RANKS = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -285,51 +281,6 @@ def _coordinate(pos: int, mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
         pos, c = divmod(pos, n)
         out.append(c)
     return tuple(reversed(out))
-
-
-def parse_meshes(raw: Any, *, world_size: int, fail: Any) -> tuple[Mesh, ...]:
-    """Validate the untrusted `meshes` list; `fail(problem)` raises.
-
-    A mesh given by `first_rank`/`rank_step` stays a `range` (bounds checked arithmetically);
-    an explicit list must be distinct ranks. Either way at most `MAX_MESH_RANKS` ranks.
-    """
-    if raw is None:
-        return ()
-    if not isinstance(raw, list) or len(raw) > MAX_CUTS_PER_DIM:
-        fail("meshes must be a list")
-    out = []
-    for i, m in enumerate(raw):
-        shape = m.get("shape") if isinstance(m, dict) else None
-        if not (
-            isinstance(shape, list)
-            and 1 <= len(shape) <= 16
-            and all(type(n) is int and 1 <= n <= world_size for n in shape)
-        ):
-            fail(f"meshes[{i}].shape must list 1 to 16 sizes in [1, {world_size}]")
-        n = math.prod(shape)
-        if n > min(world_size, MAX_MESH_RANKS):
-            limit = "the world size" if n > world_size else "the most a mesh may have"
-            fail(f"meshes[{i}] has {n} ranks, more than {min(world_size, MAX_MESH_RANKS)} ({limit})")
-        ranks = _mesh_ranks(m, n, world_size)
-        if ranks is None:
-            fail(f"meshes[{i}] must list {n} distinct ranks in [0, {world_size})")
-        out.append(Mesh(shape=tuple(shape), ranks=ranks))
-    return tuple(out)
-
-
-def _mesh_ranks(m: dict, n: int, world_size: int) -> tuple[int, ...] | range | None:
-    """The `n` ranks of mesh record `m` (None: malformed, repeated or outside the world)."""
-    if "ranks" in m:
-        ranks = m["ranks"]
-        if not (isinstance(ranks, list) and len(ranks) == n and all(type(r) is int for r in ranks)):
-            return None
-        ok = len(set(ranks)) == n and all(0 <= r < world_size for r in ranks)
-        return tuple(ranks) if ok else None
-    first, step = m.get("first_rank"), m.get("rank_step")
-    if type(first) is not int or type(step) is not int or step < 1:
-        return None
-    ranks = range(first, first + n * step, step)
-    return ranks if first >= 0 and ranks[-1] < world_size else None
 
 
 def _placement(raw: Any, ndim: int) -> Placement | None:

@@ -20,7 +20,8 @@ from planners.dtypes import checked_name
 from planners.dtypes import itemsize as dtype_itemsize
 from planners.errors import InvalidCheckpointError
 from planners.global_plan import Mesh
-from planners.grid import GridIndex, GridRecord, parse_grid, parse_meshes, unwritten_chunks_problem
+from planners.grid import GridIndex, GridRecord, parse_grid, unwritten_chunks_problem
+from planners.mesh_parse import parse_meshes
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
     DIGEST_SINCE_VERSION,

@@ -96,7 +96,9 @@ def _metadata_doc(grid: dict) -> bytes:
             "save_id": "0123456789ab",
             "world_size": 4,
             "checksum_block_bytes": 524288,
-            "files": {f"shard-0123456789ab-r{r:05d}-000.safetensors": {"nbytes": 64, "rank": r} for r in range(4)},
+            "files": {
+                f"shard-0123456789ab-r{r:05d}-000.safetensors": {"nbytes": 64, "rank": r} for r in range(4)
+            },
             "meshes": [{"shape": [4], "first_rank": 0, "rank_step": 1}],
             "tensors": {"w": {"dtype": "float32", "shape": [8, 2], "grid": grid}},
             "values": {},
