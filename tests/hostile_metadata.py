@@ -29,13 +29,23 @@ def golden_doc() -> dict[str, Any]:
 
 def write_checkpoint(dest: str, doc: dict[str, Any]) -> str:
     """A copy of the golden shard files at `dest` under the metadata `doc`, sealed; returns `dest`."""
+    copy_shards(dest)
+    write_metadata(dest, doc)
+    return dest
+
+
+def copy_shards(dest: str) -> None:
+    """The golden checkpoint's shard files, copied into `dest` (created)."""
     os.makedirs(dest, exist_ok=True)
     for name in os.listdir(GOLDEN_V2):
         if name != METADATA_FILE:
             shutil.copyfile(os.path.join(GOLDEN_V2, name), os.path.join(dest, name))
+
+
+def write_metadata(dest: str, doc: dict[str, Any]) -> None:
+    """`doc` sealed with its digest as `dest`'s metadata.json."""
     with open(os.path.join(dest, METADATA_FILE), "wb") as f:
         f.write(seal(doc))
-    return dest
 
 
 def huge_unused_mesh(ranks: int = 1 << 28) -> dict[str, Any]:
