@@ -137,3 +137,17 @@ def test_strided_step_bound_admits_fsdp_over_tp():
     assert _placement_steps(chain) <= MAX_STRIDED_STEPS
     cuts = _cuts(1 << 20, chain)
     assert len(cuts) == 2048 * 8 and cuts[0][:2] == (0, 64) and cuts[-1][:2] == ((1 << 20) - 64, 1 << 20)
+
+
+def test_verify_reports_a_grid_key_once_at_its_first_problem(tmp_path):
+    """A key whose every writer owns a file, none of which holds it: one problem, not one per cell."""
+    doc = hostile.golden_doc()
+    doc["tensors"]["model.x"] = {
+        "dtype": "float32",
+        "shape": [2, 4],
+        "grid": {"mesh": 0, "placements": [["shard", 0]]},
+    }
+    path = hostile.write_checkpoint(str(tmp_path / "ckpt"), doc)
+    located = [p for p in checkpoint.verify(path).problems if "model.x" in p]
+    assert len(located) == 1, located
+    assert located[0].startswith("grid key 'model.x' cannot be located") and "rank 0" in located[0]
