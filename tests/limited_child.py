@@ -52,8 +52,12 @@ class LimitedWorker:
     def run(self, op: str, path: str) -> Outcome:
         proc = self._proc if self._proc is not None and self._proc.poll() is None else self._start()
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps({"op": op, "path": path}) + "\n")
-        proc.stdin.flush()
+        try:
+            proc.stdin.write(json.dumps({"op": op, "path": path}) + "\n")
+            proc.stdin.flush()
+        except BrokenPipeError:  # the worker died after its last answer
+            self.close()
+            return Outcome(kind="died", message="the worker exited before the request")
         start = time.monotonic()
         ready, _, _ = select.select([proc.stdout], [], [], self.time_budget)
         if not ready:
