@@ -13,6 +13,7 @@ or "error" with the exception's class names (its MRO) and message, and the secon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -96,7 +97,8 @@ class LimitedWorker:
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait()
-            self._proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError):  # unflushed bytes for a dead worker
+                self._proc.stdin.close()
             self._proc.stdout.close()
             self._proc = None
 
