@@ -174,6 +174,10 @@ def _record(step: int, storage: CheckpointStorage, warned: set[str]) -> StepReco
         own = storage.url.rstrip("/").rsplit("/", 1)[-1]
         names = [n for n in storage.list_names() if n != own]  # some stores list an empty prefix as itself
         if not names:
+            if _is_object(storage):  # an object store's plain object with a step's name
+                _warn_once(
+                    warned, storage.url, f"skipping {storage.url}: a plain object; it is not a step directory"
+                )
             return None
         nbytes = sum(_size_or_zero(storage, n) for n in names if n.endswith(".safetensors"))
         return StepRecord(
@@ -188,6 +192,15 @@ def _record(step: int, storage: CheckpointStorage, warned: set[str]) -> StepReco
         world_size=world_size,
         saved_at=modified_at(storage, METADATA_FILE),
     )
+
+
+def _is_object(storage: CheckpointStorage) -> bool:
+    """Whether a remote step "directory" is in fact one object (asked only of steps that list as empty)."""
+    fs, root = getattr(storage, "fs", None), getattr(storage, "root", None)
+    try:
+        return fs is not None and root is not None and bool(fs.isfile(root))
+    except Exception:  # a listing never fails on an odd entry
+        return False
 
 
 def _metadata_summary(storage: CheckpointStorage, warned: set[str]) -> tuple[int, int] | None:

@@ -347,3 +347,20 @@ def test_a_plain_file_and_a_looping_link_named_like_steps_are_skipped_with_one_w
     result = CliRunner().invoke(cli_main, ["ls", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     assert [s["step"] for s in json.loads(result.stdout)["steps"]] == [9]
+
+
+def test_a_plain_object_named_like_a_step_on_an_object_store_is_skipped_with_one_warning(
+    ckpt, caplog
+) -> None:
+    root = f"memory://h19a-{uuid.uuid4().hex[:8]}/run"
+    mgr = CheckpointManager(root, checkpointer=ckpt, keep_last=1)
+    mgr.save(1, _state(1))
+    StorageSpec.resolve(root).fs.pipe_file(f"{root}/step-5", b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="checkpoint.manager_steps"):
+        assert _complete(mgr) == [1]
+        mgr.save(6, _state(6))
+        assert _complete(mgr) == [6]
+    mgr.close()
+    skipped = [r.getMessage() for r in caplog.records if "it is not a step directory" in r.getMessage()]
+    assert skipped == [f"skipping {root}/step-5: a plain object; it is not a step directory"]
+    assert StorageSpec.resolve(root).fs.cat_file(f"{root}/step-5") == b"not a checkpoint"
