@@ -53,10 +53,13 @@ def steps_to_delete(
     protected: Collection[int] = (),
     unloadable: Collection[int] = (),
 ) -> list[Deletion]:
-    """The steps of `records` (oldest first) that retention deletes; see the module docstring.
+    """The steps of `records` (oldest first) that retention deletes, in that order.
 
-    Example:
-        >>> steps_to_delete(records, RetentionPolicy(keep_last=1), protected={10, 15}, unloadable={20})
+    Args:
+        records: the run's steps, oldest first (as `scan_steps` lists them).
+        policy: how many complete steps to keep.
+        protected: steps never deleted (the one resumed from, the one just committed).
+        unloadable: complete steps a load found damaged: neither counted as complete nor deleted.
     """
     complete = [r.step for r in records if r.complete and r.step not in unloadable]
     if not complete:
