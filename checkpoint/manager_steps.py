@@ -145,7 +145,7 @@ def scan_steps(root: StorageSpec, *, warned: set[str] | None = None) -> list[tup
 
 
 def not_a_directory(spec: StorageSpec) -> str | None:
-    """Why the local entry at `spec` is not a directory to list (None when it is one, or is remote).
+    """Why the local entry at `spec` is not a directory to list (None: it is one, is gone, or is remote).
 
     Object stores have no links, and a plain object with a step's name lists as nothing there.
     """
@@ -154,7 +154,7 @@ def not_a_directory(spec: StorageSpec) -> str | None:
     try:
         mode = os.stat(spec.root).st_mode  # follows a link: a linked-in step directory is fine
     except FileNotFoundError:
-        return "a symbolic link to nothing" if os.path.islink(spec.root) else "gone since the listing"
+        return "a symbolic link to nothing" if os.path.islink(spec.root) else None  # deleted since
     except OSError as e:  # ELOOP: a link that loops
         return f"cannot be opened ({e.strerror or e})"
     return None if stat.S_ISDIR(mode) else "a plain file, not a directory"

@@ -328,6 +328,7 @@ def test_a_plain_file_and_a_looping_link_named_like_steps_are_skipped_with_one_w
         first.save(3, _state(3))
     (tmp_path / "step-5").write_text("not a checkpoint")
     (tmp_path / "step-7").symlink_to("step-7")  # loops
+    (tmp_path / "step-11").symlink_to("nowhere")  # dangles
     mgr = CheckpointManager(str(tmp_path), checkpointer=ckpt, keep_last=1)
     with caplog.at_level(logging.WARNING, logger="checkpoint.manager_steps"):
         assert [r.step for r in mgr.steps()] == [1, 3]
@@ -337,11 +338,12 @@ def test_a_plain_file_and_a_looping_link_named_like_steps_are_skipped_with_one_w
     mgr.close()
     skipped = sorted(r.getMessage() for r in caplog.records if "it is not a step directory" in r.getMessage())
     assert skipped == [
+        f"skipping {tmp_path / 'step-11'}: a symbolic link to nothing; it is not a step directory",
         f"skipping {tmp_path / 'step-5'}: a plain file, not a directory; it is not a step directory",
         f"skipping {tmp_path / 'step-7'}: cannot be opened (Too many levels of symbolic links); "
         "it is not a step directory",
     ]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000009", "step-5", "step-7"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000009", "step-11", "step-5", "step-7"]
     assert (tmp_path / "step-5").read_text() == "not a checkpoint"
     _loads(str(tmp_path), ckpt, 9)
     result = CliRunner().invoke(cli_main, ["ls", str(tmp_path), "--json"])
