@@ -14,12 +14,12 @@ raise together.
 
 from __future__ import annotations
 
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from checkpoint import lease
 from checkpoint.collectives import COORDINATOR, Exchange
+from checkpoint.metadata_file import read_metadata_document
 from checkpoint.save import PreparedSave
 from planners.errors import CheckpointExistsError, DistributedCheckpointError, StorageError
 from planners.leftovers import leftover_names
@@ -147,7 +147,8 @@ def _remove_leftovers(storage: CheckpointStorage, metadata: Metadata) -> None:
 
 
 def _committed_save_id(storage: CheckpointStorage) -> str | None:
+    """The save id in the committed metadata (read capped), or None when it cannot be read."""
     try:
-        return json.loads(storage.read_bytes(METADATA_FILE)).get("save_id")
+        return read_metadata_document(storage).get("save_id")
     except Exception:
         return None

@@ -4,9 +4,13 @@ Several saves may target one path at once (a restarted job, two jobs pointed at 
 coordinator of every save writes `.inprogress-<save id>.json` before any rank writes a shard file of that
 save, rewrites it every quarter of the lease while the save runs (the heartbeat), and deletes it when the
 save ends, committed or not. The file holds the save id, the writer's wall clock at the last heartbeat,
-the lease length, and the host name and pid of the process that renews it. A marker whose heartbeat is
-older than its lease belongs to a save that died; so does one renewed by a process of this host that no
-longer exists (a SIGKILLed coordinator), which lets the next save on that host clean up at once.
+the lease length, the pid of the process that renews it and that process's host identity: host name,
+kernel boot id and PID namespace. A marker whose heartbeat is older than its lease belongs to a save
+that died. So does one whose pid no longer exists, but only when all three parts of its host identity
+equal this process's: containers often share a host name without sharing a PID namespace, so a pid
+that is not visible here may be alive next door. In any doubt (another identity, a marker written
+before identities were recorded) only the heartbeat counts. A marker is read with a small size cap;
+one that cannot be read counts as live.
 
 After a commit, cleanup deletes only the shard files of save ids that are neither the committed one nor
 covered by a live marker, and re-reads `metadata.json` just before deleting: if another save has
@@ -37,6 +41,10 @@ MARKER_RE = re.compile(r"^\.inprogress-(?P<save_id>[0-9a-f]{8,32})\.json$")
 # A save renews its marker this many times per lease, so one or two missed renewals (a slow request,
 # a busy host) never make a live save look dead.
 RENEWALS_PER_LEASE = 4
+# A marker is a few hundred bytes of JSON; anything larger is not one of ours and is never read whole.
+MAX_MARKER_BYTES = 64 * 1024
+_BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+_PID_NAMESPACE = "/proc/self/ns/pid"
 
 
 def marker_name(save_id: str) -> str:
@@ -44,14 +52,55 @@ def marker_name(save_id: str) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HostIdentity:
+    """Where a pid means something: a host name, the kernel's boot id and the PID namespace's inode.
+
+    Two processes may judge each other's pids only when all three are equal and none is empty
+    (the boot id and namespace are empty where `/proc` does not provide them).
+    """
+
+    host: str
+    boot_id: str = ""
+    pid_namespace: str = ""
+
+    @classmethod
+    def current(cls) -> HostIdentity:
+        return cls(host=socket.gethostname(), boot_id=_boot_id(), pid_namespace=_pid_namespace())
+
+    def same_pid_space(self, other: HostIdentity) -> bool:
+        return bool(self.host and self.boot_id and self.pid_namespace) and self == other
+
+
+def _boot_id() -> str:
+    try:
+        with open(_BOOT_ID_FILE, encoding="ascii") as f:
+            return f.read(64).strip()
+    except (OSError, ValueError):
+        return ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat(_PID_NAMESPACE).st_ino)
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LeaseRecord:
-    """The content of one marker file."""
+    """The content of one marker file (markers written before `boot_id`/`pid_namespace` lack them)."""
 
     save_id: str
     heartbeat_unix: float
     lease_secs: float
     host: str = ""
+    boot_id: str = ""
+    pid_namespace: str = ""
     pid: int = 0
+
+    @property
+    def identity(self) -> HostIdentity:
+        return HostIdentity(host=self.host, boot_id=self.boot_id, pid_namespace=self.pid_namespace)
 
     def to_json(self) -> bytes:
         doc = {
@@ -59,14 +108,22 @@ class LeaseRecord:
             "heartbeat_unix": self.heartbeat_unix,
             "lease_secs": self.lease_secs,
             "host": self.host,
+            "boot_id": self.boot_id,
+            "pid_namespace": self.pid_namespace,
             "pid": self.pid,
         }
         return json.dumps(doc).encode()
 
-    def live(self, now_unix: float) -> bool:
+    def live(self, now_unix: float, here: HostIdentity | None = None) -> bool:
+        """False once the heartbeat is older than the lease, or when the renewing process is gone.
+
+        The pid is judged only when the marker's host identity equals `here` (default: this
+        process's) exactly; otherwise a fresh heartbeat is all that counts.
+        """
         if now_unix - self.heartbeat_unix > self.lease_secs:
             return False
-        return not (self.host == socket.gethostname() and self.pid > 0 and not _process_exists(self.pid))
+        here = HostIdentity.current() if here is None else here
+        return not (self.pid > 0 and here.same_pid_space(self.identity) and not _process_exists(self.pid))
 
 
 def _process_exists(pid: int) -> bool:
@@ -81,11 +138,14 @@ def _process_exists(pid: int) -> bool:
 
 def claim(storage: CheckpointStorage, save_id: str, lease_secs: float) -> None:
     """Write (or renew) the marker of `save_id`."""
+    here = HostIdentity.current()
     record = LeaseRecord(
         save_id=save_id,
         heartbeat_unix=time.time(),
         lease_secs=lease_secs,
-        host=socket.gethostname(),
+        host=here.host,
+        boot_id=here.boot_id,
+        pid_namespace=here.pid_namespace,
         pid=os.getpid(),
     )
     storage.publish(marker_name(save_id), record.to_json())
@@ -102,24 +162,26 @@ def release_quietly(storage: CheckpointStorage, save_id: str) -> None:
 def _read(storage: CheckpointStorage, name: str) -> LeaseRecord | None:
     """The marker's record; None when it is gone. An unreadable marker counts as live (never guess)."""
     try:
-        doc = json.loads(storage.read_bytes(name))
+        doc = json.loads(storage.read_bytes(name, max_bytes=MAX_MARKER_BYTES))
         return LeaseRecord(
             save_id=str(doc["save_id"]),
             heartbeat_unix=float(doc["heartbeat_unix"]),
             lease_secs=float(doc["lease_secs"]),
             host=str(doc.get("host", "")),
+            boot_id=str(doc.get("boot_id", "")),
+            pid_namespace=str(doc.get("pid_namespace", "")),
             pid=int(doc.get("pid", 0)),
         )
     except FileNotFoundError:
         return None
-    except Exception:
-        logger.warning("%s/%s: unreadable in-progress marker; treated as live", storage.url, name)
+    except Exception as e:
+        logger.warning("%s/%s: unreadable in-progress marker (%s); treated as live", storage.url, name, e)
         return LeaseRecord(save_id="", heartbeat_unix=time.time(), lease_secs=float("inf"))
 
 
 def live_save_ids(storage: CheckpointStorage, names: list[str], *, own: str) -> tuple[set[str], list[str]]:
     """Save ids other than `own` with a live marker among `names`, and the names of stale markers."""
-    now = time.time()
+    now, here = time.time(), HostIdentity.current()
     live, stale = set(), []
     for name in names:
         if (m := MARKER_RE.fullmatch(name)) is None or m["save_id"] == own:
@@ -127,7 +189,7 @@ def live_save_ids(storage: CheckpointStorage, names: list[str], *, own: str) -> 
         record = _read(storage, name)
         if record is None:
             continue
-        if record.live(now):
+        if record.live(now, here):
             live.add(m["save_id"])
         else:
             stale.append(name)

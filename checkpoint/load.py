@@ -20,11 +20,11 @@ from checkpoint.chunk_reader import ChunkReader
 from checkpoint.flatten import FlatStateDict, fill_target, flatten_state_dict
 from checkpoint.hf_source import read_hf_metadata
 from checkpoint.load_values import ABSENT, SavedValues, rank_local_value
+from checkpoint.metadata_file import read_metadata_bytes
 from checkpoint.options import DEFAULT_MAX_METADATA_BYTES, LoadOptions  # noqa: F401 (re-exported)
 from planners.errors import (
     CheckpointError,
     IncompleteCheckpointError,
-    InvalidCheckpointError,
     InvalidStateDictError,
     MissingKeysError,
     RankLocalError,
@@ -58,7 +58,7 @@ def read_metadata(storage: CheckpointStorage, *, max_bytes: int = DEFAULT_MAX_ME
         CorruptCheckpointError: the metadata does not match its digest.
     """
     try:
-        data = storage.read_bytes(METADATA_FILE, max_bytes=max_bytes)
+        data = read_metadata_bytes(storage, max_bytes=max_bytes)
     except FileNotFoundError:
         names = storage.list_names()
         if any(SHARD_FILE_RE.fullmatch(n) for n in names):
@@ -67,8 +67,6 @@ def read_metadata(storage: CheckpointStorage, *, max_bytes: int = DEFAULT_MAX_ME
                 "(the save was interrupted or is still running); load an earlier checkpoint"
             ) from None
         raise FileNotFoundError(f"no checkpoint at {storage.url}: {METADATA_FILE} not found") from None
-    except IsADirectoryError as e:
-        raise InvalidCheckpointError(f"{storage.url}: {METADATA_FILE} is a directory") from e
     except NotADirectoryError:
         raise CheckpointError(
             f"checkpoint path {storage.url} is a file, not a checkpoint directory"

@@ -8,16 +8,20 @@ points, as it calls `save`:
   ranks try the newest complete step and agree on the outcome, so a step that
   is damaged (bad metadata, a missing or corrupt shard file) is skipped by all
   of them together, with a warning naming it, and the next older one is tried.
+  Rank 0 then quarantines the damaged step (renames it aside, where a rename is
+  cheap), so that neither retention nor a later restart takes it for a good one.
   Incomplete steps (no commit marker) are never tried.
 - `save(step, state)` every step: a save happens when `step` is a multiple of
   `interval_steps`, when forced, or after a preemption signal. With an async
   checkpointer it returns once the state is staged.
-- Retention runs on rank 0 only, in the calling thread, and only once the save
-  that makes old steps redundant is committed: right after a sync save, and for
-  an async save at the first `save()` call that finds its write finished (or at
-  `wait_until_finished()` / `close()`). Because a load and a purge both run in the
-  trainer thread, a purge never deletes a step a load is reading; it never
-  deletes the newest complete step either.
+- Retention (`checkpoint.retention`) runs on rank 0 only, in the calling thread,
+  and only once the save that makes old steps redundant is committed: right
+  after a sync save; for an async save by whichever call first learns that its
+  write committed: a `save()` that finds it finished, the next save (which waits
+  for it before starting), or `wait_until_finished()` / `close()`. Because a load
+  and a purge both run in the trainer thread, a purge never deletes a step a load
+  is reading. It never deletes the newest complete step, the step just committed,
+  or the step this manager resumed from.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import torch.distributed as dist
 
 from checkpoint.checkpointer import Checkpointer
 from checkpoint.manager_signals import PreemptionNotice, agreement_group, max_over_ranks
-from checkpoint.manager_steps import StepRecord, join, remove_step, scan_steps, step_dir_name
+from checkpoint.manager_steps import StepRecord, join, scan_steps, step_dir_name
+from checkpoint.retention import RetentionPolicy, prune, quarantine
 from checkpoint.types import STATE_DICT, RankInfo
 from planners.errors import (
     CheckpointStateError,
@@ -101,6 +106,7 @@ class CheckpointManager:
         _check_count("preemption_check_steps", preemption_check_steps)
         self.root = root.rstrip("/")
         self.keep_last, self.keep_every = keep_last, keep_every
+        self._policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
         self.interval_steps, self.preemption_check_steps = interval_steps, preemption_check_steps
         self._ckpt = checkpointer
         self._storage_options = (
@@ -113,6 +119,9 @@ class CheckpointManager:
         self._pending: tuple[int, Future[None]] | None = None  # async save in flight: (step, write future)
         self._newest: int | None = None  # newest step saved or loaded by this manager
         self._damaged: set[int] = set()  # complete steps a load found unreadable (re-saving overwrites)
+        self._unloadable: set[int] = set()  # damaged steps still in place: retention leaves them alone
+        self._resumed: int | None = None  # the step this manager loaded: retention never deletes it
+        self._warned: set[str] = set()  # listing problems already logged (one warning each)
         self._preempted = False
         self._closed = False
 
@@ -120,7 +129,7 @@ class CheckpointManager:
 
     def steps(self) -> list[StepRecord]:
         """Every step directory of the run, oldest first (complete or not)."""
-        return [record for _, record in scan_steps(self._root())]
+        return [record for _, record in scan_steps(self._root(), warned=self._warned)]
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None when there is none."""
@@ -170,12 +179,17 @@ class CheckpointManager:
     def _start_save(self, step: int, state: STATE_DICT) -> None:
         path = join(self.root, step_dir_name(step))
         start = time.perf_counter()
-        self._pending = None  # a failed previous save is raised by the checkpointer's save() below
+        previous, self._pending = self._pending, None
+        # The checkpointer's save() waits for the previous write anyway: waiting here costs nothing
+        # and lets retention run as soon as it committed, however slow writes are. A failed
+        # previous write is not raised here: the checkpointer's save() below raises it.
+        if previous is not None and previous[1].exception() is None:
+            self._purge(committed=previous[0])
         result = self._ckpt.save(state, path, overwrite=step in self._damaged)
         self._newest = step
         if result is None:
             logger.info("step %d saved to %s in %.3fs", step, display_url(path), time.perf_counter() - start)
-            self._purge()
+            self._purge(committed=step)
             return
         stage_future, write_future = result
         stage_future.result()  # from here on the training may change its tensors
@@ -193,52 +207,36 @@ class CheckpointManager:
         if pending is None:
             return
         pending[1].result()
-        self._purge()
+        self._purge(committed=pending[0])
 
     def _purge_if_committed(self) -> None:
         """Prune once the async save in flight has committed; a failed one is the checkpointer's to raise."""
         if self._pending is None or not self._pending[1].done():
             return
-        _, future = self._pending
+        step, future = self._pending
         if future.exception() is None:
             self._pending = None
-            self._purge()
+            self._purge(committed=step)
 
     # --- retention (rank 0) -----------------------------------------------------------------------
 
-    def _purge(self) -> None:
-        """Delete what retention no longer keeps; a failure is logged, never raised.
+    def _purge(self, *, committed: int) -> None:
+        """Delete what retention no longer keeps, once step `committed` is; a failure is logged, never raised.
 
         Only rank 0 runs this, so an exception here would leave the other ranks waiting in
         the next collective; a step that could not be deleted is retried at the next purge.
         """
         if self._rank != 0:
             return
+        protected = {committed} if self._resumed is None else {committed, self._resumed}
         try:
-            self._delete_unkept()
+            prune(self._root(), self._policy, protected, unloadable=self._unloadable, warned=self._warned)
         except Exception as e:
             logger.warning(
                 "pruning old steps under %s failed (retried after the next save): %s",
                 display_url(self.root),
                 e,
             )
-
-    def _delete_unkept(self) -> None:
-        found = scan_steps(self._root())
-        complete = [r.step for _, r in found if r.complete]
-        if not complete:
-            return
-        keep = set(complete if self.keep_last is None else complete[-self.keep_last :])
-        keep |= {s for s in complete if self.keep_every is not None and s % self.keep_every == 0}
-        keep.add(complete[-1])  # the step a restart would load
-        for spec, record in found:
-            stale = record.complete and record.step not in keep
-            leftover = not record.complete and record.step < complete[-1]
-            if stale or leftover:
-                remove_step(spec)
-                logger.info(
-                    "deleted %s step %d (%s)", "old" if stale else "incomplete", record.step, record.path
-                )
 
     # --- load -------------------------------------------------------------------------------------
 
@@ -282,15 +280,19 @@ class CheckpointManager:
         if not match:
             raise FileNotFoundError(f"no step {step} under {display_url(self.root)}")
         path, record = match[0]
-        if not record.complete:
-            raise IncompleteCheckpointError(f"step {step} at {record.path}: {_INCOMPLETE}")
-        self._try_load(state, path, record, strict, skip_damaged=False)  # raises unless loaded
+        try:  # an incomplete step too: the load names why its metadata cannot be read (e.g. too large)
+            self._try_load(state, path, record, strict, skip_damaged=False)  # raises unless loaded
+        except FileNotFoundError as e:  # IncompleteCheckpointError is one too
+            if record.complete:
+                raise
+            raise IncompleteCheckpointError(f"step {step} at {record.path}: {_INCOMPLETE}") from e
         return step
 
     def _shared_listing(self) -> list[tuple[str, StepRecord]]:
         """Rank 0's listing of the run, the same on every rank (one listing instead of one per rank)."""
         # Paths, not specs, are shared: a spec would carry the storage options (credentials) over the wire.
-        records = [(s.path, r) for s, r in scan_steps(self._root())] if self._rank == 0 else None
+        listing = scan_steps(self._root(), warned=self._warned) if self._rank == 0 else None
+        records = None if listing is None else [(s.path, r) for s, r in listing]
         if self._group is None:
             return records
         box = [records]
@@ -312,7 +314,7 @@ class CheckpointManager:
             error, outcome = e, _FAILED
         worst = max_over_ranks(outcome, self._group)
         if worst == _LOADED:
-            self._newest = record.step
+            self._newest = self._resumed = record.step
             logger.info(
                 "loaded step %d from %s in %.3fs", record.step, record.path, time.perf_counter() - start
             )
@@ -324,10 +326,13 @@ class CheckpointManager:
                 f"loading step {record.step} from {record.path} failed on another rank (see its error)"
             )
         self._damaged.add(record.step)
+        self._unloadable.add(record.step)
         if error is None and self._rank != 0:
             return False  # rank 0 names the step; the rank that failed gives its reason
         reason = f"{type(error).__name__}: {error}" if error is not None else "unreadable on another rank"
         logger.warning("skipping step %d at %s: it cannot be loaded (%s)", record.step, record.path, reason)
+        if self._rank == 0 and quarantine(self._root(), path, record.step):
+            self._unloadable.discard(record.step)  # renamed aside: no longer in the run
         return False
 
     # --- lifecycle --------------------------------------------------------------------------------

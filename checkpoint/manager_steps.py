@@ -5,33 +5,47 @@ step in `step-<step>`; the manager writes the step zero-padded to
 `STEP_DIGITS` digits so that a plain listing sorts in step order, and reads
 unpadded names too (a run started by hand, or by torchtitan's `step-N`
 convention). A step is complete exactly when its commit marker
-(`metadata.json`, written last by every save) exists and parses; everything
-else in the root is ignored, so a run directory can hold other files.
+(`metadata.json`, written last by every save) exists and parses; it is read
+capped (`checkpoint.metadata_file`), so a huge one makes the step incomplete
+instead of exhausting memory. Everything else in the root is ignored, so a
+run directory can hold other files; an entry with a step's name that is not a
+directory (a plain file, a symbolic link that loops or dangles) is skipped with
+a warning.
 
 Deleting a step removes `metadata.json` first: from that moment the step no
 longer counts as complete, so a deletion interrupted half-way leaves an
 incomplete step (which the manager cleans up later), never a "complete" one
-with missing shard files.
+with missing shard files. A step directory that is a symbolic link (a base
+checkpoint linked into the run) is listed and loaded like any other, but
+deleting it removes only the link: nothing is ever deleted through a link.
+A step that a load found damaged can be renamed aside (`quarantine_step`) to
+a name the listing ignores, where a rename is cheap (local disk).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
+import logging
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from checkpoint.metadata_file import read_metadata_document
 from planners.metadata import FORMAT_NAME, METADATA_FILE
 from storage.backend import CheckpointStorage
 from storage.spec import StorageSpec
 
+logger = logging.getLogger(__name__)
+
 # Nine digits sort a billion steps in order in a plain `ls`; longer steps still work (just unpadded).
 STEP_DIGITS = 9
 STEP_DIR_RE = re.compile(r"^step-(?P<step>\d+)$")
+# A quarantined step is renamed to `<its name>.damaged-<UTC time>`, which STEP_DIR_RE never matches.
+QUARANTINE_SUFFIX = ".damaged-"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,18 +117,26 @@ def list_step_dirs(root: StorageSpec) -> dict[int, str]:
         storage.close()
 
 
-def scan_steps(root: StorageSpec) -> list[tuple[StorageSpec, StepRecord]]:
+def scan_steps(root: StorageSpec, *, warned: set[str] | None = None) -> list[tuple[StorageSpec, StepRecord]]:
     """Every step directory under `root`, oldest first: (its spec, what its metadata says).
 
     Each step's spec is derived from `root`'s (nothing is resolved again); its `path` is the one
-    to open, the record's `path` the same without any credentials, for display.
+    to open, the record's `path` the same without any credentials, for display. An entry with a
+    step's name that is not a directory is skipped, and a step whose metadata cannot be read is
+    reported incomplete, each with a warning; `warned` (the caller's, kept across listings) holds
+    the paths already warned about, so that a listing repeated at every save warns once.
     """
+    warned = set() if warned is None else warned
     found = []
     for step, name in sorted(list_step_dirs(root).items()):
         spec = root.child(name)
+        problem = not_a_directory(spec)
+        if problem is not None:
+            _warn_once(warned, spec.url, f"skipping {spec.url}: {problem}; it is not a step directory")
+            continue
         storage = spec.open()
         try:
-            record = _record(step, storage)
+            record = _record(step, storage, warned)
         finally:
             storage.close()
         if record is not None:
@@ -122,14 +144,40 @@ def scan_steps(root: StorageSpec) -> list[tuple[StorageSpec, StepRecord]]:
     return found
 
 
-def _record(step: int, storage: CheckpointStorage) -> StepRecord | None:
+def not_a_directory(spec: StorageSpec) -> str | None:
+    """Why the local entry at `spec` is not a directory to list (None: it is one, is gone, or is remote).
+
+    Object stores have no links, and a plain object with a step's name lists as nothing there.
+    """
+    if spec.protocol != "file":
+        return None
+    try:
+        mode = os.stat(spec.root).st_mode  # follows a link: a linked-in step directory is fine
+    except FileNotFoundError:
+        return "a symbolic link to nothing" if os.path.islink(spec.root) else None  # deleted since
+    except OSError as e:  # ELOOP: a link that loops
+        return f"cannot be opened ({e.strerror or e})"
+    return None if stat.S_ISDIR(mode) else "a plain file, not a directory"
+
+
+def _warn_once(warned: set[str], key: str, message: str) -> None:
+    if key not in warned:
+        warned.add(key)
+        logger.warning("%s", message)
+
+
+def _record(step: int, storage: CheckpointStorage, warned: set[str]) -> StepRecord | None:
     """None for an empty directory: object stores with directories (SeaweedFS's filer) may keep an
     empty prefix after its objects were deleted, and an empty step holds nothing to list or delete."""
-    summary = _metadata_summary(storage)
+    summary = _metadata_summary(storage, warned)
     if summary is None:
         own = storage.url.rstrip("/").rsplit("/", 1)[-1]
         names = [n for n in storage.list_names() if n != own]  # some stores list an empty prefix as itself
         if not names:
+            if _is_object(storage):  # an object store's plain object with a step's name
+                _warn_once(
+                    warned, storage.url, f"skipping {storage.url}: a plain object; it is not a step directory"
+                )
             return None
         nbytes = sum(_size_or_zero(storage, n) for n in names if n.endswith(".safetensors"))
         return StepRecord(
@@ -146,19 +194,33 @@ def _record(step: int, storage: CheckpointStorage) -> StepRecord | None:
     )
 
 
-def _metadata_summary(storage: CheckpointStorage) -> tuple[int, int] | None:
+def _is_object(storage: CheckpointStorage) -> bool:
+    """Whether a remote step "directory" is in fact one object (asked only of steps that list as empty)."""
+    fs, root = getattr(storage, "fs", None), getattr(storage, "root", None)
+    try:
+        return fs is not None and root is not None and bool(fs.isfile(root))
+    except Exception:  # a listing never fails on an odd entry
+        return False
+
+
+def _metadata_summary(storage: CheckpointStorage, warned: set[str]) -> tuple[int, int] | None:
     """(world size, shard bytes) from the committed metadata; None when absent or unreadable.
 
     Only the few top-level fields are checked here (listing a run must stay cheap); a load
-    validates the whole file before trusting any of it.
+    validates the whole file before trusting any of it. An unreadable file (over the size cap,
+    not JSON, not a file) is reported once, naming it and why.
     """
     try:
-        doc = json.loads(storage.read_bytes(METADATA_FILE))
+        doc = read_metadata_document(storage)
         files = doc["files"]
         if doc["format"] != FORMAT_NAME or not isinstance(doc["world_size"], int):
             return None
         return doc["world_size"], sum(int(f["nbytes"]) for f in files.values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        where = f"{storage.url}/{METADATA_FILE}"
+        _warn_once(warned, where, f"step at {storage.url} counts as incomplete: {type(e).__name__}: {e}")
         return None
 
 
@@ -194,7 +256,14 @@ def modified_at(storage: CheckpointStorage, name: str) -> dt.datetime | None:
 
 
 def remove_step(step: StorageSpec) -> None:
-    """Delete one step directory: the commit marker first, then the rest (see the module docstring)."""
+    """Delete one step directory: the commit marker first, then the rest (see the module docstring).
+
+    A step directory that is a symbolic link loses only the link: the files behind it belong to
+    whoever linked them in, and may be outside the run.
+    """
+    if step.protocol == "file" and os.path.islink(step.root):
+        os.unlink(step.root)
+        return
     storage = step.open()
     try:
         storage.remove([METADATA_FILE])
@@ -207,3 +276,19 @@ def remove_step(step: StorageSpec) -> None:
                 fs.rm_file(root)  # the directory entry of stores that keep one (SeaweedFS's filer)
     finally:
         storage.close()
+
+
+def quarantine_step(step: StorageSpec) -> str | None:
+    """Rename a damaged step directory aside, to a name the listing ignores; returns the new path.
+
+    Only on local disk, where a rename is one atomic call (a linked step: the link is renamed, its
+    target stays). On object stores a rename copies every byte, so nothing moves: None.
+    """
+    if step.protocol != "file":
+        return None
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = f"{step.root}{QUARANTINE_SUFFIX}{stamp}"
+    if os.path.lexists(target):  # os.rename would replace an empty directory there
+        raise FileExistsError(f"cannot quarantine {step.root}: {target} exists")
+    os.rename(step.root, target)
+    return target

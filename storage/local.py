@@ -38,6 +38,8 @@ from planners.errors import CheckpointError, CorruptCheckpointError, InvalidChec
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 # One preadv call reads at most this much (Linux caps a single read near 2 GiB).
 _MAX_READ_BYTES = 1 << 30
+# A whole-file read asks for the size fstat saw plus this much, so it sees the end (or growth) at once.
+_READ_SLACK_BYTES = 64 * 1024
 # fdatasync flushes the data and the size, which is all a reader needs; fsync where it is missing.
 _datasync = getattr(os, "fdatasync", os.fsync)
 
@@ -220,9 +222,12 @@ class LocalStorage:
             if max_bytes is not None and size > max_bytes:
                 raise InvalidCheckpointError(too_large_message(self._path(name), size, max_bytes))
             # Read to the end, not to the size seen: a file that grows meanwhile still meets the cap.
+            # Each read asks for about what is left (os.read allocates all it asks for), never the cap.
             chunks, total = [], 0
             while max_bytes is None or total <= max_bytes:
-                want = _MAX_READ_BYTES if max_bytes is None else min(_MAX_READ_BYTES, max_bytes + 1 - total)
+                want = min(_MAX_READ_BYTES, max(size - total, 0) + _READ_SLACK_BYTES)
+                if max_bytes is not None:
+                    want = min(want, max_bytes + 1 - total)
                 piece = os.read(fd, want)
                 if not piece:
                     break

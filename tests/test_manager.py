@@ -106,7 +106,9 @@ def test_load_skips_incomplete_and_damaged_steps_with_a_warning(tmp_path: Path, 
     with pytest.raises(IncompleteCheckpointError, match="step 40 .* no readable metadata.json"):
         CheckpointManager(str(tmp_path), checkpointer=ckpt).load(_state(-1), step=40)
     records = {r.step: r.complete for r in mgr.steps()}
-    assert records == {10: True, 20: True, 30: False, 40: False}
+    assert records == {10: True, 30: False, 40: False}  # the damaged step 20 was renamed aside, whole
+    (quarantined,) = tmp_path.glob("step-000000020.damaged-*")
+    assert sorted(p.name for p in quarantined.iterdir()) == ["metadata.json", shard.name]
 
 
 def test_a_target_that_does_not_fit_raises_instead_of_falling_back(tmp_path: Path, ckpt) -> None:
