@@ -26,7 +26,7 @@ from checkpoint.hooks import CommitHook
 from checkpoint.lease import MARKER_RE
 from checkpoint.plan_exchange import draft_plan, rank_plan
 from checkpoint.testing.ranks import run_ranks
-from planners.errors import IncompleteCheckpointError
+from planners.errors import IncompleteCheckpointError, WriterProcessError
 from planners.global_plan import WorldStructure, structure_of
 from planners.metadata import ChunkRecord, shard_file_name
 from planners.metadata_build import MetadataDraft, RankWriteResult, WrittenChunk
@@ -60,18 +60,21 @@ def _forgeries(marker: str) -> dict[str, bytes]:
 class ForgeRankOneResult(CommitHook):
     """In rank 0's writer process, before its commit: a foreign client overwrites rank 1's gather value."""
 
-    def __init__(self, address_file: str, payload: bytes) -> None:
-        self.address_file, self.payload = address_file, payload
+    def __init__(self, address_file: str, payloads: dict[str, bytes]) -> None:
+        self.address_file, self.payloads = address_file, payloads  # by the checkpoint's directory name
 
     def pre_commit(self, path: str, **kwargs: object) -> None:
-        if kwargs["rank"] != 0:
+        if kwargs["rank"] != 0 or Path(path).name not in self.payloads:
             return
         host, port = json.loads(Path(self.address_file).read_text())
         client = dist.TCPStore(host, port, None, False, timeout=timedelta(seconds=60), wait_for_workers=False)
         save_id = next(m["save_id"] for n in sorted(Path(path).iterdir()) if (m := MARKER_RE.match(n.name)))
         key = f"shardsafe/commit/{save_id}/1/gather/1"  # rank 1's write result, the commit's first exchange
         client.wait([key], timedelta(seconds=60))
-        client.set(key, self.payload)
+        client.set(key, self.payloads[Path(path).name])
+
+    def post_commit(self, path: str, **kwargs: object) -> None:
+        pass
 
 
 def _listening_addresses(port: int) -> list[str]:
@@ -86,10 +89,11 @@ def _listening_addresses(port: int) -> list[str]:
     return out
 
 
-def _forged_save(rank: int, world_size: int, root: str, payload: bytes) -> dict[str, Any]:
+def _forged_saves(rank: int, world_size: int, root: str, payloads: dict[str, bytes]) -> dict[str, Any]:
+    """One save per forgery (each must fail), then a clean one (which must commit)."""
     address_file = f"{root}/store-address.json"
     config = CheckpointerConfig(writer_config=CheckpointWriterConfig(write_barrier_timeout_secs=15.0))
-    ckpt = checkpoint.make_async_checkpointer(config, commit_hook=ForgeRankOneResult(address_file, payload))
+    ckpt = checkpoint.make_async_checkpointer(config, commit_hook=ForgeRankOneResult(address_file, payloads))
     out: dict[str, Any] = {}
     if rank == 0:
         host, port = ckpt.checkpoint_process._init.store_address
@@ -98,30 +102,39 @@ def _forged_save(rank: int, world_size: int, root: str, payload: bytes) -> dict[
     dist.barrier()
     full = torch.arange(SHAPE[0] * SHAPE[1], dtype=torch.float32).reshape(SHAPE)
     state = {"w": distribute_tensor(full, init_device_mesh("cpu", (world_size,)), [Shard(0)]), "b": full + 1}
-    _, write_future = ckpt.save(state, f"{root}/step")
-    error = write_future.exception(timeout=120)
-    out["error"] = (type(error).__name__, str(error)) if error is not None else None
+    for name in [*payloads, "clean"]:
+        try:
+            _, write_future = ckpt.save(state, f"{root}/{name}")
+        except WriterProcessError:  # the previous save failed: the next save() reports it once
+            _, write_future = ckpt.save(state, f"{root}/{name}")
+        error = write_future.exception(timeout=120)
+        out[name] = (type(error).__name__, str(error)) if error is not None else None
     ckpt.close()
     return out
 
 
-@pytest.mark.parametrize("forgery", ["pickle_runs_code", "pickle_omits_rank_1", "json_omits_rank_1"])
-def test_forged_gather_value_fails_the_save_and_publishes_nothing(tmp_path: Path, forgery: str) -> None:
+def test_forged_gather_values_fail_the_save_and_publish_nothing(tmp_path: Path) -> None:
     marker = tmp_path / "forged-pickle-ran"
     root = tmp_path / "run"
     root.mkdir()
-    results = run_ranks(_forged_save, 2, str(root), _forgeries(str(marker))[forgery], timeout_secs=240)
+    payloads = _forgeries(str(marker))
+    results = run_ranks(_forged_saves, 2, str(root), payloads, timeout_secs=240)
 
     assert not marker.exists()  # the forged pickle was never loaded
-    assert not (root / "step" / "metadata.json").exists()
-    with pytest.raises(IncompleteCheckpointError):
-        checkpoint.make_sync_checkpointer().load(str(root / "step"))
-    for rank, out in enumerate(results):
-        assert out["error"] is not None, f"rank {rank} reported a forged save as committed"
-        kind, message = out["error"]
-        assert kind == "DistributedCheckpointError", (rank, message)
-        assert "rank 1: the value at commit store key shardsafe/commit/" in message, message
-        assert "/1/gather/1 is not sealed with this save's secret" in message, message
+    for forgery in payloads:
+        assert not (root / forgery / "metadata.json").exists(), forgery
+        with pytest.raises(IncompleteCheckpointError):
+            checkpoint.make_sync_checkpointer().load(str(root / forgery))
+        for rank, out in enumerate(results):
+            assert out[forgery] is not None, f"rank {rank} reported the forged save {forgery} as committed"
+            kind, message = out[forgery]
+            assert kind == "DistributedCheckpointError", (rank, forgery, message)
+            assert "rank 1: the value at commit store key shardsafe/commit/" in message, message
+            assert "/1/gather/1 is not sealed with this save's secret" in message, message
+    assert [out["clean"] for out in results] == [None, None]
+    loaded = checkpoint.make_sync_checkpointer().load(str(root / "clean"))
+    full = torch.arange(SHAPE[0] * SHAPE[1], dtype=torch.float32).reshape(SHAPE)
+    assert torch.equal(loaded["w"], full) and torch.equal(loaded["b"], full + 1)
     # run_ranks sets MASTER_ADDR=127.0.0.1: the store listens there only, not on every interface.
     assert results[0]["listening"] == ["0100007F"]
 
