@@ -6,8 +6,8 @@ an async save's results cross a store other processes can reach). The
 coordinator refuses the save if any rank failed or a result does not
 complete the plan, checks that every reported shard file is stored with
 exactly the reported size, builds the metadata from the results (pure:
-`planners.metadata_build`), parses it back as a loader would, and
-publishes it last: replacing an existing one only when the save passed
+`planners.metadata_build`), refuses chunks that share bytes (as a load
+would), and publishes it last: replacing an existing one only when the save passed
 overwrite=True, so that of two saves racing to one path with overwrite=False
 one commits and the other gets `CheckpointExistsError`. After a commit it
 deletes files of other saves that can no longer commit (see
@@ -34,7 +34,7 @@ from planners.errors import (
 from planners.leftovers import leftover_names
 from planners.metadata import METADATA_FILE, Metadata
 from planners.metadata_build import RankWriteResult, build_metadata
-from planners.metadata_parse import parse_metadata
+from planners.metadata_parse import byte_overlap_problem
 from planners.write_report import plan_problem, result_from_json, result_to_json
 from storage.backend import CheckpointStorage
 
@@ -117,10 +117,10 @@ def _commit_on_coordinator(
         metadata = build_metadata(
             prepared.draft, results, save_id=prepared.save_id, world_size=prepared.world_size
         )
-        data = metadata.to_json()
-        # Refuse what a load would refuse: nothing unloadable commits.
-        parse_metadata(data, where=prepared.url)
-        storage.publish(METADATA_FILE, data, overwrite=prepared.overwrite)
+        overlap = byte_overlap_problem(metadata.tensors, metadata.rank_local)  # a load refuses shared bytes
+        if overlap is not None:
+            raise InvalidCheckpointError(f"{prepared.url}: the write results overlap: {overlap}")
+        storage.publish(METADATA_FILE, metadata.to_json(), overwrite=prepared.overwrite)
     except FileExistsError:
         error = CheckpointExistsError(
             f"another save committed a checkpoint at {storage.url} while this one (save {prepared.save_id}) was "

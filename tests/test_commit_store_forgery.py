@@ -9,6 +9,7 @@ coordinator's completeness check is also run on its own, on plans computed in on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from datetime import timedelta
@@ -246,3 +247,18 @@ def test_a_report_from_the_store_is_read_as_untrusted_json() -> None:
         )
     with pytest.raises(ValueError, match="not a JSON object"):
         result_from_json(["rank", 1], rank=1)
+
+
+def test_a_chunk_with_another_size_or_checksum_count_is_refused() -> None:
+    world, draft = _world()
+    results = _honest_results(world)
+    (chunk,) = results[1].chunks
+    for change, problem in (
+        ({"nbytes": 8, "checksums": (7,)}, "of 8 bytes; its box holds 16"),
+        ({"checksums": ()}, "of 16 bytes with 0 block checksums"),
+    ):
+        record = dataclasses.replace(chunk.chunk, **change)
+        bad = dataclasses.replace(results[1], chunks=(dataclasses.replace(chunk, chunk=record),))
+        assert plan_problem(draft, [results[0], bad], save_id=SAVE_ID) == (
+            f"rank 1 reported a chunk of key 'b' in 'shard-0123456789ab-r00001-000.safetensors' {problem}"
+        )
