@@ -14,11 +14,14 @@ and the error names the rank that is gone.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
+import json
 import logging
-import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -165,6 +168,16 @@ def _job_store(group: dist.ProcessGroup | None) -> tuple[dist.Store | None, str]
     return store, f"shardsafe/exchange/{name}"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RejectedPayload:
+    """What the coordinator of a `StoreExchange` gets in place of a value whose seal does not hold."""
+
+    reason: str
+
+
+SEAL_BYTES = 32  # an HMAC-SHA256 before each value in the commit store
+MIN_SECRET_BYTES = 16
+
 # Heartbeats of a rank in a store exchange: at most this far apart, and at least 4 per timeout.
 MAX_HEARTBEAT_INTERVAL_SECS = 5.0
 
@@ -173,8 +186,12 @@ class StoreExchange:
     """Object exchange through a `torch.distributed.Store`, timing out on lack of progress.
 
     Keys are namespaced by `prefix` (one per save) and a call counter, so two
-    saves never read each other's entries. Payloads are pickled: they only
-    travel between this job's own processes, never through a checkpoint.
+    saves never read each other's entries. The store has no authentication and
+    any client may list its keys, so payloads are JSON (never unpickled) and
+    sealed with an HMAC-SHA256 under `secret`, a random token of this save that
+    travelled over the job's process group and is never stored: a value that a
+    foreign client set (or moved from another key) fails the check. The
+    coordinator gets such a value as `RejectedPayload`; another rank raises.
 
     A rank inside `heartbeat()` bumps its counter in the store every few
     seconds. A wait ends in `CheckpointTimeoutError` only when the ranks it
@@ -184,9 +201,19 @@ class StoreExchange:
     """
 
     def __init__(
-        self, store: dist.Store, *, rank: int, world_size: int, prefix: str, timeout_secs: float
+        self,
+        store: dist.Store,
+        *,
+        rank: int,
+        world_size: int,
+        prefix: str,
+        timeout_secs: float,
+        secret: bytes,
     ) -> None:
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ValueError(f"a store exchange needs a secret of at least {MIN_SECRET_BYTES} bytes")
         self.store = store
+        self._secret = secret
         self.rank = rank
         self.world_size = world_size
         self.prefix = prefix
@@ -257,24 +284,48 @@ class StoreExchange:
                     f"(no heartbeat: a rank or its writer process died or is stuck): {error}"
                 ) from error
 
+    def _put(self, key: str, obj: Any) -> None:
+        payload = json.dumps(obj, separators=(",", ":")).encode()
+        self.store.set(key, _seal(self._secret, key, payload) + payload)
+
+    def _take(self, key: str) -> Any:
+        """The JSON value at `key`, or `RejectedPayload` if its seal does not hold."""
+        data = self.store.get(key)
+        seal, payload = data[:SEAL_BYTES], data[SEAL_BYTES:]
+        if len(data) < SEAL_BYTES or not hmac.compare_digest(seal, _seal(self._secret, key, payload)):
+            logger.error("commit store key %s holds a value this save's ranks did not seal", key)
+            return RejectedPayload(
+                reason=f"the value at commit store key {key} is not sealed with this save's secret: "
+                "a process outside the job set it (or it was corrupted), so it was not read"
+            )
+        try:
+            return json.loads(payload)
+        except ValueError as e:  # sealed but unreadable: a bug, not a forgery; still never trusted
+            return RejectedPayload(reason=f"the value at commit store key {key} is not JSON: {e}")
+
     def gather(self, obj: Any) -> list[Any] | None:
         self._calls += 1
-        self.store.set(self._key("gather", self.rank), pickle.dumps(obj))
+        self._put(self._key("gather", self.rank), obj)
         if self.rank != COORDINATOR:
             return None
         keys = [self._key("gather", r) for r in range(self.world_size)]
         self._wait(keys, "gathering write results")
-        return [_from_peer(self.store.get(k)) for k in keys]
+        return [self._take(k) for k in keys]
 
     def scatter(self, objs: list[Any] | None) -> Any:
         self._calls += 1
         if self.rank == COORDINATOR:
             assert objs is not None
             for r, o in enumerate(objs):
-                self.store.set(self._key("scatter", r), pickle.dumps(o))
+                self._put(self._key("scatter", r), o)
         key = self._key("scatter", self.rank)
         self._wait([key], "waiting for the coordinator")
-        value = _from_peer(self.store.get(key))
+        value = self._take(key)
+        if isinstance(value, RejectedPayload):
+            raise DistributedCheckpointError(
+                f"rank {self.rank}: the coordinator's answer could not be trusted",
+                {COORDINATOR: value.reason},
+            )
         if self.rank == COORDINATOR:
             self._await_readers()
         else:
@@ -301,6 +352,6 @@ class StoreExchange:
         return self.scatter([obj] * self.world_size if self.rank == COORDINATOR else None)
 
 
-def _from_peer(data: bytes) -> Any:
-    """Unpickle a payload another process of this job put in the store (never bytes from a checkpoint)."""
-    return pickle.loads(data)  # allow_pickle: written by this job's own ranks, not read from any file
+def _seal(secret: bytes, key: str, payload: bytes) -> bytes:
+    """HMAC-SHA256 of `payload` bound to its store key, so a sealed value cannot move to another key."""
+    return hmac.digest(secret, key.encode() + b"\0" + payload, hashlib.sha256)

@@ -1,10 +1,13 @@
 """Step 4 of the save protocol: the commit, and the cleanup after it.
 
 Every rank hands its write result to the coordinator (`commit_save`, a
-collective). The coordinator refuses the save if any rank failed, checks that
-every reported shard file is stored with exactly the reported size, builds
-the metadata from the results (pure: `planners.metadata_build`) and
-publishes it last: replacing an existing one only when the save passed
+collective), as JSON read back as untrusted input (`planners.write_report`:
+an async save's results cross a store other processes can reach). The
+coordinator refuses the save if any rank failed or a result does not
+complete the plan, checks that every reported shard file is stored with
+exactly the reported size, builds the metadata from the results (pure:
+`planners.metadata_build`), refuses chunks that share bytes (as a load
+would), and publishes it last: replacing an existing one only when the save passed
 overwrite=True, so that of two saves racing to one path with overwrite=False
 one commits and the other gets `CheckpointExistsError`. After a commit it
 deletes files of other saves that can no longer commit (see
@@ -16,15 +19,23 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from checkpoint import lease
-from checkpoint.collectives import COORDINATOR, Exchange
+from checkpoint.collectives import COORDINATOR, Exchange, RejectedPayload
 from checkpoint.metadata_file import read_metadata_document
 from checkpoint.save import PreparedSave
-from planners.errors import CheckpointExistsError, DistributedCheckpointError, StorageError
+from planners.errors import (
+    CheckpointExistsError,
+    DistributedCheckpointError,
+    InvalidCheckpointError,
+    StorageError,
+)
 from planners.leftovers import leftover_names
 from planners.metadata import METADATA_FILE, Metadata
 from planners.metadata_build import RankWriteResult, build_metadata
+from planners.metadata_parse import byte_overlap_problem
+from planners.write_report import plan_problem, result_from_json, result_to_json
 from storage.backend import CheckpointStorage
 
 logger = logging.getLogger(__name__)
@@ -43,20 +54,48 @@ def commit_save(
             committed at the path first (the metadata is published without replacing).
         DistributedCheckpointError: on every rank, when any rank failed to write or the commit failed.
     """
-    results = exchange.gather(result)
-    verdict: tuple[dict[int, str], BaseException | None] | None = None
+    docs = exchange.gather(result_to_json(result))
+    verdict: dict[str, Any] | None = None
     metadata = None
     if exchange.rank == COORDINATOR:
-        assert results is not None and prepared.draft is not None
-        metadata, verdict = _commit_on_coordinator(storage, prepared, results)
-    outcome, error = exchange.broadcast(verdict)
-    if error is not None:
-        raise error
+        assert docs is not None and prepared.draft is not None
+        metadata, (failures, error) = _commit_on_coordinator(storage, prepared, _read_results(docs))
+        verdict = {
+            "failures": {str(r): t for r, t in failures.items()},
+            "exists": str(error) if error else None,
+        }
+    outcome, exists = _read_verdict(exchange.broadcast(verdict))
+    if exists is not None:
+        raise CheckpointExistsError(exists)
     if outcome:
         raise DistributedCheckpointError(
             f"save to {prepared.url} failed; the checkpoint was not committed", outcome
         )
     return metadata
+
+
+def _read_results(docs: list[Any]) -> list[RankWriteResult]:
+    """Each rank's result from its JSON form; one that cannot be read becomes that rank's failure."""
+    results = []
+    for rank, doc in enumerate(docs):
+        if isinstance(doc, RejectedPayload):
+            results.append(RankWriteResult(rank=rank, error=doc.reason))
+            continue
+        try:
+            results.append(result_from_json(doc, rank=rank))
+        except ValueError as e:
+            results.append(RankWriteResult(rank=rank, error=f"its write result is malformed: {e}"))
+    return results
+
+
+def _read_verdict(doc: Any) -> tuple[dict[int, str], str | None]:
+    """The coordinator's verdict: failures by rank, and the message of a lost overwrite=False race."""
+    try:
+        failures = {int(r): str(t) for r, t in doc["failures"].items()}
+        exists = doc["exists"]
+        return failures, None if exists is None else str(exists)
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        return {COORDINATOR: f"the coordinator's verdict is malformed ({type(e).__name__}: {e})"}, None
 
 
 def _commit_on_coordinator(
@@ -68,11 +107,19 @@ def _commit_on_coordinator(
         return None, (outcome, None)
     assert storage is not None  # a rank without storage reports an error
     try:
-        check_stored_sizes(storage, results)
         assert prepared.draft is not None  # the coordinator's PreparedSave carries the draft
+        problem = plan_problem(prepared.draft, results, save_id=prepared.save_id)
+        if problem is not None:
+            raise InvalidCheckpointError(
+                f"{prepared.url}: the write results do not complete the plan: {problem}"
+            )
+        check_stored_sizes(storage, results)
         metadata = build_metadata(
             prepared.draft, results, save_id=prepared.save_id, world_size=prepared.world_size
         )
+        overlap = byte_overlap_problem(metadata.tensors, metadata.rank_local)  # a load refuses shared bytes
+        if overlap is not None:
+            raise InvalidCheckpointError(f"{prepared.url}: the write results overlap: {overlap}")
         storage.publish(METADATA_FILE, metadata.to_json(), overwrite=prepared.overwrite)
     except FileExistsError:
         error = CheckpointExistsError(

@@ -7,6 +7,13 @@ built. Writer processes (and a trainer taking a dead writer's part) connect as
 clients and run the commit's exchanges there, each wait bounded by the barrier
 timeout, so the commit can never interleave with training collectives.
 
+The store has no authentication: any process that reaches its port may set
+or list keys. So it listens only on the address the job's ranks reach it by
+(torch binds a TCPStore server to every interface whatever host it is given,
+but takes a socket already bound: `master_listen_fd`), and each save's values
+are JSON sealed with that save's secret (`checkpoint.collectives.StoreExchange`);
+the commit also checks the results against the plan (`planners.commit_check`).
+
 Keys live under one namespace per save (save ids are unique). Each process
 deletes the keys it set for a save when its next save starts: by then every
 rank has read them, because the trainers agree on the next plan (a collective
@@ -16,6 +23,7 @@ size therefore stays flat over any number of saves.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from datetime import timedelta
@@ -26,6 +34,11 @@ from checkpoint.collectives import Exchange, StoreExchange
 from checkpoint.save import PreparedSave
 from checkpoint.types import RankInfo
 
+logger = logging.getLogger(__name__)
+
+# Pending connections the store's listening socket queues (one per writer process and stand-in trainer).
+LISTEN_BACKLOG = 4096
+
 
 def host_commit_store(
     rank_info: RankInfo, exchange: Exchange, *, timeout_secs: float
@@ -34,7 +47,7 @@ def host_commit_store(
 
     Collective (a broadcast over the trainers' exchange) when there is more than
     one rank. The host is `MASTER_ADDR` (as the job's own rendezvous uses) or this
-    host's name; the port is a free one.
+    host's name; the store listens on that address alone, on a free port.
 
     Returns:
         The store on rank 0 (None elsewhere; keep it alive) and its `(host, port)`
@@ -45,10 +58,37 @@ def host_commit_store(
     store, address = None, None
     if rank_info.global_rank == 0:
         host = os.environ.get("MASTER_ADDR") or socket.gethostname()
-        timeout = timedelta(seconds=timeout_secs)
-        store = dist.TCPStore(host, 0, None, True, timeout=timeout, wait_for_workers=False)
-        address = (host, store.port)
+        store, address = _listen(host, timedelta(seconds=timeout_secs))
     return store, exchange.broadcast(address)
+
+
+def _listen(host: str, timeout: timedelta) -> tuple[dist.TCPStore, tuple[str, int]]:
+    """A store server listening on `host`'s address only; its numeric address, which clients connect to.
+
+    Where the address cannot be bound here (a name that resolves elsewhere), torch's own listener,
+    on every interface, is the fallback, with a warning.
+    """
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.bind(sockaddr)
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as e:
+        logger.warning(
+            "cannot listen on %s (%s); the commit store listens on every interface instead", host, e
+        )
+        store = dist.TCPStore(host, 0, None, True, timeout=timeout, wait_for_workers=False)
+        return store, (host, store.port)
+    bound_host, port = sock.getsockname()[:2]
+    # The store's listener takes the descriptor over (and closes it with the store).
+    store = dist.TCPStore(
+        bound_host, port, None, True, timeout=timeout, wait_for_workers=False, master_listen_fd=sock.detach()
+    )
+    return store, (bound_host, port)
 
 
 def connect_commit_store(address: tuple[str, int], *, timeout_secs: float) -> dist.TCPStore:
@@ -69,6 +109,7 @@ def commit_exchange(
         world_size=prepared.world_size,
         prefix=f"shardsafe/commit/{prepared.save_id}",
         timeout_secs=timeout_secs,
+        secret=bytes.fromhex(prepared.commit_secret),
     )
 
 

@@ -6,8 +6,10 @@ block checksums come from that rank's shard files: the safetensors header
 (offsets, shape, dtype) and the file's checksum table. Each header and table
 is read once per load and only for files the rank reads data from, so the
 bytes a loading rank reads besides its data grow with the files it touches,
-not with the world size. What a header says is checked against the grid
-(shape, dtype) before it is trusted.
+not with the world size. What a header says is checked before it is
+trusted: its save id, rank and key set against the metadata (as `verify`
+does, since a same-size file of another save carries checksums of its own
+that its bytes pass), and each chunk's shape and dtype against the grid.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import threading
 from collections import defaultdict
 
 from checkpoint.dtypes import safetensors_code
+from checkpoint.verify_file import header_key_problems, owner_problems
 from planners.boxes import Box
-from planners.errors import InvalidCheckpointError
+from planners.errors import CorruptCheckpointError, InvalidCheckpointError
 from planners.grid import CHECKSUM_ENTRY, Cell
 from planners.metadata import ChunkRecord, Metadata, TensorRecord
 from storage.backend import CheckpointStorage
@@ -38,6 +41,7 @@ class GridResolver:
         self._headers: dict[str, tuple[SafetensorsHeader, dict[str, tuple[int, int]]]] = {}
         self._tables: dict[str, tuple[int, ...]] = {}
         self._lock = threading.Lock()
+        self._explicit_keys: dict[str, set[str]] | None = None  # built at the first header read
         self.bytes_read = 0  # headers and checksum tables
 
     def record(self, fqn: str, box: Box) -> TensorRecord:
@@ -96,10 +100,25 @@ class GridResolver:
                     raise InvalidCheckpointError(
                         f"{where}: file has {header.file_bytes} bytes, the metadata says {self.metadata.files[name].nbytes}"
                     )
+                self._check_owner(name, header, where)
                 slices = checksum_slices(header, block_bytes=self.metadata.checksum_block_bytes, where=where)
                 self._headers[name] = (header, slices)
                 self.bytes_read += header.data_offset_bytes
             return self._headers[name]
+
+    def _check_owner(self, name: str, header: SafetensorsHeader, where: str) -> None:
+        """The header must name this save, the file's rank and only keys the metadata puts there."""
+        if self._explicit_keys is None:
+            self._explicit_keys = explicit_keys_by_file(self.metadata)
+        problems = owner_problems(name, header, self.metadata, self.metadata.files[name])
+        problems = problems or header_key_problems(
+            name, header, self._explicit_keys.get(name, set()), self.metadata.grids
+        )
+        if problems:
+            raise CorruptCheckpointError(
+                f"{where}: {problems[0]}; this checkpoint cannot be loaded as it is: restore the file "
+                "from a copy of this save, or load another checkpoint"
+            )
 
     def _table(self, name: str, header: SafetensorsHeader) -> tuple[int, ...]:
         with self._lock:
@@ -109,3 +128,16 @@ class GridResolver:
                 self._tables[name] = parse_checksum_table(raw)
                 self.bytes_read += entry.nbytes
             return self._tables[name]
+
+
+def explicit_keys_by_file(metadata: Metadata) -> dict[str, set[str]]:
+    """Per shard file, the safetensors keys its chunk records (plain and rank-local tensors) name."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for record in metadata.tensors.values():
+        for c in record.chunks:
+            out[c.file].add(c.key)
+    for rank_local in metadata.rank_local.values():
+        for entry in rank_local.tensors:
+            if entry is not None:
+                out[entry[1].file].add(entry[1].key)
+    return out

@@ -14,8 +14,14 @@ skips verification for them (the records hold no checksums to check).
 Everything read here is untrusted: the index is size-capped JSON, file
 names must be plain names inside the directory, each header goes through
 `storage.safetensors_io.read_header` (size caps, offsets inside the file),
-and on local disk only regular files are read (symlinks to regular files,
-as in the Hugging Face cache, are fine).
+and a key may be claimed once only: a key repeated in the index's
+`weight_map` or found in the headers of two shard files is refused, naming
+both files. On local disk only regular files are read. Every file of a
+Hugging Face cache snapshot (`models--org--name/snapshots/<rev>/`) is a
+symbolic link into the repository's `blobs/`, so `hf_read_storage` follows
+links, but only to regular files inside the same cache repository (outside
+the cache, inside the model directory itself); links that leave it, FIFOs
+and devices are refused.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -42,12 +47,32 @@ INDEX_FILE = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 # Shard names in a weight_map: plain file names, no directories, no dotfiles.
 HF_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}\.safetensors$")
+# A Hugging Face cache repository directory (huggingface_hub's cache layout).
+CACHE_REPO_RE = re.compile(r"(models|datasets|spaces)--.+")
 # The save_id of synthesised metadata; no shardsafe save produces it (ids are random hex).
 HF_SAVE_ID = "00000000"
 # Header reads in flight at once (one small request each; they matter on object stores).
 HEADER_READ_THREADS = 8
 
 KeyMap = Callable[[str], "str | None"] | str | None
+
+
+def hf_read_storage(storage: CheckpointStorage) -> CheckpointStorage:
+    """`storage` as a Hugging Face layout is read from it: on local disk, links are followed only within
+    the cache repository the directory is a snapshot of (or within the directory itself)."""
+    if not isinstance(storage, LocalStorage):
+        return storage  # object stores and remote file systems hold no links
+    return LocalStorage(storage.root, links_within=cache_repository(storage.root))
+
+
+def cache_repository(directory: str) -> str:
+    """The cache repository (`.../models--org--name`) of a snapshot directory, else the directory itself."""
+    real = os.path.realpath(directory)
+    snapshots = os.path.dirname(real)
+    repo = os.path.dirname(snapshots)
+    if os.path.basename(snapshots) == "snapshots" and CACHE_REPO_RE.fullmatch(os.path.basename(repo)):
+        return repo
+    return real
 
 
 def read_hf_metadata(storage: CheckpointStorage, *, key_map: KeyMap = None) -> Metadata | None:
@@ -62,7 +87,8 @@ def read_hf_metadata(storage: CheckpointStorage, *, key_map: KeyMap = None) -> M
 
     Raises:
         InvalidCheckpointError: a malformed index or header, a file name that is not a plain
-            name, a non-regular file, or two keys mapped to one name.
+            name, a non-regular file, a link out of the cache repository, a key claimed twice
+            (in the index or by two shard files), or two keys mapped to one name.
         IncompleteCheckpointError: a shard file named by the index is missing (a FileNotFoundError).
     """
     names = set(storage.list_names())
@@ -77,6 +103,8 @@ def read_hf_metadata(storage: CheckpointStorage, *, key_map: KeyMap = None) -> M
         headers = dict(zip(files, pool.map(lambda n: _read_file_header(storage, n), files)))
     if weight_map is None:
         weight_map = {key: SINGLE_FILE for key in headers[SINGLE_FILE].tensors}
+    else:
+        _refuse_shared_keys(storage.url, headers)
     tensors = _tensor_records(storage.url, weight_map, headers, _key_mapper(key_map))
     return Metadata(
         version=1,
@@ -96,9 +124,13 @@ def _read_index(storage: CheckpointStorage) -> dict[str, str]:
     size = storage.size(INDEX_FILE)
     if size > MAX_INDEX_BYTES:
         raise InvalidCheckpointError(f"{where}: {size} bytes exceeds the index limit of {MAX_INDEX_BYTES}")
-    _require_regular(storage, INDEX_FILE)
     try:
-        doc = json.loads(storage.read_bytes(INDEX_FILE))
+        doc = json.loads(storage.read_bytes(INDEX_FILE), object_pairs_hook=_checked_object)
+    except _RepeatedKey as e:
+        raise InvalidCheckpointError(
+            f"{where}: key {e.key[:200]!r} appears twice, mapped to {str(e.first)[:80]!r} and "
+            f"{str(e.second)[:80]!r}; an index must name each key once (fix or re-download it)"
+        ) from None
     except (ValueError, RecursionError) as e:
         raise InvalidCheckpointError(f"{where}: not valid JSON: {e}") from e
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
@@ -113,27 +145,42 @@ def _read_index(storage: CheckpointStorage) -> dict[str, str]:
     return weight_map
 
 
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str, first: object, second: object) -> None:
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+def _checked_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are all distinct (json.loads would keep the last of repeated ones)."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key, out[key], value)
+        out[key] = value
+    return out
+
+
+def _refuse_shared_keys(where: str, headers: dict[str, SafetensorsHeader]) -> None:
+    """No tensor key may be in the headers of two shard files: which one holds the weight would be a guess."""
+    owner: dict[str, str] = {}
+    for name, header in sorted(headers.items()):
+        for key in header.tensors:
+            first = owner.setdefault(key, name)
+            if first != name:
+                raise InvalidCheckpointError(
+                    f"{where}: key {key[:200]!r} is in both {first} and {name}; a Hugging Face layout "
+                    "holds each tensor in one shard file (fix or re-download the model)"
+                )
+
+
 def _read_file_header(storage: CheckpointStorage, name: str) -> SafetensorsHeader:
     try:
-        _require_regular(storage, name)
         return read_header(storage, name, where=storage.url)
     except FileNotFoundError:
         raise IncompleteCheckpointError(
             f"{storage.url}: shard file {name} named by {INDEX_FILE} is missing; the download is incomplete"
         ) from None
-
-
-def _require_regular(storage: CheckpointStorage, name: str) -> None:
-    """On local disk, refuse FIFOs, devices and directories (symlinks to regular files are fine)."""
-    if not isinstance(storage, LocalStorage):
-        return  # object stores and remote file systems only hold regular objects
-    path = os.path.join(storage.root, name)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{storage.url}: {name} is missing") from None
-    if not stat.S_ISREG(mode):
-        raise InvalidCheckpointError(f"{storage.url}: {name} is not a regular file")
 
 
 def _tensor_records(

@@ -18,7 +18,7 @@ import torch
 
 from checkpoint.chunk_reader import ChunkReader
 from checkpoint.flatten import FlatStateDict, fill_target, flatten_state_dict
-from checkpoint.hf_source import read_hf_metadata
+from checkpoint.hf_source import hf_read_storage, read_hf_metadata
 from checkpoint.load_values import ABSENT, SavedValues, rank_local_value
 from checkpoint.metadata_file import read_metadata_bytes
 from checkpoint.options import DEFAULT_MAX_METADATA_BYTES, LoadOptions  # noqa: F401 (re-exported)
@@ -79,7 +79,7 @@ def load_checkpoint(
 ) -> tuple[Any, list[str]]:
     """Load into `target` (or, when None, the whole checkpoint); returns it and the missing keys."""
     start = time.perf_counter()
-    metadata, verify = _read_source(storage, options)
+    metadata, verify, storage = _read_source(storage, options)
     reader = ChunkReader(storage, metadata, verify=verify, io_threads=options.io_threads)
     if target is None:
         result, missing = (
@@ -100,24 +100,28 @@ def load_checkpoint(
     return result, missing
 
 
-def _read_source(storage: CheckpointStorage, options: LoadOptions) -> tuple[Metadata, bool]:
-    """The checkpoint's metadata, or one synthesised from a Hugging Face layout (nothing to verify)."""
+def _read_source(
+    storage: CheckpointStorage, options: LoadOptions
+) -> tuple[Metadata, bool, CheckpointStorage]:
+    """The checkpoint's metadata, or one synthesised from a Hugging Face layout (nothing to verify),
+    and the storage to read its files through (for a Hugging Face cache, one that follows its links)."""
     try:
         metadata = read_metadata(storage, max_bytes=options.max_metadata_bytes)
     except FileNotFoundError as e:
+        hf_storage = hf_read_storage(storage)
         hf = (
             None
             if isinstance(e, IncompleteCheckpointError)
-            else read_hf_metadata(storage, key_map=options.key_map)
+            else read_hf_metadata(hf_storage, key_map=options.key_map)
         )
         if hf is None:
             raise
-        return hf, False
+        return hf, False, hf_storage
     if options.key_map is not None:
         raise ValueError(
             f"key_map applies to Hugging Face layouts only, and {storage.url} is a shardsafe checkpoint"
         )
-    return metadata, options.verify
+    return metadata, options.verify, storage
 
 
 def _load_into(

@@ -82,6 +82,10 @@ __all__ = [
 ]
 
 
+# Random bytes of each save's commit secret (128 bits: not guessable within a save's lifetime).
+COMMIT_SECRET_BYTES = 16
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PreparedSave:
     """Everything a rank needs to write and commit one save, once the plan is agreed.
@@ -101,6 +105,9 @@ class PreparedSave:
     draft: MetadataDraft | None  # coordinator only
     plan_reused: bool = False
     overwrite: bool = False  # the commit may replace an existing metadata file
+    # Seals the async commit's store exchange (`checkpoint.collectives.StoreExchange`): hex of random bytes
+    # that reach the ranks over the job's process group only, never a file, a marker or a log line.
+    commit_secret: str = field(default="", repr=False)
 
 
 @dataclass(slots=True)
@@ -116,6 +123,7 @@ class PlanCache:
 class _Decision:
     save_id: str
     reuse: bool
+    commit_secret: str = field(default="", repr=False)
     error: BaseException | None = None
     failures: dict[int, BaseException] = field(default_factory=dict)
 
@@ -209,6 +217,7 @@ def _prepared(
         draft=draft,
         plan_reused=decision.reuse,
         overwrite=overwrite,
+        commit_secret=decision.commit_secret,
     )
 
 
@@ -257,7 +266,9 @@ def _decide(
         lease.claim(storage, save_id, lease_secs)
     except Exception as e:
         return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
-    return _Decision(save_id=save_id, reuse=cache.digests == digests)
+    return _Decision(
+        save_id=save_id, reuse=cache.digests == digests, commit_secret=secrets.token_hex(COMMIT_SECRET_BYTES)
+    )
 
 
 def _replan(local: LocalSave, exchange: Exchange, cache: PlanCache, *, max_file_bytes: int, url: str) -> None:

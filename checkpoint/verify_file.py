@@ -10,7 +10,7 @@ Problems are returned as text, never raised, so `verify` reports all of them.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from checkpoint.dtypes import dtype_from_name, safetensors_code
@@ -72,7 +72,7 @@ def _header_problems(
         header = read_header(storage, name, where=storage.url)
     except InvalidCheckpointError as e:
         return [str(e)]
-    problems = _owner_problems(name, header, metadata, record)
+    problems = owner_problems(name, header, metadata, record)
     problems += _key_use_problems(name, header, refs)
     problems += _entry_problems(name, header, refs)
     return problems + _table_problems(storage, name, header, refs, metadata.checksum_block_bytes)
@@ -106,10 +106,12 @@ def _data_problems(
     return problems, checked
 
 
-def _owner_problems(
-    name: str, header: SafetensorsHeader, metadata: Metadata, record: FileRecord
-) -> list[str]:
-    """The header's `__metadata__` must name this save and the rank the metadata says wrote the file."""
+def owner_problems(name: str, header: SafetensorsHeader, metadata: Metadata, record: FileRecord) -> list[str]:
+    """The header's `__metadata__` must name this save and the rank the metadata says wrote the file.
+
+    A load checks it too, on the headers it reads anyway (`checkpoint.grid_load`): a version-2 file
+    carries its own checksums, so a same-size file of another save would pass them.
+    """
     save_id, rank = header.metadata.get("save_id"), header.metadata.get("rank")
     if save_id != metadata.save_id or rank != str(record.rank):
         return [
@@ -122,6 +124,25 @@ def _owner_problems(
             "the header is damaged"
         ]
     return []
+
+
+def header_key_problems(
+    name: str, header: SafetensorsHeader, explicit_keys: set[str], grid_keys: Iterable[str]
+) -> list[str]:
+    """The header's tensor keys against the metadata's, without enumerating grid chunks (a load's check).
+
+    Every key a chunk record places in the file must be in the header; every other key must be a grid
+    key (the checksum table aside).
+    """
+    keys = set(header.tensors) - {CHECKSUM_ENTRY}
+    problems = [
+        f"file {name}: the header has no tensor {k!r}, which the metadata places in it"
+        for k in sorted(explicit_keys - keys)[:1]
+    ]
+    unknown = sorted(keys - explicit_keys - set(grid_keys))
+    if unknown:
+        problems.append(f"file {name}: holds tensor {unknown[0]!r} that the metadata does not know")
+    return problems
 
 
 def _key_use_problems(name: str, header: SafetensorsHeader, refs: Sequence[ChunkRef]) -> list[str]:

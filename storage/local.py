@@ -14,7 +14,9 @@ producer failed is deleted at once.
 
 Reads trust nothing about the files they open. A file inside the checkpoint is opened without
 following a symbolic link at its own name (`O_NOFOLLOW`; names never hold a separator, so the file
-lies in the checkpoint directory, whose own path may go through links) and must be a regular file:
+lies in the checkpoint directory, whose own path may go through links), except for a Hugging Face
+cache snapshot, whose files are links into the repository's `blobs/`: there a link is followed only
+to a file inside that repository (`links_within`). Either way the file must be a regular file:
 it is opened non-blocking and checked with `fstat`, so a FIFO or a device fails at once instead of
 hanging or reading forever. Byte ranges are read with `preadv` into private buffers rather than
 memory-mapped: a file truncated while it is read then gives a short read, reported as corruption,
@@ -131,12 +133,63 @@ class _CheckedFile:
             )
 
 
-class LocalStorage:
-    """A checkpoint directory on a POSIX file system."""
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
-    def __init__(self, root: str) -> None:
+
+def _open_link_within(path: str, root: str) -> int:
+    """Open the file the link `path` leads to, if that file lies inside `root` (both resolved).
+
+    The link is resolved first and refused if it leaves `root`; the target is then opened without
+    following a link at its own name, and where the descriptor really points is checked again after
+    opening (a directory on the way swapped for a link in between would show there). The caller's
+    `fstat` then refuses anything but a regular file.
+
+    Raises:
+        FileNotFoundError: the link dangles (an incomplete download).
+        InvalidCheckpointError: the link leaves `root`, or loops.
+    """
+    target = os.path.realpath(path)
+    if not _inside(target, root):
+        raise InvalidCheckpointError(
+            f"{path}: is a symbolic link to {target}, outside {root}; only links to files inside the same "
+            "cache repository are followed"
+        )
+    try:
+        fd = os.open(target, _READ_FLAGS)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: is a symbolic link to {target}, which does not exist") from None
+    except OSError as e:
+        raise InvalidCheckpointError(
+            f"{path}: the symbolic link cannot be followed: {e.strerror or e}"
+        ) from e
+    opened = _opened_path(fd, target)
+    if not _inside(opened, root):
+        os.close(fd)
+        raise InvalidCheckpointError(f"{path}: the opened file {opened} lies outside {root}; it was replaced")
+    return fd
+
+
+def _opened_path(fd: int, fallback: str) -> str:
+    """Where descriptor `fd` points (Linux: /proc/self/fd), or `fallback` where that cannot be read."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return fallback
+
+
+class LocalStorage:
+    """A checkpoint directory on a POSIX file system.
+
+    `links_within`: reads follow a symbolic link at a file's name only to a regular file inside this
+    directory (a Hugging Face cache repository, whose snapshot files link into its `blobs/`); None
+    (a shardsafe checkpoint) follows no link.
+    """
+
+    def __init__(self, root: str, *, links_within: str | None = None) -> None:
         self.root = os.path.abspath(os.path.expanduser(root))
         self.url = self.root
+        self.links_within = os.path.realpath(links_within) if links_within is not None else None
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.root!r})"
@@ -203,11 +256,13 @@ class LocalStorage:
         try:
             fd = os.open(path, _READ_FLAGS)
         except OSError:
-            if os.path.islink(path):  # ELOOP (or EMLINK on some systems) from O_NOFOLLOW
+            if not os.path.islink(path):  # ELOOP (or EMLINK on some systems) from O_NOFOLLOW
+                raise
+            if self.links_within is None:
                 raise InvalidCheckpointError(
                     f"{path}: is a symbolic link; files of a checkpoint must be regular files inside it"
                 ) from None
-            raise
+            fd = _open_link_within(path, self.links_within)
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)

@@ -102,7 +102,9 @@ def test_sync_checkpointer_runs_the_tcp_store_barrier_after_each_commit(tmp_path
 
 def _scatter_with_a_late_reader(rank: int, world_size: int, port: int) -> tuple[str, float]:
     store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout=timedelta(seconds=60))
-    exchange = StoreExchange(store, rank=rank, world_size=world_size, prefix="save-1", timeout_secs=60)
+    exchange = StoreExchange(
+        store, rank=rank, world_size=world_size, prefix="save-1", timeout_secs=60, secret=b"0123456789abcdef"
+    )
     dist.barrier()  # every client connected to rank 0's store
     if rank == world_size - 1:
         time.sleep(1.5)  # a rank slow to read the commit's outcome (a loaded machine, a slow writer)
