@@ -22,11 +22,11 @@ from checkpoint.hf_source import read_hf_metadata
 from checkpoint.load_values import ABSENT, SavedValues, rank_local_value
 from checkpoint.options import DEFAULT_MAX_METADATA_BYTES, LoadOptions  # noqa: F401 (re-exported)
 from planners.errors import (
-    CheckpointError,
     IncompleteCheckpointError,
     InvalidCheckpointError,
     InvalidStateDictError,
     MissingKeysError,
+    NotADirectoryCheckpointError,
     RankLocalError,
 )
 from planners.load_plan import (
@@ -70,7 +70,7 @@ def read_metadata(storage: CheckpointStorage, *, max_bytes: int = DEFAULT_MAX_ME
     except IsADirectoryError as e:
         raise InvalidCheckpointError(f"{storage.url}: {METADATA_FILE} is a directory") from e
     except NotADirectoryError:
-        raise CheckpointError(
+        raise NotADirectoryCheckpointError(
             f"checkpoint path {storage.url} is a file, not a checkpoint directory"
         ) from None
     return parse_metadata(data, where=storage.url)

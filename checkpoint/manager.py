@@ -23,6 +23,7 @@ points, as it calls `save`:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from checkpoint.checkpointer import Checkpointer
 from checkpoint.manager_signals import PreemptionNotice, agreement_group, max_over_ranks
 from checkpoint.manager_steps import StepRecord, join, remove_step, scan_steps, step_dir_name
-from checkpoint.types import STATE_DICT, RankInfo
+from checkpoint.types import STATE_DICT, RankInfo, checkpoint_path
 from planners.errors import (
     CheckpointStateError,
     DistributedCheckpointError,
@@ -56,7 +57,7 @@ class CheckpointManager:
     """Saves a training run's state every `interval_steps` steps under `root`, resumes it, prunes old steps.
 
     Args:
-        root: the run's directory: local path or fsspec URL (`s3://bucket/run`).
+        root: the run's directory: local path (str or `os.PathLike`) or fsspec URL (`s3://bucket/run`).
         checkpointer: a sync or async checkpointer (`make_sync_checkpointer`, `make_async_checkpointer`);
             the manager does not close it.
         keep_last: keep the newest `keep_last` complete steps (None: keep every step).
@@ -83,7 +84,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        root: str,
+        root: str | os.PathLike[str],
         *,
         checkpointer: Checkpointer,
         keep_last: int | None = None,
@@ -93,8 +94,7 @@ class CheckpointManager:
         preemption_check_steps: int = 1,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if not isinstance(root, str) or not root:
-            raise TypeError(f"root must be a non-empty str, got {root!r}")
+        root = checkpoint_path(root, what="root")
         _check_count("keep_last", keep_last, optional=True)
         _check_count("keep_every", keep_every, optional=True)
         _check_count("interval_steps", interval_steps)

@@ -32,7 +32,12 @@ from typing import Any, BinaryIO, cast
 
 import torch
 
-from planners.errors import CheckpointError, CorruptCheckpointError, InvalidCheckpointError, StorageError
+from planners.errors import (
+    CorruptCheckpointError,
+    InvalidCheckpointError,
+    NotADirectoryCheckpointError,
+    StorageError,
+)
 
 # Flags of every read: never follow a link at the file's name, never block on a FIFO or device.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -144,7 +149,7 @@ class LocalStorage:
 
     def prepare(self) -> None:
         if os.path.exists(self.root) and not os.path.isdir(self.root):
-            raise CheckpointError(
+            raise NotADirectoryCheckpointError(
                 f"checkpoint path {self.root} is a file, not a directory; choose another path"
             )
         if not os.path.isdir(self.root):
@@ -304,7 +309,9 @@ class LocalStorage:
         except FileNotFoundError:
             return []
         except NotADirectoryError:
-            raise CheckpointError(f"checkpoint path {self.root} is a file, not a directory") from None
+            raise NotADirectoryCheckpointError(
+                f"checkpoint path {self.root} is a file, not a directory"
+            ) from None
 
     def remove(self, names: Sequence[str]) -> None:
         for name in names:

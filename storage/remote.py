@@ -27,7 +27,13 @@ from typing import Any, BinaryIO, TypeVar, cast
 
 import fsspec.asyn
 
-from planners.errors import CheckpointError, CheckpointExistsError, InvalidCheckpointError, StorageError
+from planners.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    InvalidCheckpointError,
+    NotADirectoryCheckpointError,
+    StorageError,
+)
 from storage.checked_stream import CheckedStream
 from storage.local import too_large_message
 from storage.multipart import MIN_PART_BYTES, PartUpload, S3Parts
@@ -169,7 +175,7 @@ class FsspecStorage:
                 ) from None
         info = self._info(None)
         if info is not None and info.get("type") == "file":
-            raise CheckpointError(
+            raise NotADirectoryCheckpointError(
                 f"checkpoint path {self.url} is a file, not a directory; choose another path"
             )
         if not self._object_store:
