@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from checkpoint.checkpointer import Checkpointer
 from checkpoint.manager_signals import PreemptionNotice, agreement_group, max_over_ranks
-from checkpoint.manager_steps import StepRecord, join, remove_step, scan_steps, step_dir_name
+from checkpoint.manager_steps import StepRecord, check_run_root, join, remove_step, scan_steps, step_dir_name
+from checkpoint.plan_exchange import comparable_path, path_mismatch
 from checkpoint.types import STATE_DICT, RankInfo, checkpoint_path
 from planners.errors import (
     CheckpointStateError,
@@ -168,6 +169,7 @@ class CheckpointManager:
         return False
 
     def _start_save(self, step: int, state: STATE_DICT) -> None:
+        self._root()  # every rank checks the root once (not a checkpoint itself) before its first save
         path = join(self.root, step_dir_name(step))
         start = time.perf_counter()
         self._pending = None  # a failed previous save is raised by the checkpointer's save() below
@@ -261,6 +263,7 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait_until_finished()
+        self._root()  # every rank checks the root (not a checkpoint itself) before any collective
         found = self._shared_listing()
         if step is not None:
             return self._load_named(state, step, found, strict)
@@ -293,6 +296,11 @@ class CheckpointManager:
         records = [(s.path, r) for s, r in scan_steps(self._root())] if self._rank == 0 else None
         if self._group is None:
             return records
+        roots: list[Any] = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(roots, comparable_path(self.root), group=self._group)
+        mismatch = path_mismatch(roots, call="CheckpointManager (its root)")
+        if mismatch is not None:  # every rank sees every root, so all raise here together
+            raise mismatch
         box = [records]
         dist.broadcast_object_list(box, src=0, group=self._group)
         return box[0]
@@ -355,7 +363,9 @@ class CheckpointManager:
     def _root(self) -> StorageSpec:
         """The run root's spec, resolved once (at first use, as a listing or a purge needs it)."""
         if self._root_spec is None:
-            self._root_spec = StorageSpec.resolve(self.root, storage_options=self._storage_options)
+            spec = StorageSpec.resolve(self.root, storage_options=self._storage_options)
+            check_run_root(spec)
+            self._root_spec = spec
         return self._root_spec
 
     def _step_url(self, step: int) -> str:

@@ -41,7 +41,14 @@ from checkpoint import lease
 from checkpoint.collectives import COORDINATOR, Exchange
 from checkpoint.local_plan import LocalSave, describe_local, describe_or_error
 from checkpoint.options import SaveOptions
-from checkpoint.plan_exchange import agree_world, draft_plan, local_structure, rank_plan
+from checkpoint.plan_exchange import (
+    agree_world,
+    comparable_path,
+    draft_plan,
+    local_structure,
+    path_mismatch,
+    rank_plan,
+)
 from planners.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -175,14 +182,19 @@ def _agree_decision(
     overwrite: bool,
     lease_secs: float,
 ) -> _Decision:
-    """Gather plan digests (or local errors); the coordinator decides; every rank raises its refusal."""
-    digests = exchange.gather(
-        portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint()
-    )
+    """Gather plan digests (or local errors) and paths; the coordinator decides; every rank raises its refusal."""
+    mine = portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint()
+    gathered = exchange.gather((mine, comparable_path(storage.url)))
     decision = None
     if exchange.rank == COORDINATOR:
-        assert digests is not None
-        decision = _decide(digests, storage, cache, overwrite=overwrite, lease_secs=lease_secs)
+        assert gathered is not None
+        mismatch = path_mismatch([url for _, url in gathered])
+        digests = [d for d, _ in gathered]
+        decision = (
+            _Decision(save_id="", reuse=False, error=mismatch)
+            if mismatch is not None
+            else _decide(digests, storage, cache, overwrite=overwrite, lease_secs=lease_secs)
+        )
     decision = exchange.broadcast(decision)
     if decision.error is not None:
         raise decision.error
