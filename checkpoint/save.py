@@ -7,7 +7,9 @@
    not are structures exchanged and every rank's files derived again
    (`checkpoint.plan_exchange`). The coordinator also checks the path and
    writes this save's in-progress marker (`checkpoint.lease`) before any rank
-   writes a shard file.
+   writes a shard file. The first exchange carries every rank's path too, so
+   ranks that passed different paths all fail; a save refused here removes
+   the directories the coordinator created for it.
 3. `write_rank_files`: each rank streams its shard files (any process: the
    trainer for a sync save; for an async one the writer process, from the
    copy `checkpoint.staging` made) through `storage.safetensors_io`, which
@@ -169,6 +171,7 @@ def prepare_save(
         except Exception:
             if exchange.rank == COORDINATOR:  # no rank writes anything of this save: its marker goes now
                 lease.release_quietly(storage, decision.save_id)
+                storage.remove_created_dirs()  # and so does a directory it made
             raise
     return _prepared(local, exchange, storage.url, cache, decision, overwrite=overwrite)
 
@@ -262,12 +265,16 @@ def _decide(
         return _Decision(save_id=save_id, reuse=False, failures=failures)
     try:
         storage.prepare()
+    except Exception as e:
+        return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
+    try:
         if storage.exists(METADATA_FILE) and not overwrite:
             raise CheckpointExistsError(
                 f"a complete checkpoint already exists at {storage.url}; pass overwrite=True to save() to replace it"
             )
         lease.claim(storage, save_id, lease_secs)
     except Exception as e:
+        storage.remove_created_dirs()
         return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
     return _Decision(save_id=save_id, reuse=cache.digests == digests)
 

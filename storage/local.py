@@ -55,12 +55,20 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _makedirs_durably(path: str) -> None:
+def not_a_directory(where: str) -> NotADirectoryCheckpointError:
+    """The error for a checkpoint path that names a file (e.g. a checkpoint's own `metadata.json`)."""
+    return NotADirectoryCheckpointError(
+        f"checkpoint path {where} is a file, not a directory; choose another path"
+    )
+
+
+def _makedirs_durably(path: str) -> list[str]:
     """Create `path` and any missing parents, fsyncing the parent of each level created.
 
     Every new directory's entry lives in its parent, so each level needs its parent synced, not just
-    the last one, for the whole chain to survive a crash.
+    the last one, for the whole chain to survive a crash. Returns the levels this call created.
     """
+    created = []
     missing = []
     head = path
     while head and not os.path.isdir(head):
@@ -73,7 +81,9 @@ def _makedirs_durably(path: str) -> None:
             if not os.path.isdir(level):
                 raise
             continue  # another process made it; it syncs its own parent
+        created.append(level)
         _fsync_dir(os.path.dirname(level) or ".")
+    return created
 
 
 def _write_all(fd: int, data: Any, *, path: str, offset: int) -> int:
@@ -140,6 +150,7 @@ class LocalStorage:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(os.path.expanduser(root))
         self.url = self.root
+        self._created: list[str] = []  # by prepare(), outermost first
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.root!r})"
@@ -149,11 +160,17 @@ class LocalStorage:
 
     def prepare(self) -> None:
         if os.path.exists(self.root) and not os.path.isdir(self.root):
-            raise NotADirectoryCheckpointError(
-                f"checkpoint path {self.root} is a file, not a directory; choose another path"
-            )
+            raise not_a_directory(self.root)
         if not os.path.isdir(self.root):
-            _makedirs_durably(self.root)  # each new directory's own entry must survive a crash too
+            self._created = _makedirs_durably(self.root)  # each new entry must survive a crash too
+
+    def remove_created_dirs(self) -> None:
+        for level in reversed(self._created):
+            try:
+                os.rmdir(level)  # only while empty: a file someone put there keeps it
+            except OSError:
+                return
+        self._created = []
 
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[BinaryIO]:
