@@ -56,7 +56,7 @@ def test_ranks_without_a_process_group_are_refused(tmp_path: Path) -> None:
             )
         )
     outcomes = []
-    for rank, proc in enumerate(procs):
+    for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         outcomes.append(json.loads(out.strip().splitlines()[-1]))
