@@ -28,7 +28,7 @@ def _run(*args: str, width: int = 80) -> tuple[int, str, str]:
 def saved(tmp_path: Path) -> Path:
     """A run with step 4 holding a small model under `model.` and a long optimizer value."""
     ckpt = checkpoint.make_sync_checkpointer()
-    mgr = checkpoint.CheckpointManager(tmp_path / "run", checkpointer=ckpt)
+    mgr = checkpoint.CheckpointManager(str(tmp_path / "run"), checkpointer=ckpt)
     groups = [{"lr": 0.001, "betas": [0.9, 0.999], "params": list(range(40))}]
     state = {"model": {"0": {"weight": torch.ones(2, 3), "bias": torch.arange(2.0)}}, "param_groups": groups}
     mgr.save(4, state)
