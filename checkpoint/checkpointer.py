@@ -86,7 +86,11 @@ class Checkpointer(abc.ABC):
         Raises:
             FileNotFoundError: nothing at `path`; `IncompleteCheckpointError` (a subclass)
                 when shard files exist without committed metadata.
-            MismatchError: a saved tensor's shape or dtype differs from the target's.
+            MismatchError: a saved tensor's shape or dtype differs from the target's, or a key
+                holds a tensor on one side and a plain value on the other.
+
+        A non-strict load whose target matched no saved key warns (`UserWarning`) naming
+        some keys of each side, since it returns the target unchanged.
         """
         self._check_open()
         path = checkpoint_path(path)

@@ -259,6 +259,7 @@ class CheckpointManager:
             FileNotFoundError: `step` was given and the run has no such step;
                 `IncompleteCheckpointError` (a subclass) when it was never committed.
             MismatchError, MissingKeysError: the target does not fit the checkpoint.
+            CheckpointPathError: the root is itself a checkpoint, or the ranks' roots differ.
             DistributedCheckpointError: another rank's load failed that way.
         """
         self._check_open()

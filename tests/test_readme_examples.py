@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each example is a fresh interpreter importing torch
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 _MARKER = re.compile(r"^<!-- test: (?P<kind>run|mirrored)(?: (?P<arg>\S+))? -->$")
