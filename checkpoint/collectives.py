@@ -141,7 +141,7 @@ class ProcessGroupExchange:
                 if absent and not done.is_set():
                     logger.warning(
                         "rank %d: waiting %.0fs in the save's %s exchange for rank(s) %s, which have not "
-                        "reached it (does every rank call save() with the same state dict structure?)",
+                        "reached it yet (still writing, stuck, or not calling save() at all)",
                         self.rank,
                         time.monotonic() - start,
                         op,

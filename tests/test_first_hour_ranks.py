@@ -157,8 +157,8 @@ def test_a_rank_that_has_not_reached_the_save_is_named_while_waiting_and_in_the_
     assert warned, r0
     for text in warned:
         assert text.startswith("rank 0: waiting ") and text.endswith(
-            "s in the save's gather exchange for rank(s) 1, which have not reached it (does every rank "
-            "call save() with the same state dict structure?)"
+            "s in the save's gather exchange for rank(s) 1, which have not reached it yet (still "
+            "writing, stuck, or not calling save() at all)"
         ), text
     assert kind == "DistributedCheckpointError"
     assert "rank 1: never reached this gather" in message, message
