@@ -83,7 +83,10 @@ def ls_command(root: str, as_json: bool, quiet: bool, storage_options: str | Non
 
 def _require_root(spec: StorageSpec) -> None:
     """A run root that does not exist is an error (exit 2), not an empty run."""
-    exists = os.path.isdir(spec.root) if spec.protocol == "file" else spec.fs.exists(spec.root)
+    try:
+        exists = os.path.isdir(spec.root) if spec.protocol == "file" else spec.fs.exists(spec.root)
+    except OSError:  # unreachable or denied: the listing that follows reports it as a storage error
+        return
     if not exists:
         raise FileNotFoundError(f"no run at {spec.url}: the directory does not exist")
 
