@@ -49,6 +49,18 @@ def test_ls_of_a_missing_root_exits_2(tmp_path: Path) -> None:
     assert (code, err.strip()) == (0, f"no step directories under {tmp_path}/empty")
 
 
+@pytest.mark.s3
+def test_ls_of_a_missing_s3_prefix_exits_2(s3_endpoint, s3_bucket: str) -> None:
+    options = json.dumps(s3_endpoint.storage_options)
+    code, out, err = _run("ls", f"{s3_bucket}/nope", "--storage-options", options)
+    assert (code, out) == (2, "")
+    assert (
+        err.strip() == f"error: FileNotFoundError: no run at {s3_bucket}/nope: the directory does not exist"
+    )
+    code, out, err = _run("ls", s3_bucket, "--storage-options", options)
+    assert (code, err.strip()) == (0, f"no step directories under {s3_bucket}")
+
+
 def test_verify_of_a_run_root_points_to_ls(saved: Path) -> None:
     code, out, err = _run("verify", str(saved))
     assert (code, out) == (2, "")
