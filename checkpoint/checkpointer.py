@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
 
 from checkpoint.reader import CheckpointReader
-from checkpoint.types import STATE_DICT
+from checkpoint.types import STATE_DICT, checkpoint_path
 from checkpoint.writer import CheckpointWriter
 from planners.errors import CheckpointStateError
 
@@ -39,7 +40,8 @@ class Checkpointer(abc.ABC):
         Args:
             state_dict: nested dicts/lists/tuples of tensors, DTensors, JSON-able values,
                 `RankLocal` values and objects with `state_dict()`/`load_state_dict()`.
-            path: local path, `file://` URL or any fsspec URL of the checkpoint directory.
+            path: local path (str or `os.PathLike`), `file://` URL or any fsspec URL of the
+                checkpoint directory.
             overwrite: replace an existing complete checkpoint (default False: refuse).
             allow_pickle: store non-JSON values pickled (default False: refuse).
 
@@ -47,10 +49,9 @@ class Checkpointer(abc.ABC):
             None for a synchronous checkpointer; `(stage_future, write_future)` for an async one.
         """
         self._check_open()
-        if isinstance(state_dict, str) and not isinstance(path, str):
+        if isinstance(state_dict, (str, os.PathLike)) and not isinstance(path, (str, os.PathLike)):
             raise TypeError("save() takes (state_dict, path): the arguments are swapped")
-        if not isinstance(path, str) or not path:
-            raise TypeError(f"path must be a non-empty str, got {type(path).__name__}")
+        path = checkpoint_path(path)
         if not isinstance(state_dict, (Mapping, list, tuple)) and not hasattr(state_dict, "state_dict"):
             raise TypeError(
                 f"state_dict must be a dict (or list/tuple/stateful object), got {type(state_dict).__name__}"
@@ -69,11 +70,12 @@ class Checkpointer(abc.ABC):
         """Load the checkpoint at `path`.
 
         Args:
-            path: the checkpoint directory (local path or fsspec URL).
+            path: the checkpoint directory (local path, `os.PathLike` or fsspec URL).
             state_dict: target whose tensors are filled in place and whose layout
                 (shapes, DTensor placements, world size) decides what each rank reads.
                 None returns the whole checkpoint as plain CPU tensors, same nesting.
-            default_map_location: device (or callable) for tensors loaded without a target.
+            default_map_location: device (or callable) for tensors loaded without a target;
+                `map_location=` is accepted as another name for it (as `torch.load` spells it).
             strict: raise `MissingKeysError` listing target keys the checkpoint lacks.
             allow_pickle: allow pickled values to be unpickled (default False).
             verify: verify checksums of the bytes read (default True).
@@ -84,11 +86,18 @@ class Checkpointer(abc.ABC):
         Raises:
             FileNotFoundError: nothing at `path`; `IncompleteCheckpointError` (a subclass)
                 when shard files exist without committed metadata.
-            MismatchError: a saved tensor's shape or dtype differs from the target's.
+            MismatchError: a saved tensor's shape or dtype differs from the target's, or a key
+                holds a tensor on one side and a plain value on the other.
+
+        A non-strict load whose target matched no saved key warns (`UserWarning`) naming
+        some keys of each side, since it returns the target unchanged.
         """
         self._check_open()
-        if not isinstance(path, str) or not path:
-            raise TypeError(f"path must be a non-empty str, got {type(path).__name__}")
+        path = checkpoint_path(path)
+        if "map_location" in kwargs:
+            if default_map_location is not None:
+                raise TypeError("load() got both map_location and default_map_location; pass one of them")
+            default_map_location = kwargs.pop("map_location")
         return self._load(
             path, state_dict, default_map_location=default_map_location, strict=strict, **kwargs
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import logging
+import os
 import sys
 from typing import Any
 
@@ -35,6 +36,9 @@ from planners.errors import InvalidCheckpointError, PickleNotAllowedError
 from planners.metadata import FORMAT_NAME, METADATA_FILE, Metadata
 from planners.values import decode_value
 from storage.spec import StorageSpec, specs_for
+
+# Longest value shown whole in `inspect`'s table (characters); `--json` shows every value whole.
+MAX_VALUE_CHARS = 60
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,7 +57,7 @@ def main() -> None:
 # --- ls ---------------------------------------------------------------------------------------------
 
 
-@main.command("ls")
+@main.command("ls", short_help="List the steps of a run, oldest first.")
 @click.argument("root")
 @shared_options
 def ls_command(root: str, as_json: bool, quiet: bool, storage_options: str | None) -> None:
@@ -61,7 +65,9 @@ def ls_command(root: str, as_json: bool, quiet: bool, storage_options: str | Non
     out = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
     with exit_on_errors(out):
-        records = [r for _, r in scan_steps(StorageSpec.resolve(root, storage_options=options))]
+        spec = StorageSpec.resolve(root, storage_options=options)
+        _require_root(spec)
+        records = [r for _, r in scan_steps(spec)]
     if as_json:
         out.emit({"root": root, "steps": [r.to_json() for r in records]})
         return
@@ -76,10 +82,20 @@ def ls_command(root: str, as_json: bool, quiet: bool, storage_options: str | Non
     out.table(table)
 
 
+def _require_root(spec: StorageSpec) -> None:
+    """A run root that does not exist is an error (exit 2), not an empty run."""
+    try:
+        exists = os.path.isdir(spec.root) if spec.protocol == "file" else spec.fs.exists(spec.root)
+    except OSError:  # unreachable or denied: the listing that follows reports it as a storage error
+        return
+    if not exists:
+        raise FileNotFoundError(f"no run at {spec.url}: the directory does not exist")
+
+
 # --- inspect ----------------------------------------------------------------------------------------
 
 
-@main.command("inspect")
+@main.command("inspect", short_help="Show a checkpoint's format, world size, tensors and values.")
 @click.argument("path")
 @click.option("--keys", "pattern", default=None, metavar="PATTERN", help="Only keys matching this glob.")
 @shared_options
@@ -100,8 +116,11 @@ def inspect_command(
     doc = inspect_document(url, metadata, saved_at, pattern)
     if as_json:
         out.emit(doc)
-        return
-    _print_inspect(out, doc)
+    else:
+        _print_inspect(out, doc)
+    if pattern is not None and not doc["tensors"] and not doc["values"]:
+        out.err.print(f"no keys match {pattern!r} (a glob over the full keys, e.g. 'model.*')", markup=False)
+        sys.exit(EXIT_PROBLEMS)
 
 
 def _read_or_explain(storage: Any, path: str) -> Metadata:
@@ -169,6 +188,11 @@ def _shown_value(key: str, typed: Any) -> str:
         return "<pickled: load with allow_pickle=True>"
 
 
+def _cut(text: str) -> str:
+    """A value shown in the table: long ones end in an ellipsis (`--json` shows them whole)."""
+    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 1] + "…"
+
+
 def _print_inspect(out: Output, doc: dict) -> None:
     saved = doc["saved_at"] or "-"
     out.console.print(
@@ -185,14 +209,14 @@ def _print_inspect(out: Output, doc: dict) -> None:
     if doc["values"]:
         table = Table("key", "value", title="values", title_justify="left")
         for v in doc["values"]:
-            table.add_row(v["key"], v["value"])
+            table.add_row(v["key"], _cut(v["value"]))
         out.table(table)
 
 
 # --- verify -----------------------------------------------------------------------------------------
 
 
-@main.command("verify")
+@main.command("verify", short_help="Check every file and checksum of a checkpoint.")
 @click.argument("path")
 @click.option("--io-threads", type=click.IntRange(min=1), default=4, show_default=True)
 @shared_options
@@ -241,7 +265,7 @@ def _tensor_bytes(spec: StorageSpec) -> int:
     """The bytes verify will checksum (for the progress bar); 0 when the metadata is unreadable."""
     storage = spec.open()
     try:
-        m = read_metadata(storage)
+        m = _read_or_explain(storage, spec.url)
     except InvalidCheckpointError:
         return 0  # verify reports it as a problem
     finally:
@@ -254,7 +278,7 @@ def _tensor_bytes(spec: StorageSpec) -> int:
 # --- diff -------------------------------------------------------------------------------------------
 
 
-@main.command("diff")
+@main.command("diff", short_help="Compare two checkpoints key by key (exit 1 if they differ).")
 @click.argument("a")
 @click.argument("b")
 @shared_options

@@ -32,6 +32,10 @@ from planners.errors import CheckpointTimeoutError, DistributedCheckpointError
 logger = logging.getLogger(__name__)
 
 COORDINATOR = 0
+# While a rank waits in an exchange over the process group, it logs a warning this often (seconds)
+# naming the ranks that have not reached the exchange yet: a rank that never calls save() would
+# otherwise leave the others silent until the group's timeout (30 minutes by default).
+WAIT_WARNING_SECS = 60.0
 
 
 class Exchange(Protocol):
@@ -115,7 +119,8 @@ class ProcessGroupExchange:
     def _run(self, op: str, collective: Callable[[], None]) -> None:
         step = self._arrive()
         try:
-            collective()
+            with self._warn_while_waiting(op, step):
+                collective()
         except RuntimeError as e:  # gloo and NCCL report a dead peer or a timeout as RuntimeError (DistError)
             text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             raise DistributedCheckpointError(
@@ -123,6 +128,35 @@ class ProcessGroupExchange:
                 "a rank died, was killed or is stuck (checkpoint.verify() tells whether the save was committed)",
                 self._absent_ranks(op, step) or {self.rank: f"{op} failed: {text}"},
             ) from e
+
+    @contextlib.contextmanager
+    def _warn_while_waiting(self, op: str, step: int | None) -> Iterator[None]:
+        """Every `WAIT_WARNING_SECS` inside the collective, log which ranks have not reached it."""
+        if step is None:  # no store to count arrivals in: nothing to name
+            yield
+            return
+        done = threading.Event()
+        start = time.monotonic()
+
+        def watch() -> None:
+            while not done.wait(WAIT_WARNING_SECS):
+                absent = sorted(self._absent_ranks(op, step))
+                if absent and not done.is_set():
+                    logger.warning(
+                        "rank %d: waiting %.0fs in the save's %s exchange for rank(s) %s, which have not "
+                        "reached it yet (still writing, stuck, or not calling save() at all)",
+                        self.rank,
+                        time.monotonic() - start,
+                        op,
+                        ", ".join(map(str, absent)),
+                    )
+
+        thread = threading.Thread(target=watch, name=f"shardsafe-wait-r{self.rank}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()  # not joined: a store read in flight must not delay the save; the thread ends on its own
 
     def _arrive(self) -> int | None:
         """Count this rank into the next exchange; the count is how far the rank got."""

@@ -77,7 +77,7 @@ class DcpImportResult:
 
 
 def import_dcp(
-    dcp_dir: str,
+    dcp_dir: str | os.PathLike[str],
     out: str | StorageSpec,
     *,
     trust_pickle: bool = False,
@@ -104,6 +104,7 @@ def import_dcp(
 
     Example: `import_dcp("/runs/titan/step-1000", "/ckpt/step-1000", trust_pickle=True)`.
     """
+    dcp_dir = os.fspath(dcp_dir)
     reader = _open_dcp(dcp_dir, trust_pickle=trust_pickle, storage_options=storage_options)
     target = spec_for(out, storage_options=storage_options).open()
     try:

@@ -3,6 +3,7 @@
 from planners.errors import (
     CheckpointError,
     CheckpointExistsError,
+    CheckpointPathError,
     CheckpointStateError,
     CheckpointTimeoutError,
     CorruptCheckpointError,
@@ -12,6 +13,7 @@ from planners.errors import (
     InvalidStateDictError,
     MismatchError,
     MissingKeysError,
+    NotADirectoryCheckpointError,
     PickleNotAllowedError,
     PlanCoverageError,
     PostCommitHookError,
@@ -23,6 +25,7 @@ from planners.errors import (
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointPathError",
     "CheckpointStateError",
     "CheckpointTimeoutError",
     "CorruptCheckpointError",
@@ -32,6 +35,7 @@ __all__ = [
     "InvalidStateDictError",
     "MismatchError",
     "MissingKeysError",
+    "NotADirectoryCheckpointError",
     "PickleNotAllowedError",
     "PlanCoverageError",
     "PostCommitHookError",

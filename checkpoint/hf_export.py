@@ -122,7 +122,8 @@ def export_hf(
     Args:
         path: a committed shardsafe checkpoint (local path, fsspec URL or `StorageSpec`).
         out: the output directory (local path, fsspec URL or `StorageSpec`); created if needed.
-        prefix: export only keys starting with it, removed (`"model."`: `model.0.weight` becomes `0.weight`).
+        prefix: export only the keys under this key path, without it (`"model"` or `"model."`:
+            `model.0.weight` becomes `0.weight`; `model_ema.w` is not selected).
         dtype: cast floating-point tensors to it (e.g. `"bfloat16"`); integer and bool tensors keep theirs.
         max_shard_size: largest output file before splitting, e.g. `"5GB"` (GB = 10**9).
         overwrite: replace an existing Hugging Face layout in `out` (default: refuse).
@@ -199,15 +200,21 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return resolved
 
 
+def key_prefix(prefix: str | None) -> str:
+    """`prefix` as a key path: `"model"` and `"model."` both select the keys under `model.`."""
+    return "" if not prefix else prefix if prefix.endswith(".") else f"{prefix}."
+
+
 def _select(metadata: Metadata, prefix: str | None, cast: torch.dtype | None, *, where: str) -> list[_Entry]:
     entries = []
+    under = key_prefix(prefix)
     for key, record in metadata.tensors.items():
-        if prefix and not key.startswith(prefix):
+        if not key.startswith(under):
             continue
         dtype = dtype_from_name(record.dtype, where=f"{where}: key {key!r}")
         if cast is not None and dtype.is_floating_point:
             dtype = cast
-        entries.append(_Entry(source=key, name=key.removeprefix(prefix or ""), record=record, dtype=dtype))
+        entries.append(_Entry(source=key, name=key.removeprefix(under), record=record, dtype=dtype))
     if not entries:
         some = ", ".join(repr(k) for k in list(metadata.tensors)[:5])
         raise ValueError(f"{where}: no tensor key starts with prefix {prefix!r} (keys include {some})")

@@ -22,13 +22,17 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from checkpoint.cli_common import Output, exit_on_errors, parse_storage_options, shared_options
 from checkpoint.dcp_import import DEFAULT_MAX_FILE_BYTES, import_dcp
-from checkpoint.hf_export import DEFAULT_MAX_SHARD_SIZE, HfExportResult, export_hf, parse_size
+from checkpoint.hf_export import DEFAULT_MAX_SHARD_SIZE, HfExportResult, export_hf, key_prefix, parse_size
 
 
 def register(group: click.Group) -> None:
     """Add `export-hf` and `import-dcp` to the `shardsafe` command group."""
-    group.add_command(click.command("export-hf")(_export_options(shared_options(export_hf_command))))
-    group.add_command(click.command("import-dcp")(_import_options(shared_options(import_dcp_command))))
+    export = click.command(
+        "export-hf", short_help="Write a checkpoint's tensors as Hugging Face safetensors."
+    )
+    group.add_command(export(_export_options(shared_options(export_hf_command))))
+    dcp = click.command("import-dcp", short_help="Convert a torch.distributed.checkpoint directory.")
+    group.add_command(dcp(_import_options(shared_options(import_dcp_command))))
 
 
 def _export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,7 +40,12 @@ def _export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         [
             click.argument("path"),
             click.argument("out"),
-            click.option("--prefix", default=None, help="Export only keys under this prefix, removing it."),
+            click.option(
+                "--prefix",
+                default=None,
+                help="Export only the keys under this key path, without it ('model' or 'model.': "
+                "model.0.weight is written as 0.weight).",
+            ),
             click.option("--dtype", default=None, help="Cast floating-point tensors, e.g. bfloat16."),
             click.option(
                 "--max-shard-size",
@@ -103,10 +112,12 @@ def export_hf_command(
             storage_options=options,
             progress=tick,
         )
-    _report_export(ui, result, path, out, as_json=as_json)
+    _report_export(ui, result, path, out, as_json=as_json, prefix=prefix)
 
 
-def _report_export(ui: Output, result: HfExportResult, path: str, out: str, *, as_json: bool) -> None:
+def _report_export(
+    ui: Output, result: HfExportResult, path: str, out: str, *, as_json: bool, prefix: str | None = None
+) -> None:
     doc = {
         "path": path,
         "out": out,
@@ -118,10 +129,16 @@ def _report_export(ui: Output, result: HfExportResult, path: str, out: str, *, a
     line = (
         f"exported {result.tensors} tensors ({result.total_bytes} bytes) to {out}: {', '.join(result.files)}"
     )
-    skipped = (
-        f"not exported (not tensors, or rank-local): {', '.join(result.skipped)}" if result.skipped else ""
+    notes = (
+        [f"not exported (not tensors, or rank-local): {', '.join(result.skipped)}"] if result.skipped else []
     )
-    _report(ui, doc, line, as_json=as_json, note=skipped)
+    if prefix:
+        notes.insert(
+            0,
+            f"--prefix selected the {result.tensors} tensor key(s) under {key_prefix(prefix)!r}, "
+            "written without it",
+        )
+    _report(ui, doc, line, as_json=as_json, note="\n".join(notes))
 
 
 def _report(ui: Output, doc: dict, line: str, *, as_json: bool, note: str = "") -> None:

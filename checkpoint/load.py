@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -23,10 +24,11 @@ from checkpoint.load_values import ABSENT, SavedValues, rank_local_value
 from checkpoint.metadata_file import read_metadata_bytes
 from checkpoint.options import DEFAULT_MAX_METADATA_BYTES, LoadOptions  # noqa: F401 (re-exported)
 from planners.errors import (
-    CheckpointError,
     IncompleteCheckpointError,
     InvalidStateDictError,
+    MismatchError,
     MissingKeysError,
+    NotADirectoryCheckpointError,
     RankLocalError,
 )
 from planners.load_plan import (
@@ -40,6 +42,7 @@ from planners.metadata import (
     Metadata,
 )
 from planners.metadata_parse import parse_metadata
+from planners.values import saved_type_name, type_name
 from storage.backend import CheckpointStorage
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,10 @@ logger = logging.getLogger(__name__)
 # Runs closer than this are fetched in one request: a few wasted bytes cost
 # Keys named in a missing-keys error before "and N more".
 _MAX_KEYS_SHOWN = 20
+# Keys of each side named in the warning about a load that matched no key.
+_MAX_KEYS_SAMPLED = 5
+# Target values that never take a saved tensor's place (a None leaf asks for whatever was saved).
+_SCALARS = (bool, int, float, str)
 
 
 def read_metadata(storage: CheckpointStorage, *, max_bytes: int = DEFAULT_MAX_METADATA_BYTES) -> Metadata:
@@ -68,7 +75,7 @@ def read_metadata(storage: CheckpointStorage, *, max_bytes: int = DEFAULT_MAX_ME
             ) from None
         raise FileNotFoundError(f"no checkpoint at {storage.url}: {METADATA_FILE} not found") from None
     except NotADirectoryError:
-        raise CheckpointError(
+        raise NotADirectoryCheckpointError(
             f"checkpoint path {storage.url} is a file, not a checkpoint directory"
         ) from None
     return parse_metadata(data, where=storage.url)
@@ -133,6 +140,7 @@ def _load_into(
     saved = SavedValues(metadata, reader, jobs, options)
     new_values = {}
     for fqn, path in flat.value_paths.items():
+        _check_value_target(reader.storage.url, fqn, flat.values[fqn], metadata)
         value = saved.at(fqn, path)
         if value is ABSENT:
             missing.append(fqn)
@@ -147,6 +155,8 @@ def _load_into(
         new_values[fqn] = rank_local_value(record, rank, holder.value, reader, jobs, fqn, options)
     if options.strict and missing:
         raise _missing_keys_error(reader.storage.url, missing)
+    if missing and len(missing) == len(flat.tensors) + len(flat.value_paths) + len(flat.rank_local):
+        _warn_nothing_matched(reader.storage.url, metadata, missing)
     reader.run(jobs)
     new_values = {fqn: saved.placed(v) if fqn in saved.produced else v for fqn, v in new_values.items()}
     return fill_target(target, flat, new_values), sorted(missing)
@@ -166,12 +176,47 @@ def _plan_tensors(
             )
         record = metadata.tensors.get(fqn)
         if record is None:
+            if fqn in metadata.values:
+                raise MismatchError(
+                    f"{where}: key {fqn!r}: the checkpoint holds a value of type "
+                    f"{saved_type_name(metadata.values[fqn])}, but the target holds a tensor; put a "
+                    "value (or None) at this key of the target, or save a tensor under it"
+                )
             missing.append(fqn)
             continue
         lt = LoadTarget(fqn=fqn, dtype=leaf.local.dtype, global_shape=leaf.global_shape, box=leaf.box)
         check_compatible(lt, record, where=where)
         jobs += [(item, leaf.local) for item in reader.plan(lt, record)]
     return jobs, missing
+
+
+def _check_value_target(where: str, fqn: str, current: Any, metadata: Metadata) -> None:
+    """A target leaf holding a plain value (not None) is not given a saved tensor in its place."""
+    if fqn in metadata.tensors and type(current) in _SCALARS:
+        record = metadata.tensors[fqn]
+        raise MismatchError(
+            f"{where}: key {fqn!r}: the checkpoint holds a tensor (shape {list(record.shape)}, "
+            f"{record.dtype}), but the target holds a value of type {type_name(current)}; put a tensor "
+            "(or None, to get the saved tensor) at this key of the target"
+        )
+
+
+def _warn_nothing_matched(where: str, metadata: Metadata, missing: list[str]) -> None:
+    """A non-strict load whose target matched no saved key returns it unchanged: say so, loudly."""
+    saved = sorted([*metadata.tensors, *metadata.values, *metadata.rank_local])
+
+    def sample(keys: list[str]) -> str:
+        more = f", ... ({len(keys)} in all)" if len(keys) > _MAX_KEYS_SAMPLED else ""
+        return ", ".join(repr(k) for k in keys[:_MAX_KEYS_SAMPLED]) + more
+
+    warnings.warn(
+        f"load from {where} matched none of the target's {len(missing)} key(s), so nothing was loaded "
+        f"and the target is unchanged. Target keys: {sample(sorted(missing))}; saved keys: "
+        f"{sample(saved)}. Nest the target as the state was saved (e.g. {{'model': model}} only if it "
+        "was saved that way), or pass strict=True to raise instead",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _check_rank_local_world(where: str, fqn: str, saved_by: int, *, rank: int, world_size: int) -> None:

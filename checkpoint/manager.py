@@ -27,6 +27,7 @@ points, as it calls `save`:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
@@ -36,9 +37,10 @@ import torch.distributed as dist
 
 from checkpoint.checkpointer import Checkpointer
 from checkpoint.manager_signals import PreemptionNotice, agreement_group, max_over_ranks
-from checkpoint.manager_steps import StepRecord, join, scan_steps, step_dir_name
+from checkpoint.manager_steps import StepRecord, check_run_root, join, scan_steps, step_dir_name
+from checkpoint.plan_exchange import comparable_path, path_mismatch
 from checkpoint.retention import RetentionPolicy, prune, quarantine
-from checkpoint.types import STATE_DICT, RankInfo
+from checkpoint.types import STATE_DICT, RankInfo, checkpoint_path
 from planners.errors import (
     CheckpointStateError,
     DistributedCheckpointError,
@@ -61,7 +63,7 @@ class CheckpointManager:
     """Saves a training run's state every `interval_steps` steps under `root`, resumes it, prunes old steps.
 
     Args:
-        root: the run's directory: local path or fsspec URL (`s3://bucket/run`).
+        root: the run's directory: local path (str or `os.PathLike`) or fsspec URL (`s3://bucket/run`).
         checkpointer: a sync or async checkpointer (`make_sync_checkpointer`, `make_async_checkpointer`);
             the manager does not close it.
         keep_last: keep the newest `keep_last` complete steps (None: keep every step).
@@ -88,7 +90,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        root: str,
+        root: str | os.PathLike[str],
         *,
         checkpointer: Checkpointer,
         keep_last: int | None = None,
@@ -98,8 +100,7 @@ class CheckpointManager:
         preemption_check_steps: int = 1,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if not isinstance(root, str) or not root:
-            raise TypeError(f"root must be a non-empty str, got {root!r}")
+        root = checkpoint_path(root, what="root")
         _check_count("keep_last", keep_last, optional=True)
         _check_count("keep_every", keep_every, optional=True)
         _check_count("interval_steps", interval_steps)
@@ -177,6 +178,7 @@ class CheckpointManager:
         return False
 
     def _start_save(self, step: int, state: STATE_DICT) -> None:
+        self._root()  # every rank checks the root once (not a checkpoint itself) before its first save
         path = join(self.root, step_dir_name(step))
         start = time.perf_counter()
         previous, self._pending = self._pending, None
@@ -255,10 +257,12 @@ class CheckpointManager:
             FileNotFoundError: `step` was given and the run has no such step;
                 `IncompleteCheckpointError` (a subclass) when it was never committed.
             MismatchError, MissingKeysError: the target does not fit the checkpoint.
+            CheckpointPathError: the root is itself a checkpoint, or the ranks' roots differ.
             DistributedCheckpointError: another rank's load failed that way.
         """
         self._check_open()
         self.wait_until_finished()
+        self._root()  # every rank checks the root (not a checkpoint itself) before any collective
         found = self._shared_listing()
         if step is not None:
             return self._load_named(state, step, found, strict)
@@ -295,6 +299,11 @@ class CheckpointManager:
         records = None if listing is None else [(s.path, r) for s, r in listing]
         if self._group is None:
             return records
+        roots: list[Any] = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(roots, comparable_path(self.root), group=self._group)
+        mismatch = path_mismatch(roots, call="CheckpointManager (its root)")
+        if mismatch is not None:  # every rank sees every root, so all raise here together
+            raise mismatch
         box = [records]
         dist.broadcast_object_list(box, src=0, group=self._group)
         return box[0]
@@ -360,7 +369,9 @@ class CheckpointManager:
     def _root(self) -> StorageSpec:
         """The run root's spec, resolved once (at first use, as a listing or a purge needs it)."""
         if self._root_spec is None:
-            self._root_spec = StorageSpec.resolve(self.root, storage_options=self._storage_options)
+            spec = StorageSpec.resolve(self.root, storage_options=self._storage_options)
+            check_run_root(spec)
+            self._root_spec = spec
         return self._root_spec
 
     def _step_url(self, step: int) -> str:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from checkpoint.metadata_file import read_metadata_document
+from planners.errors import CheckpointPathError
 from planners.metadata import FORMAT_NAME, METADATA_FILE
 from storage.backend import CheckpointStorage
 from storage.spec import StorageSpec
@@ -106,6 +107,28 @@ def step_dirs(names: Iterable[str]) -> dict[int, str]:
         if step is not None and (step not in found or name == step_dir_name(step)):
             found[step] = name
     return found
+
+
+def check_run_root(root: StorageSpec) -> None:
+    """Refuse a run root that is itself a checkpoint (a step folder given instead of the run's root).
+
+    The manager would find no step under it and start fresh, and its saves could then replace a run.
+
+    Raises:
+        CheckpointPathError: `root` holds `metadata.json`; the message names the parent to pass.
+    """
+    storage = root.open()
+    try:
+        is_checkpoint = storage.exists(METADATA_FILE)
+    finally:
+        storage.close()
+    if is_checkpoint:
+        shown = root.url.rstrip("/")
+        parent = shown.rsplit("/", 1)[0] if "/" in shown else "."
+        raise CheckpointPathError(
+            f"CheckpointManager root {shown} is itself a checkpoint (it holds {METADATA_FILE}); pass the "
+            f"run's root, the directory that holds the step-... folders, e.g. {parent}"
+        )
 
 
 def list_step_dirs(root: StorageSpec) -> dict[int, str]:

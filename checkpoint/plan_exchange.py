@@ -10,6 +10,10 @@ structures rather than by chunks x ranks:
 3. gather: those representatives send their structure (others send None);
 4. broadcast: the checked structures, or the error that names keys and ranks.
 
+Before any of these, the first exchange of every save (`checkpoint.save`)
+carries each rank's path, as `comparable_path` spells it, so that ranks
+passing different paths all fail (`path_mismatch`) before anything is written.
+
 Then every rank computes its own writes (`planners.global_plan.writes_of`)
 and packs them with its rank-local tensors into shard files. The
 coordinator keeps the per-key records the metadata needs.
@@ -17,12 +21,13 @@ coordinator keeps the per-key records the metadata needs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from checkpoint.collectives import COORDINATOR, Exchange
 from planners.boxes import tiling_problem
-from planners.errors import PlanCoverageError
+from planners.errors import CheckpointPathError, PlanCoverageError
 from planners.global_plan import (
     RankStructure,
     WorldStructure,
@@ -36,6 +41,7 @@ from planners.global_plan import (
 from planners.placement import Layout
 from planners.save_plan import GlobalPlan, LocalPlan, RankPlan, WriteItem, pack_files
 from planners.world_check import check_world
+from storage.redact import display_url
 
 
 def local_structure(
@@ -142,4 +148,21 @@ def draft_plan(world: WorldStructure) -> GlobalPlan:
         rank_plans=(),
         tensors=tensor_records(world),
         grid_fields=grid_fields(world),
+    )
+
+
+def comparable_path(url: str) -> str:
+    """The path as this rank resolves it: two spellings of one directory compare equal."""
+    return url.rstrip("/") if "://" in url else os.path.abspath(url)
+
+
+def path_mismatch(urls: Sequence[str], *, call: str = "save()") -> CheckpointPathError | None:
+    """The error for ranks that passed different paths to one `call` (every rank must pass the same)."""
+    other = next((r for r, url in enumerate(urls) if url != urls[COORDINATOR]), None)
+    if other is None:
+        return None
+    return CheckpointPathError(
+        f"the ranks passed different paths to {call}: rank {COORDINATOR} {display_url(urls[COORDINATOR])!r}, "
+        f"rank {other} {display_url(urls[other])!r}; every rank must pass the same checkpoint directory "
+        "(one checkpoint holds every rank's shards: do not put the rank in the path)"
     )

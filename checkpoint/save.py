@@ -7,7 +7,9 @@
    not are structures exchanged and every rank's files derived again
    (`checkpoint.plan_exchange`). The coordinator also checks the path and
    writes this save's in-progress marker (`checkpoint.lease`) before any rank
-   writes a shard file.
+   writes a shard file. The first exchange carries every rank's path too, so
+   ranks that passed different paths all fail; a save refused here removes
+   the directories the coordinator created for it.
 3. `write_rank_files`: each rank streams its shard files (any process: the
    trainer for a sync save; for an async one the writer process, from the
    copy `checkpoint.staging` made) through `storage.safetensors_io`, which
@@ -41,7 +43,14 @@ from checkpoint import lease
 from checkpoint.collectives import COORDINATOR, Exchange
 from checkpoint.local_plan import LocalSave, describe_local, describe_or_error
 from checkpoint.options import SaveOptions
-from checkpoint.plan_exchange import agree_world, draft_plan, local_structure, rank_plan
+from checkpoint.plan_exchange import (
+    agree_world,
+    comparable_path,
+    draft_plan,
+    local_structure,
+    path_mismatch,
+    rank_plan,
+)
 from planners.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -170,6 +179,7 @@ def prepare_save(
         except Exception:
             if exchange.rank == COORDINATOR:  # no rank writes anything of this save: its marker goes now
                 lease.release_quietly(storage, decision.save_id)
+                storage.remove_created_dirs()  # and so does a directory it made
             raise
     return _prepared(local, exchange, storage.url, cache, decision, overwrite=overwrite)
 
@@ -183,14 +193,19 @@ def _agree_decision(
     overwrite: bool,
     lease_secs: float,
 ) -> _Decision:
-    """Gather plan digests (or local errors); the coordinator decides; every rank raises its refusal."""
-    digests = exchange.gather(
-        portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint()
-    )
+    """Gather plan digests (or local errors) and paths; the coordinator decides; every rank raises its refusal."""
+    mine = portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint()
+    gathered = exchange.gather((mine, comparable_path(storage.url)))
     decision = None
     if exchange.rank == COORDINATOR:
-        assert digests is not None
-        decision = _decide(digests, storage, cache, overwrite=overwrite, lease_secs=lease_secs)
+        assert gathered is not None
+        mismatch = path_mismatch([url for _, url in gathered])
+        digests = [d for d, _ in gathered]
+        decision = (
+            _Decision(save_id="", reuse=False, error=mismatch)
+            if mismatch is not None
+            else _decide(digests, storage, cache, overwrite=overwrite, lease_secs=lease_secs)
+        )
     decision = exchange.broadcast(decision)
     if decision.error is not None:
         raise decision.error
@@ -259,12 +274,16 @@ def _decide(
         return _Decision(save_id=save_id, reuse=False, failures=failures)
     try:
         storage.prepare()
+    except Exception as e:
+        return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
+    try:
         if storage.exists(METADATA_FILE) and not overwrite:
             raise CheckpointExistsError(
                 f"a complete checkpoint already exists at {storage.url}; pass overwrite=True to save() to replace it"
             )
         lease.claim(storage, save_id, lease_secs)
     except Exception as e:
+        storage.remove_created_dirs()
         return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
     return _Decision(
         save_id=save_id, reuse=cache.digests == digests, commit_secret=secrets.token_hex(COMMIT_SECRET_BYTES)

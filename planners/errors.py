@@ -69,6 +69,15 @@ class RankLocalError(CheckpointError, ValueError):
     """A rank-local value cannot go back to its rank (the world size changed)."""
 
 
+class CheckpointPathError(CheckpointError, ValueError):
+    """A path does not fit the call: the ranks of one save or load passed different paths, or a
+    `CheckpointManager` root is itself a checkpoint (its `metadata.json` is there)."""
+
+
+class NotADirectoryCheckpointError(CheckpointError, NotADirectoryError):
+    """The checkpoint path names a file (e.g. `.../metadata.json`), not a checkpoint directory."""
+
+
 class CheckpointTimeoutError(CheckpointError, TimeoutError):
     """A wait across ranks or processes ran out of time."""
 

@@ -47,8 +47,10 @@ def encode_value(value: Any, *, key: str, allow_pickle: bool) -> JSON:
     if is_plain_value(value):
         return _encode(value)
     if not allow_pickle:
+        where, item = _first_unplain(value, key)
+        inside = "" if item is value else f" (its item {where} is a {type_name(item)})"
         raise PickleNotAllowedError(
-            f"key {key!r}: a value of type {type(value).__qualname__} cannot be stored as JSON. "
+            f"key {key!r}: a value of type {type(value).__qualname__}{inside} cannot be stored as JSON. "
             "Convert it to int/float/str/bool/None or lists, tuples and dicts of them, "
             "or pass allow_pickle=True to save() to store it pickled."
         )
@@ -59,6 +61,39 @@ def encode_value(value: Any, *, key: str, allow_pickle: bool) -> JSON:
             f"key {key!r}: value of type {type(value).__qualname__} cannot be pickled: {e}"
         ) from e
     return {"pickle": base64.b64encode(payload).decode("ascii")}
+
+
+def type_name(value: Any) -> str:
+    """The type of `value` as a user reads it: `int`, `numpy.ndarray` (builtins without a module)."""
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _first_unplain(value: Any, where: str) -> tuple[str, Any]:
+    """The first item inside `value` (depth first) that is not a plain value, and its path from `where`.
+
+    `value` itself when none of its items is to blame (its own type is, or a dict key is).
+    """
+    if type(value) in (list, tuple):
+        items = list(enumerate(value))
+    elif type(value) is dict and all(type(k) in (str, int, bool, float, type(None)) for k in value):
+        items = list(value.items())
+    else:
+        return where, value
+    for k, v in items:
+        if not is_plain_value(v):
+            return _first_unplain(v, f"{where}[{k!r}]")
+    return where, value
+
+
+def saved_type_name(data: JSON) -> str:
+    """The type of the value a typed-JSON record holds, without decoding it (for error messages)."""
+    if type(data) is dict and len(data) == 1:
+        tag = next(iter(data))
+        return {"tuple": "tuple", "dict": "dict", "float": "float", "pickle": "pickled object"}.get(
+            tag, "dict"
+        )
+    return type_name(data)
 
 
 def _encode(value: Any) -> JSON:

@@ -9,7 +9,8 @@ text shardsafe shows.
 
 Call order for a save (all in the process that writes: the trainer rank for a sync save, the writer
 process for an async one): `prepare()` on the coordinator, `open_write()` per shard file on every
-rank, then `publish()` of the metadata on the coordinator, last. A load calls `read_bytes()` for the
+rank, then `publish()` of the metadata on the coordinator, last (`remove_created_dirs()` on the
+coordinator instead, when the save fails before any shard file is written). A load calls `read_bytes()` for the
 metadata and `read_ranges()` for shard bytes, on every rank; cleanup calls `list_names()` and
 `remove()` on the coordinator. Every implementation passes `tests/test_storage_conformance.py`.
 """
@@ -31,7 +32,17 @@ class CheckpointStorage(Protocol):
     url: str  # for messages: never holds credentials
 
     def prepare(self) -> None:
-        """Create the directory if needed; fail if the path is a file or its bucket does not exist."""
+        """Create the directory if needed; fail if the path is a file or its bucket does not exist.
+
+        Remembers the directories it created, for `remove_created_dirs`.
+        """
+
+    def remove_created_dirs(self) -> None:
+        """Remove the directories `prepare()` created, deepest first, each only while it is empty.
+
+        A save that fails before writing any shard file calls it, so it leaves no directory behind;
+        a directory that existed before is never touched. Nothing to do on object stores.
+        """
 
     def open_write(self, name: str) -> AbstractContextManager[BinaryIO]:
         """A stream for one shard file; the file exists, whole and durable, once the context exits cleanly.

@@ -34,10 +34,17 @@ from typing import Any, BinaryIO, cast
 
 import torch
 
-from planners.errors import CheckpointError, CorruptCheckpointError, InvalidCheckpointError, StorageError
+from planners.errors import (
+    CorruptCheckpointError,
+    InvalidCheckpointError,
+    NotADirectoryCheckpointError,
+    StorageError,
+)
 
 # Flags of every read: never follow a link at the file's name, never block on a FIFO or device.
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+from storage.links import READ_FLAGS as _READ_FLAGS
+from storage.links import open_link_within as _open_link_within
+
 # One preadv call reads at most this much (Linux caps a single read near 2 GiB).
 _MAX_READ_BYTES = 1 << 30
 # A whole-file read asks for the size fstat saw plus this much, so it sees the end (or growth) at once.
@@ -54,12 +61,20 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _makedirs_durably(path: str) -> None:
+def not_a_directory(where: str) -> NotADirectoryCheckpointError:
+    """The error for a checkpoint path that names a file (e.g. a checkpoint's own `metadata.json`)."""
+    return NotADirectoryCheckpointError(
+        f"checkpoint path {where} is a file, not a directory; choose another path"
+    )
+
+
+def _makedirs_durably(path: str) -> list[str]:
     """Create `path` and any missing parents, fsyncing the parent of each level created.
 
     Every new directory's entry lives in its parent, so each level needs its parent synced, not just
-    the last one, for the whole chain to survive a crash.
+    the last one, for the whole chain to survive a crash. Returns the levels this call created.
     """
+    created = []
     missing = []
     head = path
     while head and not os.path.isdir(head):
@@ -72,7 +87,9 @@ def _makedirs_durably(path: str) -> None:
             if not os.path.isdir(level):
                 raise
             continue  # another process made it; it syncs its own parent
+        created.append(level)
         _fsync_dir(os.path.dirname(level) or ".")
+    return created
 
 
 def _write_all(fd: int, data: Any, *, path: str, offset: int) -> int:
@@ -133,51 +150,6 @@ class _CheckedFile:
             )
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _open_link_within(path: str, root: str) -> int:
-    """Open the file the link `path` leads to, if that file lies inside `root` (both resolved).
-
-    The link is resolved first and refused if it leaves `root`; the target is then opened without
-    following a link at its own name, and where the descriptor really points is checked again after
-    opening (a directory on the way swapped for a link in between would show there). The caller's
-    `fstat` then refuses anything but a regular file.
-
-    Raises:
-        FileNotFoundError: the link dangles (an incomplete download).
-        InvalidCheckpointError: the link leaves `root`, or loops.
-    """
-    target = os.path.realpath(path)
-    if not _inside(target, root):
-        raise InvalidCheckpointError(
-            f"{path}: is a symbolic link to {target}, outside {root}; only links to files inside the same "
-            "cache repository are followed"
-        )
-    try:
-        fd = os.open(target, _READ_FLAGS)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: is a symbolic link to {target}, which does not exist") from None
-    except OSError as e:
-        raise InvalidCheckpointError(
-            f"{path}: the symbolic link cannot be followed: {e.strerror or e}"
-        ) from e
-    opened = _opened_path(fd, target)
-    if not _inside(opened, root):
-        os.close(fd)
-        raise InvalidCheckpointError(f"{path}: the opened file {opened} lies outside {root}; it was replaced")
-    return fd
-
-
-def _opened_path(fd: int, fallback: str) -> str:
-    """Where descriptor `fd` points (Linux: /proc/self/fd), or `fallback` where that cannot be read."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return fallback
-
-
 class LocalStorage:
     """A checkpoint directory on a POSIX file system.
 
@@ -190,6 +162,7 @@ class LocalStorage:
         self.root = os.path.abspath(os.path.expanduser(root))
         self.url = self.root
         self.links_within = os.path.realpath(links_within) if links_within is not None else None
+        self._created: list[str] = []  # by prepare(), outermost first
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.root!r})"
@@ -199,11 +172,17 @@ class LocalStorage:
 
     def prepare(self) -> None:
         if os.path.exists(self.root) and not os.path.isdir(self.root):
-            raise CheckpointError(
-                f"checkpoint path {self.root} is a file, not a directory; choose another path"
-            )
+            raise not_a_directory(self.root)
         if not os.path.isdir(self.root):
-            _makedirs_durably(self.root)  # each new directory's own entry must survive a crash too
+            self._created = _makedirs_durably(self.root)  # each new entry must survive a crash too
+
+    def remove_created_dirs(self) -> None:
+        for level in reversed(self._created):
+            try:
+                os.rmdir(level)  # only while empty: a file someone put there keeps it
+            except OSError:
+                return
+        self._created = []
 
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[BinaryIO]:
@@ -364,7 +343,9 @@ class LocalStorage:
         except FileNotFoundError:
             return []
         except NotADirectoryError:
-            raise CheckpointError(f"checkpoint path {self.root} is a file, not a directory") from None
+            raise NotADirectoryCheckpointError(
+                f"checkpoint path {self.root} is a file, not a directory"
+            ) from None
 
     def remove(self, names: Sequence[str]) -> None:
         for name in names:

@@ -267,3 +267,12 @@ class PartUpload:
             make, policy=self._retry, what=what, where=self._where, redact=self._redact
         )
         return asyncio.run_coroutine_threadsafe(coro, self._parts.loop).result()
+
+
+def speaks_s3(fs: Any) -> bool:
+    """An s3fs file system (or subclass) in blocking mode, whose requests `PartUpload` can issue."""
+    return (
+        callable(getattr(fs, "_call_s3", None))
+        and callable(getattr(fs, "split_path", None))
+        and not getattr(fs, "asynchronous", False)
+    )

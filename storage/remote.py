@@ -29,8 +29,8 @@ import fsspec.asyn
 
 from planners.errors import CheckpointError, CheckpointExistsError, InvalidCheckpointError, StorageError
 from storage.checked_stream import CheckedStream
-from storage.local import too_large_message
-from storage.multipart import MIN_PART_BYTES, PartUpload, S3Parts
+from storage.local import not_a_directory, too_large_message
+from storage.multipart import MIN_PART_BYTES, PartUpload, S3Parts, speaks_s3
 from storage.redact import Redactor
 from storage.retry import (
     RetryPolicy,
@@ -90,15 +90,6 @@ def _protocols(fs: Any) -> tuple[str, ...]:
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
-def _speaks_s3(fs: Any) -> bool:
-    """An s3fs file system (or subclass) in blocking mode, whose requests `PartUpload` can issue."""
-    return (
-        callable(getattr(fs, "_call_s3", None))
-        and callable(getattr(fs, "split_path", None))
-        and not getattr(fs, "asynchronous", False)
-    )
-
-
 class FsspecStorage:
     """A checkpoint directory on an fsspec file system.
 
@@ -124,8 +115,9 @@ class FsspecStorage:
         self.url = url.rstrip("/")
         self.transfer = transfer or TransferConfig()
         self._redact = redact or Redactor()
-        self._s3 = _speaks_s3(fs)
+        self._s3 = speaks_s3(fs)
         self._object_store = self._s3 or bool(_OBJECT_STORE_PROTOCOLS.intersection(_protocols(fs)))
+        self._created = False  # prepare() made the directory (file systems with real directories)
         self._part_slots = threading.BoundedSemaphore(self.transfer.max_parts_in_flight)
 
     def __repr__(self) -> str:
@@ -169,12 +161,16 @@ class FsspecStorage:
                 ) from None
         info = self._info(None)
         if info is not None and info.get("type") == "file":
-            raise CheckpointError(
-                f"checkpoint path {self.url} is a file, not a directory; choose another path"
-            )
+            raise not_a_directory(self.url)
         if not self._object_store:
             with contextlib.suppress(FileExistsError):
                 self._call("create directory", None, self.fs.makedirs, self.root, exist_ok=True)
+            self._created = info is None
+
+    def remove_created_dirs(self) -> None:
+        if self._created:  # only the checkpoint directory itself: fsspec does not say which parents it made
+            with contextlib.suppress(OSError):
+                self.fs.rmdir(self.root)
 
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[BinaryIO]:

@@ -18,6 +18,7 @@ resolved once and each step directory derived from it (`StorageSpec.child`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -76,17 +77,18 @@ class StorageSpec:
     @classmethod
     def resolve(
         cls,
-        path: str,
+        path: str | os.PathLike[str],
         *,
         storage_options: Mapping[str, Any] | None = None,
         transfer: TransferConfig | None = None,
     ) -> StorageSpec:
-        """Resolve a plain local path, a `file://` URL or any fsspec URL (calls `url_to_fs` once).
+        """Resolve a plain local path (str or `os.PathLike`), a `file://` URL or any fsspec URL (calls `url_to_fs` once).
 
         Raises:
             CheckpointError: the URL's protocol is unknown, or needs a package that is not
                 installed (the message names the extra to install, e.g. `shardsafe[s3]`).
         """
+        path = os.fspath(path)
         if "://" not in path:
             return cls(protocol="file", root=path, url=path, path=path)
         if path.startswith("file://"):
@@ -161,7 +163,9 @@ class StorageAccess:
         return StorageSpec.resolve(path, storage_options=self.storage_options, transfer=self.transfer)
 
 
-def spec_for(location: str | StorageSpec, *, storage_options: Mapping[str, Any] | None = None) -> StorageSpec:
+def spec_for(
+    location: str | os.PathLike[str] | StorageSpec, *, storage_options: Mapping[str, Any] | None = None
+) -> StorageSpec:
     """What a public entry point was given, as a spec: a path or URL is resolved now, a spec is used as is.
 
     Entry points (verify, diff, the exports, the command line) take either, so a caller that
@@ -177,7 +181,7 @@ def spec_for(location: str | StorageSpec, *, storage_options: Mapping[str, Any] 
 
 
 def specs_for(
-    *locations: str | StorageSpec, storage_options: Mapping[str, Any] | None = None
+    *locations: str | os.PathLike[str] | StorageSpec, storage_options: Mapping[str, Any] | None = None
 ) -> list[StorageSpec]:
     """`spec_for` each location of one call (a diff's two checkpoints, an export's source and output).
 

@@ -19,6 +19,7 @@ from planners.errors import (
     CheckpointError,
     DistributedCheckpointError,
     InvalidStateDictError,
+    NotADirectoryCheckpointError,
     PickleNotAllowedError,
 )
 from planners.metadata import METADATA_FILE
@@ -36,11 +37,11 @@ def test_path_that_is_a_file(ckpt, tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError) as info:
         ckpt.save({"w": torch.ones(2)}, str(path))
-    assert type(info.value) is CheckpointError
+    assert type(info.value) is NotADirectoryCheckpointError
     assert str(info.value) == f"checkpoint path {path} is a file, not a directory; choose another path"
     with pytest.raises(CheckpointError) as info:
         ckpt.load(str(path))
-    assert type(info.value) is CheckpointError
+    assert type(info.value) is NotADirectoryCheckpointError
     assert str(info.value) == f"checkpoint path {path} is a file, not a checkpoint directory"
     assert path.read_bytes() == b"not a checkpoint"
 
@@ -64,9 +65,13 @@ def test_wrong_arguments(ckpt, tmp_path):
     state = {"w": torch.ones(2)}
     with pytest.raises(TypeError, match=r"save\(\) takes \(state_dict, path\): the arguments are swapped"):
         ckpt.save(path, state)
-    with pytest.raises(TypeError, match=r"^path must be a non-empty str, got dict$"):
+    with pytest.raises(
+        TypeError, match=r"^path must be a str or os\.PathLike \(e\.g\. pathlib\.Path\), got dict$"
+    ):
         ckpt.load(state, path)
-    with pytest.raises(TypeError, match=r"^path must be a non-empty str, got str$"):
+    with pytest.raises(
+        TypeError, match=r"^path is an empty path; pass the checkpoint directory \(a str or os\.PathLike\)$"
+    ):
         ckpt.save(state, "")
     with pytest.raises(
         TypeError, match=r"^state_dict must be a dict \(or list/tuple/stateful object\), got Tensor$"
@@ -139,7 +144,7 @@ def test_ranks_that_disagree_fail_together_with_clear_errors(tmp_path):
     assert r0["meta"][2] == {1: f"InvalidStateDictError: {meta}"}
 
     a_file = (
-        "CheckpointError",
+        "NotADirectoryCheckpointError",
         f"checkpoint path {tmp_path}/a-file is a file, not a directory; choose another path",
         None,
     )

@@ -84,6 +84,7 @@ def test_ls_table_and_empty_root(run_root: Path, tmp_path: Path) -> None:
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [r[:3] for r in rows] == [["5", "yes", "1"], ["10", "yes", "1"], ["15", "NO", "-"]]
     assert rows[2][-1] == str(run_root / "step-000000015")
+    (tmp_path / "nothing").mkdir()  # an empty run; a missing root exits 2 (tests/test_first_hour_cli.py)
     code, out, err = _run("ls", str(tmp_path / "nothing"))
     assert (code, out) == (0, "")
     assert "no step directories" in err

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import fsspec
 import pytest
 
-from planners.errors import CheckpointError, InvalidCheckpointError
+from planners.errors import CheckpointError, InvalidCheckpointError, NotADirectoryCheckpointError
 from storage import CheckpointStorage, RetryPolicy, TransferConfig, open_storage
 from storage.local import LocalStorage
 from storage.remote import FsspecStorage
@@ -205,8 +205,28 @@ def test_prepare_refuses_a_file(backend: Backend, storage: CheckpointStorage) ->
     with pytest.raises(CheckpointError, match="is a file, not a directory") as e:
         on_file.prepare()
 
-    assert type(e.value) is CheckpointError
+    assert type(e.value) is NotADirectoryCheckpointError and isinstance(e.value, NotADirectoryError)
     assert "ckpt/taken" in str(e.value)
+
+
+def test_remove_created_dirs_keeps_what_holds_files_or_existed_before(
+    backend: Backend, storage: CheckpointStorage
+) -> None:
+    _write(storage, "kept", b"abc")
+    again = backend.open()  # the directory exists: this one created nothing
+    again.prepare()
+    again.remove_created_dirs()
+    assert storage.read_bytes("kept") == b"abc"
+    fresh = backend.open("fresh/deeper")
+    fresh.prepare()
+    _write(fresh, "f", b"x")
+    fresh.remove_created_dirs()  # not empty: stays
+    assert fresh.read_bytes("f") == b"x"
+    fresh.remove(["f"])
+    fresh.remove_created_dirs()  # empty now: local disk removes both levels it made
+    assert fresh.exists("f") is False
+    if backend.kind == "local":
+        assert not os.path.exists(os.path.join(backend.root, "fresh"))
 
 
 def test_close_is_idempotent(storage: CheckpointStorage) -> None:
