@@ -33,6 +33,7 @@ import torch.distributed as dist
 from checkpoint.checkpointer import Checkpointer
 from checkpoint.manager_signals import PreemptionNotice, agreement_group, max_over_ranks
 from checkpoint.manager_steps import StepRecord, join, remove_step, scan_steps, step_dir_name
+from checkpoint.tiers.manager_tier import build_local_tier, durable_or_none, merge_records, recover_tiers
 from checkpoint.types import STATE_DICT, RankInfo
 from planners.errors import (
     CheckpointStateError,
@@ -67,6 +68,8 @@ class CheckpointManager:
         preemption_check_steps: in a multi-rank job, ranks agree on a received signal with one small
             all-reduce at steps that are multiples of this (1: at every `save()` call).
         storage_options: fsspec options for `root`; default: the checkpointer's.
+        local_root, local_interval_steps, local_keep_last, replicas, local_address: the node-local
+            tier (`checkpoint.tiers.manager_tier.build_local_tier`); None: no local tier.
 
     Raises:
         ValueError: an option is out of range, or signals are asked for outside the main thread.
@@ -92,6 +95,11 @@ class CheckpointManager:
         save_on_signals: Sequence[int] = (),
         preemption_check_steps: int = 1,
         storage_options: Mapping[str, Any] | None = None,
+        local_root: str | None = None,
+        local_interval_steps: int | None = None,
+        local_keep_last: int = 2,
+        replicas: int = 1,
+        local_address: str | None = None,
     ) -> None:
         if not isinstance(root, str) or not root:
             raise TypeError(f"root must be a non-empty str, got {root!r}")
@@ -115,12 +123,16 @@ class CheckpointManager:
         self._damaged: set[int] = set()  # complete steps a load found unreadable (re-saving overwrites)
         self._preempted = False
         self._closed = False
+        self._local = build_local_tier(
+            local_root, local_interval_steps, local_keep_last, replicas, local_address, self._group
+        )
 
     # --- queries (any rank, no collective) --------------------------------------------------------
 
     def steps(self) -> list[StepRecord]:
-        """Every step directory of the run, oldest first (complete or not)."""
-        return [record for _, record in scan_steps(self._root())]
+        """Every step of the run, oldest first (complete or not); `tiers`: durable and/or this node's local."""
+        durable = [record for _, record in self._durable_listing()]
+        return durable if self._local is None else merge_records(durable, self._local.records())
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None when there is none."""
@@ -149,8 +161,9 @@ class CheckpointManager:
             raise TypeError(f"step must be an int >= 0, got {step!r}")
         self._purge_if_committed()
         preempted = self._check_preemption(step)
+        local = self._local is not None and self._local.due(step) and self._local.save(step, state)
         if not (force or preempted or step % self.interval_steps == 0):
-            return False
+            return local
         if self._newest is not None and step <= self._newest:
             logger.warning("not saving step %d: step %d is already saved or loaded", step, self._newest)
             return False
@@ -189,6 +202,8 @@ class CheckpointManager:
 
     def wait_until_finished(self) -> None:
         """Wait for the async save in flight (if any), raise its failure, then prune (rank 0)."""
+        if self._local is not None:
+            self._local.wait()
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -264,6 +279,9 @@ class CheckpointManager:
         found = self._shared_listing()
         if step is not None:
             return self._load_named(state, step, found, strict)
+        if self._local is not None:  # the local tier first, the durable steps as fallback
+            self._newest = recover_tiers(self._local, state, found, strict, self._try_load)
+            return self._newest
         complete = [(path, r) for path, r in found if r.complete]
         self._damaged |= {r.step for _, r in found if not r.complete}  # saving such a step replaces it
         for _, record in found if self._rank == 0 else ():  # one warning per job, not per rank
@@ -287,10 +305,14 @@ class CheckpointManager:
         self._try_load(state, path, record, strict, skip_damaged=False)  # raises unless loaded
         return step
 
+    def _durable_listing(self) -> list[tuple[StorageSpec, StepRecord]]:
+        """The durable steps; with a local tier, an unreachable root holds none (recovery goes on)."""
+        return scan_steps(self._root()) if self._local is None else durable_or_none(self._root, self.root)
+
     def _shared_listing(self) -> list[tuple[str, StepRecord]]:
         """Rank 0's listing of the run, the same on every rank (one listing instead of one per rank)."""
         # Paths, not specs, are shared: a spec would carry the storage options (credentials) over the wire.
-        records = [(s.path, r) for s, r in scan_steps(self._root())] if self._rank == 0 else None
+        records = [(s.path, r) for s, r in self._durable_listing()] if self._rank == 0 else None
         if self._group is None:
             return records
         box = [records]
@@ -341,6 +363,8 @@ class CheckpointManager:
             self.wait_until_finished()
         finally:
             self._notice.close()
+            if self._local is not None:
+                self._local.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
