@@ -133,6 +133,7 @@ class LocalTier:
                 )
             return False
         path = os.path.join(self.root, step_dir_name(step))
+        os.makedirs(path, exist_ok=True)  # the save prepares the directory on the coordinator's node only
         stage, write = self._ckpt.save(state, path, overwrite=True)
         stage.result()
         self._pending, self._newest = (step, write), step
