@@ -75,17 +75,25 @@ def rebuildable_steps(listings: Mapping[int, Mapping[int, StepHolding]]) -> list
     out = []
     for step in sorted(steps, reverse=True):
         required = _agreed_required(step, listings)
-        if required is not None and all(holders_of(step, name, size, listings) for name, size in required.items()):
+        if required is not None and all(
+            holders_of(step, name, size, listings) for name, size in required.items()
+        ):
             out.append(step)
     return out
 
 
-def holders_of(step: int, name: str, nbytes: int, listings: Mapping[int, Mapping[int, StepHolding]]) -> set[int]:
+def holders_of(
+    step: int, name: str, nbytes: int, listings: Mapping[int, Mapping[int, StepHolding]]
+) -> set[int]:
     """The nodes holding file `name` of `step` with exactly `nbytes` bytes."""
-    return {node for node, held in listings.items() if step in held and held[step].present.get(name) == nbytes}
+    return {
+        node for node, held in listings.items() if step in held and held[step].present.get(name) == nbytes
+    }
 
 
-def _agreed_required(step: int, listings: Mapping[int, Mapping[int, StepHolding]]) -> Mapping[int, int] | None:
+def _agreed_required(
+    step: int, listings: Mapping[int, Mapping[int, StepHolding]]
+) -> Mapping[int, int] | None:
     found = [held[step].required for held in listings.values() if step in held and held[step].committed]
     first = found[0]
     return first if all(dict(r) == dict(first) for r in found[1:]) else None

@@ -34,8 +34,16 @@ WORKER = REPO / "tests" / "tier_worker.py"
 STEP7, STEP6 = "step-000000007", "step-000000006"
 
 
-def _agent(name: str, node: int, nnodes: int, nproc: int, rdzv: tuple[str, str], script: list[str], logs: Path,
-           local_root: Path) -> Launched:
+def _agent(
+    name: str,
+    node: int,
+    nnodes: int,
+    nproc: int,
+    rdzv: tuple[str, str],
+    script: list[str],
+    logs: Path,
+    local_root: Path,
+) -> Launched:
     """One torchrun agent as node `node` at 127.0.0.(2 + node), with its own local root."""
     endpoint, rdzv_id = rdzv
     addr = f"127.0.0.{2 + node}"
@@ -46,8 +54,21 @@ def _agent(name: str, node: int, nnodes: int, nproc: int, rdzv: tuple[str, str],
     env = _env(SHARDSAFE_NODE_ADDR=addr)
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *args, str(WORKER), *script, "--local-root", str(local_root)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *args,
+                str(WORKER),
+                *script,
+                "--local-root",
+                str(local_root),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
         )
     return Launched(name=name, proc=proc, log=log)
 
@@ -61,8 +82,10 @@ def _wait_for_commit(fifo: Path, agents: list[Launched]) -> None:
         if fd not in ready:
             for agent in agents:
                 _kill_tree(agent)
-            pytest.fail("the training job did not commit step 7\n" + "\n".join(_tail(a) for a in agents),
-                        pytrace=False)
+            pytest.fail(
+                "the training job did not commit step 7\n" + "\n".join(_tail(a) for a in agents),
+                pytrace=False,
+            )
         assert os.read(fd, 16) == b"7\n"
     finally:
         os.close(fd)
@@ -89,8 +112,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"out": out, "durable": durable, "node0": roots[0], "node1": base / "node1-copy"}
 
 
-def _resume(tmp: Path, trained: dict[str, Path], roots: list[Path | None], nproc: int, *, expect: int,
-            durable: bool) -> str:
+def _resume(
+    tmp: Path, trained: dict[str, Path], roots: list[Path | None], nproc: int, *, expect: int, durable: bool
+) -> str:
     """Resume on one node per entry of `roots` (None: an empty local root); returns the jobs' logs."""
     out, logs = tmp / "out", tmp / "logs"
     out.mkdir(parents=True)
@@ -104,15 +128,22 @@ def _resume(tmp: Path, trained: dict[str, Path], roots: list[Path | None], nproc
     where = shutil.copytree(trained["durable"], tmp / "durable") if durable else tmp / "unreachable-durable"
     script = ["--phase", "resume", "--out", str(out), "--durable", str(where), "--expect", str(expect)]
     endpoint = (f"127.0.0.1:{free_port()}", uuid.uuid4().hex)
-    agents = [_agent(f"resume-node{n}", n, len(roots), nproc, endpoint, script, logs, local[n]) for n in range(len(roots))]
+    agents = [
+        _agent(f"resume-node{n}", n, len(roots), nproc, endpoint, script, logs, local[n])
+        for n in range(len(roots))
+    ]
     _run_job(agents)
     world = nproc * len(roots)
-    assert sorted(p.name for p in out.glob("resumed-*")) == sorted(f"resumed-{r}-of-{world}.json" for r in range(world))
+    assert sorted(p.name for p in out.glob("resumed-*")) == sorted(
+        f"resumed-{r}-of-{world}.json" for r in range(world)
+    )
     assert not (tmp / "unreachable-durable").exists()
     return "\n".join(a.log.read_text(errors="replace") for a in agents)
 
 
-def test_lost_node_resumes_on_two_nodes_from_the_local_tier_without_the_durable_root(tmp_path: Path, trained) -> None:
+def test_lost_node_resumes_on_two_nodes_from_the_local_tier_without_the_durable_root(
+    tmp_path: Path, trained
+) -> None:
     assert not trained["node1"].samefile(trained["node0"])
     logs = _resume(tmp_path, trained, [trained["node0"], None], 2, expect=7, durable=False)
     assert "resumed step 7 from the local tier" in logs and "from the durable tier" not in logs

@@ -7,6 +7,7 @@ process and server (no peers, so no replicas); the multi-node behaviour is in
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -17,20 +18,29 @@ import torch
 
 import checkpoint
 from checkpoint.tiers.local_tier import _estimate_node_bytes
+from tests.test_cli import _run
 from checkpoint.tiers.tier_files import TEMP_MARK
 from planners.metadata import METADATA_FILE
 
 pytestmark = [pytest.mark.timeout(300)]
 
 
-def _manager(tmp_path: Path, ckpt: checkpoint.Checkpointer, durable: str = "durable", **kw) -> checkpoint.CheckpointManager:
+def _manager(
+    tmp_path: Path, ckpt: checkpoint.Checkpointer, durable: str = "durable", **kw
+) -> checkpoint.CheckpointManager:
     return checkpoint.CheckpointManager(
-        str(tmp_path / durable), checkpointer=ckpt, interval_steps=5, local_root=str(tmp_path / "local"),
-        local_address="127.0.0.1", **kw,
+        str(tmp_path / durable),
+        checkpointer=ckpt,
+        interval_steps=5,
+        local_root=str(tmp_path / "local"),
+        local_address="127.0.0.1",
+        **kw,
     )
 
 
-def test_local_steps_every_step_retention_steps_by_tier_and_resume_without_durable_root(tmp_path: Path, caplog) -> None:
+def test_local_steps_every_step_retention_steps_by_tier_and_resume_without_durable_root(
+    tmp_path: Path, caplog
+) -> None:
     ckpt = checkpoint.make_sync_checkpointer()
     state = {"w": torch.zeros(6, 5), "n": 0}
     with _manager(tmp_path, ckpt, local_keep_last=2) as mgr:
@@ -44,6 +54,13 @@ def test_local_steps_every_step_retention_steps_by_tier_and_resume_without_durab
     assert records[2].path == str(tmp_path / "local" / "step-000000008") and records[2].complete
     assert records[2].to_json()["tiers"] == ["local"]
     assert sorted(os.listdir(tmp_path / "local")) == ["step-000000007", "step-000000008"]
+    code, out, _ = _run("ls", str(tmp_path / "durable"), "--local-root", str(tmp_path / "local"), "--json")
+    assert code == 0
+    assert [(s["step"], s["tiers"]) for s in json.loads(out)["steps"]] == [
+        (5, ["durable"]),
+        (7, ["local"]),
+        (8, ["local"]),
+    ]
 
     target = {"w": torch.zeros(6, 5), "n": None}
     caplog.set_level(logging.INFO)
@@ -83,7 +100,12 @@ def test_a_local_save_that_does_not_fit_is_skipped_with_one_warning(tmp_path: Pa
             assert mgr.save(1, state) is False  # not a durable step either
         assert mgr.steps() == []
     warnings = [r.getMessage() for r in caplog.records if "skipping the local save" in r.getMessage()]
-    assert len(warnings) == 1 and "step 1" in warnings[0] and "node 0" in warnings[0] and str(tmp_path) in warnings[0]
+    assert (
+        len(warnings) == 1
+        and "step 1" in warnings[0]
+        and "node 0" in warnings[0]
+        and str(tmp_path) in warnings[0]
+    )
     assert not (tmp_path / "local" / "step-000000001").exists()
     ckpt.close()
 
@@ -97,5 +119,7 @@ def test_local_tier_options_are_checked(tmp_path: Path) -> None:
         ({"local_root": "s3://bucket/x"}, "local_root must be a local directory path"),
     ):
         with pytest.raises(ValueError, match=match):
-            checkpoint.CheckpointManager(str(tmp_path), checkpointer=ckpt, **{"local_root": str(tmp_path / "l"), **kw})
+            checkpoint.CheckpointManager(
+                str(tmp_path), checkpointer=ckpt, **{"local_root": str(tmp_path / "l"), **kw}
+            )
     ckpt.close()

@@ -36,20 +36,26 @@ def test_ring_placement_examples_and_bad_arguments() -> None:
     assert holder_order(2, {0, 1, 2, 3}, 4) == [2, 3, 0, 1]
 
 
-def _held(step: int, committed: bool, present: dict[str, int], required: dict[str, int] | None = None) -> StepHolding:
+def _held(
+    step: int, committed: bool, present: dict[str, int], required: dict[str, int] | None = None
+) -> StepHolding:
     return StepHolding(step=step, committed=committed, required=required or {}, present=present)
 
 
 def test_a_step_is_rebuildable_only_when_every_file_has_a_copy_of_the_right_size() -> None:
     required = {"metadata.json": 10, "a": 100, "b": 200}
     listings = {
-        0: {7: _held(7, True, {"metadata.json": 10, "a": 100}, required),
-            6: _held(6, True, {"metadata.json": 10, "a": 100, "b": 200}, required)},
+        0: {
+            7: _held(7, True, {"metadata.json": 10, "a": 100}, required),
+            6: _held(6, True, {"metadata.json": 10, "a": 100, "b": 200}, required),
+        },
         1: {7: _held(7, False, {"b": 200})},  # an uncommitted node's verified copies count
         2: {5: _held(5, False, {"a": 100, "b": 200})},  # never committed anywhere: never used
     }
     assert rebuildable_steps(listings) == [7, 6]
     listings[1][7] = _held(7, False, {"b": 199})  # a truncated copy is not a copy
     assert rebuildable_steps(listings) == [6]
-    listings[1][6] = _held(6, True, {"metadata.json": 10}, {"metadata.json": 10, "a": 100})  # metadata disagree
+    listings[1][6] = _held(
+        6, True, {"metadata.json": 10}, {"metadata.json": 10, "a": 100}
+    )  # metadata disagree
     assert rebuildable_steps(listings) == []

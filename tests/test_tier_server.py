@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import checkpoint
 from checkpoint.load import load_checkpoint
 from checkpoint.options import LoadOptions
-from checkpoint.tiers import client
 from checkpoint.testing.ranks import run_ranks
+from checkpoint.tiers import client
 from checkpoint.tiers.server import SHA256_HEADER, TOKEN_HEADER, TierServer
 from planners.errors import StorageError
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE
@@ -93,7 +92,9 @@ def test_a_corrupt_body_is_refused_and_never_becomes_visible(tier: dict, tmp_pat
     shard = _files(tier["source"])[0]
     assert SHARD_FILE_RE.fullmatch(shard)["rank"] == "00000"  # holds rank 0's DTensor chunk: a checksum table
     data = bytearray(read_file(str(tier["source"]), shard))
-    data[8 + int.from_bytes(data[:8], "little") + 10] ^= 0x01  # tensor data: a file damaged on the sender's disk
+    data[8 + int.from_bytes(data[:8], "little") + 10] ^= (
+        0x01  # tensor data: a file damaged on the sender's disk
+    )
     bad = tmp_path / "bad"
     bad.mkdir()
     put_file(str(bad), shard, bytes(data))
@@ -104,7 +105,12 @@ def test_a_corrupt_body_is_refused_and_never_becomes_visible(tier: dict, tmp_pat
     # The right body with the wrong digest (damaged in transit) is refused too.
     conn = http.client.HTTPConnection("127.0.0.1", int(tier["url"].rsplit(":", 1)[1]))
     body = read_file(str(tier["source"]), shard)
-    conn.request("PUT", f"/v1/files/{STEP}/{shard}", body=body, headers={TOKEN_HEADER: tier["token"], SHA256_HEADER: "0" * 64})
+    conn.request(
+        "PUT",
+        f"/v1/files/{STEP}/{shard}",
+        body=body,
+        headers={TOKEN_HEADER: tier["token"], SHA256_HEADER: "0" * 64},
+    )
     response = conn.getresponse()
     assert response.status == 422 and b"SHA-256 differs" in response.read()
     assert os.listdir(tier["root"] / STEP) == []
@@ -113,7 +119,9 @@ def test_a_corrupt_body_is_refused_and_never_becomes_visible(tier: dict, tmp_pat
 def _raw(url: str, request_line: str, token: str) -> tuple[int, str]:
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(f"{request_line}\r\nHost: x\r\n{TOKEN_HEADER}: {token}\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(
+            f"{request_line}\r\nHost: x\r\n{TOKEN_HEADER}: {token}\r\nConnection: close\r\n\r\n".encode()
+        )
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -130,7 +138,7 @@ def test_server_refuses_wrong_token_traversal_absolute_paths_and_symlinks(tier: 
 
     status, body = _raw(url, f"GET /v1/files/{STEP}/{shard} HTTP/1.1", "another-jobs-token")
     assert status == 401 and "wrong or missing X-Shardsafe-Token" in body
-    status, body = _raw(url, f"GET /v1/steps HTTP/1.1", "")
+    status, body = _raw(url, "GET /v1/steps HTTP/1.1", "")
     assert status == 401
 
     for line in (
@@ -147,7 +155,9 @@ def test_server_refuses_wrong_token_traversal_absolute_paths_and_symlinks(tier: 
     # A link planted in the local root, to a file outside it and as a whole step directory.
     os.symlink(secret, tier["root"] / STEP / "shard-0123456789abcdef-r00009-000.safetensors")
     os.symlink(tmp_path, tier["root"] / "step-000000008")
-    status, body = _raw(url, f"GET /v1/files/{STEP}/shard-0123456789abcdef-r00009-000.safetensors HTTP/1.1", token)
+    status, body = _raw(
+        url, f"GET /v1/files/{STEP}/shard-0123456789abcdef-r00009-000.safetensors HTTP/1.1", token
+    )
     assert status == 403 and "symbolic link" in body and "not yours" not in body
     status, body = _raw(url, f"GET /v1/files/step-000000008/{METADATA_FILE} HTTP/1.1", token)
     assert status == 403 and "symbolic link" in body

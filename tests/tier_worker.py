@@ -44,8 +44,12 @@ def app_state(model: torch.nn.Module, optim: torch.optim.Optimizer, step: int) -
 
 def manager(args: argparse.Namespace, ckpt: checkpoint.Checkpointer) -> checkpoint.CheckpointManager:
     return checkpoint.CheckpointManager(
-        str(args.durable), checkpointer=ckpt, interval_steps=5,
-        local_root=str(args.local_root), local_interval_steps=1, local_keep_last=args.local_keep_last,
+        str(args.durable),
+        checkpointer=ckpt,
+        interval_steps=5,
+        local_root=str(args.local_root),
+        local_interval_steps=1,
+        local_keep_last=args.local_keep_last,
     )
 
 
@@ -98,7 +102,9 @@ def main() -> None:
     parser.add_argument("--local-keep-last", type=int, default=2)
     parser.add_argument("--expect", type=int, default=7)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format=f"rank {os.environ.get('RANK')} %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"rank {os.environ.get('RANK')} %(name)s %(levelname)s %(message)s"
+    )
     dist.init_process_group("gloo")
     try:
         train_phase(args) if args.phase == "train" else resume_phase(args)

@@ -35,8 +35,16 @@ def _connection(base_url: str) -> tuple[http.client.HTTPConnection, str]:
     return http.client.HTTPConnection(parts.hostname, parts.port, timeout=REQUEST_TIMEOUT_SECS), parts.path
 
 
-def request(base_url: str, token: str, method: str, path: str, *, body: Any = None, headers: dict | None = None,
-            max_bytes: int = MAX_LISTING_BYTES) -> tuple[int, bytes]:
+def request(
+    base_url: str,
+    token: str,
+    method: str,
+    path: str,
+    *,
+    body: Any = None,
+    headers: dict | None = None,
+    max_bytes: int = MAX_LISTING_BYTES,
+) -> tuple[int, bytes]:
     """One request; (status, body). Transport failures raise `OSError`."""
     conn, _ = _connection(base_url)
     try:
@@ -65,7 +73,9 @@ def put_file(base_url: str, token: str, step_dir: str, path: str, *, node: int) 
     headers = {SHA256_HEADER: sha256_of(path), "Content-Length": str(os.path.getsize(path))}
     try:
         with open(path, "rb") as f:
-            status, text = request(base_url, token, "PUT", f"/v1/files/{step_dir}/{name}", body=f, headers=headers)
+            status, text = request(
+                base_url, token, "PUT", f"/v1/files/{step_dir}/{name}", body=f, headers=headers
+            )
     except OSError as e:
         raise StorageError(f"replica of {step_dir}/{name} to node {node} ({base_url}) failed: {e}") from e
     if status != 201:

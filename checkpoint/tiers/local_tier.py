@@ -37,7 +37,7 @@ from checkpoint.manager_signals import max_over_ranks
 from checkpoint.manager_steps import STEP_DIR_RE, StepRecord, step_dir_name
 from checkpoint.tiers.replicate import ReplicaHook
 from checkpoint.tiers.server import TierServer
-from checkpoint.tiers.tier_files import QUARANTINE_MARK, TEMP_MARK, list_holdings
+from checkpoint.tiers.tier_files import TEMP_MARK, list_holdings
 from planners.metadata import METADATA_FILE
 from planners.tier_placement import effective_replicas, replica_nodes
 
@@ -99,7 +99,9 @@ class LocalTier:
         if self.replicas < replicas and rank == 0:
             logger.warning(
                 "local tier: %d replica(s) asked for, but the job has %d node(s): keeping %d",
-                replicas, self.layout.num_nodes, self.replicas,
+                replicas,
+                self.layout.num_nodes,
+                self.replicas,
             )
         self.token = token
         targets = replica_nodes(node, self.layout.num_nodes, self.replicas)
@@ -129,7 +131,11 @@ class LocalTier:
                 logger.warning(
                     "local tier: skipping the local save of step %d: node %d has %d bytes free in %s, "
                     "the step and its replicas need about %d",
-                    step, self.layout.node, free, self.root, need,
+                    step,
+                    self.layout.node,
+                    free,
+                    self.root,
+                    need,
                 )
             return False
         path = os.path.join(self.root, step_dir_name(step))
@@ -152,8 +158,12 @@ class LocalTier:
             failed = 1
             logger.warning("local tier: the local save of step %d failed and is not used: %s", step, e)
         if max_over_ranks(failed, self._group) == 0 and self.layout.rank == 0:
-            logger.info("local tier: step %d committed on %d node(s) with %d replica(s) each file",
-                        step, self.layout.num_nodes, self.replicas)
+            logger.info(
+                "local tier: step %d committed on %d node(s) with %d replica(s) each file",
+                step,
+                self.layout.num_nodes,
+                self.replicas,
+            )
         if self.layout.local_rank == 0:
             prune(self.root, self.keep_last)
 
@@ -169,14 +179,9 @@ class LocalTier:
 
     def records(self) -> list[StepRecord]:
         """This node's committed local steps, as records of the tier `local`."""
-        out = []
-        for step, held in sorted(list_holdings(self.root).items()):
-            if held.committed:
-                nbytes = sum(n for name, n in held.required.items() if name != METADATA_FILE)
-                out.append(StepRecord(step=step, path=os.path.join(self.root, step_dir_name(step)),
-                                      complete=True, nbytes=nbytes, world_size=None, saved_at=None,
-                                      tiers=("local",)))
-        return out
+        from checkpoint.tiers.manager_tier import local_records
+
+        return local_records(self.root)
 
     def loaded(self, step: int) -> None:
         self._newest = step
@@ -226,8 +231,11 @@ def _remove_step_dir(directory: str) -> None:
 def _node_env() -> tuple[int, int, int]:
     """(node, local rank, ranks on this node) from torchrun's variables; one node without them."""
     if "GROUP_RANK" in os.environ and "LOCAL_RANK" in os.environ:
-        return (int(os.environ["GROUP_RANK"]), int(os.environ["LOCAL_RANK"]),
-                int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return (
+            int(os.environ["GROUP_RANK"]),
+            int(os.environ["LOCAL_RANK"]),
+            int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        )
     if dist.is_available() and dist.is_initialized():
         return 0, dist.get_rank(), dist.get_world_size()
     return 0, 0, 1

@@ -45,8 +45,13 @@ def build_local_tier(
     Raises:
         ValueError: an option is out of range.
     """
-    for name, value, optional in (("local_interval_steps", interval, True), ("local_keep_last", keep_last, False)):
-        if not (optional and value is None) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+    for name, value, optional in (
+        ("local_interval_steps", interval, True),
+        ("local_keep_last", keep_last, False),
+    ):
+        if not (optional and value is None) and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
             raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
         raise ValueError(f"replicas must be an int >= 0, got {replicas!r}")
@@ -57,7 +62,12 @@ def build_local_tier(
     from checkpoint.tiers.local_tier import LocalTier
 
     return LocalTier(
-        local_root, interval_steps=interval or 1, keep_last=keep_last, replicas=replicas, group=group, address=address
+        local_root,
+        interval_steps=interval or 1,
+        keep_last=keep_last,
+        replicas=replicas,
+        group=group,
+        address=address,
     )
 
 
@@ -68,7 +78,9 @@ def durable_or_none(resolve: Callable[[], Any], root: str) -> list[tuple[Any, St
     try:
         return scan_steps(resolve())
     except (OSError, CheckpointError) as e:
-        logger.warning("durable root %s cannot be listed, counting no durable steps: %s", display_url(root), e)
+        logger.warning(
+            "durable root %s cannot be listed, counting no durable steps: %s", display_url(root), e
+        )
         return []
 
 
@@ -93,6 +105,33 @@ def recover_tiers(
     if step is None and tier.layout.rank == 0:
         logger.info("no loadable step in either tier: starting fresh")
     return step
+
+
+def local_records(local_root: str) -> list[StepRecord]:
+    """The committed steps of one node's local tier, oldest first, as records of the tier `local`."""
+    import os
+
+    from checkpoint.manager_steps import step_dir_name
+    from checkpoint.tiers.tier_files import list_holdings
+    from planners.metadata import METADATA_FILE
+
+    out = []
+    for step, held in sorted(list_holdings(local_root).items()):
+        if held.committed:
+            nbytes = sum(n for name, n in held.required.items() if name != METADATA_FILE)
+            path = os.path.join(local_root, step_dir_name(step))
+            out.append(
+                StepRecord(
+                    step=step,
+                    path=path,
+                    complete=True,
+                    nbytes=nbytes,
+                    world_size=None,
+                    saved_at=None,
+                    tiers=("local",),
+                )
+            )
+    return out
 
 
 def merge_records(durable: list[StepRecord], local: list[StepRecord]) -> list[StepRecord]:

@@ -127,11 +127,11 @@ def _load_with_fallback(tier: LocalTier, storage: HolderStorage, state: Any, ste
     for _ in range(storage.copies_left() + 1):
         try:
             _check_metadata(tier, storage, step)
-            load_checkpoint(storage, state, rank=layout.rank, world_size=world, options=LoadOptions(strict=strict))
+            load_checkpoint(
+                storage, state, rank=layout.rank, world_size=world, options=LoadOptions(strict=strict)
+            )
             return _LOADED
-        except _COPY_FAILURES as e:
-            if not isinstance(e, _COPY_FAILURES) or _is_target_error(e):
-                raise
+        except _COPY_FAILURES as e:  # a target that does not fit (MismatchError...) is raised as is
             match = _FILE_RE.search(str(e))
             if match is None or not storage.exists(match[0]):
                 logger.warning("rank %d: local step %d: %s", layout.rank, step, e)
@@ -145,8 +145,10 @@ def _check_metadata(tier: LocalTier, storage: HolderStorage, step: int) -> None:
     while True:
         holder = storage.current(METADATA_FILE)
         try:
-            parse_metadata(storage.read_bytes(METADATA_FILE, max_bytes=LoadOptions().max_metadata_bytes),
-                           where=f"node {holder.node}: {step_dir_name(step)}/{METADATA_FILE}")
+            parse_metadata(
+                storage.read_bytes(METADATA_FILE, max_bytes=LoadOptions().max_metadata_bytes),
+                where=f"node {holder.node}: {step_dir_name(step)}/{METADATA_FILE}",
+            )
             return
         except InvalidCheckpointError as e:
             _drop(tier, storage, step, METADATA_FILE, CorruptCheckpointError(str(e)))
@@ -158,18 +160,21 @@ def _drop(tier: LocalTier, storage: HolderStorage, step: int, name: str, error: 
         done = client.quarantine(holder.url, tier.token, step_dir_name(step), name, node=holder.node)
         logger.warning(
             "rank %d: node %d's copy of %s of step %d failed its checksum; %s; trying the next holder",
-            tier.layout.rank, holder.node, name, step, "quarantined" if done else "could not quarantine it",
+            tier.layout.rank,
+            holder.node,
+            name,
+            step,
+            "quarantined" if done else "could not quarantine it",
         )
     else:
-        logger.warning("rank %d: node %d's copy of %s of step %d is unusable (%s); trying the next holder",
-                       tier.layout.rank, holder.node, name, step, error)
-
-
-def _is_target_error(error: BaseException) -> bool:
-    """Errors about the target (mismatch, missing keys) are not about a copy."""
-    from planners.errors import MismatchError, MissingKeysError, RankLocalError
-
-    return isinstance(error, (MismatchError, MissingKeysError, RankLocalError))
+        logger.warning(
+            "rank %d: node %d's copy of %s of step %d is unusable (%s); trying the next holder",
+            tier.layout.rank,
+            holder.node,
+            name,
+            step,
+            error,
+        )
 
 
 def _holder_storage(tier: LocalTier, step: int, listings: Listings) -> HolderStorage:
@@ -181,13 +186,18 @@ def _holder_storage(tier: LocalTier, step: int, listings: Listings) -> HolderSto
     def storage_of(node: int) -> Any:
         if node not in opened:
             own = node == layout.node
-            opened[node] = (LocalStorage(os.path.join(tier.root, step_dir)) if own
-                            else client.peer_storage(layout.servers[node], tier.token, step_dir))
+            opened[node] = (
+                LocalStorage(os.path.join(tier.root, step_dir))
+                if own
+                else client.peer_storage(layout.servers[node], tier.token, step_dir)
+            )
         return opened[node]
 
     holders = {
-        name: [Holder(node=n, url=layout.servers[n], storage=storage_of(n))
-               for n in holder_order(layout.node, holders_of(step, name, size, listings), layout.num_nodes)]
+        name: [
+            Holder(node=n, url=layout.servers[n], storage=storage_of(n))
+            for n in holder_order(layout.node, holders_of(step, name, size, listings), layout.num_nodes)
+        ]
         for name, size in required.items()
     }
     return HolderStorage(f"local tier {step_dir} (node {layout.node}'s view)", holders)

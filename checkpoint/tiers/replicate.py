@@ -54,14 +54,21 @@ class ReplicaHook(CommitHook):
         rank = int(kwargs["rank"])
         step_dir = os.path.basename(path.rstrip("/"))
         names = sorted(
-            n for n in os.listdir(path) if (m := SHARD_FILE_RE.fullmatch(n)) is not None and int(m["rank"]) == rank
+            n
+            for n in os.listdir(path)
+            if (m := SHARD_FILE_RE.fullmatch(n)) is not None and int(m["rank"]) == rank
         )
         for node, url in self.targets:
             for name in names:
                 put_file(url, self.token, step_dir, os.path.join(path, name), node=node)
         if names and self.targets:
-            logger.debug("rank %d: %d file(s) of %s verified on node(s) %s", rank, len(names), step_dir,
-                         [n for n, _ in self.targets])
+            logger.debug(
+                "rank %d: %d file(s) of %s verified on node(s) %s",
+                rank,
+                len(names),
+                step_dir,
+                [n for n, _ in self.targets],
+            )
 
     def post_commit(self, path: str, **kwargs: Any) -> None:
         if int(kwargs["rank"]) != 0:

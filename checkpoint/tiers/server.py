@@ -182,7 +182,9 @@ class TierServer:
         loop = asyncio.get_running_loop()
         offset = start
         while offset < end:
-            piece = await loop.run_in_executor(None, os.pread, fd, min(SERVE_PIECE_BYTES, end - offset), offset)
+            piece = await loop.run_in_executor(
+                None, os.pread, fd, min(SERVE_PIECE_BYTES, end - offset), offset
+            )
             if not piece:
                 raise OSError(f"file ended at byte {offset} while serving up to {end}")
             await response.write(piece)
@@ -195,7 +197,9 @@ class TierServer:
         try:
             got = await self._receive(request, os.path.join(directory, temp))
             if not hmac.compare_digest(got, want):
-                return _refuse(422, f"node {self.node}: step {step} file {name}: body SHA-256 differs from the sender's")
+                return _refuse(
+                    422, f"node {self.node}: step {step} file {name}: body SHA-256 differs from the sender's"
+                )
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, verify_received, directory, temp, name)
             os.replace(os.path.join(directory, temp), os.path.join(directory, name))
@@ -223,7 +227,10 @@ class TierServer:
         os.rename(os.path.join(directory, name), os.path.join(directory, aside))
         logger.warning(
             "node %d: quarantined %s of step %d (it failed its checksum in a load) as %s",
-            self.node, name, step, os.path.join(directory, aside),
+            self.node,
+            name,
+            step,
+            os.path.join(directory, aside),
         )
         return web.Response(status=200, text=json.dumps({"quarantined": aside}))
 

@@ -21,6 +21,7 @@ import os
 import stat
 from typing import Any
 
+from checkpoint.manager_steps import parse_step_dir, step_dir_name
 from planners.checksums import bad_blocks
 from planners.errors import InvalidCheckpointError
 from planners.grid import CHECKSUM_ENTRY
@@ -30,7 +31,6 @@ from planners.tier_placement import MAX_LISTED_FILES, MAX_LISTED_STEPS, StepHold
 from storage.checksummed_shard import checksum_slices, parse_checksum_table
 from storage.local import LocalStorage
 from storage.safetensors_io import read_header
-from checkpoint.manager_steps import parse_step_dir, step_dir_name
 
 # Received files are checked this many bytes at a time (whole checksum blocks): one buffer per request.
 VERIFY_READ_BYTES = 16 * 1024 * 1024
@@ -180,7 +180,9 @@ def holdings_from_json(doc: Any, *, where: str) -> dict[int, StepHolding]:
         for item in doc:
             required, present = _name_sizes(item["required"]), _name_sizes(item["present"])
             step = int(item["step"])
-            out[step] = StepHolding(step=step, committed=bool(item["committed"]), required=required, present=present)
+            out[step] = StepHolding(
+                step=step, committed=bool(item["committed"]), required=required, present=present
+            )
     except (KeyError, TypeError, ValueError) as e:
         raise InvalidCheckpointError(f"{where}: malformed step listing ({type(e).__name__}: {e})") from e
     return out
