@@ -4,9 +4,9 @@ Every rank builds a `LocalTier` together (it is collective, like the
 manager). The node's local rank 0 cleans leftovers of a killed job from its
 `local_root` and starts the node's server (`checkpoint.tiers.server`); the
 ranks then share every node's server URL and rank 0's random token over the
-manager's gloo group, and build their own async checkpointer for local saves
-(a second writer process per rank, so a local save never waits for a durable
-one), whose commit hook (`checkpoint.tiers.replicate`) copies each file to its
+manager's gloo group. At the first local save they build their own async
+checkpointer for local saves (a second writer process per rank, so a local
+save never waits for a durable one), whose commit hook (`checkpoint.tiers.replicate`) copies each file to its
 replica nodes before the commit.
 
 A local save at step N: the ranks agree that every node has room for it (else
@@ -77,8 +77,6 @@ class LocalTier:
         group: dist.ProcessGroup | None,
         address: str | None = None,
     ) -> None:
-        from checkpoint.builder import make_async_checkpointer
-
         self.root = os.path.abspath(local_root)
         self.interval_steps, self.keep_last, self._group = interval_steps, keep_last, group
         node, local_rank, local_world = _node_env()
@@ -105,13 +103,13 @@ class LocalTier:
             )
         self.token = token
         targets = replica_nodes(node, self.layout.num_nodes, self.replicas)
-        hook = ReplicaHook(
+        self._hook = ReplicaHook(
             node=node,
             targets=tuple((n, servers[n]) for n in targets),
             everyone=tuple((n, u) for n, u in sorted(servers.items()) if n != node),
             token=token,
         )
-        self._ckpt = make_async_checkpointer(commit_hook=hook)
+        self._ckpt: Any = None  # built at the first local save (collective), so a job that only loads spawns none
         self._pending: tuple[int, Future[Any]] | None = None
         self._newest: int | None = None
 
@@ -140,6 +138,10 @@ class LocalTier:
             return False
         path = os.path.join(self.root, step_dir_name(step))
         os.makedirs(path, exist_ok=True)  # the save prepares the directory on the coordinator's node only
+        if self._ckpt is None:
+            from checkpoint.builder import make_async_checkpointer
+
+            self._ckpt = make_async_checkpointer(commit_hook=self._hook)
         stage, write = self._ckpt.save(state, path, overwrite=True)
         stage.result()
         self._pending, self._newest = (step, write), step
@@ -171,7 +173,8 @@ class LocalTier:
         try:
             self.wait()
         finally:
-            self._ckpt.close()
+            if self._ckpt is not None:
+                self._ckpt.close()
             if self._server is not None:
                 self._server.stop()
 
