@@ -17,6 +17,7 @@ from planners.errors import (
     PostCommitHookError,
     RankLocalError,
     StorageError,
+    TierPathError,
     WriterProcessError,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "PostCommitHookError",
     "RankLocalError",
     "StorageError",
+    "TierPathError",
     "WriterProcessError",
 ]

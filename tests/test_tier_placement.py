@@ -6,7 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from checkpoint.tiers.tier_files import holdings_from_json
+from planners.errors import InvalidCheckpointError
 from planners.tier_placement import (
+    MAX_LISTED_STEPS,
     StepHolding,
     effective_replicas,
     holder_order,
@@ -59,3 +62,17 @@ def test_a_step_is_rebuildable_only_when_every_file_has_a_copy_of_the_right_size
         6, True, {"metadata.json": 10}, {"metadata.json": 10, "a": 100}
     )  # metadata disagree
     assert rebuildable_steps(listings) == []
+
+
+def test_a_peer_listing_is_bounded_and_validated_before_use() -> None:
+    ok = [{"step": 7, "committed": True, "required": {"a": 1}, "present": {"a": 1}}]
+    assert holdings_from_json(ok, where="node 1")[7].present == {"a": 1}
+    too_many = [dict(ok[0], step=s) for s in range(MAX_LISTED_STEPS + 1)]
+    with pytest.raises(
+        InvalidCheckpointError, match=f"node 1: the step listing is not a list of at most {MAX_LISTED_STEPS}"
+    ):
+        holdings_from_json(too_many, where="node 1")
+    with pytest.raises(InvalidCheckpointError, match="node 1: malformed step listing"):
+        holdings_from_json([{"step": "x", "committed": True, "required": {}, "present": {}}], where="node 1")
+    with pytest.raises(InvalidCheckpointError, match="node 1: malformed step listing"):
+        holdings_from_json([dict(ok[0], present=["a"])], where="node 1")

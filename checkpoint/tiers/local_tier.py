@@ -109,7 +109,9 @@ class LocalTier:
             everyone=tuple((n, u) for n, u in sorted(servers.items()) if n != node),
             token=token,
         )
-        self._ckpt: Any = None  # built at the first local save (collective), so a job that only loads spawns none
+        self._ckpt: Any = (
+            None  # built at the first local save (collective), so a job that only loads spawns none
+        )
         self._pending: tuple[int, Future[Any]] | None = None
         self._newest: int | None = None
 

@@ -114,7 +114,9 @@ def _try_local(tier: LocalTier, state: Any, step: int, listings: Listings, stric
     if worst == _FAILED:
         if error is not None:
             raise error
-        raise DistributedCheckpointError(f"loading local step {step} failed on another rank (see its error)")
+        raise DistributedCheckpointError(
+            f"loading local step {step} failed on another rank (see its error)", {}
+        )
     if tier.layout.rank == 0:
         logger.warning("local tier: step %d cannot be rebuilt from verified copies; trying older steps", step)
     return False

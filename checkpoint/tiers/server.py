@@ -40,7 +40,6 @@ from aiohttp import web
 from checkpoint.tiers.tier_files import (
     QUARANTINE_MARK,
     TEMP_MARK,
-    TierPathError,
     checked_names,
     holdings_to_json,
     list_holdings,
@@ -48,7 +47,7 @@ from checkpoint.tiers.tier_files import (
     step_directory,
     verify_received,
 )
-from planners.errors import InvalidCheckpointError
+from planners.errors import InvalidCheckpointError, TierPathError
 
 logger = logging.getLogger(__name__)
 

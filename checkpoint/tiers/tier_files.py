@@ -23,7 +23,7 @@ from typing import Any
 
 from checkpoint.manager_steps import parse_step_dir, step_dir_name
 from planners.checksums import bad_blocks
-from planners.errors import InvalidCheckpointError
+from planners.errors import InvalidCheckpointError, TierPathError
 from planners.grid import CHECKSUM_ENTRY
 from planners.metadata import CHECKSUM_BLOCK_BYTES, METADATA_FILE, SHARD_FILE_RE
 from planners.metadata_parse import parse_metadata
@@ -39,10 +39,6 @@ MAX_METADATA_BYTES = 256 * 1024 * 1024
 # Suffix of a quarantined copy: no pattern of the format matches it, so it is never served or listed.
 QUARANTINE_MARK = ".quarantined-"
 TEMP_MARK = ".receiving-"
-
-
-class TierPathError(InvalidCheckpointError):
-    """A request named something outside the local tier: not a step directory and a checkpoint file."""
 
 
 def checked_names(step_dir: str, name: str) -> tuple[int, str, str]:
