@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import os
 import secrets
+import shutil
 import socket
 from pathlib import Path
 
@@ -162,6 +163,22 @@ def test_server_refuses_wrong_token_traversal_absolute_paths_and_symlinks(tier: 
     status, body = _raw(url, f"GET /v1/files/step-000000008/{METADATA_FILE} HTTP/1.1", token)
     assert status == 403 and "symbolic link" in body
     assert list(client.list_node(url, token, node=1)) == [7]  # links are not listed either
+
+
+def test_a_replica_without_a_length_or_larger_than_the_free_space_is_refused(tier: dict) -> None:
+    free = shutil.disk_usage(tier["root"]).free
+    for length in (None, str(free + 1)):
+        headers = {} if length is None else {"Content-Length": length}
+        line = f"PUT /v1/files/{STEP}/{METADATA_FILE} HTTP/1.1"
+        host, port = tier["url"].removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            s.sendall(
+                f"{line}\r\nHost: x\r\n{TOKEN_HEADER}: {tier['token']}\r\n{extra}Connection: close\r\n\r\n".encode()
+            )
+            reply = s.recv(65536).decode(errors="replace")
+        assert reply.split()[1] == "413" and "Content-Length of at most" in reply, (length, reply)
+    assert not (tier["root"] / STEP).exists()
 
 
 def test_quarantine_renames_a_copy_aside(tier: dict) -> None:

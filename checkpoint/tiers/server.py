@@ -10,7 +10,8 @@ requests get 401. Routes:
 - `HEAD|GET /v1/files/<step-dir>/<file>`: the file, or one byte range of it
   (`Range: bytes=a-b`, answered 206), so fsspec's HTTP file system reads a
   peer with the same reader code as S3.
-- `PUT /v1/files/<step-dir>/<file>`: a replica. The body streams to a
+- `PUT /v1/files/<step-dir>/<file>`: a replica, with a Content-Length that
+  fits the free space (else 413). The body streams to a
   temporary name while its SHA-256 is computed; it must equal `SHA256_HEADER`,
   then the file's own checksums are checked (`tier_files.verify_received`),
   and only then is it renamed into place (201). A failed check is 422.
@@ -31,6 +32,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 from typing import Any
@@ -190,6 +192,14 @@ class TierServer:
             offset += len(piece)
 
     async def _put(self, request: web.Request) -> web.Response:
+        checked_names(request.match_info["step_dir"], request.match_info["name"])  # names before anything
+        size, free = request.content_length, shutil.disk_usage(self.root).free
+        if size is None or size > min(MAX_PUT_BYTES, free):
+            return _refuse(
+                413,
+                f"node {self.node}: a replica needs a Content-Length of at most {min(MAX_PUT_BYTES, free)} "
+                f"bytes (the free space of {self.root}), got {size}",
+            )
         step, directory, name = self._file_path(request, create=True)
         want = request.headers.get(SHA256_HEADER, "")
         temp = f"{name}{TEMP_MARK}{secrets.token_hex(6)}"
