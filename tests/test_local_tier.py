@@ -197,3 +197,31 @@ def test_every_copy_damaged_falls_back_to_the_durable_step(tmp_path: Path, train
 def test_both_local_roots_gone_resumes_from_the_durable_step(tmp_path: Path, trained) -> None:
     logs = _resume(tmp_path, trained, [None, None], 1, expect=5, durable=True)
     assert "resumed step 5 from the durable tier" in logs
+
+
+def test_three_nodes_ring_replicas_commit_and_a_lost_middle_node_is_rebuilt(tmp_path: Path) -> None:
+    """3 nodes x 1 rank: node n's files go to node n+1, and to node 0 (the coordinator checks them there)."""
+    out, logs, durable = tmp_path / "out", tmp_path / "logs", tmp_path / "durable"
+    for d in (out, logs):
+        d.mkdir()
+    os.mkfifo(out / "committed.fifo")
+    roots = [tmp_path / f"local-node{n}" for n in range(3)]
+    rdzv = (f"127.0.0.1:{free_port()}", uuid.uuid4().hex)
+    script = ["--phase", "train", "--out", str(out), "--durable", str(durable)]
+    agents = [_agent(f"train-node{n}", n, 3, 1, rdzv, script, logs, roots[n]) for n in range(3)]
+    _wait_for_commit(out / "committed.fifo", agents)
+    for agent in agents:
+        _kill_tree(agent)
+    writers = {
+        n: {int(m["rank"]) for p in (roots[n] / STEP7).iterdir() if (m := SHARD_FILE_RE.fullmatch(p.name))}
+        for n in range(3)
+    }
+    assert writers == {0: {0, 1, 2}, 1: {0, 1}, 2: {1, 2}}, writers
+    assert all((root / STEP7 / "metadata.json").is_file() for root in roots)
+
+    shutil.rmtree(roots[1])  # node 1 lost: its files survive on node 2 (ring) and node 0
+    job = tmp_path / "job"
+    logs = _resume(
+        job, {"out": out, "durable": durable}, [roots[0], None, roots[2]], 1, expect=7, durable=False
+    )
+    assert "resumed step 7 from the local tier" in logs

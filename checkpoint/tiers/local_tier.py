@@ -102,7 +102,7 @@ class LocalTier:
                 self.replicas,
             )
         self.token = token
-        targets = replica_nodes(node, self.layout.num_nodes, self.replicas)
+        targets = commit_targets(node, self.layout.num_nodes, self.replicas)
         self._hook = ReplicaHook(
             node=node,
             targets=tuple((n, servers[n]) for n in targets),
@@ -123,7 +123,8 @@ class LocalTier:
     def save(self, step: int, state: Any) -> bool:
         """Start a local save of `state` at `step` (every rank); False when the ranks agreed to skip it."""
         self.wait()
-        need = _estimate_node_bytes(state, self.layout.local_world_size, self.replicas)
+        copies = self.layout.num_nodes if self.layout.node == 0 else 1 + self.replicas  # see commit_targets
+        need = _estimate_node_bytes(state, self.layout.local_world_size, copies - 1)
         free = shutil.disk_usage(self.root).free
         short = free < need + FREE_SPACE_MARGIN_BYTES
         if max_over_ranks(int(short), self._group):
@@ -190,6 +191,18 @@ class LocalTier:
 
     def loaded(self, step: int) -> None:
         self._newest = step
+
+
+def commit_targets(node: int, num_nodes: int, replicas: int) -> tuple[int, ...]:
+    """The nodes a node's files go to: its ring replicas, plus node 0 when the ring does not reach it.
+
+    The save protocol's coordinator (rank 0, on node 0) checks the stored size of every file before
+    it commits, on its own node's disk; so node 0 must hold a copy of every file. With two nodes (or
+    `replicas >= nodes - 1`) the ring already puts one there; with more nodes node 0 holds an extra
+    copy of every file (more disk on node 0, one more copy of each file for recovery).
+    """
+    targets = replica_nodes(node, num_nodes, replicas)
+    return targets if node == 0 or 0 in targets else (*targets, 0)
 
 
 def prune(root: str, keep_last: int) -> None:
