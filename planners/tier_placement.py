@@ -57,6 +57,18 @@ def replica_nodes(node: int, num_nodes: int, replicas: int) -> tuple[int, ...]:
     return tuple((node + k) % num_nodes for k in range(1, count + 1))
 
 
+def commit_targets(node: int, num_nodes: int, replicas: int) -> tuple[int, ...]:
+    """The nodes a node's files go to: its ring replicas, plus node 0 when the ring does not reach it.
+
+    The save protocol's coordinator (rank 0, on node 0) checks the stored size of every file before
+    it commits, on its own node's disk; so node 0 must hold a copy of every file. With two nodes (or
+    `replicas >= nodes - 1`) the ring already puts one there; with more nodes node 0 holds an extra
+    copy of every file (more disk on node 0, one more copy of each file for recovery).
+    """
+    targets = replica_nodes(node, num_nodes, replicas)
+    return targets if node == 0 or 0 in targets else (*targets, 0)
+
+
 def holder_order(own_node: int, holders: set[int] | frozenset[int], num_nodes: int) -> list[int]:
     """The holders of a file, nearest first: this node, then the others in ring order from it."""
     return sorted(holders, key=lambda n: (n - own_node) % max(num_nodes, 1))

@@ -11,6 +11,7 @@ from planners.errors import InvalidCheckpointError
 from planners.tier_placement import (
     MAX_LISTED_STEPS,
     StepHolding,
+    commit_targets,
     effective_replicas,
     holder_order,
     rebuildable_steps,
@@ -37,6 +38,10 @@ def test_ring_placement_examples_and_bad_arguments() -> None:
     with pytest.raises(ValueError, match="node 4 is not in a job of 4 nodes"):
         replica_nodes(4, 4, 1)
     assert holder_order(2, {0, 1, 2, 3}, 4) == [2, 3, 0, 1]
+    # The coordinator's node 0 receives every file the ring does not place there (it checks their sizes).
+    assert [commit_targets(n, 2, 1) for n in range(2)] == [(1,), (0,)]
+    assert [commit_targets(n, 4, 1) for n in range(4)] == [(1,), (2, 0), (3, 0), (0,)]
+    assert [commit_targets(n, 4, 2) for n in range(4)] == [(1, 2), (2, 3, 0), (3, 0), (0, 1)]
 
 
 def _held(

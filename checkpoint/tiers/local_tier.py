@@ -39,7 +39,7 @@ from checkpoint.tiers.replicate import ReplicaHook
 from checkpoint.tiers.server import TierServer
 from checkpoint.tiers.tier_files import TEMP_MARK, list_holdings
 from planners.metadata import METADATA_FILE
-from planners.tier_placement import effective_replicas, replica_nodes
+from planners.tier_placement import commit_targets, effective_replicas
 
 logger = logging.getLogger(__name__)
 
@@ -191,18 +191,6 @@ class LocalTier:
 
     def loaded(self, step: int) -> None:
         self._newest = step
-
-
-def commit_targets(node: int, num_nodes: int, replicas: int) -> tuple[int, ...]:
-    """The nodes a node's files go to: its ring replicas, plus node 0 when the ring does not reach it.
-
-    The save protocol's coordinator (rank 0, on node 0) checks the stored size of every file before
-    it commits, on its own node's disk; so node 0 must hold a copy of every file. With two nodes (or
-    `replicas >= nodes - 1`) the ring already puts one there; with more nodes node 0 holds an extra
-    copy of every file (more disk on node 0, one more copy of each file for recovery).
-    """
-    targets = replica_nodes(node, num_nodes, replicas)
-    return targets if node == 0 or 0 in targets else (*targets, 0)
 
 
 def prune(root: str, keep_last: int) -> None:
