@@ -18,9 +18,9 @@ import torch
 
 import checkpoint
 from checkpoint.tiers.local_tier import _estimate_node_bytes
-from tests.test_cli import _run
 from checkpoint.tiers.tier_files import TEMP_MARK
 from planners.metadata import METADATA_FILE
+from tests.test_cli import _run
 
 pytestmark = [pytest.mark.timeout(300)]
 
