@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from checkpoint.flatten import RankLocal
 from checkpoint.manager_signals import max_over_ranks
 from checkpoint.manager_steps import STEP_DIR_RE, StepRecord, step_dir_name
 from checkpoint.tiers.replicate import ReplicaHook
@@ -78,7 +79,7 @@ class LocalTier:
         address: str | None = None,
     ) -> None:
         self.root = os.path.abspath(local_root)
-        self.interval_steps, self.keep_last, self._group = interval_steps, keep_last, group
+        self.interval_steps, self.keep_last, self.group = interval_steps, keep_last, group
         node, local_rank, local_world = _node_env()
         self._server: TierServer | None = None
         token = _shared(secrets.token_hex(16), group)
@@ -127,7 +128,7 @@ class LocalTier:
         need = _estimate_node_bytes(state, self.layout.local_world_size, copies - 1)
         free = shutil.disk_usage(self.root).free
         short = free < need + FREE_SPACE_MARGIN_BYTES
-        if max_over_ranks(int(short), self._group):
+        if max_over_ranks(int(short), self.group):
             if short and self.layout.local_rank == 0:
                 logger.warning(
                     "local tier: skipping the local save of step %d: node %d has %d bytes free in %s, "
@@ -162,7 +163,7 @@ class LocalTier:
         except Exception as e:  # a local save must never fail training; the durable tier still runs
             failed = 1
             logger.warning("local tier: the local save of step %d failed and is not used: %s", step, e)
-        if max_over_ranks(failed, self._group) == 0 and self.layout.rank == 0:
+        if max_over_ranks(failed, self.group) == 0 and self.layout.rank == 0:
             logger.info(
                 "local tier: step %d committed on %d node(s) with %d replica(s) each file",
                 step,
@@ -279,7 +280,7 @@ def _tensor_bytes(value: Any, depth: int = 0) -> int:
         return sum(_tensor_bytes(v, depth + 1) for v in value.values())
     if isinstance(value, (list, tuple)):
         return sum(_tensor_bytes(v, depth + 1) for v in value)
-    if hasattr(value, "value") and type(value).__name__ == "RankLocal":
+    if isinstance(value, RankLocal):
         return _tensor_bytes(value.value, depth + 1)
     if callable(getattr(value, "state_dict", None)):
         return _tensor_bytes(value.state_dict(), depth + 1)

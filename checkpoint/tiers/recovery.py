@@ -64,10 +64,10 @@ def gather_listings(tier: LocalTier) -> Listings:
                 listings[node] = client.list_node(url, tier.token, node=node)
             except (OSError, InvalidCheckpointError) as e:
                 logger.warning("local tier: node %d cannot be listed, counting it as empty: %s", node, e)
-    if tier._group is None:
+    if tier.group is None:
         return listings or {}
     box = [listings]
-    dist.broadcast_object_list(box, src=0, group=tier._group)
+    dist.broadcast_object_list(box, src=0, group=tier.group)
     return box[0]
 
 
@@ -106,7 +106,7 @@ def _try_local(tier: LocalTier, state: Any, step: int, listings: Listings, stric
         error, outcome = e, _FAILED
     finally:
         storage.close()
-    worst = max_over_ranks(outcome, tier._group)
+    worst = max_over_ranks(outcome, tier.group)
     if worst == _LOADED:
         if tier.layout.rank == 0:
             logger.info("resumed step %d from the local tier in %.3fs", step, time.perf_counter() - start)
@@ -125,7 +125,7 @@ def _try_local(tier: LocalTier, state: Any, step: int, listings: Listings, stric
 def _load_with_fallback(tier: LocalTier, storage: HolderStorage, state: Any, step: int, strict: bool) -> int:
     """Load through `storage`, dropping failed copies one at a time; `_DAMAGED` once a file has none."""
     layout = tier.layout
-    world = dist.get_world_size() if tier._group is not None else 1
+    world = dist.get_world_size() if tier.group is not None else 1
     for _ in range(storage.copies_left() + 1):
         try:
             _check_metadata(tier, storage, step)

@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import threading
 import time
 from typing import Any
@@ -104,10 +105,9 @@ class TierServer:
         try:
             self._runner = web.AppRunner(self._app(), access_log=None)
             self._loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, self.host, 0)
-            self._loop.run_until_complete(site.start())
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            self.url = f"http://{self.host}:{port}"
+            sock = socket.create_server((self.host, 0))  # an ephemeral port, known before serving
+            self._loop.run_until_complete(web.SockSite(self._runner, sock).start())
+            self.url = f"http://{self.host}:{sock.getsockname()[1]}"
         except OSError as e:
             failure.append(e)
             started.set()
