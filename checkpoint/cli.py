@@ -59,26 +59,43 @@ def main() -> None:
 
 @main.command("ls", short_help="List the steps of a run, oldest first.")
 @click.argument("root")
+@click.option(
+    "--local-root", default=None, metavar="DIR", help="Also list this node's local tier (its local_root)."
+)
 @shared_options
-def ls_command(root: str, as_json: bool, quiet: bool, storage_options: str | None) -> None:
-    """List the steps of a run under ROOT (as CheckpointManager.steps()), oldest first."""
+def ls_command(
+    root: str, local_root: str | None, as_json: bool, quiet: bool, storage_options: str | None
+) -> None:
+    """List the steps of a run under ROOT (as CheckpointManager.steps()), oldest first, with their tiers."""
     out = Output(as_json=as_json, quiet=quiet)
     options = parse_storage_options(storage_options)
     with exit_on_errors(out):
         spec = StorageSpec.resolve(root, storage_options=options)
         _require_root(spec)
         records = [r for _, r in scan_steps(spec)]
+        if local_root is not None:
+            from checkpoint.tiers.manager_tier import local_records, merge_records
+
+            records = merge_records(records, local_records(local_root))
     if as_json:
         out.emit({"root": root, "steps": [r.to_json() for r in records]})
         return
     if not records:
         out.note(f"no step directories under {root}")
         return
-    table = Table("step", "complete", "world size", "size", "saved at (UTC)", "path")
+    table = Table("step", "complete", "world size", "size", "saved at (UTC)", "tiers", "path")
     for r in records:
         saved = r.saved_at.strftime("%Y-%m-%d %H:%M:%S") if r.saved_at else "-"
         world = str(r.world_size) if r.world_size is not None else "-"
-        table.add_row(str(r.step), "yes" if r.complete else "NO", world, human_bytes(r.nbytes), saved, r.path)
+        row = (
+            str(r.step),
+            "yes" if r.complete else "NO",
+            world,
+            human_bytes(r.nbytes),
+            saved,
+            "+".join(r.tiers),
+        )
+        table.add_row(*row, r.path)
     out.table(table)
 
 

@@ -19,6 +19,7 @@ from planners.errors import (
     PostCommitHookError,
     RankLocalError,
     StorageError,
+    TierPathError,
     WriterProcessError,
 )
 
@@ -41,5 +42,6 @@ __all__ = [
     "PostCommitHookError",
     "RankLocalError",
     "StorageError",
+    "TierPathError",
     "WriterProcessError",
 ]

@@ -36,26 +36,23 @@ from typing import Any
 import torch.distributed as dist
 
 from checkpoint.checkpointer import Checkpointer
-from checkpoint.manager_signals import PreemptionNotice, agreement_group, max_over_ranks
+from checkpoint.manager_attempt import FAILED, LOADED, attempt_load
+from checkpoint.manager_signals import PreemptionNotice, agreement_group
 from checkpoint.manager_steps import StepRecord, check_run_root, join, scan_steps, step_dir_name
 from checkpoint.plan_exchange import comparable_path, path_mismatch
 from checkpoint.retention import RetentionPolicy, prune, quarantine
+from checkpoint.tiers.manager_tier import build_local_tier, durable_or_none, merge_records, recover_tiers
 from checkpoint.types import STATE_DICT, RankInfo, checkpoint_path
 from planners.errors import (
     CheckpointStateError,
     DistributedCheckpointError,
     IncompleteCheckpointError,
-    InvalidCheckpointError,
 )
 from storage.redact import display_url
 from storage.spec import StorageSpec
 
 logger = logging.getLogger(__name__)
 
-# Outcomes of one rank's attempt at loading a step; the ranks act on the worst (largest).
-_LOADED, _DAMAGED, _FAILED = 0, 1, 2
-# Errors that mean "this step cannot be loaded", as opposed to a target that does not fit it.
-_DAMAGE = (InvalidCheckpointError, IncompleteCheckpointError)
 _INCOMPLETE = "it has no readable metadata.json (the save was interrupted, or the file is damaged)"
 
 
@@ -74,6 +71,8 @@ class CheckpointManager:
         preemption_check_steps: in a multi-rank job, ranks agree on a received signal with one small
             all-reduce at steps that are multiples of this (1: at every `save()` call).
         storage_options: fsspec options for `root`; default: the checkpointer's.
+        local_root, local_interval_steps, local_keep_last, replicas, local_address: the node-local
+            tier (`checkpoint.tiers.manager_tier.build_local_tier`); None: no local tier.
 
     Raises:
         ValueError: an option is out of range, or signals are asked for outside the main thread.
@@ -99,6 +98,11 @@ class CheckpointManager:
         save_on_signals: Sequence[int] = (),
         preemption_check_steps: int = 1,
         storage_options: Mapping[str, Any] | None = None,
+        local_root: str | None = None,
+        local_interval_steps: int | None = None,
+        local_keep_last: int = 2,
+        replicas: int = 1,
+        local_address: str | None = None,
     ) -> None:
         root = checkpoint_path(root, what="root")
         _check_count("keep_last", keep_last, optional=True)
@@ -125,12 +129,16 @@ class CheckpointManager:
         self._warned: set[str] = set()  # listing problems already logged (one warning each)
         self._preempted = False
         self._closed = False
+        self._local = build_local_tier(
+            local_root, local_interval_steps, local_keep_last, replicas, local_address, self._group
+        )
 
     # --- queries (any rank, no collective) --------------------------------------------------------
 
     def steps(self) -> list[StepRecord]:
-        """Every step directory of the run, oldest first (complete or not)."""
-        return [record for _, record in scan_steps(self._root(), warned=self._warned)]
+        """Every step of the run, oldest first (complete or not); `tiers`: durable and/or this node's local."""
+        durable = [record for _, record in self._durable_listing()]
+        return durable if self._local is None else merge_records(durable, self._local.records())
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None when there is none."""
@@ -159,8 +167,9 @@ class CheckpointManager:
             raise TypeError(f"step must be an int >= 0, got {step!r}")
         self._purge_if_committed()
         preempted = self._check_preemption(step)
+        local = self._local is not None and self._local.due(step) and self._local.save(step, state)
         if not (force or preempted or step % self.interval_steps == 0):
-            return False
+            return local
         if self._newest is not None and step <= self._newest:
             logger.warning("not saving step %d: step %d is already saved or loaded", step, self._newest)
             return False
@@ -205,6 +214,8 @@ class CheckpointManager:
 
     def wait_until_finished(self) -> None:
         """Wait for the async save in flight (if any), raise its failure, then prune (rank 0)."""
+        if self._local is not None:
+            self._local.wait()
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -266,6 +277,9 @@ class CheckpointManager:
         found = self._shared_listing()
         if step is not None:
             return self._load_named(state, step, found, strict)
+        if self._local is not None:  # the local tier first, the durable steps as fallback
+            self._newest = recover_tiers(self._local, state, found, strict, self._try_load)
+            return self._newest
         complete = [(path, r) for path, r in found if r.complete]
         self._damaged |= {r.step for _, r in found if not r.complete}  # saving such a step replaces it
         for _, record in found if self._rank == 0 else ():  # one warning per job, not per rank
@@ -292,11 +306,16 @@ class CheckpointManager:
             raise IncompleteCheckpointError(f"step {step} at {record.path}: {_INCOMPLETE}") from e
         return step
 
+    def _durable_listing(self) -> list[tuple[StorageSpec, StepRecord]]:
+        """The durable steps; with a local tier, an unreachable root holds none (recovery goes on)."""
+        if self._local is None:
+            return scan_steps(self._root(), warned=self._warned)
+        return durable_or_none(lambda: scan_steps(self._root(), warned=self._warned), self.root)
+
     def _shared_listing(self) -> list[tuple[str, StepRecord]]:
         """Rank 0's listing of the run, the same on every rank (one listing instead of one per rank)."""
         # Paths, not specs, are shared: a spec would carry the storage options (credentials) over the wire.
-        listing = scan_steps(self._root(), warned=self._warned) if self._rank == 0 else None
-        records = None if listing is None else [(s.path, r) for s, r in listing]
+        records = [(s.path, r) for s, r in self._durable_listing()] if self._rank == 0 else None
         if self._group is None:
             return records
         roots: list[Any] = [None] * dist.get_world_size(self._group)
@@ -312,27 +331,17 @@ class CheckpointManager:
         self, state: STATE_DICT, path: str, record: StepRecord, strict: bool, *, skip_damaged: bool = True
     ) -> bool:
         """Load one step on every rank; True when all loaded, False when it is damaged on some rank."""
-        error: BaseException | None = None
-        outcome = _LOADED
-        start = time.perf_counter()
-        try:
-            self._ckpt.load(path, state, strict=strict)
-        except _DAMAGE as e:
-            error, outcome = e, _DAMAGED
-        except Exception as e:  # every rank must learn of it before any raises, or the others hang
-            error, outcome = e, _FAILED
-        worst = max_over_ranks(outcome, self._group)
-        if worst == _LOADED:
+        attempt = attempt_load(self._ckpt, path, state, strict, self._group)
+        error = attempt.error
+        if attempt.worst == LOADED:
             self._newest = self._resumed = record.step
-            logger.info(
-                "loaded step %d from %s in %.3fs", record.step, record.path, time.perf_counter() - start
-            )
+            logger.info("loaded step %d from %s in %.3fs", record.step, record.path, attempt.seconds)
             return True
-        if worst == _FAILED or not skip_damaged:
+        if attempt.worst == FAILED or not skip_damaged:
             if error is not None:
                 raise error
             raise DistributedCheckpointError(
-                f"loading step {record.step} from {record.path} failed on another rank (see its error)"
+                f"loading step {record.step} from {record.path} failed on another rank (see its error)", {}
             )
         self._damaged.add(record.step)
         self._unloadable.add(record.step)
@@ -355,6 +364,8 @@ class CheckpointManager:
             self.wait_until_finished()
         finally:
             self._notice.close()
+            if self._local is not None:
+                self._local.close()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -61,6 +61,8 @@ class StepRecord:
         world_size: how many ranks saved it (None when incomplete).
         saved_at: when it was committed (the metadata file's modification time, UTC; None when
             incomplete or when the backend does not report times).
+        tiers: which tiers hold it: `("durable",)`, `("local",)` (this node's local tier, see
+            `checkpoint.tiers`) or both.
     """
 
     step: int
@@ -69,6 +71,7 @@ class StepRecord:
     nbytes: int
     world_size: int | None
     saved_at: dt.datetime | None
+    tiers: tuple[str, ...] = ("durable",)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (for `shardsafe ls --json`)."""
@@ -79,6 +82,7 @@ class StepRecord:
             "nbytes": self.nbytes,
             "world_size": self.world_size,
             "saved_at": self.saved_at.isoformat() if self.saved_at else None,
+            "tiers": list(self.tiers),
         }
 
 

@@ -102,6 +102,11 @@ class StorageError(CheckpointError, OSError):
     """The storage backend refused a request (no such bucket, access denied) or kept failing it through every retry."""
 
 
+class TierPathError(CheckpointError, PermissionError):
+    """A request to a node's local tier server named something outside it (`..`, an absolute path, a
+    symbolic link, a name that is not a step directory and a checkpoint file): refused."""
+
+
 class DistributedCheckpointError(CheckpointError, RuntimeError):
     """One or more ranks failed a collective save or load step.
 

@@ -1,0 +1,11 @@
+"""The node-local checkpoint tier: local saves, verified peer replicas, recovery from peers.
+
+- `tier_files`: one node's `local_root` on disk: names, listing, verification of a received file.
+- `server`: the HTTP server per node that receives replicas, serves byte ranges and lists steps.
+- `client`: the requests other processes (writer processes, trainer ranks) send to a server.
+- `replicate`: the commit hook that copies a rank's files to its peers before the commit.
+- `holders`: a read-only storage that reads each file of a step from its nearest verified holder.
+- `local_tier`: what `CheckpointManager` calls: set-up, local saves, retention, recovery.
+
+May import `planners`, `storage` and the rest of `checkpoint`; nothing outside imports it but the manager.
+"""

@@ -1,0 +1,114 @@
+"""Requests to a node's local tier server (`checkpoint.tiers.server`), from any process of the job.
+
+Writer processes send replicas (`put_file`); trainer ranks list a node's steps
+(`list_node`), read byte ranges through fsspec's HTTP file system
+(`peer_storage`, the same `FsspecStorage` reader code as S3) and quarantine a
+copy that failed its checksum (`quarantine`). The token travels in a header,
+never in a URL, so it never reaches a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import urllib.parse
+from typing import Any
+
+from checkpoint.tiers.server import SHA256_HEADER, TOKEN_HEADER
+from checkpoint.tiers.tier_files import holdings_from_json
+from planners.errors import StorageError
+from planners.tier_placement import StepHolding
+
+# Seconds a request may take before the peer counts as unreachable (a replica PUT: per socket operation).
+REQUEST_TIMEOUT_SECS = 120.0
+# Largest listing body read from a peer.
+MAX_LISTING_BYTES = 64 * 1024 * 1024
+HASH_PIECE_BYTES = 4 * 1024 * 1024
+
+
+def _connection(base_url: str) -> tuple[http.client.HTTPConnection, str]:
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme != "http" or parts.hostname is None or parts.port is None:
+        raise ValueError(f"a local tier server URL is http://host:port, got {base_url!r}")
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=REQUEST_TIMEOUT_SECS), parts.path
+
+
+def request(
+    base_url: str,
+    token: str,
+    method: str,
+    path: str,
+    *,
+    body: Any = None,
+    headers: dict | None = None,
+    max_bytes: int = MAX_LISTING_BYTES,
+) -> tuple[int, bytes]:
+    """One request; (status, body). Transport failures raise `OSError`."""
+    conn, _ = _connection(base_url)
+    try:
+        conn.request(method, path, body=body, headers={TOKEN_HEADER: token, **(headers or {})})
+        response = conn.getresponse()
+        return response.status, response.read(max_bytes + 1)[:max_bytes]
+    finally:
+        conn.close()
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(HASH_PIECE_BYTES):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def put_file(base_url: str, token: str, step_dir: str, path: str, *, node: int) -> None:
+    """Send one file as a replica; returns once the peer verified and published it.
+
+    Raises:
+        StorageError: the peer refused it (its reason in the message) or could not be reached.
+    """
+    name = os.path.basename(path)
+    headers = {SHA256_HEADER: sha256_of(path), "Content-Length": str(os.path.getsize(path))}
+    try:
+        with open(path, "rb") as f:
+            status, text = request(
+                base_url, token, "PUT", f"/v1/files/{step_dir}/{name}", body=f, headers=headers
+            )
+    except OSError as e:
+        raise StorageError(f"replica of {step_dir}/{name} to node {node} ({base_url}) failed: {e}") from e
+    if status != 201:
+        raise StorageError(
+            f"node {node} ({base_url}) refused the replica of {step_dir}/{name} ({status}): "
+            f"{text.decode(errors='replace').strip()}"
+        )
+
+
+def list_node(base_url: str, token: str, *, node: int) -> dict[int, StepHolding]:
+    """What node `node` holds; `StorageError` when it cannot be reached or refuses."""
+    try:
+        status, body = request(base_url, token, "GET", "/v1/steps")
+    except OSError as e:
+        raise StorageError(f"node {node}'s local tier ({base_url}) cannot be reached: {e}") from e
+    if status != 200:
+        raise StorageError(f"node {node}'s local tier ({base_url}) refused a listing ({status})")
+    return holdings_from_json(json.loads(body), where=f"node {node} ({base_url})")
+
+
+def quarantine(base_url: str, token: str, step_dir: str, name: str, *, node: int) -> bool:
+    """Ask node `node` to rename its copy aside; False when it could not (already gone, unreachable)."""
+    try:
+        status, _ = request(base_url, token, "POST", f"/v1/quarantine/{step_dir}/{name}")
+    except OSError:
+        return False
+    return status == 200
+
+
+def peer_storage(base_url: str, token: str, step_dir: str) -> Any:
+    """A read-only `FsspecStorage` on a peer's step directory, over fsspec's HTTP file system."""
+    from storage.spec import StorageSpec
+
+    options = {"headers": {TOKEN_HEADER: token}, "simple_links": False}
+    spec = StorageSpec.resolve(f"{base_url}/v1/files/{step_dir}", storage_options=options)
+    return spec.open()

@@ -1,0 +1,143 @@
+"""What `CheckpointManager` calls of the local tier: construction, the durable listing, recovery, `steps()`.
+
+Kept apart from `checkpoint.manager` so the manager stays about the durable
+tier: each of its hooks is one call into this module, and without a
+`local_root` none of them changes what the manager does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+
+from checkpoint.manager_steps import StepRecord
+from planners.errors import CheckpointError
+from storage.redact import display_url
+
+if TYPE_CHECKING:  # the tier (and aiohttp, its server's dependency) is imported only when used
+    from checkpoint.tiers.local_tier import LocalTier
+
+logger = logging.getLogger(__name__)
+
+
+def build_local_tier(
+    local_root: str | None,
+    interval: int | None,
+    keep_last: int,
+    replicas: int,
+    address: str | None,
+    group: dist.ProcessGroup | None,
+) -> LocalTier | None:
+    """The manager's local tier (collective), or None without a `local_root`.
+
+    Args:
+        local_root: a node-local directory (a `/dev/shm` path, local NVMe); None: no local tier.
+        interval: local saves happen when `step % interval == 0` (None: every step).
+        keep_last: committed local steps each node keeps.
+        replicas: other nodes holding a verified copy of each local file (ring placement).
+        address: where this node's tier server listens and peers reach it (default:
+            `$SHARDSAFE_NODE_ADDR`, else the address of the host name).
+
+    Raises:
+        ValueError: an option is out of range.
+    """
+    for name, value, optional in (
+        ("local_interval_steps", interval, True),
+        ("local_keep_last", keep_last, False),
+    ):
+        if not (optional and value is None) and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+        raise ValueError(f"replicas must be an int >= 0, got {replicas!r}")
+    if local_root is None:
+        return None
+    if not isinstance(local_root, str) or not local_root or "://" in local_root:
+        raise ValueError(f"local_root must be a local directory path, got {local_root!r}")
+    from checkpoint.tiers.local_tier import LocalTier
+
+    return LocalTier(
+        local_root,
+        interval_steps=interval or 1,
+        keep_last=keep_last,
+        replicas=replicas,
+        group=group,
+        address=address,
+    )
+
+
+def durable_or_none(
+    listing: Callable[[], list[tuple[Any, StepRecord]]], root: str
+) -> list[tuple[Any, StepRecord]]:
+    """The durable root's steps, or none when it cannot be listed (recovery then uses the local tier)."""
+    try:
+        return listing()
+    except (OSError, CheckpointError) as e:
+        logger.warning(
+            "durable root %s cannot be listed, counting no durable steps: %s", display_url(root), e
+        )
+        return []
+
+
+def recover_tiers(
+    tier: LocalTier,
+    state: Any,
+    found: list[tuple[str, StepRecord]],
+    strict: bool,
+    try_load: Callable[..., bool],
+) -> int | None:
+    """`checkpoint.tiers.recovery.recover` with the manager's durable steps as the fallback."""
+    from checkpoint.tiers.recovery import recover
+
+    complete = {r.step: (path, r) for path, r in found if r.complete}
+    step = recover(
+        tier,
+        state,
+        strict=strict,
+        durable_steps=sorted(complete),
+        try_durable=lambda s: try_load(state, *complete[s], strict),
+    )
+    if step is None and tier.layout.rank == 0:
+        logger.info("no loadable step in either tier: starting fresh")
+    return step
+
+
+def local_records(local_root: str) -> list[StepRecord]:
+    """The committed steps of one node's local tier, oldest first, as records of the tier `local`."""
+    import os
+
+    from checkpoint.manager_steps import step_dir_name
+    from checkpoint.tiers.tier_files import list_holdings
+    from planners.metadata import METADATA_FILE
+
+    out = []
+    for step, held in sorted(list_holdings(local_root).items()):
+        if held.committed:
+            nbytes = sum(n for name, n in held.required.items() if name != METADATA_FILE)
+            path = os.path.join(local_root, step_dir_name(step))
+            out.append(
+                StepRecord(
+                    step=step,
+                    path=path,
+                    complete=True,
+                    nbytes=nbytes,
+                    world_size=None,
+                    saved_at=None,
+                    tiers=("local",),
+                )
+            )
+    return out
+
+
+def merge_records(durable: list[StepRecord], local: list[StepRecord]) -> list[StepRecord]:
+    """One record per step, oldest first; a step in both tiers keeps the durable record, tiers both."""
+    by_step = {r.step: r for r in local}
+    for record in durable:
+        both = record.complete and record.step in by_step
+        by_step[record.step] = dataclasses.replace(record, tiers=("durable", "local")) if both else record
+    return [by_step[s] for s in sorted(by_step)]
