@@ -15,6 +15,7 @@ unpickled); rank-local entries by their per-rank checksums and values.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import crc32c
 import torch
 
 from checkpoint.dtypes import dtype_from_name
+from checkpoint.grid_load import GridResolver
 from checkpoint.load import read_metadata
 from planners.errors import CorruptCheckpointError
 from planners.metadata import ChunkRecord, Metadata, TensorRecord
@@ -115,7 +117,7 @@ def _diff(
     sa: CheckpointStorage, sb: CheckpointStorage, block_bytes: int, progress: Callable[[int], None] | None
 ) -> DiffReport:
     """`diff_checkpoints` once both storages are open: keys by kind first, then tensors and values."""
-    ma, mb = read_metadata(sa), read_metadata(sb)
+    ma, mb = _located(sa, read_metadata(sa)), _located(sb, read_metadata(sb))
     kinds_a, kinds_b = _kinds(ma), _kinds(mb)
     both = sorted(kinds_a.keys() & kinds_b.keys())
     same = [k for k in both if kinds_a[k] == kinds_b[k]]
@@ -128,6 +130,17 @@ def _diff(
         ),
         values={k: _value_entry(ma, k) == _value_entry(mb, k) for k in same if k not in ma.tensors},
     )
+
+
+def _located(storage: CheckpointStorage, m: Metadata) -> Metadata:
+    """`m` with every grid key's chunks located (format version 2 records none in the metadata).
+
+    The writers' shard headers are read here, each checked against the size the metadata records,
+    so a truncated file is reported as such before any of its bytes are compared.
+    """
+    if not m.grids:
+        return m
+    return dataclasses.replace(m, tensors={**m.tensors, **GridResolver(storage, m).all_records()})
 
 
 def _kinds(m: Metadata) -> dict[str, str]:
