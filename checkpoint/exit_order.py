@@ -52,7 +52,7 @@ _TASKS = "/proc/self/task"
 _installed = False
 
 
-def _thread_states(name: str) -> list[str]:
+def thread_states(name: str) -> list[str]:
     """The scheduler state letter (R running or runnable, S sleeping...) of each thread called `name`."""
     states = []
     try:
@@ -80,7 +80,7 @@ def wait_for_idle_gloo_workers(max_wait_secs: float = MAX_WAIT_SECS) -> bool:
     deadline = time.monotonic() + max_wait_secs
     idle_polls = 0
     while idle_polls < IDLE_POLLS_NEEDED:
-        states = _thread_states(GLOO_WORKER_THREAD)
+        states = thread_states(GLOO_WORKER_THREAD)
         if not states:
             return True
         idle_polls = idle_polls + 1 if all(s == "S" for s in states) else 0
