@@ -20,7 +20,8 @@ A worker is late only when the OS has not scheduled it between the end of
 the collective and the end of the program, so the abort is rare and comes
 more often on a busy machine (and when finalization takes longer, e.g. with
 more modules imported). `destroy_process_group()` does not stop the workers:
-the process group object outlives it, held by torch's own caches.
+after it, and after a `gc.collect()` at exit, the worker threads still run
+(something inside torch still holds the group), so they cannot be joined.
 
 The fix is an exit handler, installed when `checkpoint` is imported: it runs
 while the interpreter is still whole and, with the GIL released, waits until
