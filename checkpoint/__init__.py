@@ -28,6 +28,7 @@ from checkpoint.config import (
 from checkpoint.dcp_import import DcpImportResult, import_dcp
 from checkpoint.errors import *  # noqa: F403
 from checkpoint.errors import __all__ as _errors
+from checkpoint.exit_order import install_exit_handler
 from checkpoint.flatten import RankLocal
 from checkpoint.hf_export import HfExportResult, export_hf
 from checkpoint.hooks import CommitHook, WriterHook
@@ -83,3 +84,7 @@ __all__ = [
 # `python -m checkpoint.verify` runs that module as __main__ after this package imported it for
 # `checkpoint.verify()`; the second copy keeps no state, so runpy's warning about it is only noise.
 warnings.filterwarnings("ignore", message="'checkpoint.verify' found in sys.modules", category=RuntimeWarning)
+
+# A gloo worker thread that frees its last work during interpreter finalization aborts the
+# process (see checkpoint/exit_order.py); every process that imports shardsafe exits in order.
+install_exit_handler()

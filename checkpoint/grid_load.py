@@ -95,11 +95,8 @@ class GridResolver:
         with self._lock:
             if name not in self._headers:
                 where = f"{self.storage.url}/{name}"
-                header = read_header(self.storage, name, where=where)
-                if header.file_bytes != self.metadata.files[name].nbytes:
-                    raise InvalidCheckpointError(
-                        f"{where}: file has {header.file_bytes} bytes, the metadata says {self.metadata.files[name].nbytes}"
-                    )
+                expected = self.metadata.files[name].nbytes
+                header = read_header(self.storage, name, where=self.storage.url, expected_bytes=expected)
                 self._check_owner(name, header, where)
                 slices = checksum_slices(header, block_bytes=self.metadata.checksum_block_bytes, where=where)
                 self._headers[name] = (header, slices)

@@ -51,13 +51,13 @@ def verify_file(
         return [f"file {name}: missing (the metadata lists it with {record.nbytes} bytes)"], 0
     except InvalidCheckpointError as e:  # a link, a directory, a FIFO or a device
         return [f"file {name}: {e}"], 0
-    problems = []
-    if size != record.nbytes:
-        problems.append(
+    if size != record.nbytes:  # checked first: a cut-off header's offsets would only hide the cause
+        problems = [
             f"file {name}: {size} bytes on storage, the metadata records {record.nbytes}; "
             "it was truncated or replaced"
-        )
-    problems += _header_problems(storage, name, metadata, record, refs)
+        ]
+    else:
+        problems = _header_problems(storage, name, metadata, record, refs)
     data_problems, checked = _data_problems(
         storage, name, size, refs, metadata.checksum_block_bytes, progress
     )

@@ -167,7 +167,9 @@ class SafetensorsHeader:
     tensors: dict[str, HeaderEntry]
 
 
-def read_header(storage: CheckpointStorage, name: str, *, where: str) -> SafetensorsHeader:
+def read_header(
+    storage: CheckpointStorage, name: str, *, where: str, expected_bytes: int | None = None
+) -> SafetensorsHeader:
     """Read and validate the header of an untrusted safetensors file.
 
     The declared header length is checked against the real file size (and
@@ -178,15 +180,24 @@ def read_header(storage: CheckpointStorage, name: str, *, where: str) -> Safeten
         storage: the checkpoint's storage.
         name: the shard file's name inside it.
         where: the checkpoint path, for error messages.
+        expected_bytes: the file's size as the checkpoint's metadata records it. Compared before
+            the header is parsed, so a cut-off file is reported as truncated rather than as
+            offsets past its end.
 
     Returns:
         The parsed header.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        InvalidCheckpointError: anything malformed, naming the checkpoint and the file.
+        InvalidCheckpointError: anything malformed, or a size other than `expected_bytes`, naming
+            the checkpoint and the file.
     """
     size = storage.size(name)
+    if expected_bytes is not None and size != expected_bytes:
+        cause = "the file is truncated" if size < expected_bytes else "the file was replaced or appended to"
+        raise InvalidCheckpointError(
+            f"{where}: file {name} has {size} bytes, the metadata records {expected_bytes}; {cause}"
+        )
     if size < HEADER_PREFIX_BYTES:
         raise InvalidCheckpointError(
             f"{where}: file {name}: {size} bytes is too short for a safetensors header"
