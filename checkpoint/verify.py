@@ -176,11 +176,12 @@ def _verify_committed(
     progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     by_file = _chunks_by_file(metadata)
-    grid_problems = _add_grid_chunks(storage, metadata, by_file)
+    grid_problems, unlocated = _add_grid_chunks(storage, metadata, by_file)
     names = sorted(metadata.files)
 
     def one(name: str) -> tuple[list[str], int]:
-        return verify_file(storage, metadata, name, metadata.files[name], by_file.get(name, []), progress)
+        refs = by_file.get(name, [])
+        return verify_file(storage, metadata, name, metadata.files[name], refs, progress, unlocated=unlocated)
 
     if io_threads > 1 and len(names) > 1:
         with ThreadPoolExecutor(
@@ -219,26 +220,29 @@ def _chunks_by_file(metadata: Metadata) -> dict[str, list[ChunkRef]]:
 
 def _add_grid_chunks(
     storage: CheckpointStorage, metadata: Metadata, by_file: dict[str, list[ChunkRef]]
-) -> list[str]:
+) -> tuple[list[str], frozenset[str]]:
     """Format version 2: every chunk of every grid key, located through its writer's header.
 
     Chunks are located one by one, so a damaged file is reported (naming it) while the chunks of the
-    other files are still checked, instead of leaving those files' entries unaccounted for. A key
-    stops at its first problem: one missing writer would otherwise cost a message per cell.
+    other keys are still checked. A key stops at its first problem (one missing writer would otherwise
+    cost a message per cell); its name is returned with the problems, so that its entries in the
+    other, undamaged files are not blamed on them as unaccounted for.
     """
     if not metadata.grids:
-        return []
+        return [], frozenset()
     resolver = GridResolver(storage, metadata)
     problems: dict[str, str] = {}  # one report per distinct cause
+    unlocated: set[str] = set()
     for fqn, grid in metadata.grids.items():
         for cell in resolver.index.cells(fqn, Box(offsets=(0,) * len(grid.shape), sizes=grid.shape)):
             try:
                 chunk = resolver.chunk(fqn, cell)
             except (CheckpointError, FileNotFoundError) as e:  # reported like any other problem, not raised
                 problems.setdefault(str(e), f"grid key {fqn!r} cannot be located: {e}")
+                unlocated.add(fqn)
                 break
             by_file[chunk.file].append(ChunkRef(fqn=fqn, dtype=grid.dtype, chunk=chunk))
-    return list(problems.values())
+    return list(problems.values()), frozenset(unlocated)
 
 
 def _check_values(metadata: Metadata) -> tuple[list[str], list[str]]:
