@@ -79,6 +79,11 @@ class ShardsafeModelParallelStrategy(ModelParallelStrategy):
         config: CheckpointerConfig | None = None,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("save_distributed_checkpoint") is False:
+            raise ValueError(
+                f"{type(self).__name__} always saves sharded shardsafe checkpoints; "
+                "drop save_distributed_checkpoint=False (use ModelParallelStrategy for one consolidated file)"
+            )
         super().__init__(**kwargs)
         self._asynchronous = asynchronous
         self._allow_pickle = allow_pickle
