@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import checkpoint
+from checkpoint.integrations import MissingExtraError, require
 from checkpoint.integrations.dcp import ShardsafeStorageReader
 from checkpoint.testing.ranks import run_ranks
 from planners.errors import CorruptCheckpointError, PickleNotAllowedError
@@ -145,3 +146,12 @@ def test_reset_takes_the_checkpoint_id_dcp_load_is_given(tmp_path):
     target = {"w": torch.zeros(5, dtype=torch.float64)}  # another dtype: converted like DCP's own reader does
     dcp.load(target, checkpoint_id=path, storage_reader=ShardsafeStorageReader(str(tmp_path / "elsewhere")))
     assert torch.equal(target["w"], torch.arange(5, dtype=torch.float64))
+
+
+def test_a_missing_framework_names_the_extra_that_installs_it():
+    with pytest.raises(MissingExtraError) as info:
+        require("shardsafe_no_such_framework", extra="lightning")
+    assert isinstance(info.value, ImportError)
+    assert "pip install 'shardsafe[lightning]'" in str(info.value) and "shardsafe_no_such_framework" in str(
+        info.value
+    )

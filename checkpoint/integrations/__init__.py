@@ -17,19 +17,25 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["require"]
+from planners.errors import CheckpointError
+
+__all__ = ["MissingExtraError", "require"]
+
+
+class MissingExtraError(CheckpointError, ImportError):
+    """An integration's framework is not installed; the message names the shardsafe extra that installs it."""
 
 
 def require(module: str, *, extra: str) -> ModuleType:
     """Import `module`, or raise `ImportError` saying which shardsafe extra installs it.
 
     Raises:
-        ImportError: `module` is not installed; the message names `pip install 'shardsafe[<extra>]'`.
+        MissingExtraError: `module` is not installed; the message names `pip install 'shardsafe[<extra>]'`.
     """
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(
+        raise MissingExtraError(
             f"shardsafe's {extra} integration needs {module!r}, which is not installed: "
             f"pip install 'shardsafe[{extra}]'"
         ) from e
