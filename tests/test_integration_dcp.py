@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import checkpoint
+from checkpoint.config import CheckpointerConfig
 from checkpoint.integrations import MissingExtraError, require
 from checkpoint.integrations.dcp import ShardsafeStorageReader
 from checkpoint.testing.ranks import run_ranks
@@ -155,3 +156,16 @@ def test_a_missing_framework_names_the_extra_that_installs_it():
     assert "pip install 'shardsafe[lightning]'" in str(info.value) and "shardsafe_no_such_framework" in str(
         info.value
     )
+
+
+@pytest.mark.s3
+def test_dcp_load_from_s3_with_storage_options(s3_endpoint, s3_bucket):
+    options = s3_endpoint.storage_options
+    path = f"{s3_bucket}/run/step-1"
+    ckpt = checkpoint.make_sync_checkpointer(CheckpointerConfig(storage_options=options))
+    saved = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "meta": {"epoch": 2}}
+    ckpt.save(saved, path)
+    ckpt.close()
+    target = {"w": torch.zeros(3, 4), "meta": {"epoch": 0}}
+    dcp.load(target, storage_reader=ShardsafeStorageReader(path, storage_options=options))
+    assert torch.equal(target["w"], saved["w"]) and target["meta"] == {"epoch": 2}
