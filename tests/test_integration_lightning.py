@@ -7,6 +7,8 @@ torchrun variables it sets and joins its process group); nothing of Lightning is
 from __future__ import annotations
 
 import os
+import pathlib
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from checkpoint.integrations.lightning import (  # noqa: E402
     ShardsafeModelParallelStrategy,
 )
 from checkpoint.testing.ranks import run_ranks  # noqa: E402
+from planners.errors import PickleNotAllowedError  # noqa: E402
 from tests.fsdp_workers import assert_same, full  # noqa: E402
 
 pytestmark = [
@@ -171,3 +174,28 @@ def test_checkpoint_io_round_trips_a_ddp_run(tmp_path):
     assert_same(first["end"]["model"], resumed["start"]["model"])
     assert_same(first["end"]["optim"], resumed["start"]["optim"])
     assert resumed["end"]["step"] == 6
+
+
+def test_checkpoint_io_refuses_pickle_unless_allowed_and_round_trips_what_json_holds(tmp_path):
+    path = str(tmp_path / "epoch=0-step=1.ckpt")
+    state = {
+        "state_dict": OrderedDict(w=torch.arange(4.0)),
+        "global_step": 1,
+        "hyper_parameters": {"lr": 0.1},
+    }
+    io = ShardsafeCheckpointIO()
+    io.save_checkpoint(state, path)
+    loaded = io.load_checkpoint(path)
+    assert torch.equal(loaded["state_dict"]["w"], torch.arange(4.0))
+    assert (loaded["global_step"], loaded["hyper_parameters"]) == (1, {"lr": 0.1})
+    with pytest.raises(PickleNotAllowedError, match="'hyper_parameters'"):
+        io.save_checkpoint({**state, "hyper_parameters": {"root": pathlib.Path("/data")}}, path)
+    trusting = ShardsafeCheckpointIO(allow_pickle=True)
+    trusting.save_checkpoint({**state, "hyper_parameters": {"root": pathlib.Path("/data")}}, path)
+    with pytest.raises(PickleNotAllowedError):
+        io.load_checkpoint(path)
+    assert trusting.load_checkpoint(path)["hyper_parameters"] == {"root": pathlib.Path("/data")}
+    trusting.remove_checkpoint(path)
+    assert not os.path.exists(path)
+    io.teardown()
+    trusting.teardown()
