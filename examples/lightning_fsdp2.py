@@ -53,7 +53,9 @@ class Regression(pl.LightningModule):
 def newest(directory: str) -> str:
     """The checkpoint of the highest step in `directory`."""
     names = [n for n in os.listdir(directory) if n.endswith(".ckpt")]
-    return os.path.join(directory, max(names, key=lambda n: int(n.rsplit("step=", 1)[1].removesuffix(".ckpt"))))
+    return os.path.join(
+        directory, max(names, key=lambda n: int(n.rsplit("step=", 1)[1].removesuffix(".ckpt")))
+    )
 
 
 def main() -> None:
@@ -75,7 +77,9 @@ def main() -> None:
     )
     trainer.fit(Regression(), ckpt_path=newest(args.dir) if args.resume else None)
     if trainer.is_global_zero:
-        print(f"{world_size} processes reached global step {trainer.global_step}; checkpoints: {sorted(os.listdir(args.dir))}")
+        print(
+            f"{world_size} processes reached global step {trainer.global_step}; checkpoints: {sorted(os.listdir(args.dir))}"
+        )
 
 
 if __name__ == "__main__":

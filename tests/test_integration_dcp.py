@@ -169,3 +169,10 @@ def test_dcp_load_from_s3_with_storage_options(s3_endpoint, s3_bucket):
     target = {"w": torch.zeros(3, 4), "meta": {"epoch": 0}}
     dcp.load(target, storage_reader=ShardsafeStorageReader(path, storage_options=options))
     assert torch.equal(target["w"], saved["w"]) and target["meta"] == {"epoch": 2}
+
+
+def test_a_path_without_a_checkpoint_fails_dcp_load_naming_it(tmp_path):
+    missing = str(tmp_path / "never-saved")
+    with pytest.raises(CheckpointException) as info:
+        dcp.load({"w": torch.zeros(2)}, storage_reader=ShardsafeStorageReader(missing))
+    assert f"no checkpoint at {missing}" in str(info.value)  # DCP keeps only the message of a metadata error

@@ -116,15 +116,13 @@ class ShardsafeStorageReader(StorageReader):
         finally:
             storage.close()
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> DcpMetadata:
+    def read_metadata(self) -> DcpMetadata:
         """The checkpoint as DCP `Metadata` (read and checked once; the digest of version 2 included).
 
         Raises:
             FileNotFoundError: no checkpoint at the path (`IncompleteCheckpointError`: an interrupted save).
             InvalidCheckpointError: the metadata is malformed.
         """
-        if kwargs:  # DCP asks for rank-local metadata only after a failed read; shardsafe has none
-            raise FileNotFoundError(f"{self.path}: shardsafe checkpoints have no rank-local metadata")
         with self._storage() as storage:
             self._metadata = read_metadata(storage, max_bytes=DEFAULT_MAX_METADATA_BYTES)
         self._values = value_keys(self._metadata)

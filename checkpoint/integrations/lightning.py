@@ -135,7 +135,7 @@ class ShardsafeModelParallelStrategy(ModelParallelStrategy):
         for i, optim in enumerate(optimizers):
             target[f"optimizer_{i}"] = get_optimizer_state_dict(self.model, optim)
         target[LIGHTNING_KEY] = None  # the whole saved subtree
-        loaded = self._shardsafe().load(path, target, strict=True, allow_pickle=self._allow_pickle)
+        loaded = self._shardsafe().load(path, target, strict=strict, allow_pickle=self._allow_pickle)
         set_model_state_dict(self.model, loaded["state_dict"], options=StateDictOptions(strict=strict))
         for i, optim in enumerate(optimizers):
             set_optimizer_state_dict(self.model, optim, optim_state_dict=loaded[f"optimizer_{i}"])
