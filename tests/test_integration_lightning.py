@@ -199,3 +199,8 @@ def test_checkpoint_io_refuses_pickle_unless_allowed_and_round_trips_what_json_h
     assert not os.path.exists(path)
     io.teardown()
     trusting.teardown()
+
+
+def test_the_strategy_refuses_a_consolidated_checkpoint_it_would_not_write():
+    with pytest.raises(ValueError, match="save_distributed_checkpoint=False"):
+        ShardsafeModelParallelStrategy(save_distributed_checkpoint=False)

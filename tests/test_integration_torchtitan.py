@@ -139,3 +139,16 @@ def test_manager_saves_on_2_ranks_keeps_the_latest_2_and_loads_exactly_on_3(tmp_
     expected = run_ranks(_train_and_save, 2, root, timeout_secs=240)[0]
     assert sorted(os.listdir(os.path.join(root, "checkpoint"))) == ["step-000000003", "step-000000004"]
     assert run_ranks(_resume, 3, root, expected, timeout_secs=240) == ["ok"] * 3
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"async_mode": "async_with_pinned_mem"}, "async_mode"),
+        ({"last_save_in_hf": True}, "Hugging Face"),
+        ({"export_dtype": "bfloat16"}, "export_dtype 'bfloat16'"),
+    ],
+)
+def test_config_refuses_what_the_manager_does_not_do(fields, named):
+    with pytest.raises(ValueError, match=named):
+        ShardsafeCheckpointManager.Config(enable=True, **fields)
