@@ -60,11 +60,11 @@ class Loader:
         self.position = state["position"]
 
 
-def _build(world_size: int, root: str, seed: int) -> tuple:
+def _build(world_size: int, root: str, seed: int, initial_load_path: str | None = None) -> tuple:
     torch.manual_seed(seed)
     # What a Trainer.Config names as `checkpoint` (`llama3_debugmodel()` would pull in the whole trainer).
     checkpoint_config = ShardsafeCheckpointManager.Config(
-        enable=True, folder="checkpoint", interval=1, keep_latest_k=2
+        enable=True, folder="checkpoint", interval=1, keep_latest_k=2, initial_load_path=initial_load_path
     )
     model_config = model_registry("debugmodel").model
     model_config.layers = model_config.layers[:2]  # 2 of the debug model's 6 blocks: the same code, less time
@@ -129,6 +129,18 @@ def _resume(rank: int, world_size: int, root: str, expected: dict) -> str:
     assert got["lr"] == expected["lr"]
     assert (got["step"], got["position"]) == (4, 32)
     manager.close()
+    # A new run (empty folder) starting from that step's model alone: initial_load_path, model only.
+    fresh = _build(
+        world_size,
+        root + "-finetune",
+        seed=7,
+        initial_load_path=os.path.join(root, "checkpoint", "step-000000004"),
+    )
+    assert fresh[-1].load() is True
+    started = _snapshot(*fresh[:-1])
+    assert_same(expected["model"], started["model"], "model")
+    assert (started["step"], started["position"]) == (0, 0)  # nothing but the model was loaded
+    fresh[-1].close()
     return "ok"
 
 
