@@ -3,7 +3,7 @@
 LocalStorage reads with `preadv`, so a shard truncated during a load is
 reported as corruption instead of killing the process with SIGBUS (a memory
 map's failure mode). Whole regions are read straight into their targets
-(`checkpoint/direct_read.py`); other regions go through private buffers. This
+(`checkpoint/load/direct_read.py`); other regions go through private buffers. This
 compares three readers on a warm 256 MiB single-file checkpoint, loaded in
 place into a preallocated target: a memory-mapped reader (the first
 implementation, kept here only as a baseline), `pread` into buffers for every
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 import checkpoint
-from checkpoint.load import LoadOptions, load_checkpoint
+from checkpoint.load.loader import LoadOptions, load_checkpoint
 from storage.local import LocalStorage
 
 MiB = 1 << 20

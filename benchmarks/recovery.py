@@ -40,7 +40,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make the packages importa
     sys.path.insert(0, str(REPO_ROOT))
 
 import checkpoint  # noqa: E402
-from checkpoint.load import load_checkpoint  # noqa: E402
+from checkpoint.load.loader import load_checkpoint  # noqa: E402
 from checkpoint.options import LoadOptions  # noqa: E402
 from checkpoint.testing.s3server import SeaweedS3Server  # noqa: E402
 from checkpoint.testing.throttle import throttled_link  # noqa: E402

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.scale_layouts import LAYERS, SCHEMES, Job, supported
-from checkpoint.plan_exchange import _representatives, draft_plan
+from checkpoint.save.plan_exchange import _representatives, draft_plan
 from planners.dtypes import itemsize, safetensors_code
 from planners.global_plan import WorldStructure, from_run_lengths, structure_of, writes_of
 from planners.grid import CHECKSUM_ENTRY, _cuts

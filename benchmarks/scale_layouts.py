@@ -1,7 +1,7 @@
 """The Llama-70B-shaped state dict and its FSDP, FSDP x TP and FSDP x TP x PP layouts, as descriptors.
 
 No tensor is built: each rank's state dict is described the way
-`checkpoint.descriptors` describes live DTensors (key, dtype, global shape,
+`checkpoint.state.descriptors` describes live DTensors (key, dtype, global shape,
 `Layout`), so thousands of ranks are simulated in one process. Shapes:
 80 layers, hidden 8192, MLP 28672, 8 KV heads of 128, vocabulary 128256;
 model in bfloat16 plus AdamW `exp_avg`/`exp_avg_sq` in float32:

@@ -14,8 +14,9 @@ Example:
 
 import warnings
 
-from checkpoint.async_checkpointer import AsyncCheckpointer
-from checkpoint.barriers import Barrier, BarrierConfig, DistBarrier, TCPStoreBarrier
+from checkpoint.async_writer.async_checkpointer import AsyncCheckpointer
+from checkpoint.async_writer.client import CheckpointProcess
+from checkpoint.async_writer.staging import CheckpointStager, DefaultStager
 from checkpoint.builder import make_async_checkpointer, make_sync_checkpointer
 from checkpoint.checkpointer import Checkpointer, SyncCheckpointer
 from checkpoint.config import (
@@ -25,22 +26,21 @@ from checkpoint.config import (
     CheckpointStagerConfig,
     CheckpointWriterConfig,
 )
-from checkpoint.dcp_import import DcpImportResult, import_dcp
 from checkpoint.errors import *  # noqa: F403
 from checkpoint.errors import __all__ as _errors
 from checkpoint.exit_order import install_exit_handler
-from checkpoint.flatten import RankLocal
-from checkpoint.hf_export import HfExportResult, export_hf
-from checkpoint.hooks import CommitHook, WriterHook
-from checkpoint.manager import CheckpointManager, StepRecord
+from checkpoint.load.reader import CheckpointReader
+from checkpoint.manager.manager import CheckpointManager, StepRecord
 from checkpoint.options import LoadOptions, SaveOptions
-from checkpoint.pipeline import SaveStats
-from checkpoint.process import CheckpointProcess
-from checkpoint.reader import CheckpointReader
-from checkpoint.staging import CheckpointStager, DefaultStager
+from checkpoint.save.barriers import Barrier, BarrierConfig, DistBarrier, TCPStoreBarrier
+from checkpoint.save.hooks import CommitHook, WriterHook
+from checkpoint.save.pipeline import SaveStats
+from checkpoint.save.writer import CheckpointWriter
+from checkpoint.state.flatten import RankLocal
+from checkpoint.tools.dcp_import import DcpImportResult, import_dcp
+from checkpoint.tools.hf_export import HfExportResult, export_hf
+from checkpoint.tools.verify import VerifyReport, verify
 from checkpoint.types import STATE_DICT, RankInfo
-from checkpoint.verify import VerifyReport, verify
-from checkpoint.writer import CheckpointWriter
 
 __all__ = [
     "STATE_DICT",
@@ -81,9 +81,11 @@ __all__ = [
     *_errors,
 ]
 
-# `python -m checkpoint.verify` runs that module as __main__ after this package imported it for
+# `python -m checkpoint.tools.verify` runs that module as __main__ after this package imported it for
 # `checkpoint.verify()`; the second copy keeps no state, so runpy's warning about it is only noise.
-warnings.filterwarnings("ignore", message="'checkpoint.verify' found in sys.modules", category=RuntimeWarning)
+warnings.filterwarnings(
+    "ignore", message="'checkpoint.tools.verify' found in sys.modules", category=RuntimeWarning
+)
 
 # A gloo worker thread that frees its last work during interpreter finalization aborts the
 # process (see checkpoint/exit_order.py); every process that imports shardsafe exits in order.

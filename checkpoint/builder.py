@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from checkpoint.async_checkpointer import AsyncCheckpointer
-from checkpoint.barriers import DistBarrier, create_barrier_from_config
+from checkpoint.async_writer.async_checkpointer import AsyncCheckpointer
+from checkpoint.async_writer.client import CheckpointProcess
+from checkpoint.async_writer.staging import DefaultStager
 from checkpoint.checkpointer import SyncCheckpointer
 from checkpoint.config import CheckpointerConfig
-from checkpoint.hooks import CommitHook
-from checkpoint.process import CheckpointProcess
-from checkpoint.reader import CheckpointReader
-from checkpoint.staging import DefaultStager
+from checkpoint.load.reader import CheckpointReader
+from checkpoint.save.barriers import DistBarrier, create_barrier_from_config
+from checkpoint.save.hooks import CommitHook
+from checkpoint.save.writer import CheckpointWriter
 from checkpoint.types import RankInfo
-from checkpoint.writer import CheckpointWriter
 from storage.spec import StorageAccess
 
 

@@ -2,7 +2,7 @@
 
 `Checkpointer` holds the checks every implementation shares (arguments,
 closed state) and calls the implementation's `_save` / `_load`; the async
-checkpointer (checkpoint.async_checkpointer) drops in beside the sync one.
+checkpointer (checkpoint.async_writer.async_checkpointer) drops in beside the sync one.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from checkpoint.reader import CheckpointReader
+from checkpoint.load.reader import CheckpointReader
+from checkpoint.save.writer import CheckpointWriter
 from checkpoint.types import STATE_DICT, checkpoint_path
-from checkpoint.writer import CheckpointWriter
 from planners.errors import CheckpointStateError
 
 logger = logging.getLogger(__name__)

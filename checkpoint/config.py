@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from checkpoint.barriers import BarrierConfig
-from checkpoint.load import DEFAULT_MAX_METADATA_BYTES
+from checkpoint.options import DEFAULT_MAX_METADATA_BYTES
+from checkpoint.save.barriers import BarrierConfig
 from storage.remote import TransferConfig
 
 GiB = 1024**3

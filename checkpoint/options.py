@@ -15,8 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# The default cap on the metadata file's size (CheckpointReaderConfig.max_metadata_bytes).
-DEFAULT_MAX_METADATA_BYTES = 256 * 1024 * 1024
+from planners.metadata import DEFAULT_MAX_METADATA_BYTES  # noqa: F401 (importable from here too)
 
 
 def check_options(kwargs: Mapping[str, Any], allowed: frozenset[str], what: str) -> None:
@@ -61,7 +60,7 @@ class LoadOptions:
         verify: check the crc32c of every block read before anything reaches the target.
         strict: raise `MissingKeysError` when the target asks for keys the checkpoint lacks.
         key_map: Hugging Face layouts only: a key prefix to strip or a callable renaming each
-            key (see `checkpoint.hf_source.read_hf_metadata`).
+            key (see `checkpoint.load.hf_source.read_hf_metadata`).
         io_threads: files fetched at once (from `CheckpointReaderConfig`).
         max_metadata_bytes: refuse a metadata file larger than this (from `CheckpointReaderConfig`).
     """

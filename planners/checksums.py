@@ -3,7 +3,7 @@
 A chunk's bytes are cut into fixed blocks of `checksum_block_bytes` (recorded in the metadata) and the crc32c of
 each block is stored beside the chunk. Blocks, not one checksum per chunk, so that a resharding load that reads a
 few rows of a large chunk checks only the blocks it read, and `verify` can name which bytes went bad. The writer
-(storage/safetensors_io.py), the loader (checkpoint/load.py) and `verify` (checkpoint/verify.py) all go through
+(storage/safetensors_io.py), the loader (checkpoint/load/loader.py) and `verify` (checkpoint/tools/verify.py) all go through
 these functions, so the three cannot drift apart on where a block starts or which checksum belongs to it.
 
 Pure: bytes in, integers out; no file is opened here.

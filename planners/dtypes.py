@@ -4,7 +4,7 @@ The metadata file names dtypes the way torch prints them (``"bfloat16"``),
 shard files use the safetensors codes (``"BF16"``). Only dtypes that
 safetensors can store are accepted, so every shard file stays readable by any
 safetensors reader. Everything here works on names, so planning never needs
-torch; `checkpoint.dtypes` maps names to torch dtypes.
+torch; `checkpoint.state.dtypes` maps names to torch dtypes.
 """
 
 from __future__ import annotations

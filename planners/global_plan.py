@@ -282,19 +282,3 @@ def tensor_records(world: WorldStructure) -> dict[str, tuple[str, tuple[int, ...
         for t in s.tensors:
             out.setdefault(t.fqn, (t.dtype, t.global_shape))
     return dict(sorted(out.items()))
-
-
-def grid_fields(world: WorldStructure) -> dict[str, object]:
-    """The metadata's `meshes` (interned across structures) and the grid record of every DTensor key."""
-    from planners.grid import GridRecord  # planners.grid builds on this module
-
-    meshes: dict[Mesh, int] = {}
-    grids = {}
-    for s in world.structures:
-        for t in s.tensors:
-            if t.mesh is not None and t.fqn not in grids:
-                m = meshes.setdefault(s.meshes[t.mesh], len(meshes))
-                grids[t.fqn] = GridRecord(
-                    dtype=t.dtype, shape=t.global_shape, mesh=m, placements=t.placements
-                )
-    return {"meshes": tuple(meshes), "grids": dict(sorted(grids.items()))}

@@ -28,7 +28,7 @@ from typing import Any
 
 from planners.boxes import Box
 from planners.dtypes import itemsize
-from planners.global_plan import Mesh, assign_shared
+from planners.global_plan import Mesh, WorldStructure, assign_shared
 from planners.placement import (
     Layout,
     Placement,
@@ -354,3 +354,17 @@ def unwritten_chunks_problem(index: GridIndex, file_ranks: set[int]) -> str | No
 
 def grid_json(g: GridRecord) -> dict[str, Any]:
     return {"mesh": g.mesh, "placements": [placement_json(p) for p in g.placements]}
+
+
+def grid_fields(world: WorldStructure) -> dict[str, object]:
+    """The metadata's `meshes` (interned across structures) and the grid record of every DTensor key."""
+    meshes: dict[Mesh, int] = {}
+    grids = {}
+    for s in world.structures:
+        for t in s.tensors:
+            if t.mesh is not None and t.fqn not in grids:
+                m = meshes.setdefault(s.meshes[t.mesh], len(meshes))
+                grids[t.fqn] = GridRecord(
+                    dtype=t.dtype, shape=t.global_shape, mesh=m, placements=t.placements
+                )
+    return {"meshes": tuple(meshes), "grids": dict(sorted(grids.items()))}

@@ -3,12 +3,12 @@
 A save writes its shard files under names that carry its save id (`SHARD_FILE_RE`) and commits by publishing
 `metadata.json` last, through a temporary `.metadata.json.tmp-*` file on backends without an atomic
 no-replace write. So after a crash, an overwrite or a lost commit race, the path may hold shard files of other
-saves and temporary metadata files. The commit's cleanup (checkpoint/commit.py) deletes them and `verify`
-(checkpoint/verify.py) reports them; both decide what is a leftover here, with the same rule: only names
+saves and temporary metadata files. The commit's cleanup (checkpoint/save/commit.py) deletes them and `verify`
+(checkpoint/tools/verify.py) reports them; both decide what is a leftover here, with the same rule: only names
 shardsafe itself writes are ever candidates, so a user's own files at the path are never touched.
 
 Which save ids to keep is the caller's decision: `verify` keeps the committed save only; the commit's cleanup
-also keeps every save that holds a live in-progress marker (checkpoint/lease.py), since that save may still
+also keeps every save that holds a live in-progress marker (checkpoint/save/lease.py), since that save may still
 commit. Pure: names in, names out.
 """
 

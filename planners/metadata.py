@@ -27,6 +27,9 @@ FORMAT_VERSION = 2
 # The first version whose metadata must carry a digest.
 DIGEST_SINCE_VERSION = 2
 METADATA_FILE = "metadata.json"
+# The default cap on the metadata file's size (CheckpointReaderConfig.max_metadata_bytes): a reader
+# refuses a larger metadata.json before reading it, whatever it claims to hold.
+DEFAULT_MAX_METADATA_BYTES = 256 * 1024 * 1024
 # Shard file names: shard-<save id>-r<rank>-<index>.safetensors. Nothing else
 # is ever read as data, and nothing else is ever deleted by cleanup.
 SHARD_FILE_RE = re.compile(

@@ -1,9 +1,9 @@
 """Save planning records: local plans, write items, shard files; `plan_global`.
 
 Each rank describes the chunks it holds (`LocalPlan`, built by `plan_local`
-from plain `LocalChunk` descriptors; `checkpoint.local_plan` reads those off
+from plain `LocalChunk` descriptors; `checkpoint.save.local_plan` reads those off
 the live tensors). A save then agrees its plan by exchanging structures
-(`planners.global_plan`, over `checkpoint.plan_exchange`), and each rank
+(`planners.global_plan`, over `checkpoint.save.plan_exchange`), and each rank
 packs its writes into shard files of bounded size (`pack_files`).
 
 `plan_global` merges full local plans in one place instead (a save no longer

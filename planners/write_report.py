@@ -9,7 +9,7 @@ reports to the plan the coordinator already knows (`MetadataDraft`): each
 rank reports only files named for itself in this save, each chunk of a planned
 tensor lies in a file its writer reported and has the planned dtype, size and
 checksum count, the chunks of every planned plain tensor tile it, and every
-rank that the grid records make a writer reported a file. (`checkpoint.commit`
+rank that the grid records make a writer reported a file. (`checkpoint.save.commit`
 also refuses chunks sharing bytes, as a load would.) These are the checks of
 `planners.metadata_parse` that reports can fail, without a second parse of
 the whole metadata on every commit (0.6 s of CPU for 10,000 tensors). Pure:

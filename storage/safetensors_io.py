@@ -45,8 +45,8 @@ class WrittenTensor:
 
     It is what the storage layer knows: a safetensors key and a byte range, no
     box or tensor key. The save turns it into the metadata's `ChunkRecord`
-    (`checkpoint.save`); `HeaderEntry` is the reading side (parsed from a file
-    that may be hostile), `checkpoint.staging.StagedTensor` a position in the
+    (`checkpoint.save.protocol`); `HeaderEntry` is the reading side (parsed from a file
+    that may be hostile), `checkpoint.async_writer.staging.StagedTensor` a position in the
     staging buffer, not in a file.
     """
 

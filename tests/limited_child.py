@@ -110,10 +110,10 @@ def _operation(op: str, path: str) -> Any:
     import torch
 
     import checkpoint
-    from checkpoint.cli import inspect_document
-    from checkpoint.diff import diff_checkpoints
-    from checkpoint.hf_export import export_hf
-    from checkpoint.load import read_metadata
+    from checkpoint.load.loader import read_metadata
+    from checkpoint.tools.cli import inspect_document
+    from checkpoint.tools.diff import diff_checkpoints
+    from checkpoint.tools.hf_export import export_hf
     from storage.spec import StorageSpec
 
     if op == "load":
@@ -150,8 +150,8 @@ def _serve() -> None:
     import psutil
 
     import checkpoint  # noqa: F401  (imported before the cap: the budget counts only what an operation adds)
-    import checkpoint.cli  # noqa: F401
-    import checkpoint.hf_export  # noqa: F401
+    import checkpoint.tools.cli  # noqa: F401
+    import checkpoint.tools.hf_export  # noqa: F401
 
     limit = psutil.Process().memory_info().vms + ADDRESS_SPACE_BUDGET_BYTES
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

@@ -26,7 +26,7 @@ from checkpoint import (
     DefaultStager,
     WriterHook,
 )
-from checkpoint.staging import ALIGN_BYTES, staging_layout
+from checkpoint.async_writer.staging import ALIGN_BYTES, staging_layout
 from checkpoint.testing.ranks import run_ranks
 from planners.boxes import full_box
 from planners.dtypes import dtype_name

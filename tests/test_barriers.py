@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 import checkpoint
 from checkpoint import CheckpointerConfig
-from checkpoint.barriers import BarrierConfig, TCPStoreBarrier, create_barrier_from_config
-from checkpoint.collectives import StoreExchange
+from checkpoint.save.barriers import BarrierConfig, TCPStoreBarrier, create_barrier_from_config
+from checkpoint.save.collectives import StoreExchange
 from checkpoint.testing.ranks import free_port, run_ranks
 from planners.errors import CheckpointTimeoutError
 

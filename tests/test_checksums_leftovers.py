@@ -65,7 +65,7 @@ def test_leftovers_are_shard_files_of_other_saves_and_temporary_metadata() -> No
         ".metadata.json.tmp-1234",
         "notes.txt",  # the user's: never a leftover
         "shard-cccccccc-r00000-000.safetensors.bak",
-        ".in-progress-bbbbbbbb",  # markers are checkpoint/lease.py's business
+        ".in-progress-bbbbbbbb",  # markers are checkpoint/save/lease.py's business
     ]
 
     assert leftover_names(names, keep={"aaaaaaaa", "bbbbbbbb"}) == [

@@ -1,7 +1,7 @@
 """The `shardsafe` command: ls, inspect, verify and diff, their JSON output and exit codes.
 
 Most cases run the click group in-process (CliRunner, stdout and stderr kept apart); the module
-entry points (`python -m checkpoint.cli`, `python -m checkpoint.verify`) and the installed console
+entry points (`python -m checkpoint.tools.cli`, `python -m checkpoint.tools.verify`) and the installed console
 script run as real subprocesses.
 """
 
@@ -28,8 +28,8 @@ import torch
 from click.testing import CliRunner
 
 import checkpoint
-from checkpoint.cli import main
-from checkpoint.diff import diff_checkpoints
+from checkpoint.tools.cli import main
+from checkpoint.tools.diff import diff_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN_TWO_RANK = REPO / "tests" / "golden" / "v1" / "two_rank"
@@ -169,10 +169,10 @@ def test_module_entry_points_keep_working(run_root: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     good = str(run_root / "step-000000005")
     for argv, expected in (
-        (["-m", "checkpoint.verify", good], 0),
-        (["-m", "checkpoint.verify", str(run_root / "nothing")], 2),
-        (["-m", "checkpoint.cli", "verify", good], 0),
-        (["-m", "checkpoint.cli", "verify", str(run_root / "nothing")], 2),
+        (["-m", "checkpoint.tools.verify", good], 0),
+        (["-m", "checkpoint.tools.verify", str(run_root / "nothing")], 2),
+        (["-m", "checkpoint.tools.cli", "verify", good], 0),
+        (["-m", "checkpoint.tools.cli", "verify", str(run_root / "nothing")], 2),
     ):
         result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=120)
         assert result.returncode == expected, (argv, result.stdout, result.stderr)
@@ -285,7 +285,7 @@ def _save_url(url: str, state: dict) -> None:
 def test_console_script_is_declared_in_pyproject_and_resolves_to_the_group() -> None:
     with open(REPO / "pyproject.toml", "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
-    assert scripts == {"shardsafe": "checkpoint.cli:main"}
+    assert scripts == {"shardsafe": "checkpoint.tools.cli:main"}
     module, attr = scripts["shardsafe"].split(":")
     group = getattr(importlib.import_module(module), attr)
     assert isinstance(group, click.Group)
@@ -304,7 +304,7 @@ def test_console_script_is_installed_and_runs(run_root: Path) -> None:
         pytest.skip(
             "the installed shardsafe distribution predates the console script (reinstall with pip install -e .)"
         )
-    assert [(e.name, e.value) for e in declared] == [("shardsafe", "checkpoint.cli:main")]
+    assert [(e.name, e.value) for e in declared] == [("shardsafe", "checkpoint.tools.cli:main")]
     # pip puts console scripts beside the interpreter; the venv need not be on PATH (make test does not activate it)
     beside = Path(sys.executable).parent / "shardsafe"
     exe = str(beside) if beside.exists() else shutil.which("shardsafe")

@@ -23,9 +23,9 @@ from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
 import checkpoint
 from checkpoint.config import CheckpointerConfig, CheckpointWriterConfig
-from checkpoint.hooks import CommitHook
-from checkpoint.lease import MARKER_RE
-from checkpoint.plan_exchange import draft_plan, rank_plan
+from checkpoint.save.hooks import CommitHook
+from checkpoint.save.lease import MARKER_RE
+from checkpoint.save.plan_exchange import draft_plan, rank_plan
 from checkpoint.testing.ranks import run_ranks
 from planners.errors import IncompleteCheckpointError, WriterProcessError
 from planners.global_plan import WorldStructure, structure_of

@@ -29,7 +29,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 import checkpoint
 import storage.local
-from checkpoint.lease import MARKER_RE
+from checkpoint.save.lease import MARKER_RE
 from checkpoint.testing.ranks import RankFailures, run_ranks
 from planners.errors import CheckpointExistsError, DistributedCheckpointError, IncompleteCheckpointError
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE

@@ -12,8 +12,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import checkpoint
-from checkpoint.dcp_import import import_dcp
 from checkpoint.testing.ranks import run_ranks
+from checkpoint.tools.dcp_import import import_dcp
 from planners.errors import CheckpointExistsError, PickleNotAllowedError
 from tests.fsdp_workers import assert_same, build, snapshot, train
 
@@ -97,7 +97,7 @@ def test_plain_and_pickled_values_and_an_existing_output(tmp_path):
 def test_cli_import_dcp_needs_trust_pickle(tmp_path):
     from click.testing import CliRunner
 
-    from checkpoint.cli import main
+    from checkpoint.tools.cli import main
 
     dcp.save({"w": torch.arange(4.0), "n": 5}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
     args = ["import-dcp", str(tmp_path / "dcp"), str(tmp_path / "out")]

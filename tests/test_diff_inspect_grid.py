@@ -21,9 +21,9 @@ import torch
 from click.testing import CliRunner
 
 import checkpoint
-from checkpoint.cli import main
-from checkpoint.diff import diff_checkpoints
 from checkpoint.testing.ranks import run_ranks
+from checkpoint.tools.cli import main
+from checkpoint.tools.diff import diff_checkpoints
 from tests.damage import private_copy
 from tests.golden.make_golden import GOLDEN_DIR
 
@@ -145,8 +145,8 @@ _WIDE_ROWS = textwrap.dedent(
     """
     import json, sys
     import psutil
-    from checkpoint.diff import diff_checkpoints
-    from checkpoint.load import read_metadata  # imported before the baseline, as diff imports it
+    from checkpoint.tools.diff import diff_checkpoints
+    from checkpoint.load.loader import read_metadata  # imported before the baseline, as diff imports it
 
     def peak():
         with open("/proc/self/status") as f:

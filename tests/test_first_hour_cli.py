@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import checkpoint
-from checkpoint.cli import MAX_VALUE_CHARS, main
+from checkpoint.tools.cli import MAX_VALUE_CHARS, main
 
 
 def _run(*args: str, width: int = 80) -> tuple[int, str, str]:

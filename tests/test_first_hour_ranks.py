@@ -140,7 +140,7 @@ def _late_rank(rank: int, world_size: int, root: str) -> list[str] | tuple[str, 
         ckpt.close()
         return []  # leaves without the second save: rank 0 must name it
     handler = _Warnings(store)
-    logging.getLogger("checkpoint.collectives").addHandler(handler)
+    logging.getLogger("checkpoint.save.collectives").addHandler(handler)
     ckpt.save(state, f"{root}/late")
     assert torch.equal(ckpt.load(f"{root}/late")["w"], torch.arange(4.0))
     warned = list(handler.messages)

@@ -14,8 +14,8 @@ from huggingface_hub import load_torch_model
 from safetensors import safe_open
 
 import checkpoint
-from checkpoint.hf_export import export_hf, parse_size, plan_files
 from checkpoint.testing.ranks import run_ranks
+from checkpoint.tools.hf_export import export_hf, parse_size, plan_files
 from planners.errors import CheckpointExistsError
 from tests.fsdp_workers import MLP, save_trained
 
@@ -115,7 +115,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     """
     import sys, threading, time
     import torch, checkpoint
-    from checkpoint.hf_export import export_hf
+    from checkpoint.tools.hf_export import export_hf
 
     def anon_kib():
         for line in open("/proc/self/status"):
@@ -168,7 +168,7 @@ def test_export_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
 def test_cli_export_hf_json_output_and_exit_codes(tmp_path):
     from click.testing import CliRunner
 
-    from checkpoint.cli import main
+    from checkpoint.tools.cli import main
 
     state = {"model": {"w": torch.randn(4, 4)}, "step": 3}
     checkpoint.make_sync_checkpointer().save(state, str(tmp_path / "ckpt"))

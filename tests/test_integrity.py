@@ -22,12 +22,12 @@ import torch
 from safetensors import safe_open
 
 import checkpoint
-from checkpoint.chunk_reader import ChunkReader
-from checkpoint.collectives import SingleRankExchange
-from checkpoint.flatten import flatten_state_dict
-from checkpoint.load import read_metadata
-from checkpoint.save import PlanCache, describe_local, prepare_save
-from checkpoint.verify import EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_PROBLEMS, main
+from checkpoint.load.chunk_reader import ChunkReader
+from checkpoint.load.loader import read_metadata
+from checkpoint.save.collectives import SingleRankExchange
+from checkpoint.save.protocol import PlanCache, describe_local, prepare_save
+from checkpoint.state.flatten import flatten_state_dict
+from checkpoint.tools.verify import EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_PROBLEMS, main
 from planners.boxes import Box
 from planners.digest import seal
 from planners.errors import (
@@ -376,9 +376,9 @@ def _chunk_remote(fs, path: str, key: str) -> dict:
 
 
 def test_command_line_entry_point(saved):
-    """`python -m checkpoint.verify` runs as a command: exit status 0 and nothing on stderr (no runpy warning)."""
+    """`python -m checkpoint.tools.verify` runs as a command: exit status 0 and nothing on stderr (no runpy warning)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "checkpoint.verify", saved]
+    cmd = [sys.executable, "-m", "checkpoint.tools.verify", saved]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (EXIT_OK, "")
     save_id = _doc(saved)["save_id"]

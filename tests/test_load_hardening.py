@@ -19,7 +19,7 @@ import torch
 
 import checkpoint
 from checkpoint.config import CheckpointerConfig, CheckpointReaderConfig
-from checkpoint.load import LoadOptions, load_checkpoint
+from checkpoint.load.loader import LoadOptions, load_checkpoint
 from planners.digest import seal
 from planners.errors import CorruptCheckpointError, InvalidCheckpointError
 from planners.metadata import METADATA_FILE

@@ -16,7 +16,7 @@ import torch
 
 import checkpoint
 from checkpoint import CheckpointManager, StepRecord
-from checkpoint.manager_steps import STEP_DIGITS, parse_step_dir, step_dir_name
+from checkpoint.manager.steps import STEP_DIGITS, parse_step_dir, step_dir_name
 from planners.errors import IncompleteCheckpointError, MismatchError
 
 
@@ -96,7 +96,7 @@ def test_load_skips_incomplete_and_damaged_steps_with_a_warning(tmp_path: Path, 
     data[-1] ^= 0xFF  # a flipped bit in w's last element
     shard.write_bytes(bytes(data))
     target = _state(-1)
-    with caplog.at_level(logging.WARNING, logger="checkpoint.manager"):
+    with caplog.at_level(logging.WARNING, logger="checkpoint.manager.manager"):
         assert CheckpointManager(str(tmp_path), checkpointer=ckpt).load(target) == 10
     assert torch.equal(target["w"], torch.full((3, 2), 10.0)) and target["step"] == 10
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -207,7 +207,7 @@ def test_a_failed_deletion_is_logged_not_raised_and_leaves_an_incomplete_step(
     mgr.save(1, _state(1))
     (tmp_path / "step-000000001" / "stuck").mkdir()  # unlink() of a directory fails
     (tmp_path / "step-000000001" / "stuck" / "f").write_text("x")
-    with caplog.at_level(logging.WARNING, logger="checkpoint.manager"):
+    with caplog.at_level(logging.WARNING, logger="checkpoint.manager.manager"):
         assert mgr.save(2, _state(2)) is True
     assert any("pruning old steps under" in r.getMessage() for r in caplog.records)
     # the commit marker went first, so the half-deleted step no longer counts as complete

@@ -24,10 +24,10 @@ from click.testing import CliRunner
 
 import checkpoint
 from checkpoint import CheckpointManager, CommitHook
-from checkpoint.cli import main as cli_main
-from checkpoint.commit import _committed_save_id
-from checkpoint.lease import live_save_ids, marker_name
-from checkpoint.manager_steps import StepRecord
+from checkpoint.manager.steps import StepRecord
+from checkpoint.save.commit import _committed_save_id
+from checkpoint.save.lease import live_save_ids, marker_name
+from checkpoint.tools.cli import main as cli_main
 from planners.errors import InvalidCheckpointError
 from storage.local import LocalStorage
 from storage.spec import StorageSpec
@@ -109,7 +109,7 @@ def test_a_damaged_step_that_cannot_be_renamed_is_neither_counted_nor_deleted(ck
 
 
 def test_steps_to_delete_is_pure_and_protects_what_it_is_told_to() -> None:
-    from checkpoint.retention import RetentionPolicy, steps_to_delete
+    from checkpoint.manager.retention import RetentionPolicy, steps_to_delete
 
     def record(step: int, complete: bool = True) -> StepRecord:
         return StepRecord(
@@ -188,7 +188,7 @@ def _boot_id() -> str:
 
 
 def test_lease_records_the_host_identity_and_reads_old_markers(tmp_path: Path) -> None:
-    from checkpoint.lease import HostIdentity, LeaseRecord, claim
+    from checkpoint.save.lease import HostIdentity, LeaseRecord, claim
 
     here = HostIdentity.current()
     assert here.host == socket.gethostname()
@@ -301,7 +301,7 @@ def test_huge_sparse_metadata_and_markers_are_refused_before_they_are_read(
 
 
 def test_read_metadata_document_names_the_file_and_the_cap(tmp_path: Path, ckpt) -> None:
-    from checkpoint.metadata_file import read_metadata_document
+    from storage.metadata_file import read_metadata_document
 
     ckpt.save(_state(1), str(tmp_path / "c"))
     storage = LocalStorage(str(tmp_path / "c"))
@@ -330,7 +330,7 @@ def test_a_plain_file_and_a_looping_link_named_like_steps_are_skipped_with_one_w
     (tmp_path / "step-7").symlink_to("step-7")  # loops
     (tmp_path / "step-11").symlink_to("nowhere")  # dangles
     mgr = CheckpointManager(str(tmp_path), checkpointer=ckpt, keep_last=1)
-    with caplog.at_level(logging.WARNING, logger="checkpoint.manager_steps"):
+    with caplog.at_level(logging.WARNING, logger="checkpoint.manager.steps"):
         assert [r.step for r in mgr.steps()] == [1, 3]
         assert mgr.latest_step() == 3
         mgr.save(8, _state(8))  # retention runs past the odd entries
@@ -358,7 +358,7 @@ def test_a_plain_object_named_like_a_step_on_an_object_store_is_skipped_with_one
     mgr = CheckpointManager(root, checkpointer=ckpt, keep_last=1)
     mgr.save(1, _state(1))
     StorageSpec.resolve(root).fs.pipe_file(f"{root}/step-5", b"not a checkpoint")
-    with caplog.at_level(logging.WARNING, logger="checkpoint.manager_steps"):
+    with caplog.at_level(logging.WARNING, logger="checkpoint.manager.steps"):
         assert _complete(mgr) == [1]
         mgr.save(6, _state(6))
         assert _complete(mgr) == [6]

@@ -99,7 +99,7 @@ def _killed_job(rank: int, world_size: int, root: str, pid_dir: str) -> None:
 
 def _resumed_job(rank: int, world_size: int, root: str) -> dict:
     warnings = _Warnings()
-    logging.getLogger("checkpoint.manager").addHandler(warnings)
+    logging.getLogger("checkpoint.manager.manager").addHandler(warnings)
     ckpt = checkpoint.make_sync_checkpointer()  # async writer processes cost seconds to spawn here
     mgr = CheckpointManager(root, checkpointer=ckpt, keep_last=2, interval_steps=5)
     state = _state(world_size)

@@ -1,7 +1,7 @@
 """The one save pipeline: both modes behave the same around the commit, and report the same stats.
 
 A sync save writes in the trainer and an async save in the writer process, but both run
-`checkpoint.pipeline.write_and_commit`: a failing pre_commit hook fails the save the same way,
+`checkpoint.save.pipeline.write_and_commit`: a failing pre_commit hook fails the save the same way,
 and each save's `SaveStats` (logged at INFO) describe the files that landed. Also the typed
 boundary (`SaveOptions`, `LoadOptions`) and the picklable `StorageSpec`.
 """
@@ -76,7 +76,7 @@ def test_save_stats_describe_the_files_written_and_are_logged(
     ckpt = _make(mode)
     try:
         state = {"a": torch.ones(64), "b": torch.zeros(3, 5, dtype=torch.int64), "step": 7}
-        with caplog.at_level(logging.INFO, logger="checkpoint.pipeline"):
+        with caplog.at_level(logging.INFO, logger="checkpoint.save.pipeline"):
             _save(ckpt, state, tmp_path / "s1")
             _save(ckpt, state, tmp_path / "s2")
         stats = ckpt.last_save
@@ -88,7 +88,7 @@ def test_save_stats_describe_the_files_written_and_are_logged(
         expected = {"plan", "write", "commit"} | ({"stage"} if mode == "async" else set())
         assert set(stats.phase_secs) == expected
         assert all(s >= 0.0 for s in stats.phase_secs.values())
-        lines = [r.getMessage() for r in caplog.records if r.name == "checkpoint.pipeline"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "checkpoint.save.pipeline"]
         assert len(lines) == 2, lines
         assert lines[1].startswith(f"{mode} save {tmp_path / 's2'} rank 0: {stats.bytes_written} bytes in ")
     finally:

@@ -3,7 +3,7 @@
 `planners.save_plan.plan_local` and `planners.metadata_build.build_metadata`
 take plain data, so each rank's and the coordinator's part of a save is
 checked here without a process group or a file; the last test checks that
-`checkpoint.local_plan` hands the planner the right descriptors for live
+`checkpoint.save.local_plan` hands the planner the right descriptors for live
 tensors.
 """
 
@@ -13,8 +13,8 @@ import pickle
 
 import torch
 
-from checkpoint.flatten import RankLocal, flatten_state_dict
-from checkpoint.local_plan import describe_local
+from checkpoint.save.local_plan import describe_local
+from checkpoint.state.flatten import RankLocal, flatten_state_dict
 from planners.boxes import Box, full_box
 from planners.metadata import CHECKSUM_BLOCK_BYTES, FORMAT_VERSION, ChunkRecord, FileRecord, RankLocalRecord
 from planners.metadata_build import MetadataDraft, RankWriteResult, WrittenChunk, build_metadata
@@ -85,7 +85,7 @@ def _two_rank_results() -> tuple[MetadataDraft, list[RankWriteResult]]:
     plan = GlobalPlan(
         world_size=2, rank_plans=(), tensors={"w": ("float32", (4, 2)), "empty": ("float32", (0,))}
     )
-    # The nesting as checkpoint.flatten records it (metadata_parse checks it against the keys).
+    # The nesting as checkpoint.state.flatten records it (metadata_parse checks it against the keys).
     structure = {
         "dict": [
             ["w", {"tensor": "w"}],

@@ -24,10 +24,10 @@ from click.testing import CliRunner
 from fsspec.implementations.memory import MemoryFileSystem
 
 import checkpoint
-from checkpoint.cli import main
-from checkpoint.dcp_import import import_dcp
-from checkpoint.diff import diff_checkpoints
-from checkpoint.hf_export import export_hf
+from checkpoint.tools.cli import main
+from checkpoint.tools.dcp_import import import_dcp
+from checkpoint.tools.diff import diff_checkpoints
+from checkpoint.tools.hf_export import export_hf
 from planners.errors import PickleNotAllowedError
 from storage.spec import StorageSpec, spec_for, specs_for
 

@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import checkpoint
-from checkpoint.load import load_checkpoint
+from checkpoint.load.loader import load_checkpoint
 from checkpoint.options import LoadOptions
 from checkpoint.testing.ranks import run_ranks
 from checkpoint.tiers import client

@@ -16,7 +16,7 @@ import os
 import pytest
 
 import checkpoint
-from checkpoint.diff import diff_checkpoints
+from checkpoint.tools.diff import diff_checkpoints
 from planners.errors import InvalidCheckpointError
 from tests.damage import private_copy
 from tests.golden.make_golden import GOLDEN_DIR

@@ -37,8 +37,8 @@ from checkpoint import (
     PostCommitHookError,
     WriterHook,
 )
-from checkpoint.barriers import BarrierConfig
-from checkpoint.lease import MARKER_RE
+from checkpoint.save.barriers import BarrierConfig
+from checkpoint.save.lease import MARKER_RE
 from checkpoint.testing.ranks import free_port, run_ranks
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE
 from storage.remote import TransferConfig
@@ -442,7 +442,7 @@ def test_makedirs_fsyncs_every_created_level(tmp_path: Path, monkeypatch: pytest
 
 
 def test_failed_mmap_after_memfd_closes_the_descriptor(monkeypatch: pytest.MonkeyPatch) -> None:
-    from checkpoint import staging
+    from checkpoint.async_writer import staging
 
     def refuse(*args: Any, **kwargs: Any) -> mmap.mmap:
         raise OSError(12, "Cannot allocate memory (injected)")

@@ -4,7 +4,7 @@ Each module plugs shardsafe into the one seam its framework lets a user
 choose (DCP's `StorageReader`, Lightning's strategy and `CheckpointIO`,
 torchtitan's checkpoint manager) and is built on shardsafe's own load and
 save paths, so checksums, resharding and the pickle refusal hold the same
-way they do for `checkpoint.load`. Modules here may import `checkpoint`,
+way they do for `checkpoint.load.loader`. Modules here may import `checkpoint`,
 `planners` and `storage`; nothing else in shardsafe imports them.
 
 A module whose framework is an optional extra raises `ImportError` naming

@@ -1,4 +1,4 @@
-"""`torch.distributed.checkpoint.load` from a shardsafe checkpoint: a DCP `StorageReader`.
+"""`torch.distributed.checkpoint.load.loader` from a shardsafe checkpoint: a DCP `StorageReader`.
 
 DCP's load runs in three steps on every rank: `read_metadata` (the reader
 describes the checkpoint as DCP `Metadata`: each tensor's global shape and
@@ -43,11 +43,11 @@ from torch.distributed.checkpoint.metadata import Metadata as DcpMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from checkpoint.chunk_reader import ChunkReader
-from checkpoint.dtypes import dtype_from_name
-from checkpoint.load import read_metadata
-from checkpoint.load_values import decode
+from checkpoint.load.chunk_reader import ChunkReader
+from checkpoint.load.loader import read_metadata
+from checkpoint.load.values import decode
 from checkpoint.options import DEFAULT_MAX_METADATA_BYTES, LoadOptions
+from checkpoint.state.dtypes import dtype_from_name
 from planners.boxes import Box, full_box
 from planners.errors import CheckpointError, InvalidCheckpointError
 from planners.load_plan import LoadTarget
@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 
 class ShardsafeStorageReader(StorageReader):
-    """Reads a shardsafe checkpoint (format version 1 or 2) for `torch.distributed.checkpoint.load`.
+    """Reads a shardsafe checkpoint (format version 1 or 2) for `torch.distributed.checkpoint.load.loader`.
 
     Call order (DCP's, on every rank): `reset`, `read_metadata`, `set_up_storage_reader`,
     `prepare_local_plan`, then `prepare_global_plan` on the coordinator, then `read_data`.

@@ -42,7 +42,7 @@ from torchtitan.tools import filesystem  # noqa: E402
 from checkpoint.builder import make_async_checkpointer, make_sync_checkpointer  # noqa: E402
 from checkpoint.checkpointer import Checkpointer  # noqa: E402
 from checkpoint.config import CheckpointerConfig  # noqa: E402
-from checkpoint.manager import CheckpointManager  # noqa: E402
+from checkpoint.manager.manager import CheckpointManager  # noqa: E402
 
 __all__ = ["ShardsafeCheckpointManager"]
 

@@ -7,5 +7,7 @@
 - `holders`: a read-only storage that reads each file of a step from its nearest verified holder.
 - `local_tier`: what `CheckpointManager` calls: set-up, local saves, retention, recovery.
 
-May import `planners`, `storage` and the rest of `checkpoint`; nothing outside imports it but the manager.
+May import: checkpoint.load, .save, .state, .async_writer, .checkpointer, .builder and the lower modules
+of checkpoint.manager (steps, signals, attempt), planners and storage. Imported by the manager and
+`shardsafe ls --local-root` only (tests/import_rules.py).
 """

@@ -33,12 +33,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from checkpoint.flatten import RankLocal
-from checkpoint.manager_signals import max_over_ranks
-from checkpoint.manager_steps import STEP_DIR_RE, StepRecord, step_dir_name
+from checkpoint.manager.signals import max_over_ranks
+from checkpoint.manager.steps import STEP_DIR_RE, StepRecord, step_dir_name
+from checkpoint.state.flatten import RankLocal
 from checkpoint.tiers.replicate import ReplicaHook
 from checkpoint.tiers.server import TierServer
-from checkpoint.tiers.tier_files import TEMP_MARK, list_holdings
+from checkpoint.tiers.tier_files import TEMP_MARK, list_holdings, local_records
 from planners.metadata import METADATA_FILE
 from planners.tier_placement import commit_targets, effective_replicas
 
@@ -186,8 +186,6 @@ class LocalTier:
 
     def records(self) -> list[StepRecord]:
         """This node's committed local steps, as records of the tier `local`."""
-        from checkpoint.tiers.manager_tier import local_records
-
         return local_records(self.root)
 
     def loaded(self, step: int) -> None:

@@ -1,6 +1,6 @@
 """What `CheckpointManager` calls of the local tier: construction, the durable listing, recovery, `steps()`.
 
-Kept apart from `checkpoint.manager` so the manager stays about the durable
+Kept apart from `checkpoint.manager.manager` so the manager stays about the durable
 tier: each of its hooks is one call into this module, and without a
 `local_root` none of them changes what the manager does.
 """
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from checkpoint.manager_steps import StepRecord
+from checkpoint.manager.steps import StepRecord
 from planners.errors import CheckpointError
 from storage.redact import display_url
 
@@ -105,33 +105,6 @@ def recover_tiers(
     if step is None and tier.layout.rank == 0:
         logger.info("no loadable step in either tier: starting fresh")
     return step
-
-
-def local_records(local_root: str) -> list[StepRecord]:
-    """The committed steps of one node's local tier, oldest first, as records of the tier `local`."""
-    import os
-
-    from checkpoint.manager_steps import step_dir_name
-    from checkpoint.tiers.tier_files import list_holdings
-    from planners.metadata import METADATA_FILE
-
-    out = []
-    for step, held in sorted(list_holdings(local_root).items()):
-        if held.committed:
-            nbytes = sum(n for name, n in held.required.items() if name != METADATA_FILE)
-            path = os.path.join(local_root, step_dir_name(step))
-            out.append(
-                StepRecord(
-                    step=step,
-                    path=path,
-                    complete=True,
-                    nbytes=nbytes,
-                    world_size=None,
-                    saved_at=None,
-                    tiers=("local",),
-                )
-            )
-    return out
 
 
 def merge_records(durable: list[StepRecord], local: list[StepRecord]) -> list[StepRecord]:

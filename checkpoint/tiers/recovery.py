@@ -32,10 +32,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-from checkpoint.load import load_checkpoint
-from checkpoint.manager_attempt import DAMAGED, FAILED, LOADED
-from checkpoint.manager_signals import max_over_ranks
-from checkpoint.manager_steps import step_dir_name
+from checkpoint.load.loader import load_checkpoint
+from checkpoint.manager.attempt import DAMAGED, FAILED, LOADED
+from checkpoint.manager.signals import max_over_ranks
+from checkpoint.manager.steps import step_dir_name
 from checkpoint.options import LoadOptions
 from checkpoint.tiers import client
 from checkpoint.tiers.holders import Holder, HolderStorage

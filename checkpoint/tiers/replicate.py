@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from checkpoint.hooks import CommitHook
+from checkpoint.save.hooks import CommitHook
 from checkpoint.tiers.client import put_file
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE
 

@@ -21,7 +21,7 @@ import os
 import stat
 from typing import Any
 
-from checkpoint.manager_steps import parse_step_dir, step_dir_name
+from checkpoint.manager.steps import StepRecord, parse_step_dir, step_dir_name
 from planners.checksums import bad_blocks
 from planners.errors import InvalidCheckpointError, TierPathError
 from planners.grid import CHECKSUM_ENTRY
@@ -188,3 +188,24 @@ def _name_sizes(value: Any) -> dict[str, int]:
     if not isinstance(value, dict) or len(value) > MAX_LISTED_FILES:
         raise ValueError("not a map of at most MAX_LISTED_FILES names")
     return {str(k): int(v) for k, v in value.items()}
+
+
+def local_records(local_root: str) -> list[StepRecord]:
+    """The committed steps of one node's local tier, oldest first, as records of the tier `local`."""
+    out = []
+    for step, held in sorted(list_holdings(local_root).items()):
+        if held.committed:
+            nbytes = sum(n for name, n in held.required.items() if name != METADATA_FILE)
+            path = os.path.join(local_root, step_dir_name(step))
+            out.append(
+                StepRecord(
+                    step=step,
+                    path=path,
+                    complete=True,
+                    nbytes=nbytes,
+                    world_size=None,
+                    saved_at=None,
+                    tiers=("local",),
+                )
+            )
+    return out

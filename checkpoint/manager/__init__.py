@@ -1,0 +1,5 @@
+"""CheckpointManager: steps, resume, retention and preemption around a checkpointer in a training loop.
+
+May import: the public checkpointer API (checkpoint.checkpointer, types), checkpoint.load, checkpoint.save's
+lease, checkpoint.tiers (the optional node-local tier), planners and storage; never the tools.
+"""

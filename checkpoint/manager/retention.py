@@ -1,0 +1,117 @@
+"""Retention for `CheckpointManager`: which steps of a run to delete once a save is committed.
+
+The choice is pure (`steps_to_delete`: records in, records out) so every rule is tested without
+storage; `prune` lists the run, applies it and deletes (rank 0 only, in the trainer thread, after a
+commit). The rules, in order of precedence:
+
+- never delete a *protected* step: the step this manager resumed from (the one step known to
+  load) and the step whose commit triggered this purge, whatever `keep_last` says;
+- never touch an *unloadable* step (complete on storage, but a load found it damaged and it could
+  not be renamed aside): it does not count as complete, so it can neither take the place of a good
+  step among the newest `keep_last` nor be deleted as one; it stays for inspection;
+- keep the newest `keep_last` complete steps, every multiple of `keep_every`, and the newest
+  complete step (the one a restart loads);
+- delete the other complete steps, and incomplete steps older than the newest complete one
+  (leftovers of failed saves; a newer incomplete step may be a save in flight).
+
+A step directory that is a symbolic link loses only the link (`manager_steps.remove_step`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from checkpoint.manager.steps import StepRecord, quarantine_step, remove_step, scan_steps
+from storage.redact import display_url
+from storage.spec import StorageSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetentionPolicy:
+    """How many steps to keep: the newest `keep_last` (None: all) and multiples of `keep_every`."""
+
+    keep_last: int | None = None
+    keep_every: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deletion:
+    """One step retention deletes, and why ("old": superseded; "incomplete": a failed save's leftover)."""
+
+    record: StepRecord
+    reason: str
+
+
+def steps_to_delete(
+    records: Sequence[StepRecord],
+    policy: RetentionPolicy,
+    *,
+    protected: Collection[int] = (),
+    unloadable: Collection[int] = (),
+) -> list[Deletion]:
+    """The steps of `records` (oldest first) that retention deletes, in that order.
+
+    Args:
+        records: the run's steps, oldest first (as `scan_steps` lists them).
+        policy: how many complete steps to keep.
+        protected: steps never deleted (the one resumed from, the one just committed).
+        unloadable: complete steps a load found damaged: neither counted as complete nor deleted.
+    """
+    complete = [r.step for r in records if r.complete and r.step not in unloadable]
+    if not complete:
+        return []
+    keep = set(complete if policy.keep_last is None else complete[-policy.keep_last :])
+    if policy.keep_every is not None:
+        keep |= {s for s in complete if s % policy.keep_every == 0}
+    keep |= {complete[-1], *protected}
+    deletions = []
+    for record in records:
+        if record.step in keep or record.step in unloadable:
+            continue
+        if record.complete:
+            deletions.append(Deletion(record=record, reason="old"))
+        elif record.step < complete[-1]:
+            deletions.append(Deletion(record=record, reason="incomplete"))
+    return deletions
+
+
+def prune(
+    root: StorageSpec,
+    policy: RetentionPolicy,
+    protected: Collection[int],
+    *,
+    unloadable: Collection[int],
+    warned: set[str],
+) -> None:
+    """List the run under `root` and delete what `steps_to_delete` picks (raises the first failure)."""
+    found = scan_steps(root, warned=warned)
+    specs = {record.step: spec for spec, record in found}
+    chosen = steps_to_delete(
+        [record for _, record in found], policy, protected=protected, unloadable=unloadable
+    )
+    for deletion in chosen:
+        remove_step(specs[deletion.record.step])
+        logger.info("deleted %s step %d (%s)", deletion.reason, deletion.record.step, deletion.record.path)
+
+
+def quarantine(root: StorageSpec, path: str, step: int) -> bool:
+    """Rename the damaged step at `path` (a directory of `root`) aside; False when it stays in place.
+
+    Called on rank 0 once every rank is done with the step. Where it stays (an object store, or the
+    rename failed) the manager leaves it out of retention instead.
+    """
+    try:
+        moved = quarantine_step(root.child(path.rstrip("/").rsplit("/", 1)[-1]))
+    except OSError as e:
+        logger.warning("could not rename damaged step %d aside (%s); it stays in place", step, e)
+        return False
+    if moved is None:
+        where = display_url(path)
+        logger.warning("damaged step %d stays in place at %s; retention will not delete it", step, where)
+        return False
+    logger.warning("damaged step %d renamed to %s for inspection; delete it when done", step, moved)
+    return True

@@ -1,0 +1,201 @@
+"""Step 4 of the save protocol: the commit, and the cleanup after it.
+
+Every rank hands its write result to the coordinator (`commit_save`, a
+collective), as JSON read back as untrusted input (`planners.write_report`:
+an async save's results cross a store other processes can reach). The
+coordinator refuses the save if any rank failed or a result does not
+complete the plan, checks that every reported shard file is stored with
+exactly the reported size, builds the metadata from the results (pure:
+`planners.metadata_build`), refuses chunks that share bytes (as a load
+would), and publishes it last: replacing an existing one only when the save passed
+overwrite=True, so that of two saves racing to one path with overwrite=False
+one commits and the other gets `CheckpointExistsError`. After a commit it
+deletes files of other saves that can no longer commit (see
+`checkpoint.save.lease` for which ones). Every rank learns the verdict, so all
+raise together.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from checkpoint.save import lease
+from checkpoint.save.collectives import COORDINATOR, Exchange, RejectedPayload
+from checkpoint.save.protocol import PreparedSave
+from planners.errors import (
+    CheckpointExistsError,
+    DistributedCheckpointError,
+    InvalidCheckpointError,
+    StorageError,
+)
+from planners.leftovers import leftover_names
+from planners.metadata import METADATA_FILE, Metadata
+from planners.metadata_build import RankWriteResult, build_metadata
+from planners.metadata_parse import byte_overlap_problem
+from planners.write_report import plan_problem, result_from_json, result_to_json
+from storage.backend import CheckpointStorage
+from storage.metadata_file import read_metadata_document
+
+logger = logging.getLogger(__name__)
+
+
+def commit_save(
+    storage: CheckpointStorage | None, exchange: Exchange, prepared: PreparedSave, result: RankWriteResult
+) -> Metadata | None:
+    """Gather write results; the coordinator checks them and writes the metadata last (collective).
+
+    `storage` may be None on a rank whose storage could not be opened (its `result` carries that
+    error); the rank still takes part, so the others fail now instead of at their timeout.
+
+    Raises:
+        CheckpointExistsError: on every rank, when the save passed overwrite=False and another save
+            committed at the path first (the metadata is published without replacing).
+        DistributedCheckpointError: on every rank, when any rank failed to write or the commit failed.
+    """
+    docs = exchange.gather(result_to_json(result))
+    verdict: dict[str, Any] | None = None
+    metadata = None
+    if exchange.rank == COORDINATOR:
+        assert docs is not None and prepared.draft is not None
+        metadata, (failures, error) = _commit_on_coordinator(storage, prepared, _read_results(docs))
+        verdict = {
+            "failures": {str(r): t for r, t in failures.items()},
+            "exists": str(error) if error else None,
+        }
+    outcome, exists = _read_verdict(exchange.broadcast(verdict))
+    if exists is not None:
+        raise CheckpointExistsError(exists)
+    if outcome:
+        raise DistributedCheckpointError(
+            f"save to {prepared.url} failed; the checkpoint was not committed", outcome
+        )
+    return metadata
+
+
+def _read_results(docs: list[Any]) -> list[RankWriteResult]:
+    """Each rank's result from its JSON form; one that cannot be read becomes that rank's failure."""
+    results = []
+    for rank, doc in enumerate(docs):
+        if isinstance(doc, RejectedPayload):
+            results.append(RankWriteResult(rank=rank, error=doc.reason))
+            continue
+        try:
+            results.append(result_from_json(doc, rank=rank))
+        except ValueError as e:
+            results.append(RankWriteResult(rank=rank, error=f"its write result is malformed: {e}"))
+    return results
+
+
+def _read_verdict(doc: Any) -> tuple[dict[int, str], str | None]:
+    """The coordinator's verdict: failures by rank, and the message of a lost overwrite=False race."""
+    try:
+        failures = {int(r): str(t) for r, t in doc["failures"].items()}
+        exists = doc["exists"]
+        return failures, None if exists is None else str(exists)
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        return {COORDINATOR: f"the coordinator's verdict is malformed ({type(e).__name__}: {e})"}, None
+
+
+def _commit_on_coordinator(
+    storage: CheckpointStorage | None, prepared: PreparedSave, results: list[RankWriteResult]
+) -> tuple[Metadata | None, tuple[dict[int, str], BaseException | None]]:
+    """Check the stored sizes and publish the metadata; returns it and `(failures by rank, error)`."""
+    outcome = {r.rank: r.error for r in results if r.error is not None}
+    if outcome:
+        return None, (outcome, None)
+    assert storage is not None  # a rank without storage reports an error
+    try:
+        assert prepared.draft is not None  # the coordinator's PreparedSave carries the draft
+        problem = plan_problem(prepared.draft, results, save_id=prepared.save_id)
+        if problem is not None:
+            raise InvalidCheckpointError(
+                f"{prepared.url}: the write results do not complete the plan: {problem}"
+            )
+        check_stored_sizes(storage, results)
+        metadata = build_metadata(
+            prepared.draft, results, save_id=prepared.save_id, world_size=prepared.world_size
+        )
+        overlap = byte_overlap_problem(metadata.tensors, metadata.rank_local)  # a load refuses shared bytes
+        if overlap is not None:
+            raise InvalidCheckpointError(f"{prepared.url}: the write results overlap: {overlap}")
+        storage.publish(METADATA_FILE, metadata.to_json(), overwrite=prepared.overwrite)
+    except FileExistsError:
+        error = CheckpointExistsError(
+            f"another save committed a checkpoint at {storage.url} while this one (save {prepared.save_id}) was "
+            "writing; this save passed overwrite=False, so it was not committed and the other one stays"
+        )
+        return None, ({}, error)
+    except Exception as e:
+        logger.exception("committing %s failed", prepared.url)
+        return None, ({COORDINATOR: f"commit failed: {type(e).__name__}: {e}"}, None)
+    _remove_leftovers(storage, metadata)
+    return metadata, ({}, None)
+
+
+# Stat requests in flight while the coordinator checks sizes (one HeadObject per file on S3).
+SIZE_CHECK_THREADS = 16
+
+
+def check_stored_sizes(storage: CheckpointStorage, results: list[RankWriteResult]) -> None:
+    """Every file the ranks reported must be stored with exactly the size they reported.
+
+    Raises:
+        StorageError: a file is missing or its size differs, naming the file, its rank and both sizes.
+    """
+    reported = [(r.rank, name, nbytes) for r in results for name, nbytes in r.files.items()]
+
+    def problem(entry: tuple[int, str, int]) -> str | None:
+        rank, name, nbytes = entry
+        try:
+            stored = storage.size(name)
+        except FileNotFoundError:
+            return f"{storage.url}/{name}: rank {rank} reported {nbytes} bytes written but the file is gone"
+        if stored != nbytes:
+            return (
+                f"{storage.url}/{name}: rank {rank} reported {nbytes} bytes written but {stored} are stored"
+            )
+        return None
+
+    if len(reported) > 1:
+        with ThreadPoolExecutor(
+            min(SIZE_CHECK_THREADS, len(reported)), thread_name_prefix="shardsafe-stat"
+        ) as pool:
+            problems = list(pool.map(problem, reported))
+    else:
+        problems = [problem(e) for e in reported]
+    found = [p for p in problems if p is not None]
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise StorageError(found[0] + more)
+
+
+def _remove_leftovers(storage: CheckpointStorage, metadata: Metadata) -> None:
+    """Delete files of other saves at this path that can no longer commit (only names shardsafe writes).
+
+    Saves with a live in-progress marker keep their files; and if another save has committed since this
+    one (the metadata's save id changed), nothing is deleted: that save's own cleanup runs instead.
+    """
+    try:
+        names = storage.list_names()
+        live, stale_markers = lease.live_save_ids(storage, names, own=metadata.save_id)
+        stale = leftover_names(names, keep=live | {metadata.save_id})  # live saves may still commit
+        if not stale and not stale_markers:
+            return
+        if _committed_save_id(storage) != metadata.save_id:
+            logger.info(
+                "another save committed at %s after %s; leaving cleanup to it", storage.url, metadata.save_id
+            )
+            return
+        storage.remove(stale + stale_markers)
+    except Exception:  # the new checkpoint is committed; leftovers only cost space
+        logger.warning("could not remove stale files at %s", storage.url, exc_info=True)
+
+
+def _committed_save_id(storage: CheckpointStorage) -> str | None:
+    """The save id in the committed metadata (read capped), or None when it cannot be read."""
+    try:
+        return read_metadata_document(storage).get("save_id")
+    except Exception:
+        return None
