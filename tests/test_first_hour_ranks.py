@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from checkpoint import CheckpointManager, collectives
+from checkpoint import CheckpointManager
+from checkpoint.save import collectives
 from checkpoint.testing.ranks import run_ranks
 
 pytestmark = pytest.mark.multiproc
