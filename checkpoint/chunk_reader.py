@@ -5,8 +5,8 @@
 them per file (several files at once), checks their block checksums before any byte of a file
 reaches a target, and copies each region into its box. Regions that can land in their target as
 they are go there directly: on local disk through `checkpoint.direct_read`, on remote storage
-through `FsspecStorage.read_into` (`storage.remote_read`: parts in flight at once, each checked
-before it is copied into the target).
+through `FsspecStorage.read_ranges_into` (`storage.remote_read`: parts in flight at once, each
+checked before it is copied into the target).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class ChunkReader:
         name, jobs = entry
         direct, buffered = self._split_direct(jobs)
         pieces = self._read_buffered(name, buffered)
-        if callable(getattr(self.storage, "read_into", None)):
+        if callable(getattr(self.storage, "read_ranges_into", None)):
             self._run_remote(name, direct, buffered, pieces)
             return
         with self._reading(name, direct) as read_into:
@@ -141,7 +141,7 @@ class ChunkReader:
         self, jobs: list[tuple[ReadItem, torch.Tensor]]
     ) -> tuple[list[tuple[ReadItem, memoryview]], list[tuple[ReadItem, torch.Tensor]]]:
         """The regions read straight into their targets (`checkpoint.direct_read`), and the others."""
-        if not any(callable(getattr(self.storage, m, None)) for m in ("reading", "read_into")):
+        if not any(callable(getattr(self.storage, m, None)) for m in ("reading", "read_ranges_into")):
             return [], jobs  # a storage that reads only into its own buffers
         direct, buffered = [], []
         for item, dest in jobs:
@@ -187,7 +187,7 @@ class ChunkReader:
 
         ranges = [(item.chunk.offset_bytes + item.runs[0][0], out) for item, out in direct]
         try:
-            self.storage.read_into(  # type: ignore[attr-defined]
+            self.storage.read_ranges_into(  # type: ignore[attr-defined]
                 name, ranges, align=block if self.verify else 1, check=check if self.verify else None
             )
         except FileNotFoundError:

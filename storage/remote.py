@@ -10,9 +10,10 @@ file systems follow the same rule through `fs.open(..., "wb")` and `pipe_file`.
 
 Throughput: on S3 a shard file streams as a multipart upload with several parts in flight
 (`storage.multipart`); other backends use their own write stream. Reads split large byte ranges
-into parts requested concurrently (`storage.remote_read`): `read_into` lands each checked part
-straight in the caller's memory (a load's target tensors), `read_ranges` returns fresh buffers. Every request is retried on transient errors (`storage.retry`); shardsafe never
-creates a bucket, so a missing one fails the save at once.
+into parts requested concurrently (`storage.remote_read`): `read_ranges_into` lands each checked
+part straight in the caller's memory (a load's target tensors), `read_ranges` returns fresh buffers.
+Every request is retried on transient errors (`storage.retry`); shardsafe never creates a bucket,
+so a missing one fails the save at once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from storage.checked_stream import CheckedStream
 from storage.local import not_a_directory, too_large_message
 from storage.multipart import MIN_PART_BYTES, PartUpload, S3Parts, speaks_s3
 from storage.redact import Redactor
-from storage.remote_read import PartCheck, Remote, fetch_ranges, read_into
+from storage.remote_read import PartCheck, Remote, fetch_ranges, read_ranges_into
 from storage.retry import (
     RetryPolicy,
     call_with_retry,
@@ -313,7 +314,7 @@ class FsspecStorage:
             out.append(memoryview(buffer))
         return out
 
-    def read_into(
+    def read_ranges_into(
         self,
         name: str,
         ranges: Sequence[tuple[int, memoryview]],
@@ -329,7 +330,7 @@ class FsspecStorage:
         Raises:
             InvalidCheckpointError: a range lies outside the file, or a part came back short.
         """
-        read_into(
+        read_ranges_into(
             self._remote(name),
             ranges,
             part_bytes=self.transfer.read_part_bytes,

@@ -1,18 +1,20 @@
 """Remote byte-range reads: several requests in flight, each part checked and landed in the caller's memory.
 
 `FsspecStorage.read_ranges` returns fresh buffers (one `cat_ranges` call per file, for regions that
-need rearranging after the read). `read_into` serves the regions a load can land as they are: each
-range is cut into parts of `TransferConfig.read_part_bytes` (rounded to the caller's alignment, the
-checksum block, so every part can be checked on its own), at most `max_reads_in_flight` parts of a
-call are requested at once, and each part is copied straight into its slice of the caller's memory
-(a target tensor's bytes) as soon as it arrives, after the caller's `check` accepted it. So a load
-copies each byte once after the HTTP client has it, never holds a whole file, and a corrupt or short
-part contributes nothing to the target.
+need rearranging after the read). `read_ranges_into` serves the regions a load can land as they
+are: each range is cut into parts of `TransferConfig.read_part_bytes` (rounded to the caller's
+alignment, the checksum block, so every part can be checked on its own), at most
+`max_reads_in_flight` parts of a call are requested at once, and each part is copied straight into
+its slice of the caller's memory (a target tensor's bytes) as soon as it arrives, after the
+caller's `check` accepted it. So a load copies each byte once after the HTTP client has it, holds
+at most `max_reads_in_flight` parts per file beside the targets (never a whole file), and a corrupt
+or short part contributes nothing to the target.
 
-Every part is checked before it lands and no part lands after `read_into` returned or raised: on the
-first failure the parts not yet requested are skipped and the call waits for those in flight, so a
-caller that catches the error owns its memory again. A part that comes back shorter or longer than
-asked (a truncated file, a server that ignored the range) is refused, never zero-filled.
+Every part is checked before it lands and no part lands after `read_ranges_into` returned or
+raised: on the first failure the parts not yet requested are skipped and the call waits for those
+in flight, so a caller that catches the error owns its memory again. A part that comes back
+shorter or longer than asked (a truncated file, a server that ignored the range) is refused, never
+zero-filled.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def _parts(ranges: Sequence[tuple[int, memoryview]], part_bytes: int, align: int
     return parts
 
 
-def read_into(
+def read_ranges_into(
     remote: Remote,
     ranges: Sequence[tuple[int, memoryview]],
     *,
