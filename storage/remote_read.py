@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec.asyn
+from fsspec.implementations.dirfs import DirFileSystem
 
 from planners.errors import InvalidCheckpointError, StorageError
 from storage.redact import Redactor
@@ -115,7 +116,7 @@ def read_ranges_into(
     parts = _parts(ranges, part_bytes, align)
     if not parts:
         return
-    if getattr(remote.fs, "async_impl", False):
+    if _runs_async(remote.fs):
         fsspec.asyn.sync(remote.fs.loop, _read_async, remote, parts, in_flight, check)
         return
     for part in parts:  # a blocking backend (memory://, ...): one request at a time
@@ -129,6 +130,13 @@ def read_ranges_into(
             redact=remote.redact,
         )
         _land(remote, part, data, check)
+
+
+def _runs_async(fs: Any) -> bool:
+    """Whether `fs` serves requests on its event loop (a directory wrapper: when the one it wraps does)."""
+    if isinstance(fs, DirFileSystem):
+        return _runs_async(fs.fs)
+    return bool(getattr(fs, "async_impl", False))
 
 
 async def _read_async(remote: Remote, parts: list[_Part], in_flight: int, check: PartCheck | None) -> None:
