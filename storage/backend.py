@@ -11,8 +11,9 @@ Call order for a save (all in the process that writes: the trainer rank for a sy
 process for an async one): `prepare()` on the coordinator, `open_write()` per shard file on every
 rank, then `publish()` of the metadata on the coordinator, last (`remove_created_dirs()` on the
 coordinator instead, when the save fails before any shard file is written). A load calls `read_bytes()` for the
-metadata and `read_ranges()` for shard bytes, on every rank; cleanup calls `list_names()` and
-`remove()` on the coordinator. Every implementation passes `tests/test_storage_conformance.py`.
+metadata and `read_ranges()` for shard bytes, on every rank (regions that land in their target
+tensors as they are go through `LocalStorage.reading()` or `FsspecStorage.read_ranges_into()`);
+cleanup calls `list_names()` and `remove()` on the coordinator. Every implementation passes `tests/test_storage_conformance.py`.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ file systems follow the same rule through `fs.open(..., "wb")` and `pipe_file`.
 
 Throughput: on S3 a shard file streams as a multipart upload with several parts in flight
 (`storage.multipart`); other backends use their own write stream. Reads split large byte ranges
-into parts and fetch all of a file's parts with one `cat_ranges` call, which async backends run
-concurrently. Every request is retried on transient errors (`storage.retry`); shardsafe never
-creates a bucket, so a missing one fails the save at once.
+into parts requested concurrently (`storage.remote_read`): `read_ranges_into` lands each checked
+part straight in the caller's memory (a load's target tensors), `read_ranges` returns fresh buffers.
+Every request is retried on transient errors (`storage.retry`); shardsafe never creates a bucket,
+so a missing one fails the save at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar, cast
@@ -32,14 +32,12 @@ from storage.checked_stream import CheckedStream
 from storage.local import not_a_directory, too_large_message
 from storage.multipart import MIN_PART_BYTES, PartUpload, S3Parts, speaks_s3
 from storage.redact import Redactor
+from storage.remote_read import PartCheck, Remote, fetch_ranges, read_ranges_into
 from storage.retry import (
     RetryPolicy,
     call_with_retry,
     error_code,
-    gives_up,
     http_status,
-    raise_storage_error,
-    retry_delay_secs,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,6 +52,8 @@ UPLOAD_PART_BYTES = 16 * MiB
 MAX_PARTS_IN_FLIGHT = 8
 # Byte ranges longer than this are fetched as several concurrent ranged GETs.
 READ_PART_BYTES = 16 * MiB
+# Ranged reads of one file in flight at once: as many streams as uploads use, within s3fs's pool (10).
+MAX_READS_IN_FLIGHT = 8
 # Protocols with buckets instead of directories: nothing to create, and a missing bucket is an error.
 _OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
 
@@ -66,12 +66,15 @@ class TransferConfig:
         upload_part_bytes: part size of streamed uploads (S3: at least 5 MiB).
         max_parts_in_flight: upload parts in flight at once, over all files of one storage.
         read_part_bytes: byte ranges longer than this are read as several concurrent requests.
+        max_reads_in_flight: ranged reads of one file in flight at once, for regions read straight
+            into their targets (a load reads up to `io_threads` files at once).
         retry: how transient errors are retried.
     """
 
     upload_part_bytes: int = UPLOAD_PART_BYTES
     max_parts_in_flight: int = MAX_PARTS_IN_FLIGHT
     read_part_bytes: int = READ_PART_BYTES
+    max_reads_in_flight: int = MAX_READS_IN_FLIGHT
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
@@ -80,7 +83,7 @@ class TransferConfig:
                 f"TransferConfig.upload_part_bytes must be at least {MIN_PART_BYTES} (the S3 minimum part), "
                 f"got {self.upload_part_bytes!r}"
             )
-        for name in ("max_parts_in_flight", "read_part_bytes"):
+        for name in ("max_parts_in_flight", "read_part_bytes", "max_reads_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TransferConfig.{name} must be positive, got {getattr(self, name)!r}")
 
@@ -291,7 +294,7 @@ class FsspecStorage:
             for start in range(offset, offset + n, step):
                 pieces.append((start, min(start + step, offset + n)))
                 owner.append(i)
-        blobs = self._fetch(name, pieces) if pieces else []
+        blobs = fetch_ranges(self._remote(name), pieces) if pieces else []
         parts: list[list[bytes]] = [[] for _ in ranges]
         for i, blob in zip(owner, blobs, strict=True):
             parts[i].append(blob)
@@ -311,62 +314,39 @@ class FsspecStorage:
             out.append(memoryview(buffer))
         return out
 
-    def _fetch(self, name: str, pieces: list[tuple[int, int]]) -> list[bytes]:
-        """The bytes of each `(start, end)`, all requested at once; only failed requests are retried."""
-        results: list[bytes] = [b""] * len(pieces)
-        todo = list(range(len(pieces)))
-        attempt = 1
-        while True:
-            failed = self._fetch_once(name, pieces, todo, results, attempt)
-            if not failed:
-                return results
-            time.sleep(
-                retry_delay_secs(
-                    failed[0][1],
-                    what=f"read of {len(failed)} byte range(s)",
-                    where=self._where(name),
-                    attempt=attempt,
-                    policy=self.transfer.retry,
-                    redact=self._redact,
-                )
-            )
-            todo = [i for i, _ in failed]
-            attempt += 1
+    def read_ranges_into(
+        self,
+        name: str,
+        ranges: Sequence[tuple[int, memoryview]],
+        *,
+        align: int = 1,
+        check: PartCheck | None = None,
+    ) -> None:
+        """Fill each `(offset, out)` of `ranges` with the bytes from `offset`, straight into `out`.
 
-    def _fetch_once(
-        self, name: str, pieces: list[tuple[int, int]], todo: list[int], results: list[bytes], attempt: int
-    ) -> list[tuple[int, Exception]]:
-        """One `cat_ranges` call for the pieces in `todo`: fills `results`, returns the retryable failures.
+        Parts of `read_part_bytes` (multiples of `align`), up to `max_reads_in_flight` at once, each
+        passed to `check` before it is copied (`storage.remote_read`).
 
         Raises:
-            InvalidCheckpointError: a range lies outside the file (never retried).
-            StorageError: a failure that is not transient, or the retries are spent.
+            InvalidCheckpointError: a range lies outside the file, or a part came back short.
         """
-        try:
-            got = self.fs.cat_ranges(
-                [self._path(name)] * len(todo),
-                [pieces[i][0] for i in todo],
-                [pieces[i][1] for i in todo],
-                on_error="return",
-            )
-        except Exception as e:  # a backend that raises instead of returning per-range errors
-            got = [e] * len(todo)
-        failed = []
-        for i, blob in zip(todo, got, strict=True):
-            if not isinstance(blob, Exception):
-                results[i] = blob
-                continue
-            what = f"read bytes [{pieces[i][0]}, {pieces[i][1]})"
-            if error_code(blob) == "InvalidRange" or http_status(blob) == 416:
-                raise InvalidCheckpointError(
-                    f"{self._where(name)}: {what}: the range lies outside the file"
-                ) from blob
-            if gives_up(blob, attempt, self.transfer.retry):
-                raise_storage_error(
-                    blob, what=what, where=self._where(name), attempts=attempt, redact=self._redact
-                )
-            failed.append((i, blob))
-        return failed
+        read_ranges_into(
+            self._remote(name),
+            ranges,
+            part_bytes=self.transfer.read_part_bytes,
+            in_flight=self.transfer.max_reads_in_flight,
+            align=align,
+            check=check,
+        )
+
+    def _remote(self, name: str) -> Remote:
+        return Remote(
+            fs=self.fs,
+            path=self._path(name),
+            where=self._where(name),
+            policy=self.transfer.retry,
+            redact=self._redact,
+        )
 
     def size(self, name: str) -> int:
         info = self._info(name)

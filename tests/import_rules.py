@@ -37,7 +37,13 @@ SUBPACKAGE_MAY_IMPORT: dict[str, frozenset[str]] = {
         {"checkpoint.save", "checkpoint.state", "checkpoint.load", "checkpoint.checkpointer"}
     ),
     "checkpoint.manager": frozenset(
-        {"checkpoint.checkpointer", "checkpoint.load", "checkpoint.save", "checkpoint.state", "checkpoint.tiers"}
+        {
+            "checkpoint.checkpointer",
+            "checkpoint.load",
+            "checkpoint.save",
+            "checkpoint.state",
+            "checkpoint.tiers",
+        }
     ),
     "checkpoint.tools": frozenset(
         {"checkpoint.load", "checkpoint.state", "checkpoint.manager", "checkpoint.save", "checkpoint.tiers"}

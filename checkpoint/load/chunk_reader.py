@@ -4,7 +4,9 @@
 `ChunkReader` turns each wanted box into reads of the saved chunks (`planners.load_plan`), reads
 them per file (several files at once), checks their block checksums before any byte of a file
 reaches a target, and copies each region into its box. Regions that can land in their target as
-they are go there directly (`checkpoint.load.direct_read`).
+they are go there directly: on local disk through `checkpoint.load.direct_read`, on remote storage
+through `FsspecStorage.read_ranges_into` (`storage.remote_read`: parts in flight at once, each
+checked before it is copied into the target).
 """
 
 from __future__ import annotations
@@ -119,6 +121,9 @@ class ChunkReader:
         name, jobs = entry
         direct, buffered = self._split_direct(jobs)
         pieces = self._read_buffered(name, buffered)
+        if callable(getattr(self.storage, "read_ranges_into", None)):
+            self._run_remote(name, direct, buffered, pieces)
+            return
         with self._reading(name, direct) as read_into:
             if self.verify:  # every block of the file first: a corrupt file contributes nothing to the target
                 verified: set[tuple[int, int]] = set()
@@ -136,8 +141,8 @@ class ChunkReader:
         self, jobs: list[tuple[ReadItem, torch.Tensor]]
     ) -> tuple[list[tuple[ReadItem, memoryview]], list[tuple[ReadItem, torch.Tensor]]]:
         """The regions read straight into their targets (`checkpoint.load.direct_read`), and the others."""
-        if not callable(getattr(self.storage, "reading", None)):  # only local disk reads into caller buffers
-            return [], jobs
+        if not any(callable(getattr(self.storage, m, None)) for m in ("reading", "read_ranges_into")):
+            return [], jobs  # a storage that reads only into its own buffers
         direct, buffered = [], []
         for item, dest in jobs:
             out = direct_target(item, dest)
@@ -148,6 +153,45 @@ class ChunkReader:
         with self._lock:
             self.bytes_read += sum(item.runs[0][1] for item, _ in direct)
         return direct, buffered
+
+    def _run_remote(
+        self,
+        name: str,
+        direct: list[tuple[ReadItem, memoryview]],
+        buffered: list[tuple[ReadItem, torch.Tensor]],
+        pieces: list[list],
+    ) -> None:
+        """Remote storage: each part is checked before it lands, so only verified bytes reach a target.
+
+        Reading a remote file twice (check, then land, as on local disk) would double the traffic;
+        instead a corrupt part is refused before its copy, and the buffered regions are copied only
+        after every direct part of the file landed, so they never reach the target from a corrupt file.
+        """
+        if self.verify:
+            verified: set[tuple[int, int]] = set()
+            for (item, _), item_pieces in zip(buffered, pieces, strict=True):
+                self._check(name, item, item_pieces, verified)
+        if direct:
+            self._land_remote(name, direct)
+        for (item, dest), item_pieces in zip(buffered, pieces, strict=True):
+            _copy_region(item, _span_bytes(item, item_pieces), dest)
+
+    def _land_remote(self, name: str, direct: list[tuple[ReadItem, memoryview]]) -> None:
+        block = self.metadata.checksum_block_bytes
+
+        def check(index: int, start: int, data: memoryview) -> None:  # runs before the part is copied
+            item = direct[index][0]
+            first = (item.runs[0][0] + start) // block
+            if bad := bad_blocks(data, item.chunk.checksums, block, first_block=first):
+                raise self._corrupt(name, item, bad[0])
+
+        ranges = [(item.chunk.offset_bytes + item.runs[0][0], out) for item, out in direct]
+        try:
+            self.storage.read_ranges_into(  # type: ignore[attr-defined]
+                name, ranges, align=block if self.verify else 1, check=check if self.verify else None
+            )
+        except FileNotFoundError:
+            raise _missing_file(self.storage.url, name, direct[0][0].fqn) from None
 
     def _read_buffered(self, name: str, jobs: list[tuple[ReadItem, torch.Tensor]]) -> list[list]:
         """Read the runs of `jobs` (coalesced) into buffers: per job, its ((start, n), bytes) pieces."""
