@@ -7,9 +7,12 @@ tier: each of its hooks is one call into this module, and without a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
@@ -69,6 +72,40 @@ def build_local_tier(
         group=group,
         address=address,
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UploadSave:
+    """The durable save of a step the local tier is saving: its files are uploaded, not staged again.
+
+    Used by the manager in place of its checkpointer's `save()` (same arguments and results):
+    with an async checkpointer the upload runs in the background (`checkpoint.tiers.upload`)
+    and the stage future is done at once; with a sync one it is waited for, and should it fail
+    (on every rank together) the step is staged and saved as usual. A failed background upload
+    is logged; the manager's next `save()` learns it (`LocalTier.upload_failed`) and saves that
+    step durably, staged, whatever the interval.
+    """
+
+    tier: LocalTier
+    checkpointer: Any
+    step: int
+
+    def save(self, state: Any, path: str, *, overwrite: bool) -> tuple[Future[None], Future[None]] | None:
+        from checkpoint.async_checkpointer import AsyncCheckpointer
+        from storage.spec import StorageSpec
+
+        spec = StorageSpec.resolve(path, storage_options=self.checkpointer.storage_options)
+        upload = self.tier.upload(self.step, spec)
+        if isinstance(self.checkpointer, AsyncCheckpointer):
+            staged: Future[None] = Future()
+            staged.set_result(None)  # nothing to stage: the local save staged the tensors already
+            return staged, upload
+        with contextlib.suppress(Exception):  # the uploader logged it; the ranks agree below
+            upload.result()
+        if not self.tier.upload_failed():
+            return None
+        logger.warning("step %d: the upload from the local tier failed; saving it staged instead", self.step)
+        return self.checkpointer.save(state, path, overwrite=overwrite)
 
 
 def durable_or_none(
