@@ -35,10 +35,14 @@ class SaveOptions:
             `CheckpointExistsError`).
         allow_pickle: store values that are not JSON-able pickled (False: refuse with
             `PickleNotAllowedError`).
+        path_per_node: each node passes its own node-local directory (as the local tier does);
+            the ranks then agree on the directory's name only, not its whole path (False: every
+            rank must pass the same path, `CheckpointPathError` otherwise).
     """
 
     overwrite: bool = False
     allow_pickle: bool = False
+    path_per_node: bool = False
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> SaveOptions:

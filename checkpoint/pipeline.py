@@ -39,7 +39,8 @@ from checkpoint.hooks import CommitHook, run_post_commit
 from checkpoint.lease import LeaseKeeper
 from checkpoint.local_plan import LocalSave
 from checkpoint.options import SaveOptions
-from checkpoint.save import PlanCache, PreparedSave, plan_save, timed, write_rank_files
+from checkpoint.save import PlanCache, PreparedSave, plan_save, timed
+from checkpoint.shard_files import write_rank_files
 from planners.metadata_build import RankWriteResult
 from storage.backend import CheckpointStorage
 from storage.spec import StorageAccess, StorageSpec

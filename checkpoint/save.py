@@ -10,7 +10,7 @@
    writes a shard file. The first exchange carries every rank's path too, so
    ranks that passed different paths all fail; a save refused here removes
    the directories the coordinator created for it.
-3. `write_rank_files`: each rank streams its shard files (any process: the
+3. `checkpoint.shard_files.write_rank_files`: each rank streams its shard files (any process: the
    trainer for a sync save; for an async one the writer process, from the
    copy `checkpoint.staging` made) through `storage.safetensors_io`, which
    checksums every block as it writes, and reports a `RankWriteResult`.
@@ -32,12 +32,9 @@ import logging
 import pickle
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-import torch
+from typing import Any
 
 from checkpoint import lease
 from checkpoint.collectives import COORDINATOR, Exchange
@@ -55,20 +52,12 @@ from planners.errors import (
     CheckpointError,
     CheckpointExistsError,
     DistributedCheckpointError,
-    StorageError,
 )
-from planners.metadata import (
-    CHECKSUM_BLOCK_BYTES,
-    METADATA_FILE,
-    ChunkRecord,
-    shard_file_name,
-)
+from planners.metadata import METADATA_FILE
 from planners.metadata_build import MetadataDraft, RankWriteResult, WrittenChunk
 from planners.save_plan import FilePlan, GlobalPlan, RankPlan
 from planners.values import JSON
 from storage.backend import CheckpointStorage
-from storage.checksummed_shard import write_checksummed_shard
-from storage.safetensors_io import WrittenTensor, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +76,6 @@ __all__ = [
     "portable_error",
     "prepare_save",
     "timed",
-    "write_rank_files",
 ]
 
 
@@ -166,12 +154,18 @@ def prepare_save(
     overwrite: bool,
     max_file_bytes: int,
     lease_secs: float = 300.0,
+    path_per_node: bool = False,
 ) -> PreparedSave:
     """Agree on the plan for this save (collective: every rank calls it, even after a local error).
 
     The coordinator claims the save's in-progress marker (`lease_secs`) before the plan reaches any rank.
     """
-    decision = _agree_decision(local, exchange, storage, cache, overwrite=overwrite, lease_secs=lease_secs)
+    where = comparable_path(storage.url)
+    if path_per_node:  # each node's own directory: the ranks agree on its name (the step) only
+        where = where.rstrip("/").rpartition("/")[2]
+    decision = _agree_decision(
+        local, exchange, storage, cache, where, overwrite=overwrite, lease_secs=lease_secs
+    )
     assert isinstance(local, LocalSave)  # _agree_decision raised this rank's error otherwise
     if not decision.reuse:
         try:
@@ -189,13 +183,14 @@ def _agree_decision(
     exchange: Exchange,
     storage: CheckpointStorage,
     cache: PlanCache,
+    where: str,
     *,
     overwrite: bool,
     lease_secs: float,
 ) -> _Decision:
     """Gather plan digests (or local errors) and paths; the coordinator decides; every rank raises its refusal."""
     mine = portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint()
-    gathered = exchange.gather((mine, comparable_path(storage.url)))
+    gathered = exchange.gather((mine, where))
     decision = None
     if exchange.rank == COORDINATOR:
         assert gathered is not None
@@ -260,6 +255,7 @@ def plan_save(
         overwrite=options.overwrite,
         max_file_bytes=max_file_bytes,
         lease_secs=lease_secs,
+        path_per_node=options.path_per_node,
     )
     assert isinstance(local, LocalSave)  # prepare_save raised otherwise
     return local, prepared
@@ -300,96 +296,6 @@ def _replan(local: LocalSave, exchange: Exchange, cache: PlanCache, *, max_file_
     if exchange.rank == COORDINATOR:
         cache.draft_plan = draft_plan(world)
         cache.digests = fingerprints
-
-
-def write_rank_files(
-    storage: CheckpointStorage,
-    prepared: PreparedSave,
-    tensors: Mapping[str, torch.Tensor],
-    *,
-    io_threads: int,
-) -> RankWriteResult:
-    """Write this rank's shard files; failures are returned, not raised, so the commit can report them."""
-    try:
-        done = _map_files(
-            lambda fp: _write_file(storage, prepared, fp, tensors), prepared.files, io_threads=io_threads
-        )
-    except Exception as e:
-        logger.exception("rank %d: writing shard files to %s failed", prepared.rank, prepared.url)
-        return RankWriteResult(rank=prepared.rank, error=f"{type(e).__name__}: {e}")
-    return RankWriteResult(
-        rank=prepared.rank,
-        files={f.name: f.nbytes for f in done},
-        chunks=tuple(c for f in done for c in f.chunks),
-        rank_local_values=prepared.rank_local_values,
-    )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _WrittenFile:
-    """One shard file as written: its name, its size and the chunk records it adds to the metadata."""
-
-    name: str
-    nbytes: int
-    chunks: tuple[WrittenChunk, ...]
-
-
-_T = TypeVar("_T")
-
-
-def _map_files(write: Callable[[FilePlan], _T], files: Sequence[FilePlan], *, io_threads: int) -> list[_T]:
-    """`write` over the files in order, on up to `io_threads` threads at once."""
-    if len(files) > 1 and io_threads > 1:
-        with ThreadPoolExecutor(
-            max_workers=min(io_threads, len(files)), thread_name_prefix="shardsafe-write"
-        ) as pool:
-            return list(pool.map(write, files))
-    return [write(fp) for fp in files]
-
-
-def _write_file(
-    storage: CheckpointStorage, prepared: PreparedSave, fp: FilePlan, tensors: Mapping[str, torch.Tensor]
-) -> _WrittenFile:
-    """Stream one shard file and record where each of its chunks landed."""
-    name = shard_file_name(prepared.save_id, fp.stem)
-    header = {"format": "shardsafe", "save_id": prepared.save_id, "rank": str(prepared.rank)}
-    entries = [(item.fqn, tensors[item.fqn]) for item in fp.items]
-    # Version 2: a file holding grid chunks carries their checksums (storage/checksummed_shard.py).
-    write = write_checksummed_shard if any(i.grid for i in fp.items) else write_safetensors
-    try:
-        with storage.open_write(name) as f:
-            written, nbytes = write(f, entries, metadata=header, block_bytes=CHECKSUM_BLOCK_BYTES)
-            if f.tell() != nbytes:
-                raise StorageError(f"{f.tell()} bytes were written but the file needs {nbytes}")
-    except Exception as e:
-        if isinstance(e, StorageError) and name in str(e):
-            raise
-        raise StorageError(f"{prepared.url}/{name}: {type(e).__name__}: {e}") from e
-    return _WrittenFile(name=name, nbytes=nbytes, chunks=_written_chunks(fp, name, written))
-
-
-def _written_chunks(fp: FilePlan, name: str, written: Sequence[WrittenTensor]) -> tuple[WrittenChunk, ...]:
-    """The metadata's record of each chunk of one written file, from its plan item and where it landed.
-
-    Grid chunks get none: their key's grid record and the file's header locate them.
-    """
-    return tuple(
-        WrittenChunk(
-            fqn=i.fqn,
-            dtype=i.dtype,
-            rank_local=i.rank_local,
-            chunk=ChunkRecord(
-                box=i.box,
-                file=name,
-                key=w.key,
-                offset_bytes=w.offset_bytes,
-                nbytes=w.nbytes,
-                checksums=w.checksums,
-            ),
-        )
-        for i, w in zip(fp.items, written)
-        if not i.grid
-    )
 
 
 def timed(label: str, timings: dict[str, float]):

@@ -6,7 +6,7 @@ its files and, per chunk, the `ChunkRecord` the metadata needs
 (`RankWriteResult`); `build_metadata` joins the two into a `Metadata`. The
 records here are the plain data that travels between the ranks and the
 coordinator; nothing in this module writes or reads a byte: the writes are
-`checkpoint.save.write_rank_files`, the publication of the metadata is
+`checkpoint.shard_files.write_rank_files`, the publication of the metadata is
 `checkpoint.commit`.
 
 Chunks of grid keys (DTensor keys of format version 2) are not reported: the

@@ -153,7 +153,7 @@ class LocalTier:
             from checkpoint.builder import make_async_checkpointer
 
             self._ckpt = make_async_checkpointer(commit_hook=self._hook)
-        stage, write = self._ckpt.save(state, path, overwrite=True)
+        stage, write = self._ckpt.save(state, path, overwrite=True, path_per_node=True)
         stage.result()
         self._pending, self._newest = (step, write), step
         return True
