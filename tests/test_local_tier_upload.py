@@ -171,7 +171,7 @@ def test_a_failed_upload_is_followed_by_a_staged_durable_save(tmp_path: Path, ca
     assert checkpoint.verify(str(durable / "step-000000003")).ok
     target = {"w": torch.zeros(64, 40), "step": 0}
     reader = checkpoint.make_sync_checkpointer()
-    reader.load(target, str(durable / "step-000000003"))
+    reader.load(str(durable / "step-000000003"), target)
     reader.close()
     assert torch.equal(target["w"], _full(3)) and target["step"] == 3
     local_meta = (tmp_path / "local" / "step-000000003" / METADATA_FILE).read_bytes()
