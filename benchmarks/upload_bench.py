@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,7 +101,7 @@ def main() -> None:
 
             from checkpoint.testing.s3server import SeaweedS3Server
 
-            server = SeaweedS3Server(os.path.join(root, "seaweedfs"))
+            server = SeaweedS3Server(Path(root) / "seaweedfs")
             options = dict(server.start().storage_options)
             s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir("bench")
         results = {}
