@@ -167,13 +167,13 @@ class CheckpointManager:
             raise TypeError(f"step must be an int >= 0, got {step!r}")
         self._purge_if_committed()
         preempted = self._check_preemption(step)
-        local = self._local is not None and self._local.due(step) and self._local.save(step, state)
-        if not (force or preempted or step % self.interval_steps == 0):
+        local, retry = (False, False) if self._local is None else self._local.on_save(step, state)
+        if not (force or preempted or retry or step % self.interval_steps == 0):
             return local
         if self._newest is not None and step <= self._newest:
             logger.warning("not saving step %d: step %d is already saved or loaded", step, self._newest)
             return False
-        self._start_save(step, state)
+        self._start_save(step, state, upload=local and not (preempted or retry or step in self._damaged))
         if preempted:
             self.wait_until_finished()  # durable before the scheduler's SIGKILL
             self._notice.clear()
@@ -182,11 +182,9 @@ class CheckpointManager:
         return True
 
     def _check_preemption(self, step: int) -> bool:
-        if self._group is None or step % self.preemption_check_steps == 0:
-            return self._notice.agree()
-        return False
+        return (self._group is None or step % self.preemption_check_steps == 0) and self._notice.agree()
 
-    def _start_save(self, step: int, state: STATE_DICT) -> None:
+    def _start_save(self, step: int, state: STATE_DICT, upload: bool = False) -> None:
         self._root()  # every rank checks the root once (not a checkpoint itself) before its first save
         path = join(self.root, step_dir_name(step))
         start = time.perf_counter()
@@ -196,7 +194,8 @@ class CheckpointManager:
         # previous write is not raised here: the checkpointer's save() below raises it.
         if previous is not None and previous[1].exception() is None:
             self._purge(committed=previous[0])
-        result = self._ckpt.save(state, path, overwrite=step in self._damaged)
+        saver = self._local.uploading(self._ckpt, step) if upload and self._local else self._ckpt
+        result = saver.save(state, path, overwrite=step in self._damaged)
         self._newest = step
         if result is None:
             logger.info("step %d saved to %s in %.3fs", step, display_url(path), time.perf_counter() - start)

@@ -18,6 +18,7 @@ raise together.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -54,12 +55,36 @@ def commit_save(
             committed at the path first (the metadata is published without replacing).
         DistributedCheckpointError: on every rank, when any rank failed to write or the commit failed.
     """
+
+    def on_coordinator(results: list[RankWriteResult]) -> tuple[Any, tuple[dict[int, str], Any]]:
+        assert prepared.draft is not None
+        return _commit_on_coordinator(storage, prepared, results)
+
+    return exchange_verdict(exchange, result, on_coordinator, url=prepared.url)
+
+
+def exchange_verdict(
+    exchange: Exchange,
+    result: RankWriteResult,
+    on_coordinator: Callable[
+        [list[RankWriteResult]], tuple[Any, tuple[dict[int, str], BaseException | None]]
+    ],
+    *,
+    url: str,
+) -> Any:
+    """The commit's exchange (collective): gather results, `on_coordinator` decides, every rank learns it.
+
+    `on_coordinator` gets every rank's result (an unreadable one as that rank's error) and returns
+    `(value, (failures by rank, overwrite-race error))`; the value is returned on the coordinator
+    (None elsewhere). A staged save and an upload from the local tier
+    (`checkpoint.tiers.upload`) differ only in that function.
+    """
     docs = exchange.gather(result_to_json(result))
     verdict: dict[str, Any] | None = None
-    metadata = None
+    value = None
     if exchange.rank == COORDINATOR:
-        assert docs is not None and prepared.draft is not None
-        metadata, (failures, error) = _commit_on_coordinator(storage, prepared, _read_results(docs))
+        assert docs is not None
+        value, (failures, error) = on_coordinator(_read_results(docs))
         verdict = {
             "failures": {str(r): t for r, t in failures.items()},
             "exists": str(error) if error else None,
@@ -68,10 +93,8 @@ def commit_save(
     if exists is not None:
         raise CheckpointExistsError(exists)
     if outcome:
-        raise DistributedCheckpointError(
-            f"save to {prepared.url} failed; the checkpoint was not committed", outcome
-        )
-    return metadata
+        raise DistributedCheckpointError(f"save to {url} failed; the checkpoint was not committed", outcome)
+    return value
 
 
 def _read_results(docs: list[Any]) -> list[RankWriteResult]:
@@ -130,7 +153,7 @@ def _commit_on_coordinator(
     except Exception as e:
         logger.exception("committing %s failed", prepared.url)
         return None, ({COORDINATOR: f"commit failed: {type(e).__name__}: {e}"}, None)
-    _remove_leftovers(storage, metadata)
+    remove_leftovers(storage, metadata)
     return metadata, ({}, None)
 
 
@@ -171,7 +194,7 @@ def check_stored_sizes(storage: CheckpointStorage, results: list[RankWriteResult
         raise StorageError(found[0] + more)
 
 
-def _remove_leftovers(storage: CheckpointStorage, metadata: Metadata) -> None:
+def remove_leftovers(storage: CheckpointStorage, metadata: Metadata) -> None:
     """Delete files of other saves at this path that can no longer commit (only names shardsafe writes).
 
     Saves with a live in-progress marker keep their files; and if another save has committed since this

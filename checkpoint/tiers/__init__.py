@@ -5,6 +5,7 @@
 - `client`: the requests other processes (writer processes, trainer ranks) send to a server.
 - `replicate`: the commit hook that copies a rank's files to its peers before the commit.
 - `holders`: a read-only storage that reads each file of a step from its nearest verified holder.
+- `upload`: a durable save of a step the tier holds, by uploading its local files (no second staging).
 - `local_tier`: what `CheckpointManager` calls: set-up, local saves, retention, recovery.
 
 May import: checkpoint.load, .save, .state, .async_writer, .checkpointer, .builder and the lower modules

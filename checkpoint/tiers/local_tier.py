@@ -115,8 +115,15 @@ class LocalTier:
         )
         self._pending: tuple[int, Future[Any]] | None = None
         self._newest: int | None = None
+        self._uploader: Any = None  # built at the first durable save by upload (collective)
+        self._upload: tuple[int, Future[None]] | None = None  # the upload in flight or last failed
 
     # --- saves ------------------------------------------------------------------------------------
+
+    def on_save(self, step: int, state: Any) -> tuple[bool, bool]:
+        """The manager's `save(step)` (every rank): (a local save started, the last upload failed)."""
+        retry = self.upload_failed()
+        return self.due(step) and self.save(step, state), retry
 
     def due(self, step: int) -> bool:
         return step % self.interval_steps == 0 and (self._newest is None or step > self._newest)
@@ -171,12 +178,55 @@ class LocalTier:
                 self.replicas,
             )
         if self.layout.local_rank == 0:
-            prune(self.root, self.keep_last)
+            uploading = self._upload is not None and not self._upload[1].done()
+            prune(self.root, self.keep_last, keep={self._upload[0]} if uploading else set())
+
+    # --- durable saves by upload (`checkpoint.tiers.upload`) ---------------------------------------
+
+    def uploading(self, ckpt: Any, step: int) -> Any:
+        """A stand-in for `ckpt` whose `save()` uploads this step's local files (`upload.UploadSave`)."""
+        from checkpoint.tiers.upload import UploadSave
+
+        return UploadSave(tier=self, checkpointer=ckpt, step=step)
+
+    def upload(self, step: int, spec: Any) -> Future[None]:
+        """Upload the local save of `step` (just started) to the durable step `spec` (every rank)."""
+        from checkpoint.tiers.upload import Uploader, UploadJob
+
+        assert self._pending is not None and self._pending[0] == step  # the manager checked it
+        if self._uploader is None:
+            self._uploader = Uploader(self.group)
+        job = UploadJob(
+            step=step,
+            local_dir=os.path.join(self.root, step_dir_name(step)),
+            spec=spec,
+            local_write=self._pending[1],
+        )
+        future = self._uploader.start(job)
+        self._upload = (step, future)
+        return future
+
+    def upload_failed(self) -> bool:
+        """Whether the last upload failed on some rank (collective while one is outstanding; then True once).
+
+        All ranks agree (one all-reduce), since the manager answers with a staged durable save.
+        """
+        if self._upload is None:
+            return False
+        future = self._upload[1]
+        failed = future.done() and future.exception() is not None
+        # 2: it failed on some rank; 1: it still runs on some rank; 0: it committed (every rank agrees).
+        state = max_over_ranks(2 if failed else int(not future.done()), self.group)
+        if state != 1:
+            self._upload = None
+        return state == 2
 
     def close(self) -> None:
         try:
             self.wait()
         finally:
+            if self._uploader is not None:
+                self._uploader.close()
             if self._ckpt is not None:
                 self._ckpt.close()
             if self._server is not None:
@@ -192,13 +242,13 @@ class LocalTier:
         self._newest = step
 
 
-def prune(root: str, keep_last: int) -> None:
-    """Keep this node's newest `keep_last` committed steps; delete older ones and older incomplete ones."""
+def prune(root: str, keep_last: int, keep: set[int] | frozenset[int] = frozenset()) -> None:
+    """Keep this node's newest `keep_last` committed steps and `keep` (a step uploading); delete the rest."""
     held = list_holdings(root)
     committed = sorted(s for s, h in held.items() if h.committed)
     if not committed:
         return
-    keep = set(committed[-keep_last:])
+    keep = set(committed[-keep_last:]) | set(keep)
     for step in sorted(held):
         if step not in keep and step < committed[-1]:
             _remove_step_dir(os.path.join(root, step_dir_name(step)))

@@ -1,4 +1,4 @@
-"""What `CheckpointManager` calls of the local tier: construction, the durable listing, recovery, `steps()`.
+"""What `CheckpointManager` calls of the local tier: construction, listings, recovery, durable uploads.
 
 Kept apart from `checkpoint.manager.manager` so the manager stays about the durable
 tier: each of its hooks is one call into this module, and without a

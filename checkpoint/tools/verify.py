@@ -35,7 +35,7 @@ from typing import Any
 
 from checkpoint.load.grid import GridResolver
 from checkpoint.load.loader import DEFAULT_MAX_METADATA_BYTES, read_metadata
-from checkpoint.tools.verify_file import ChunkRef, verify_file
+from checkpoint.load.verify_file import ChunkRef, verify_file
 from planners.boxes import Box
 from planners.errors import CheckpointError, InvalidCheckpointError, PickleNotAllowedError
 from planners.leftovers import leftover_names
