@@ -105,6 +105,9 @@ class PreparedSave:
     # Seals the async commit's store exchange (`checkpoint.save.collectives.StoreExchange`): hex of random bytes
     # that reach the ranks over the job's process group only, never a file, a marker or a log line.
     commit_secret: str = field(default="", repr=False)
+    # The directories the coordinator's `prepare()` created for this save (coordinator only): a save
+    # that fails after writing removes them once they are empty again (`checkpoint.save.abort`).
+    created_dirs: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -121,6 +124,7 @@ class _Decision:
     save_id: str
     reuse: bool
     commit_secret: str = field(default="", repr=False)
+    created_dirs: tuple[str, ...] = ()
     error: BaseException | None = None
     failures: dict[int, BaseException] = field(default_factory=dict)
 
@@ -228,6 +232,7 @@ def _prepared(
         plan_reused=decision.reuse,
         overwrite=overwrite,
         commit_secret=decision.commit_secret,
+        created_dirs=decision.created_dirs if exchange.rank == COORDINATOR else (),
     )
 
 
@@ -269,7 +274,7 @@ def _decide(
     if failures:
         return _Decision(save_id=save_id, reuse=False, failures=failures)
     try:
-        storage.prepare()
+        created = tuple(storage.prepare() or ())
     except Exception as e:
         return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
     try:
@@ -282,7 +287,10 @@ def _decide(
         storage.remove_created_dirs()
         return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
     return _Decision(
-        save_id=save_id, reuse=cache.digests == digests, commit_secret=secrets.token_hex(COMMIT_SECRET_BYTES)
+        save_id=save_id,
+        reuse=cache.digests == digests,
+        commit_secret=secrets.token_hex(COMMIT_SECRET_BYTES),
+        created_dirs=created,
     )
 
 
