@@ -61,7 +61,9 @@ def commit_save(
     metadata = None
     if exchange.rank == COORDINATOR:
         assert docs is not None and prepared.draft is not None
-        metadata, (failures, error), published = _commit_on_coordinator(storage, prepared, _read_results(docs))
+        metadata, (failures, error), published = _commit_on_coordinator(
+            storage, prepared, _read_results(docs)
+        )
         verdict = {
             "failures": {str(r): t for r, t in failures.items()},
             "exists": str(error) if error else None,

@@ -18,7 +18,8 @@
    which checks every reported file's stored size, assembles the metadata
    (`planners.metadata_build`) and writes it last (without replacing one
    unless the save passed overwrite=True); every rank learns the outcome, so
-   all raise together.
+   all raise together. A save refused there takes back its shard files, its
+   marker and the directories it created (`checkpoint.save.abort`).
 
 Every rank joins every exchange even after a local failure; the failure
 travels in the exchange instead of leaving the others waiting. The records
