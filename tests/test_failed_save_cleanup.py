@@ -19,8 +19,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 import checkpoint
 from checkpoint.save.hooks import CommitHook
 from checkpoint.testing.ranks import run_ranks
-
-pytestmark = pytest.mark.multiproc
+from storage.local import LocalStorage
 
 
 class FailOnRankOne(CommitHook):
@@ -80,6 +79,7 @@ def _save_and_fail(rank: int, world_size: int, root: str, mode: str) -> tuple[li
     return errors, before
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_save_failed_after_writing_leaves_no_file_and_no_directory_it_created(
     tmp_path: Path, mode: str
@@ -107,3 +107,15 @@ def test_a_save_failed_after_writing_leaves_no_file_and_no_directory_it_created(
         # Only the earlier checkpoint's files: the failed save took back its shard files and marker.
         assert sorted(p.name for p in path.iterdir()) == names_before
     reader.close()
+
+
+def test_created_dirs_travel_to_another_instance_which_removes_only_those_at_or_above_its_root(
+    tmp_path: Path,
+) -> None:
+    made = LocalStorage(str(tmp_path / "a" / "b" / "ckpt")).prepare()
+    assert made == tuple(str(tmp_path / p) for p in ("a", "a/b", "a/b/ckpt"))
+    (tmp_path / "beside").mkdir()
+    other = LocalStorage(str(tmp_path / "a" / "b" / "ckpt"))  # e.g. in the writer process
+    other.remove_created_dirs((str(tmp_path / "beside"), *made))  # a level beside the root is never touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beside"]
+    assert LocalStorage(str(tmp_path / "beside")).prepare() == ()  # it existed: nothing created
