@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import checkpoint
-from checkpoint.save.hooks import CommitHook
+from checkpoint import CommitHook
 from checkpoint.testing.ranks import run_ranks
 from storage.local import LocalStorage
 
