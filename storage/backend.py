@@ -9,8 +9,8 @@ text shardsafe shows.
 
 Call order for a save (all in the process that writes: the trainer rank for a sync save, the writer
 process for an async one): `prepare()` on the coordinator, `open_write()` per shard file on every
-rank, then `publish()` of the metadata on the coordinator, last (`remove_created_dirs()` on the
-coordinator instead, when the save fails before any shard file is written). A load calls `read_bytes()` for the
+rank, then `publish()` of the metadata on the coordinator, last. When the save fails instead, every
+rank `remove()`s the shard files it wrote, then the coordinator calls `remove_created_dirs()`. A load calls `read_bytes()` for the
 metadata and `read_ranges()` for shard bytes, on every rank (regions that land in their target
 tensors as they are go through `LocalStorage.reading()` or `FsspecStorage.read_ranges_into()`);
 cleanup calls `list_names()` and `remove()` on the coordinator. Every implementation passes `tests/test_storage_conformance.py`.
@@ -32,17 +32,21 @@ class CheckpointStorage(Protocol):
 
     url: str  # for messages: never holds credentials
 
-    def prepare(self) -> None:
+    def prepare(self) -> tuple[str, ...]:
         """Create the directory if needed; fail if the path is a file or its bucket does not exist.
 
-        Remembers the directories it created, for `remove_created_dirs`.
+        Remembers the directories it created, for `remove_created_dirs`, and returns them (empty on
+        object stores), so that another process can remove them after a failed save.
         """
 
-    def remove_created_dirs(self) -> None:
+    def remove_created_dirs(self, levels: Sequence[str] | None = None) -> None:
         """Remove the directories `prepare()` created, deepest first, each only while it is empty.
 
-        A save that fails before writing any shard file calls it, so it leaves no directory behind;
-        a directory that existed before is never touched. Nothing to do on object stores.
+        `levels`: what an earlier `prepare()` (perhaps of another instance, in another process)
+        returned; None means what this instance's `prepare()` created. Only this directory and its
+        parents are ever removed. A failed save calls it on the coordinator once every rank has
+        deleted its shard files, so it leaves no directory behind; a directory that existed before
+        is never touched. Nothing to do on object stores.
         """
 
     def open_write(self, name: str) -> AbstractContextManager[BinaryIO]:

@@ -170,19 +170,26 @@ class LocalStorage:
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name)
 
-    def prepare(self) -> None:
+    def prepare(self) -> tuple[str, ...]:
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise not_a_directory(self.root)
         if not os.path.isdir(self.root):
             self._created = _makedirs_durably(self.root)  # each new entry must survive a crash too
+        return tuple(self._created)
 
-    def remove_created_dirs(self) -> None:
-        for level in reversed(self._created):
+    def remove_created_dirs(self, levels: Sequence[str] | None = None) -> None:
+        created = self._created if levels is None else [lv for lv in levels if self._is_root_or_above(lv)]
+        for level in sorted(created, key=len, reverse=True):  # deepest first
             try:
                 os.rmdir(level)  # only while empty: a file someone put there keeps it
             except OSError:
                 return
         self._created = []
+
+    def _is_root_or_above(self, level: str) -> bool:
+        """Whether `level` is this directory or one of its parents (never anything beside or below it)."""
+        level = os.path.abspath(level)
+        return level == self.root or self.root.startswith(level.rstrip(os.sep) + os.sep)
 
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[BinaryIO]:

@@ -153,7 +153,7 @@ class FsspecStorage:
         info = self._info(name)
         return None if info is None else int(info.get("size", -1))
 
-    def prepare(self) -> None:
+    def prepare(self) -> tuple[str, ...]:
         if self._object_store:
             bucket = self.root.split("/", 1)[0]
             try:
@@ -169,9 +169,11 @@ class FsspecStorage:
             with contextlib.suppress(FileExistsError):
                 self._call("create directory", None, self.fs.makedirs, self.root, exist_ok=True)
             self._created = info is None
+        return (self.root,) if self._created else ()
 
-    def remove_created_dirs(self) -> None:
-        if self._created:  # only the checkpoint directory itself: fsspec does not say which parents it made
+    def remove_created_dirs(self, levels: Sequence[str] | None = None) -> None:
+        created = self._created if levels is None else self.root in levels
+        if created:  # only the checkpoint directory itself: fsspec does not say which parents it made
             with contextlib.suppress(OSError):
                 self.fs.rmdir(self.root)
 

@@ -123,9 +123,10 @@ def test_forged_gather_values_fail_the_save_and_publish_nothing(tmp_path: Path) 
 
     assert not marker.exists()  # the forged pickle was never loaded
     for forgery in payloads:
-        assert not (root / forgery / "metadata.json").exists(), forgery
-        with pytest.raises(IncompleteCheckpointError):
+        assert not (root / forgery).exists(), forgery  # refused, its files and directory taken back
+        with pytest.raises(FileNotFoundError, match="metadata.json not found") as missing:
             checkpoint.make_sync_checkpointer().load(str(root / forgery))
+        assert not isinstance(missing.value, IncompleteCheckpointError)
         for rank, out in enumerate(results):
             assert out[forgery] is not None, f"rank {rank} reported the forged save {forgery} as committed"
             kind, message = out[forgery]

@@ -12,7 +12,8 @@ overwrite=True, so that of two saves racing to one path with overwrite=False
 one commits and the other gets `CheckpointExistsError`. After a commit it
 deletes files of other saves that can no longer commit (see
 `checkpoint.save.lease` for which ones). Every rank learns the verdict, so all
-raise together.
+raise together; when it refused the save before its metadata could have gone
+out, every rank first takes back its shard files (`checkpoint.save.abort`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from checkpoint.save import lease
+from checkpoint.save.abort import clean_failed_save
 from checkpoint.save.collectives import COORDINATOR, Exchange, RejectedPayload
 from checkpoint.save.protocol import PreparedSave
 from planners.errors import (
@@ -55,12 +57,20 @@ def commit_save(
             committed at the path first (the metadata is published without replacing).
         DistributedCheckpointError: on every rank, when any rank failed to write or the commit failed.
     """
+    published = [True]  # whether this save's metadata may have gone out (coordinator)
 
     def on_coordinator(results: list[RankWriteResult]) -> tuple[Any, tuple[dict[int, str], Any]]:
         assert prepared.draft is not None
-        return _commit_on_coordinator(storage, prepared, results)
+        metadata, outcome, published[0] = _commit_on_coordinator(storage, prepared, results)
+        return metadata, outcome
 
-    return exchange_verdict(exchange, result, on_coordinator, url=prepared.url)
+    return exchange_verdict(
+        exchange,
+        result,
+        on_coordinator,
+        url=prepared.url,
+        clean=(lambda: not published[0], lambda: clean_failed_save(storage, exchange, prepared)),
+    )
 
 
 def exchange_verdict(
@@ -71,13 +81,16 @@ def exchange_verdict(
     ],
     *,
     url: str,
+    clean: tuple[Callable[[], bool], Callable[[], None]] | None = None,
 ) -> Any:
     """The commit's exchange (collective): gather results, `on_coordinator` decides, every rank learns it.
 
     `on_coordinator` gets every rank's result (an unreadable one as that rank's error) and returns
     `(value, (failures by rank, overwrite-race error))`; the value is returned on the coordinator
     (None elsewhere). A staged save and an upload from the local tier
-    (`checkpoint.tiers.upload`) differ only in that function.
+    (`checkpoint.tiers.upload`) differ only in that function. `clean`: on a failure, whether the
+    coordinator knows the metadata never went out (asked on the coordinator), and the clean-up every
+    rank then runs together (`checkpoint.save.abort.clean_failed_save`); None: nothing is cleaned.
     """
     docs = exchange.gather(result_to_json(result))
     verdict: dict[str, Any] | None = None
@@ -88,8 +101,13 @@ def exchange_verdict(
         verdict = {
             "failures": {str(r): t for r, t in failures.items()},
             "exists": str(error) if error else None,
+            "clean": clean is not None and clean[0](),  # the metadata never went out: files may go
         }
-    outcome, exists = _read_verdict(exchange.broadcast(verdict))
+    doc = exchange.broadcast(verdict)
+    outcome, exists = _read_verdict(doc)
+    failed = outcome or exists is not None
+    if failed and clean is not None and isinstance(doc, dict) and doc.get("clean") is True:
+        clean[1]()  # every rank decides alike: the same verdict
     if exists is not None:
         raise CheckpointExistsError(exists)
     if outcome:
@@ -123,12 +141,17 @@ def _read_verdict(doc: Any) -> tuple[dict[int, str], str | None]:
 
 def _commit_on_coordinator(
     storage: CheckpointStorage | None, prepared: PreparedSave, results: list[RankWriteResult]
-) -> tuple[Metadata | None, tuple[dict[int, str], BaseException | None]]:
-    """Check the stored sizes and publish the metadata; returns it and `(failures by rank, error)`."""
+) -> tuple[Metadata | None, tuple[dict[int, str], BaseException | None], bool]:
+    """Check the stored sizes and publish the metadata.
+
+    Returns it, `(failures by rank, error)`, and whether the metadata may have been published (a
+    publish that failed may still have landed, so the shard files must then stay).
+    """
     outcome = {r.rank: r.error for r in results if r.error is not None}
     if outcome:
-        return None, (outcome, None)
+        return None, (outcome, None), False
     assert storage is not None  # a rank without storage reports an error
+    published = False
     try:
         assert prepared.draft is not None  # the coordinator's PreparedSave carries the draft
         problem = plan_problem(prepared.draft, results, save_id=prepared.save_id)
@@ -143,18 +166,20 @@ def _commit_on_coordinator(
         overlap = byte_overlap_problem(metadata.tensors, metadata.rank_local)  # a load refuses shared bytes
         if overlap is not None:
             raise InvalidCheckpointError(f"{prepared.url}: the write results overlap: {overlap}")
+        published = True
         storage.publish(METADATA_FILE, metadata.to_json(), overwrite=prepared.overwrite)
     except FileExistsError:
         error = CheckpointExistsError(
             f"another save committed a checkpoint at {storage.url} while this one (save {prepared.save_id}) was "
             "writing; this save passed overwrite=False, so it was not committed and the other one stays"
         )
-        return None, ({}, error)
+        # A no-replace publish that refused left this save's metadata out; a replacing one cannot say.
+        return None, ({}, error), published and prepared.overwrite
     except Exception as e:
         logger.exception("committing %s failed", prepared.url)
-        return None, ({COORDINATOR: f"commit failed: {type(e).__name__}: {e}"}, None)
+        return None, ({COORDINATOR: f"commit failed: {type(e).__name__}: {e}"}, None), published
     remove_leftovers(storage, metadata)
-    return metadata, ({}, None)
+    return metadata, ({}, None), True
 
 
 # Stat requests in flight while the coordinator checks sizes (one HeadObject per file on S3).

@@ -18,7 +18,8 @@
    which checks every reported file's stored size, assembles the metadata
    (`planners.metadata_build`) and writes it last (without replacing one
    unless the save passed overwrite=True); every rank learns the outcome, so
-   all raise together.
+   all raise together. A save refused there takes back its shard files, its
+   marker and the directories it created (`checkpoint.save.abort`).
 
 Every rank joins every exchange even after a local failure; the failure
 travels in the exchange instead of leaving the others waiting. The records
@@ -105,6 +106,9 @@ class PreparedSave:
     # Seals the async commit's store exchange (`checkpoint.save.collectives.StoreExchange`): hex of random bytes
     # that reach the ranks over the job's process group only, never a file, a marker or a log line.
     commit_secret: str = field(default="", repr=False)
+    # The directories the coordinator's `prepare()` created for this save (coordinator only): a save
+    # that fails after writing removes them once they are empty again (`checkpoint.save.abort`).
+    created_dirs: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -121,6 +125,7 @@ class _Decision:
     save_id: str
     reuse: bool
     commit_secret: str = field(default="", repr=False)
+    created_dirs: tuple[str, ...] = ()
     error: BaseException | None = None
     failures: dict[int, BaseException] = field(default_factory=dict)
 
@@ -228,6 +233,7 @@ def _prepared(
         plan_reused=decision.reuse,
         overwrite=overwrite,
         commit_secret=decision.commit_secret,
+        created_dirs=decision.created_dirs if exchange.rank == COORDINATOR else (),
     )
 
 
@@ -269,7 +275,7 @@ def _decide(
     if failures:
         return _Decision(save_id=save_id, reuse=False, failures=failures)
     try:
-        storage.prepare()
+        created = tuple(storage.prepare() or ())
     except Exception as e:
         return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
     try:
@@ -282,7 +288,10 @@ def _decide(
         storage.remove_created_dirs()
         return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
     return _Decision(
-        save_id=save_id, reuse=cache.digests == digests, commit_secret=secrets.token_hex(COMMIT_SECRET_BYTES)
+        save_id=save_id,
+        reuse=cache.digests == digests,
+        commit_secret=secrets.token_hex(COMMIT_SECRET_BYTES),
+        created_dirs=created,
     )
 
 
