@@ -11,6 +11,7 @@ reads a keyword dictionary.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +38,24 @@ class SaveOptions:
         path_per_node: each node passes its own node-local directory (as the local tier does);
             the ranks then agree on the directory's name only, not its whole path (False: every
             rank must pass the same path, `CheckpointPathError` otherwise).
+        incremental: record the XXH3-128 of every chunk, so that a later save can reference this
+            one (format: `planners.references`); implied by `base`.
+        base: an earlier, committed checkpoint of the same run root (a sibling directory of the
+            path): chunks whose bytes equal the base's at the same box are referenced, not written
+            (`checkpoint.save.incremental`). None: write everything.
     """
 
     overwrite: bool = False
     allow_pickle: bool = False
     path_per_node: bool = False
+    incremental: bool = False
+    base: Any = None  # str or os.PathLike
+
+    def __post_init__(self) -> None:
+        if type(self.incremental) is not bool:
+            raise TypeError(f"save(incremental=...) must be a bool, got {self.incremental!r}")
+        if self.base is not None and not isinstance(self.base, (str, os.PathLike)):
+            raise TypeError(f"save(base=...) must be a path (str or os.PathLike), got {type(self.base).__name__}")
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> SaveOptions:

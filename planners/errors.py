@@ -57,6 +57,10 @@ class IncompleteCheckpointError(CheckpointError, FileNotFoundError):
     """The path holds shard files but no committed metadata: the save never finished."""
 
 
+class MissingReferenceError(CheckpointError, FileNotFoundError):
+    """An incremental checkpoint references a shard file of another checkpoint that is gone."""
+
+
 class CheckpointExistsError(CheckpointError, FileExistsError):
     """A complete checkpoint already exists at the path and overwrite was not asked for."""
 

@@ -22,8 +22,9 @@ from planners.grid import GridIndex, GridRecord, grid_json, mesh_json
 FORMAT_NAME = "shardsafe"
 # Bump on any change an older reader would misread; readers accept every
 # version up to their own. Version 2 adds the metadata digest (planners.digest)
-# and grid records for DTensor keys (planners.grid).
-FORMAT_VERSION = 2
+# and grid records for DTensor keys (planners.grid). Version 3 adds references to chunks of an
+# earlier checkpoint of the run (planners.references); a save that references nothing still writes 2.
+FORMAT_VERSION = 3
 # The first version whose metadata must carry a digest.
 DIGEST_SINCE_VERSION = 2
 METADATA_FILE = "metadata.json"
@@ -122,6 +123,9 @@ class Metadata:
     # Version 2 (planners/grid.py): DTensor keys recorded as grids; their TensorRecord has no chunks.
     meshes: tuple[Mesh, ...] = ()
     grids: dict[str, GridRecord] = field(default_factory=dict)
+    # Incremental saves (planners.references.References): chunk hashes, and from version 3 the files
+    # of other checkpoints this one reads. Typed loosely: planners.references builds on this module.
+    references: Any = None
 
     def grid_index(self) -> GridIndex:
         """Finds the chunks of grid keys (plain tensors held by every rank enter the writer rule)."""
@@ -152,6 +156,7 @@ class Metadata:
                 for k, r in self.rank_local.items()
             },
             "structure": self.structure,
+            **({"references": self.references.to_json()} if self.references is not None else {}),
         }
         if self.version < DIGEST_SINCE_VERSION:
             # Compact separators keep json on its C encoder (indent= forces the Python one: ~5x slower

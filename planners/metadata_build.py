@@ -28,6 +28,12 @@ from planners.metadata import (
     RankLocalRecord,
     TensorRecord,
 )
+from planners.references import (
+    REFERENCES_SINCE_VERSION,
+    IncrementalReport,
+    build_references,
+    referenced_plain_chunks,
+)
 from planners.save_plan import GlobalPlan
 from planners.values import JSON
 
@@ -66,6 +72,8 @@ class RankWriteResult:
     chunks: tuple[WrittenChunk, ...] = ()
     rank_local_values: dict[str, JSON] = field(default_factory=dict)
     error: str | None = None
+    # Incremental saves only: the rank's chunk hashes and the chunks it referenced (planners.references).
+    incremental: IncrementalReport | None = None
 
 
 def build_metadata(
@@ -82,29 +90,43 @@ def build_metadata(
     Returns:
         The metadata to publish; chunks of each tensor sorted by their box offsets.
     """
+    reports = [r.incremental for r in results]
+    references = build_references(reports)
+    # A save that references no file keeps the previous version, so older readers still read it.
+    version = REFERENCES_SINCE_VERSION if references is not None and references.files else _PLAIN_VERSION
+    grids = draft.global_plan.grid_fields.get("grids", {})
     return Metadata(
-        version=FORMAT_VERSION,
+        version=version,
         save_id=save_id,
         world_size=world_size,
         checksum_block_bytes=CHECKSUM_BLOCK_BYTES,
-        tensors=_tensor_records(draft.global_plan, results),
+        tensors=_tensor_records(draft.global_plan, results, referenced_plain_chunks(reports, grids)),
         values=draft.values,
         rank_local=_rank_local_records(results),
         files=_file_records(results),
         structure=draft.structure,
         **draft.global_plan.grid_fields,
+        references=references,
     )
+
+
+# What a save writes when it references nothing (format version 3 adds only references).
+_PLAIN_VERSION = min(FORMAT_VERSION, REFERENCES_SINCE_VERSION - 1)
 
 
 def _file_records(results: Sequence[RankWriteResult]) -> dict[str, FileRecord]:
     return {name: FileRecord(nbytes=n, rank=r.rank) for r in results for name, n in r.files.items()}
 
 
-def _tensor_records(plan: GlobalPlan, results: Sequence[RankWriteResult]) -> dict[str, TensorRecord]:
-    """Every planned tensor with its reported chunks (none for a grid key), in box order."""
+def _tensor_records(
+    plan: GlobalPlan, results: Sequence[RankWriteResult], referenced: dict[str, list[ChunkRecord]]
+) -> dict[str, TensorRecord]:
+    """Every planned tensor with its reported and referenced chunks (none for a grid key), in box order."""
     chunks: dict[str, list[ChunkRecord]] = {fqn: [] for fqn in plan.tensors}
     for c in (c for r in results for c in r.chunks if not c.rank_local):
         chunks[c.fqn].append(c.chunk)
+    for fqn, extra in referenced.items():
+        chunks[fqn].extend(extra)
     return {
         fqn: TensorRecord(
             dtype=dtype, shape=shape, chunks=tuple(sorted(chunks[fqn], key=lambda c: c.box.offsets))

@@ -22,6 +22,7 @@ from planners.errors import InvalidCheckpointError
 from planners.global_plan import Mesh
 from planners.grid import GridIndex, GridRecord, parse_grid, unwritten_chunks_problem
 from planners.mesh_parse import parse_meshes
+from planners.references import as_file_records, parse_referenced_files, parse_references
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
     DIGEST_SINCE_VERSION,
@@ -58,7 +59,15 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
     files = v.files(doc.get("files"))
     meshes = parse_meshes(doc.get("meshes") if version >= 2 else None, world_size=v.world_size, fail=v.fail)
     grids: dict[str, GridRecord] = {}
-    tensors = v.tensors(doc.get("tensors"), files, meshes, grids)
+    # Incremental saves (planners.references): plain keys' chunks may lie in referenced files too.
+    raw_refs = doc.get("references")
+    ref_files = (
+        {}
+        if raw_refs is None
+        else parse_referenced_files(raw_refs, version=version, save_id=save_id, own=files, fail=v.fail)
+    )
+    chunk_files = {**files, **as_file_records(ref_files)}
+    tensors = v.tensors(doc.get("tensors"), chunk_files, meshes, grids)
     index = GridIndex(meshes=meshes, grids=grids, plain={}, world_size=v.world_size)
     problem = unwritten_chunks_problem(index, {f.rank for f in files.values()})
     v.check(problem is None, str(problem))
@@ -68,6 +77,19 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
     values = v.dict_(doc.get("values"), "values")
     structure = doc.get("structure")
     v.structure(structure, set(tensors), set(values), set(rank_local))
+    references = None
+    if raw_refs is not None:
+        references = parse_references(
+            raw_refs,
+            ref_files,
+            tensors=tensors,
+            grids=grids,
+            index=index,
+            chunk=lambda key, c: v.chunk(
+                key, c, tensors[key].shape, dtype_itemsize(tensors[key].dtype), chunk_files
+            ),
+            fail=v.fail,
+        )
     return Metadata(
         version=version,
         save_id=save_id,
@@ -80,6 +102,7 @@ def parse_metadata(data: bytes, *, where: str) -> Metadata:
         structure=structure,
         meshes=meshes,
         grids=grids,
+        references=references,
     )
 
 

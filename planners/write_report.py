@@ -29,6 +29,7 @@ from planners.grid import GridIndex, GridRecord
 from planners.metadata import CHECKSUM_BLOCK_BYTES, MAX_FILE_BYTES, SHARD_FILE_RE, ChunkRecord
 from planners.metadata_build import MetadataDraft, RankWriteResult, WrittenChunk
 from planners.placement import Replicate
+from planners.references import report_from_json, report_problem
 
 # A report listing more than this is not one a writer produced (files per rank, chunks per rank,
 # dims per box, checksum blocks per chunk).
@@ -46,6 +47,7 @@ def result_to_json(result: RankWriteResult) -> dict[str, Any]:
         "chunks": [_written_json(c) for c in result.chunks],
         "rank_local_values": result.rank_local_values,
         "error": result.error,
+        **({"incremental": result.incremental.to_json()} if result.incremental is not None else {}),
     }
 
 
@@ -83,6 +85,7 @@ def result_from_json(doc: Any, *, rank: int) -> RankWriteResult:
         chunks=tuple(_written_from_json(c) for c in chunks),
         rank_local_values=values,
         error=error,
+        incremental=report_from_json(doc["incremental"]) if "incremental" in doc else None,
     )
 
 
@@ -139,6 +142,13 @@ def plan_problem(draft: MetadataDraft, results: Sequence[RankWriteResult], *, sa
             if not c.rank_local:
                 boxes[c.fqn].append(c.chunk.box)
     grids = plan.grid_fields.get("grids", {})
+    for r in (r for r in results if r.incremental is not None):  # incremental saves: referenced chunks
+        problem = report_problem(r.incremental, rank=r.rank, files=r.files, tensors=plan.tensors)
+        if problem is not None:
+            return problem
+        for fqn, e in r.incremental.indexed:
+            if e.chunk.file in r.incremental.referenced and fqn not in grids:
+                boxes[fqn].append(e.chunk.box)
     for fqn, (_, shape) in plan.tensors.items():
         problem = None if fqn in grids else tiling_problem(shape, boxes[fqn])
         if problem is not None:

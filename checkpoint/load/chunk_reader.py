@@ -30,12 +30,14 @@ from checkpoint.load.direct_read import (
     scratch_buffer,
 )
 from checkpoint.load.grid import GridResolver
+from checkpoint.load.references import follow_references
 from planners.boxes import coalesce
 from planners.checksums import bad_blocks, block_span
 from planners.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     InvalidCheckpointError,
+    MissingReferenceError,
 )
 from planners.load_plan import (
     LoadTarget,
@@ -65,7 +67,7 @@ class ChunkReader:
     def __init__(
         self, storage: CheckpointStorage, metadata: Metadata, *, verify: bool, io_threads: int
     ) -> None:
-        self.storage = storage
+        self.storage = follow_references(storage, metadata)  # incremental: referenced files' own directories
         self.metadata = metadata
         self.verify = verify
         self.io_threads = io_threads
@@ -85,6 +87,8 @@ class ChunkReader:
         if size is None:
             try:
                 size = self._sizes[chunk.file] = self.storage.size(chunk.file)
+            except MissingReferenceError:
+                raise
             except FileNotFoundError:
                 raise _missing_file(self.storage.url, chunk.file, fqn) from None
         if chunk.offset_bytes + chunk.nbytes > size:

@@ -65,6 +65,10 @@ class GridResolver:
             FileNotFoundError: a file of the writer is missing.
         """
         where = f"{self.storage.url}: key {fqn!r}"
+        refs = self.metadata.references  # incremental: a referenced chunk lies in another checkpoint's file
+        referenced = None if refs is None else refs.referenced_chunk(fqn, cell.box)
+        if referenced is not None:
+            return referenced
         names = self._files.get(cell.writer, [])
         for name in names:
             header, slices = self._header(name)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from checkpoint.save.barriers import Barrier
 from checkpoint.save.collectives import Exchange, StoreExchange
 from checkpoint.save.commit import commit_save
 from checkpoint.save.hooks import CommitHook, run_post_commit
+from checkpoint.save.incremental import base_name, plan_incremental
 from checkpoint.save.lease import LeaseKeeper
 from checkpoint.save.local_plan import LocalSave
 from checkpoint.save.protocol import PlanCache, PreparedSave, plan_save, timed
@@ -143,6 +145,7 @@ def plan_step(
     raises together. Raises what `checkpoint.save.protocol.plan_save` raises.
     """
     start = time.perf_counter()
+    base = None if options.base is None else base_name(path, os.fspath(options.base), storage)
     spec = storage.resolve(path)
     storage = spec.open()
     try:
@@ -158,6 +161,8 @@ def plan_step(
         )
     finally:
         storage.close()
+    if options.incremental or base is not None:  # checkpoint.save.incremental: what the base holds
+        prepared = dataclasses.replace(prepared, incremental=plan_incremental(spec, base, prepared.files))
     lease = None
     if prepared.draft is not None:  # the coordinator renews the in-progress marker until the save ends
         lease = LeaseKeeper(spec.open(), prepared.save_id, lease_secs=config.save_lease_secs)

@@ -109,6 +109,8 @@ class PreparedSave:
     # The directories the coordinator's `prepare()` created for this save (coordinator only): a save
     # that fails after writing removes them once they are empty again (`checkpoint.save.abort`).
     created_dirs: tuple[str, ...] = ()
+    # Incremental saves (`checkpoint.save.incremental.IncrementalPlan`): the base's chunks at this rank's boxes.
+    incremental: Any = None
 
 
 @dataclass(slots=True)

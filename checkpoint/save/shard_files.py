@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import torch
 
+from checkpoint.save.incremental import split_items
 from checkpoint.save.protocol import PreparedSave
 from planners.errors import StorageError
 from planners.metadata import CHECKSUM_BLOCK_BYTES, ChunkRecord, shard_file_name
@@ -36,10 +37,12 @@ def write_rank_files(
     io_threads: int,
 ) -> RankWriteResult:
     """Write this rank's shard files; failures are returned, not raised, so the commit can report them."""
+    files, split = prepared.files, None
     try:
-        done = _map_files(
-            lambda fp: _write_file(storage, prepared, fp, tensors), prepared.files, io_threads=io_threads
-        )
+        if prepared.incremental is not None:  # checkpoint.save.incremental: leave out what the base holds
+            split = split_items(prepared.incremental, prepared.files, tensors)
+            files = split.files
+        done = _map_files(lambda fp: _write_file(storage, prepared, fp, tensors), files, io_threads=io_threads)
     except Exception as e:
         logger.exception("rank %d: writing shard files to %s failed", prepared.rank, prepared.url)
         return RankWriteResult(rank=prepared.rank, error=f"{type(e).__name__}: {e}")
@@ -48,6 +51,7 @@ def write_rank_files(
         files={f.name: f.nbytes for f in done},
         chunks=tuple(c for f in done for c in f.chunks),
         rank_local_values=prepared.rank_local_values,
+        incremental=None if split is None else split.report(tuple(c for f in done for c in f.located)),
     )
 
 
@@ -58,6 +62,7 @@ class _WrittenFile:
     name: str
     nbytes: int
     chunks: tuple[WrittenChunk, ...]
+    located: tuple[WrittenChunk, ...] = ()  # every chunk, grid ones too (an incremental save's index)
 
 
 _T = TypeVar("_T")
@@ -91,13 +96,15 @@ def _write_file(
         if isinstance(e, StorageError) and name in str(e):
             raise
         raise StorageError(f"{prepared.url}/{name}: {type(e).__name__}: {e}") from e
-    return _WrittenFile(name=name, nbytes=nbytes, chunks=_written_chunks(fp, name, written))
+    located = _written_chunks(fp, name, written)
+    chunks = tuple(c for c, i in zip(located, fp.items) if not i.grid)
+    return _WrittenFile(name=name, nbytes=nbytes, chunks=chunks, located=located)
 
 
 def _written_chunks(fp: FilePlan, name: str, written: Sequence[WrittenTensor]) -> tuple[WrittenChunk, ...]:
-    """The metadata's record of each chunk of one written file, from its plan item and where it landed.
+    """Where each chunk of one written file landed, from its plan item and the storage layer's report.
 
-    Grid chunks get none: their key's grid record and the file's header locate them.
+    The metadata records only the plain ones: a grid key's record and the file's header locate its chunks.
     """
     return tuple(
         WrittenChunk(
@@ -114,5 +121,4 @@ def _written_chunks(fp: FilePlan, name: str, written: Sequence[WrittenTensor]) -
             ),
         )
         for i, w in zip(fp.items, written)
-        if not i.grid
     )

@@ -1,0 +1,359 @@
+"""Incremental checkpoints (format version 3): chunks referenced from an earlier checkpoint of the run.
+
+An incremental save writes only the chunks whose bytes changed since its *base* (an earlier,
+committed checkpoint in the same run root) and records the others as references: the byte
+range, in the file of the checkpoint that first wrote them, with that range's block checksums.
+A reference always names the file that holds the bytes, never a checkpoint that referenced them
+in turn, so a load opens `<run root>/<checkpoint>/<file>` directly (one hop, no chain to follow,
+no other metadata to trust).
+
+What this module holds, all pure:
+
+- the records: `ReferencedFile` (a file of another checkpoint this one needs), `IndexedChunk`
+  (a chunk's location plus the XXH3-128 of its bytes, what the next save compares against) and
+  `References` (the metadata's `references` section);
+- `IncrementalReport`, what a rank adds to its write report, and `build_references`, which the
+  coordinator uses to join the ranks' reports;
+- `parse_references`: the untrusted `references` section, checked like the rest of the
+  metadata: checkpoint names are one plain directory name (no path, no `..`, never this save's
+  own files), counts are bounded before any loop, every indexed chunk is a chunk of the
+  checkpoint (a plain key's listed chunk, or one cell of a grid key), and no two chunks share a
+  byte of a referenced file (a small file cannot stand for a huge tensor).
+
+Only identical bytes are ever referenced (equal hash, dtype and box), never arithmetic deltas.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from planners.boxes import Box
+from planners.grid import GridIndex, GridRecord
+from planners.metadata import MAX_FILE_BYTES, SHARD_FILE_RE, ChunkRecord, FileRecord
+
+# The first format version whose metadata may reference files of another checkpoint.
+REFERENCES_SINCE_VERSION = 3
+# A checkpoint named by a reference: one plain directory name inside the run root.
+CHECKPOINT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+# XXH3-128 of a chunk's bytes, as lowercase hex.
+HASH_RE = re.compile(r"^[0-9a-f]{32}$")
+# More than this is a hostile file, not a checkpoint (referenced files; indexed chunks).
+MAX_REFERENCED_FILES = 1 << 20
+MAX_INDEXED_CHUNKS = 1 << 24
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReferencedFile:
+    """A shard file of another checkpoint of the run that this checkpoint reads bytes from.
+
+    `checkpoint` is that checkpoint's directory name, a sibling of this one; `nbytes` the file's
+    size as its own save recorded it, so a truncated or replaced file is refused before a read.
+    """
+
+    checkpoint: str
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IndexedChunk:
+    """One chunk of a tensor key with the XXH3-128 of its bytes, wherever those bytes lie.
+
+    The next incremental save compares its staged chunk at the same box with `xxh3`; when they
+    match it records `chunk` (file, byte range, block checksums) instead of writing the bytes.
+    """
+
+    chunk: ChunkRecord
+    xxh3: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class References:
+    """The metadata's `references` section.
+
+    `files`: the referenced files (not part of `Metadata.files`, which are this save's own).
+    `chunks`: per key, per box offsets, the indexed chunks of the save (written or referenced).
+    """
+
+    files: dict[str, ReferencedFile] = field(default_factory=dict)
+    chunks: dict[str, dict[tuple[int, ...], IndexedChunk]] = field(default_factory=dict)
+
+    def referenced_chunk(self, fqn: str, box: Box) -> ChunkRecord | None:
+        """The referenced record of `fqn`'s chunk at exactly `box`, or None when this save wrote it."""
+        entry = self.chunks.get(fqn, {}).get(box.offsets)
+        if entry is None or entry.chunk.box != box or entry.chunk.file not in self.files:
+            return None
+        return entry.chunk
+
+    def checkpoints(self) -> set[str]:
+        """The checkpoints (directory names) this one reads bytes from."""
+        return {f.checkpoint for f in self.files.values()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "files": {n: {"checkpoint": f.checkpoint, "nbytes": f.nbytes} for n, f in sorted(self.files.items())},
+            "chunks": {
+                fqn: [_indexed_json(e) for _, e in sorted(entries.items())]
+                for fqn, entries in sorted(self.chunks.items())
+            },
+        }
+
+
+def _indexed_json(e: IndexedChunk) -> dict[str, Any]:
+    c = e.chunk
+    return {
+        "offsets": list(c.box.offsets),
+        "sizes": list(c.box.sizes),
+        "file": c.file,
+        "key": c.key,
+        "offset_bytes": c.offset_bytes,
+        "nbytes": c.nbytes,
+        "crc32c": list(c.checksums),
+        "xxh3": e.xxh3,
+    }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IncrementalReport:
+    """What an incremental save's rank adds to its write report.
+
+    `indexed`: (key, chunk) for every chunk the rank holds, written or referenced, with its hash.
+    `referenced`: the files of other checkpoints its referenced chunks lie in.
+    """
+
+    indexed: tuple[tuple[str, IndexedChunk], ...] = ()
+    referenced: dict[str, ReferencedFile] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "indexed": [[fqn, _indexed_json(e)] for fqn, e in self.indexed],
+            "referenced": {n: {"checkpoint": f.checkpoint, "nbytes": f.nbytes} for n, f in self.referenced.items()},
+        }
+
+
+def build_references(reports: Sequence[IncrementalReport | None]) -> References | None:
+    """The coordinator's `references` section from every rank's report (None: not an incremental save)."""
+    present = [r for r in reports if r is not None]
+    if not present:
+        return None
+    files: dict[str, ReferencedFile] = {}
+    chunks: dict[str, dict[tuple[int, ...], IndexedChunk]] = {}
+    for r in present:
+        files.update(r.referenced)
+        for fqn, e in r.indexed:
+            chunks.setdefault(fqn, {})[e.chunk.box.offsets] = e
+    return References(files=files, chunks=chunks)
+
+
+def referenced_plain_chunks(reports: Sequence[IncrementalReport | None], grids: Mapping[str, Any]) -> dict[str, list[ChunkRecord]]:
+    """Per plain (non-grid) key, the chunks the ranks referenced: they join the key's chunk list."""
+    out: dict[str, list[ChunkRecord]] = {}
+    for r in (r for r in reports if r is not None):
+        for fqn, e in r.indexed:
+            if fqn not in grids and e.chunk.file in r.referenced:
+                out.setdefault(fqn, []).append(e.chunk)
+    return out
+
+
+# --- reading untrusted metadata ------------------------------------------------------------------
+
+Fail = Callable[[str], None]
+
+
+def parse_referenced_files(doc: Any, *, version: int, save_id: str, own: Mapping[str, FileRecord], fail: Fail) -> dict[str, ReferencedFile]:
+    """The `references.files` of untrusted metadata, each a plain shard name in a sibling checkpoint.
+
+    Refused: a references section in a version before `REFERENCES_SINCE_VERSION` that lists files,
+    a checkpoint name that is a path, `.`/`..` or a URL, a file of this very save (a cycle) or one
+    also listed as this checkpoint's own, and more entries than `MAX_REFERENCED_FILES`.
+    """
+    if not isinstance(doc, dict):
+        fail("references must be an object")
+    files = doc.get("files", {})
+    if not isinstance(files, dict) or len(files) > MAX_REFERENCED_FILES:
+        fail(f"references.files must be an object of at most {MAX_REFERENCED_FILES} entries")
+    if files and version < REFERENCES_SINCE_VERSION:
+        fail(f"version {version} metadata cannot reference files (references need version {REFERENCES_SINCE_VERSION})")
+    out: dict[str, ReferencedFile] = {}
+    for name, f in files.items():
+        m = SHARD_FILE_RE.fullmatch(name) if isinstance(name, str) else None
+        if m is None:
+            fail(f"referenced file {str(name)[:80]!r} is not a shard file name (paths, '..' and URLs are refused)")
+        if m["save_id"] == save_id or name in own:
+            fail(f"referenced file {name!r} belongs to this save: a checkpoint cannot reference itself")
+        if not isinstance(f, dict):
+            fail(f"references.files[{name!r}] must be an object")
+        ckpt, nbytes = f.get("checkpoint"), f.get("nbytes")
+        if not (isinstance(ckpt, str) and CHECKPOINT_NAME_RE.fullmatch(ckpt) and ".." not in ckpt):
+            fail(
+                f"referenced file {name!r}: checkpoint {str(ckpt)[:80]!r} is not one directory name of the "
+                "run root (references outside the run are refused)"
+            )
+        if type(nbytes) is not int or not 0 <= nbytes <= MAX_FILE_BYTES:
+            fail(f"referenced file {name!r}: nbytes must be an integer in [0, {MAX_FILE_BYTES}]")
+        out[name] = ReferencedFile(checkpoint=ckpt, nbytes=nbytes)
+    return out
+
+
+ChunkParser = Callable[[str, Any], ChunkRecord]
+
+
+def parse_references(
+    doc: Any,
+    files: dict[str, ReferencedFile],
+    *,
+    tensors: Mapping[str, Any],
+    grids: Mapping[str, GridRecord],
+    index: GridIndex,
+    chunk: ChunkParser,
+    fail: Fail,
+) -> References:
+    """The `references` section once its files are parsed: every indexed chunk checked.
+
+    Args:
+        doc: the raw section.
+        files: its parsed `files` (`parse_referenced_files`).
+        tensors: the parsed tensor records (plain keys with their chunks; grid keys without).
+        grids: the grid records; `index` locates their cells.
+        chunk: parses one raw chunk of a key (box within shape, byte range within its file, checksums).
+        fail: raises the metadata's `InvalidCheckpointError`.
+    """
+    raw = doc.get("chunks", {})
+    if not isinstance(raw, dict):
+        fail("references.chunks must be an object")
+    total = sum(len(v) if isinstance(v, list) else 0 for v in raw.values())
+    if total > MAX_INDEXED_CHUNKS:
+        fail(f"references.chunks lists {total} chunks, more than {MAX_INDEXED_CHUNKS}")
+    chunks: dict[str, dict[tuple[int, ...], IndexedChunk]] = {}
+    for fqn, entries in raw.items():
+        if fqn not in tensors or not isinstance(entries, list):
+            fail(f"references.chunks[{str(fqn)[:80]!r}] names no saved tensor key")
+        own = chunks[fqn] = {}
+        for e in entries:
+            record = chunk(fqn, e)
+            digest = e.get("xxh3")
+            if not (isinstance(digest, str) and HASH_RE.fullmatch(digest)):
+                fail(f"key {fqn!r}: xxh3 must be 32 lowercase hex digits")
+            problem = _not_a_chunk(fqn, record, tensors, grids, index, files)
+            if problem is not None:
+                fail(problem)
+            if record.box.offsets in own:
+                fail(f"key {fqn!r}: the chunk at {list(record.box.offsets)} is indexed twice")
+            own[record.box.offsets] = IndexedChunk(chunk=record, xxh3=digest)
+    problem = _referenced_overlap(chunks, files)
+    if problem is not None:
+        fail(problem)
+    return References(files=files, chunks=chunks)
+
+
+def _not_a_chunk(
+    fqn: str,
+    c: ChunkRecord,
+    tensors: Mapping[str, Any],
+    grids: Mapping[str, GridRecord],
+    index: GridIndex,
+    files: Mapping[str, ReferencedFile],
+) -> str | None:
+    """Why an indexed chunk is not one of the key's saved chunks, or None."""
+    where = f"key {fqn!r}: indexed chunk at {list(c.box.offsets)}"
+    if fqn not in grids:
+        if c not in tensors[fqn].chunks:
+            return f"{where} differs from every chunk the key lists"
+        return None
+    cells = index.cells(fqn, c.box)
+    if len(cells) != 1 or cells[0].box != c.box:
+        return f"{where} of sizes {list(c.box.sizes)} is not one chunk of the key's grid"
+    return None
+
+
+def _referenced_overlap(chunks: Mapping[str, Mapping[tuple[int, ...], IndexedChunk]], files: Mapping[str, ReferencedFile]) -> str | None:
+    """Where two indexed chunks claim the same bytes of a referenced file, or None."""
+    by_file: dict[str, list[tuple[int, int, str]]] = {}
+    for fqn, entries in chunks.items():
+        for e in entries.values():
+            c = e.chunk
+            if c.file in files and c.nbytes:
+                by_file.setdefault(c.file, []).append((c.offset_bytes, c.offset_bytes + c.nbytes, fqn))
+    for name, spans in by_file.items():
+        spans.sort()
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                return (
+                    f"referenced file {name}: the bytes of key {second!r} from offset {start} overlap those of "
+                    f"key {first!r} (ending at {end}); each byte of a file belongs to one chunk"
+                )
+    return None
+
+
+def as_file_records(files: Mapping[str, ReferencedFile]) -> dict[str, FileRecord]:
+    """Referenced files as the chunk checks see them (their size bounds every byte range)."""
+    return {n: FileRecord(nbytes=f.nbytes, rank=0) for n, f in files.items()}
+
+
+def report_from_json(raw: Any) -> IncrementalReport:
+    """A rank's `IncrementalReport` from untrusted JSON (the async commit store); `ValueError` when malformed.
+
+    Only shapes and bounds are checked here: the coordinator's `plan_problem` holds the chunks to the
+    plan, and every load parses the committed metadata again (`parse_references`).
+    """
+    if not isinstance(raw, dict):
+        raise ValueError("incremental is not an object")
+    indexed, referenced = raw.get("indexed"), raw.get("referenced")
+    if not (isinstance(indexed, list) and len(indexed) <= MAX_INDEXED_CHUNKS):
+        raise ValueError("incremental.indexed is not a bounded list")
+    if not (isinstance(referenced, dict) and len(referenced) <= MAX_REFERENCED_FILES):
+        raise ValueError("incremental.referenced is not a bounded object")
+    files = {}
+    for name, f in referenced.items():
+        ok = isinstance(f, dict) and isinstance(f.get("checkpoint"), str) and type(f.get("nbytes")) is int
+        if not ok or not 0 <= f["nbytes"] <= MAX_FILE_BYTES:
+            raise ValueError(f"referenced file {str(name)[:80]!r} is malformed")
+        files[name] = ReferencedFile(checkpoint=f["checkpoint"], nbytes=f["nbytes"])
+    return IncrementalReport(indexed=tuple(_indexed_from_json(e) for e in indexed), referenced=files)
+
+
+def _indexed_from_json(raw: Any) -> tuple[str, IndexedChunk]:
+    if not (isinstance(raw, list) and len(raw) == 2 and isinstance(raw[0], str) and isinstance(raw[1], dict)):
+        raise ValueError("an indexed chunk is malformed")
+    fqn, c = raw
+    ints = [c.get("offsets"), c.get("sizes"), c.get("crc32c")]
+    if not all(isinstance(x, list) and all(type(i) is int and 0 <= i <= MAX_FILE_BYTES for i in x) for x in ints):
+        raise ValueError(f"key {fqn!r}: an indexed chunk has a bad box or checksums")
+    if len(ints[0]) != len(ints[1]) or len(ints[0]) > 64:
+        raise ValueError(f"key {fqn!r}: an indexed chunk has a bad box")
+    scalars = (c.get("offset_bytes"), c.get("nbytes"))
+    if not all(type(x) is int and 0 <= x <= MAX_FILE_BYTES for x in scalars):
+        raise ValueError(f"key {fqn!r}: an indexed chunk has bad bytes")
+    if not (isinstance(c.get("file"), str) and isinstance(c.get("key"), str)):
+        raise ValueError(f"key {fqn!r}: an indexed chunk has a bad file or key")
+    if not (isinstance(c.get("xxh3"), str) and HASH_RE.fullmatch(c["xxh3"])):
+        raise ValueError(f"key {fqn!r}: an indexed chunk has a bad xxh3")
+    record = ChunkRecord(
+        box=Box(offsets=tuple(ints[0]), sizes=tuple(ints[1])),
+        file=c["file"],
+        key=c["key"],
+        offset_bytes=scalars[0],
+        nbytes=scalars[1],
+        checksums=tuple(ints[2]),
+    )
+    return fqn, IndexedChunk(chunk=record, xxh3=c["xxh3"])
+
+
+def report_problem(
+    report: IncrementalReport, *, rank: int, files: Mapping[str, int], tensors: Mapping[str, tuple[str, tuple[int, ...]]]
+) -> str | None:
+    """Why a rank's incremental report does not fit the plan, or None (the coordinator's check)."""
+    for fqn, e in report.indexed:
+        c = e.chunk
+        where = f"rank {rank} indexed a chunk of key {fqn!r} in {c.file!r}"
+        if fqn not in tensors:
+            return f"{where}, a key the plan does not have"
+        if c.file not in files and c.file not in report.referenced:
+            return f"{where}, a file it neither wrote nor referenced"
+        limit = files[c.file] if c.file in files else report.referenced[c.file].nbytes
+        _, shape = tensors[fqn]
+        if c.offset_bytes + c.nbytes > limit or len(c.box.sizes) != len(shape) or not c.box.within(shape):
+            return f"{where} at bytes [{c.offset_bytes}, {c.offset_bytes + c.nbytes}) or box outside the plan"
+    return None
