@@ -115,3 +115,45 @@ class ReferencingStorage:
         for s in self._siblings.values():
             s.close()
         self.storage.close()
+
+
+def verify_referenced(
+    storage: CheckpointStorage,
+    metadata: Metadata,
+    chunks_by_file: dict[str, list[Any]],
+    progress: Any = None,
+) -> tuple[list[str], int, int]:
+    """`verify`'s check of the bytes this checkpoint references: (problems, files checked, bytes checked).
+
+    Each referenced file must exist in its checkpoint with the size this checkpoint recorded, and
+    every block of every referenced chunk (`chunks_by_file[name]`, `ChunkRef`s) must match the
+    checksums this checkpoint's metadata holds. The file's header belongs to its own save and is
+    not this checkpoint's to judge: only the bytes referenced are.
+    """
+    from checkpoint.load.verify_file import _checksum_problem
+
+    refs = metadata.references
+    if refs is None or not refs.files:
+        return [], 0, 0
+    routed = follow_references(storage, metadata)
+    problems: list[str] = []
+    checked = 0
+    for name, f in sorted(refs.files.items()):
+        where = f"referenced file {name} (checkpoint {f.checkpoint!r})"
+        try:
+            size = routed.size(name)
+        except MissingReferenceError:
+            problems.append(f"{where}: missing; loads of this checkpoint fail until it is restored")
+            continue
+        except InvalidCheckpointError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        if size != f.nbytes:
+            problems.append(f"{where}: {size} bytes where {f.nbytes} were recorded; it was replaced or truncated")
+            continue
+        for ref in chunks_by_file.get(name, []):
+            problem = _checksum_problem(routed, name, ref, metadata.checksum_block_bytes, progress)
+            if problem is not None:
+                problems.append(f"{problem} (referenced from checkpoint {f.checkpoint!r})")
+            checked += ref.chunk.nbytes
+    return problems, len(refs.files), checked

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from checkpoint.checkpointer import Checkpointer
 from checkpoint.manager.attempt import FAILED, LOADED, attempt_load
+from checkpoint.manager.incremental import IncrementalSaves
 from checkpoint.manager.retention import RetentionPolicy, prune, quarantine
 from checkpoint.manager.signals import PreemptionNotice, agreement_group
 from checkpoint.manager.steps import StepRecord, check_run_root, join, scan_steps, step_dir_name
@@ -103,6 +104,7 @@ class CheckpointManager:
         local_keep_last: int = 2,
         replicas: int = 1,
         local_address: str | None = None,
+        incremental: bool = False, full_every: int = 10,  # checkpoint.manager.incremental
     ) -> None:
         root = checkpoint_path(root, what="root")
         _check_count("keep_last", keep_last, optional=True)
@@ -113,7 +115,7 @@ class CheckpointManager:
         self.keep_last, self.keep_every = keep_last, keep_every
         self._policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
         self.interval_steps, self.preemption_check_steps = interval_steps, preemption_check_steps
-        self._ckpt = checkpointer
+        self._ckpt = IncrementalSaves(checkpointer, self.root, full_every) if incremental else checkpointer
         self._storage_options = (
             storage_options if storage_options is not None else checkpointer.storage_options
         )

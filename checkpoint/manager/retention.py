@@ -24,6 +24,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from checkpoint.manager.steps import StepRecord, quarantine_step, remove_step, scan_steps
+from checkpoint.manager.sweep import referenced_files, sweep_step
 from storage.redact import display_url
 from storage.spec import StorageSpec
 
@@ -93,8 +94,20 @@ def prune(
     chosen = steps_to_delete(
         [record for _, record in found], policy, protected=protected, unloadable=unloadable
     )
+    if not chosen:
+        return
+    # Incremental steps (checkpoint.manager.sweep): mark what the kept steps reference, first.
+    doomed = {d.record.step for d in chosen}
+    marked = referenced_files([spec for spec, r in found if r.complete and r.step not in doomed])
+    if marked is None:
+        return
     for deletion in chosen:
-        remove_step(specs[deletion.record.step])
+        spec = specs[deletion.record.step]
+        keep = marked.get(spec.root.rstrip("/").rsplit("/", 1)[-1], set())
+        if keep:
+            sweep_step(spec, keep)
+        else:
+            remove_step(spec)
         logger.info("deleted %s step %d (%s)", deletion.reason, deletion.record.step, deletion.record.path)
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from checkpoint.load.grid import GridResolver
+from checkpoint.load.references import verify_referenced
 from checkpoint.load.loader import DEFAULT_MAX_METADATA_BYTES, read_metadata
 from checkpoint.load.verify_file import ChunkRef, verify_file
 from planners.boxes import Box
@@ -191,15 +192,18 @@ def _verify_committed(
     else:
         results = [one(n) for n in names]
     problems = grid_problems + [p for file_problems, _ in results for p in file_problems]
+    # Incremental checkpoints: the referenced bytes too, in the checkpoints that hold them.
+    ref_problems, ref_files, ref_bytes = verify_referenced(storage, metadata, by_file, progress)
+    problems += ref_problems
     value_problems, pickled = _check_values(metadata)
     leftovers = tuple(leftover_names(storage.list_names(), keep={metadata.save_id}))
     rank_local_tensors = sum(t is not None for r in metadata.rank_local.values() for t in r.tensors)
     return VerifyReport(
         path=storage.url,
         save_id=metadata.save_id,
-        files_checked=len(names),
+        files_checked=len(names) + ref_files,
         tensors_checked=len(metadata.tensors) + rank_local_tensors,
-        bytes_checked=sum(n for _, n in results),
+        bytes_checked=sum(n for _, n in results) + ref_bytes,
         problems=tuple(problems + value_problems),
         leftovers=leftovers,
         pickled_keys=tuple(pickled),

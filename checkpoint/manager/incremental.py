@@ -1,0 +1,68 @@
+"""`CheckpointManager(incremental=True)`: which base each save of the run references.
+
+The manager hands its checkpointer to `IncrementalSaves`, which adds the incremental save
+options (`checkpoint.save.incremental`) to each save under the run root and passes everything
+else through. A chain starts with a full save; each of the next `full_every - 1` saves names as
+its base the newest step this wrapper saw committed (a sync save that returned, an async one
+whose write finished without error), so references reach back at most `full_every - 1` saves,
+a restore stays one hop, and a save never references one in flight or failed. A save that
+replaces a step (`overwrite=True`, a damaged step saved again), a failed save or a new process
+(after a resume) starts the chain again with a full save. Every save of the chain records its
+chunk hashes, so the next can compare against it.
+
+Retention keeps what kept steps reference (`checkpoint.manager.sweep`); the base of the next
+save is the newest committed step, which retention always keeps.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from checkpoint.manager.steps import join, parse_step_dir
+
+
+class IncrementalSaves:
+    """A checkpointer whose saves under `root` reference the previous committed step (see module docstring)."""
+
+    def __init__(self, checkpointer: Any, root: str, full_every: int) -> None:
+        if type(full_every) is not int or full_every < 1:
+            raise ValueError(f"full_every must be an int >= 1, got {full_every!r}")
+        self._ckpt = checkpointer
+        self._root = root.rstrip("/")
+        self.full_every = full_every
+        self._lock = threading.Lock()
+        self.base: str | None = None  # the newest committed step directory of the current chain
+        self._chain = 0  # saves committed in the chain, the full one included
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ckpt, name)
+
+    def save(self, state_dict: Any, path: Any, **kwargs: Any) -> Any:
+        name = str(path).rstrip("/").rsplit("/", 1)[-1]
+        if parse_step_dir(name) is None or join(self._root, name) != str(path).rstrip("/"):
+            return self._ckpt.save(state_dict, path, **kwargs)  # not a step of this run (the local tier's)
+        with self._lock:
+            base = self.base if 0 < self._chain < self.full_every and not kwargs.get("overwrite") else None
+            if base is None:
+                self.base, self._chain = None, 0
+        options = {"incremental": True, **({"base": join(self._root, base)} if base is not None else {})}
+        try:
+            result = self._ckpt.save(state_dict, path, **kwargs, **options)
+        except BaseException:
+            self._restart()
+            raise
+        if result is None:  # sync: committed
+            self._committed(name)
+        else:  # async: committed once the write future succeeds
+            result[1].add_done_callback(lambda f: self._restart() if f.exception() else self._committed(name))
+        return result
+
+    def _committed(self, name: str) -> None:
+        with self._lock:
+            self._chain = 1 if self.base is None else self._chain + 1
+            self.base = name
+
+    def _restart(self) -> None:
+        with self._lock:
+            self.base, self._chain = None, 0
