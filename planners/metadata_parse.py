@@ -22,7 +22,6 @@ from planners.errors import InvalidCheckpointError
 from planners.global_plan import Mesh
 from planners.grid import GridIndex, GridRecord, parse_grid, unwritten_chunks_problem
 from planners.mesh_parse import parse_meshes
-from planners.references import as_file_records, parse_referenced_files, parse_references
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
     DIGEST_SINCE_VERSION,
@@ -38,6 +37,7 @@ from planners.metadata import (
     RankLocalRecord,
     TensorRecord,
 )
+from planners.references import as_file_records, parse_referenced_files, parse_references
 
 
 def parse_metadata(data: bytes, *, where: str) -> Metadata:

@@ -93,7 +93,9 @@ class References:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "files": {n: {"checkpoint": f.checkpoint, "nbytes": f.nbytes} for n, f in sorted(self.files.items())},
+            "files": {
+                n: {"checkpoint": f.checkpoint, "nbytes": f.nbytes} for n, f in sorted(self.files.items())
+            },
             "chunks": {
                 fqn: [_indexed_json(e) for _, e in sorted(entries.items())]
                 for fqn, entries in sorted(self.chunks.items())
@@ -129,7 +131,9 @@ class IncrementalReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "indexed": [[fqn, _indexed_json(e)] for fqn, e in self.indexed],
-            "referenced": {n: {"checkpoint": f.checkpoint, "nbytes": f.nbytes} for n, f in self.referenced.items()},
+            "referenced": {
+                n: {"checkpoint": f.checkpoint, "nbytes": f.nbytes} for n, f in self.referenced.items()
+            },
         }
 
 
@@ -147,7 +151,9 @@ def build_references(reports: Sequence[IncrementalReport | None]) -> References 
     return References(files=files, chunks=chunks)
 
 
-def referenced_plain_chunks(reports: Sequence[IncrementalReport | None], grids: Mapping[str, Any]) -> dict[str, list[ChunkRecord]]:
+def referenced_plain_chunks(
+    reports: Sequence[IncrementalReport | None], grids: Mapping[str, Any]
+) -> dict[str, list[ChunkRecord]]:
     """Per plain (non-grid) key, the chunks the ranks referenced: they join the key's chunk list."""
     out: dict[str, list[ChunkRecord]] = {}
     for r in (r for r in reports if r is not None):
@@ -162,7 +168,9 @@ def referenced_plain_chunks(reports: Sequence[IncrementalReport | None], grids: 
 Fail = Callable[[str], None]
 
 
-def parse_referenced_files(doc: Any, *, version: int, save_id: str, own: Mapping[str, FileRecord], fail: Fail) -> dict[str, ReferencedFile]:
+def parse_referenced_files(
+    doc: Any, *, version: int, save_id: str, own: Mapping[str, FileRecord], fail: Fail
+) -> dict[str, ReferencedFile]:
     """The `references.files` of untrusted metadata, each a plain shard name in a sibling checkpoint.
 
     Refused: a references section in a version before `REFERENCES_SINCE_VERSION` that lists files,
@@ -175,12 +183,16 @@ def parse_referenced_files(doc: Any, *, version: int, save_id: str, own: Mapping
     if not isinstance(files, dict) or len(files) > MAX_REFERENCED_FILES:
         fail(f"references.files must be an object of at most {MAX_REFERENCED_FILES} entries")
     if files and version < REFERENCES_SINCE_VERSION:
-        fail(f"version {version} metadata cannot reference files (references need version {REFERENCES_SINCE_VERSION})")
+        fail(
+            f"version {version} metadata cannot reference files (references need version {REFERENCES_SINCE_VERSION})"
+        )
     out: dict[str, ReferencedFile] = {}
     for name, f in files.items():
         m = SHARD_FILE_RE.fullmatch(name) if isinstance(name, str) else None
         if m is None:
-            fail(f"referenced file {str(name)[:80]!r} is not a shard file name (paths, '..' and URLs are refused)")
+            fail(
+                f"referenced file {str(name)[:80]!r} is not a shard file name (paths, '..' and URLs are refused)"
+            )
         if m["save_id"] == save_id or name in own:
             fail(f"referenced file {name!r} belongs to this save: a checkpoint cannot reference itself")
         if not isinstance(f, dict):
@@ -268,7 +280,9 @@ def _not_a_chunk(
     return None
 
 
-def _referenced_overlap(chunks: Mapping[str, Mapping[tuple[int, ...], IndexedChunk]], files: Mapping[str, ReferencedFile]) -> str | None:
+def _referenced_overlap(
+    chunks: Mapping[str, Mapping[tuple[int, ...], IndexedChunk]], files: Mapping[str, ReferencedFile]
+) -> str | None:
     """Where two indexed chunks claim the same bytes of a referenced file, or None."""
     by_file: dict[str, list[tuple[int, int, str]]] = {}
     for fqn, entries in chunks.items():
@@ -319,7 +333,9 @@ def _indexed_from_json(raw: Any) -> tuple[str, IndexedChunk]:
         raise ValueError("an indexed chunk is malformed")
     fqn, c = raw
     ints = [c.get("offsets"), c.get("sizes"), c.get("crc32c")]
-    if not all(isinstance(x, list) and all(type(i) is int and 0 <= i <= MAX_FILE_BYTES for i in x) for x in ints):
+    if not all(
+        isinstance(x, list) and all(type(i) is int and 0 <= i <= MAX_FILE_BYTES for i in x) for x in ints
+    ):
         raise ValueError(f"key {fqn!r}: an indexed chunk has a bad box or checksums")
     if len(ints[0]) != len(ints[1]) or len(ints[0]) > 64:
         raise ValueError(f"key {fqn!r}: an indexed chunk has a bad box")
@@ -342,7 +358,11 @@ def _indexed_from_json(raw: Any) -> tuple[str, IndexedChunk]:
 
 
 def report_problem(
-    report: IncrementalReport, *, rank: int, files: Mapping[str, int], tensors: Mapping[str, tuple[str, tuple[int, ...]]]
+    report: IncrementalReport,
+    *,
+    rank: int,
+    files: Mapping[str, int],
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
 ) -> str | None:
     """Why a rank's incremental report does not fit the plan, or None (the coordinator's check)."""
     for fqn, e in report.indexed:
@@ -357,3 +377,16 @@ def report_problem(
         if c.offset_bytes + c.nbytes > limit or len(c.box.sizes) != len(shape) or not c.box.within(shape):
             return f"{where} at bytes [{c.offset_bytes}, {c.offset_bytes + c.nbytes}) or box outside the plan"
     return None
+
+
+def references_summary(refs: References | None) -> dict[str, Any]:
+    """What `shardsafe inspect` shows of an incremental checkpoint: which checkpoints it reads, how much."""
+    if refs is None or not refs.files:
+        return {"checkpoints": [], "files": 0, "nbytes": 0}
+    nbytes = sum(
+        e.chunk.nbytes
+        for entries in refs.chunks.values()
+        for e in entries.values()
+        if e.chunk.file in refs.files
+    )
+    return {"checkpoints": sorted(refs.checkpoints()), "files": len(refs.files), "nbytes": nbytes}

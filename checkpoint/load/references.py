@@ -47,7 +47,11 @@ def sibling_storage(storage: CheckpointStorage, name: str) -> CheckpointStorage:
     if isinstance(storage, FsspecStorage):
         root, url = storage.root.rpartition("/")[0], storage.url.rpartition("/")[0]
         return FsspecStorage(
-            storage.fs, f"{root}/{name}", url=f"{url}/{name}", transfer=storage.transfer, redact=storage._redact
+            storage.fs,
+            f"{root}/{name}",
+            url=f"{url}/{name}",
+            transfer=storage.transfer,
+            redact=storage._redact,
         )
     raise InvalidCheckpointError(
         f"{storage.url}: this checkpoint references files of checkpoint {name!r}, which cannot be reached "
@@ -149,7 +153,9 @@ def verify_referenced(
             problems.append(f"{where}: {e}")
             continue
         if size != f.nbytes:
-            problems.append(f"{where}: {size} bytes where {f.nbytes} were recorded; it was replaced or truncated")
+            problems.append(
+                f"{where}: {size} bytes where {f.nbytes} were recorded; it was replaced or truncated"
+            )
             continue
         for ref in chunks_by_file.get(name, []):
             problem = _checksum_problem(routed, name, ref, metadata.checksum_block_bytes, progress)

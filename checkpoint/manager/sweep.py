@@ -49,7 +49,9 @@ def referenced_files(kept: Sequence[StorageSpec]) -> dict[str, set[str]] | None:
         try:
             metadata = parse_metadata(read_metadata_bytes(storage), where=storage.url)
         except Exception as e:  # noqa: BLE001 - any failure is a reason to keep everything
-            logger.warning("retention deletes nothing this time: cannot read %s (%s: %s)", spec.url, type(e).__name__, e)
+            logger.warning(
+                "retention deletes nothing this time: cannot read %s (%s: %s)", spec.url, type(e).__name__, e
+            )
             return None
         finally:
             storage.close()
@@ -91,4 +93,3 @@ def sweep_step(step: StorageSpec, keep: set[str], *, on_remove: Callable[[str], 
         return True
     finally:
         storage.close()
-

@@ -73,7 +73,9 @@ def base_name(path: str, base: str, access: StorageAccess) -> str:
     """
     here, there = access.resolve(path), access.resolve(base)
     here_root, there_root = here.root.rstrip("/"), there.root.rstrip("/")
-    same_run = here.protocol == there.protocol and posixpath.dirname(here_root) == posixpath.dirname(there_root)
+    same_run = here.protocol == there.protocol and posixpath.dirname(here_root) == posixpath.dirname(
+        there_root
+    )
     name = posixpath.basename(there_root)
     if not same_run or name == posixpath.basename(here_root) or name in ("", ".", ".."):
         raise CheckpointPathError(
@@ -99,8 +101,13 @@ def plan_incremental(spec: StorageSpec, base: str | None, files: tuple[FilePlan,
         finally:
             storage.close()
     except Exception as e:  # an unreadable base is never referenced: write everything
-        logger.warning("incremental save to %s: base %s is not referenced (%s: %s); every chunk is written",
-                       spec.url, base, type(e).__name__, e)
+        logger.warning(
+            "incremental save to %s: base %s is not referenced (%s: %s); every chunk is written",
+            spec.url,
+            base,
+            type(e).__name__,
+            e,
+        )
         return IncrementalPlan()
     wanted = {(i.fqn, i.box.offsets, i.box.sizes) for fp in files for i in fp.items if not i.rank_local}
     return IncrementalPlan(base=base, chunks=_base_chunks(metadata, base, wanted))
@@ -157,7 +164,12 @@ class Split:
     def report(self, written: tuple[WrittenChunk, ...]) -> IncrementalReport:
         """The rank's report: every chunk it holds (written ones located where they landed), with hashes."""
         indexed = [
-            (c.fqn, IndexedChunk(chunk=c.chunk, xxh3=self.hashes[(c.fqn, c.chunk.box.offsets, c.chunk.box.sizes)]))
+            (
+                c.fqn,
+                IndexedChunk(
+                    chunk=c.chunk, xxh3=self.hashes[(c.fqn, c.chunk.box.offsets, c.chunk.box.sizes)]
+                ),
+            )
             for c in written
             if not c.rank_local and (c.fqn, c.chunk.box.offsets, c.chunk.box.sizes) in self.hashes
         ]
@@ -173,7 +185,9 @@ def chunk_hash(tensor: torch.Tensor) -> str:
     return xxhash.xxh3_128_hexdigest(memoryview(flat.numpy()))
 
 
-def split_items(plan: IncrementalPlan, files: tuple[FilePlan, ...], tensors: Mapping[str, torch.Tensor]) -> Split:
+def split_items(
+    plan: IncrementalPlan, files: tuple[FilePlan, ...], tensors: Mapping[str, torch.Tensor]
+) -> Split:
     """Hash each chunk this rank writes; leave out those the base holds byte for byte.
 
     Runs where the bytes are (the trainer for a sync save, the writer process on the staged copy for
@@ -195,7 +209,10 @@ def split_items(plan: IncrementalPlan, files: tuple[FilePlan, ...], tensors: Map
         if kept or index == 0:
             kept_files.append(FilePlan(stem=fp.stem, items=tuple(kept)))
     return Split(
-        files=tuple(kept_files), hashes=hashes, referenced=tuple(referenced), referenced_files=referenced_files
+        files=tuple(kept_files),
+        hashes=hashes,
+        referenced=tuple(referenced),
+        referenced_files=referenced_files,
     )
 
 

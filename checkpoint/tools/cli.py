@@ -40,6 +40,7 @@ from checkpoint.tools.verify import EXIT_OK, EXIT_PROBLEMS, verify
 from planners.dtypes import itemsize
 from planners.errors import InvalidCheckpointError, PickleNotAllowedError
 from planners.metadata import FORMAT_NAME, METADATA_FILE, Metadata
+from planners.references import references_summary
 from planners.values import decode_value
 from storage.spec import StorageSpec, specs_for
 
@@ -190,6 +191,7 @@ def inspect_document(url: str, m: Metadata, saved_at: dt.datetime | None, patter
         "nbytes": sum(f.nbytes for f in m.files.values()),
         "tensors": tensors,
         "values": sorted(values, key=lambda v: v["key"]),
+        "referenced": references_summary(m.references),  # incremental checkpoints (planners.references)
     }
 
 
@@ -225,6 +227,13 @@ def _print_inspect(out: Output, doc: dict) -> None:
         f"  {doc['files']} shard file(s), {human_bytes(doc['nbytes'])} ({doc['nbytes']} bytes)",
         markup=False,
     )
+    if doc["referenced"]["files"]:
+        ref = doc["referenced"]
+        out.console.print(
+            f"  references {human_bytes(ref['nbytes'])} ({ref['nbytes']} bytes) in {ref['files']} file(s) of "
+            f"checkpoint(s) {', '.join(ref['checkpoints'])}",
+            markup=False,
+        )
     if doc["tensors"]:
         table = Table("key", "dtype", "shape", "chunks", "bytes", title="tensors", title_justify="left")
         for t in doc["tensors"]:

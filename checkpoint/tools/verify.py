@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from checkpoint.load.grid import GridResolver
-from checkpoint.load.references import verify_referenced
 from checkpoint.load.loader import DEFAULT_MAX_METADATA_BYTES, read_metadata
+from checkpoint.load.references import verify_referenced
 from checkpoint.load.verify_file import ChunkRef, verify_file
 from planners.boxes import Box
 from planners.errors import CheckpointError, InvalidCheckpointError, PickleNotAllowedError
