@@ -1,0 +1,127 @@
+"""Incremental checkpoints on real ranks and retention under SIGKILL (issue 27's Done-when tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+from checkpoint.config import CheckpointWriterConfig
+from checkpoint.testing.ranks import run_ranks
+from planners.metadata import METADATA_FILE
+from tests.incremental_workers import load_incremental, save_incremental_chain
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.multiproc
+def test_fsdp2_incremental_saves_on_2_ranks_resume_on_3_exactly(tmp_path):
+    root = str(tmp_path / "run")
+    expected, written = run_ranks(save_incremental_chain, 2, root, timeout_secs=240)[0]
+    with open(os.path.join(root, "step-3", METADATA_FILE)) as f:
+        doc = json.load(f)
+    assert doc["version"] == 3
+    # The frozen layer's DTensor chunks (a grid key) come from step-1's files, one hop.
+    assert {f["checkpoint"] for f in doc["references"]["files"].values()} == {"step-1"}
+    referenced = doc["references"]["files"]
+    up = doc["references"]["chunks"]["model.up.weight"]
+    assert len(up) == 2 and all(c["file"] in referenced for c in up)
+    assert all(c["file"] not in referenced for c in doc["references"]["chunks"]["model.down.weight"])
+    assert written[1] < written[0] and written[2] < written[0]
+    assert run_ranks(load_incremental, 3, f"{root}/step-3", expected, timeout_secs=240) == ["ok"] * 3
+    assert checkpoint.verify(f"{root}/step-3").ok
+
+
+def _frozen(i: int) -> torch.Tensor:
+    return torch.arange(50_000, dtype=torch.float32) * (i + 1)
+
+
+def _run_state(step: int) -> dict:
+    return {
+        "base": {str(i): _frozen(i) for i in range(4)},
+        "adapter": torch.full((16,), float(step)),
+        "step": step,
+    }
+
+
+def _files(root: str) -> set[str]:
+    return {os.path.join(d, n) for d in os.listdir(root) for n in os.listdir(os.path.join(root, d))}
+
+
+def _make_run(root: str) -> None:
+    """Steps 1 (full) to 4, each referencing the previous one: 2, 3 and 4 read the base from step-1's files."""
+    ckpt = checkpoint.make_sync_checkpointer(
+        checkpoint.CheckpointerConfig(writer_config=CheckpointWriterConfig(max_file_bytes=150_000))
+    )
+    for step in (1, 2, 3, 4):
+        options = {"incremental": True} if step == 1 else {"base": f"{root}/step-{step - 1}"}
+        ckpt.save(_run_state(step), f"{root}/step-{step}", **options)
+    ckpt.close()
+
+
+def _sweep(root: str, kill_before: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, "-m", "tests.incremental_workers", root, str(kill_before)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _check_retained(root: str) -> None:
+    ckpt = checkpoint.make_sync_checkpointer()
+    for step in (3, 4):
+        loaded = ckpt.load(f"{root}/step-{step}")
+        assert all(torch.equal(loaded["base"][str(i)], _frozen(i)) for i in range(4))
+        assert torch.equal(loaded["adapter"], torch.full((16,), float(step))) and loaded["step"] == step
+        assert checkpoint.verify(f"{root}/step-{step}").ok
+    ckpt.close()
+
+
+@pytest.mark.slow
+def test_retention_with_references_under_sigkill_at_every_step_of_the_sweep(tmp_path):
+    pristine = str(tmp_path / "pristine")
+    _make_run(pristine)
+    before = _files(pristine)
+    done = str(tmp_path / "done")
+    shutil.copytree(pristine, done)
+    full = _sweep(done, 0)
+    assert full.returncode == 0, full.stderr
+    removals = int(full.stdout.split()[-1])
+    after = _files(done)
+    # Uninterrupted: step-2 is gone, step-1 keeps exactly the files steps 3 and 4 reference, no metadata.
+    referenced = set()
+    for step in (3, 4):
+        with open(os.path.join(done, f"step-{step}", METADATA_FILE)) as f:
+            referenced |= {f"step-1/{n}" for n in json.load(f)["references"]["files"]}
+    assert referenced and {p for p in after if p.startswith("step-1/")} == referenced
+    assert not os.path.exists(os.path.join(done, "step-2"))
+    assert removals >= 3
+    _check_retained(done)
+    for k in range(1, removals + 1):
+        root = str(tmp_path / f"kill-{k}")
+        shutil.copytree(pristine, root)
+        killed = _sweep(root, k)
+        assert killed.returncode == -signal.SIGKILL, (k, killed.stdout, killed.stderr)
+        left = _files(root)
+        assert after <= left <= before, k  # nothing needed is lost; nothing appears
+        leaked = left - after
+        assert all(p.startswith(("step-1/", "step-2/")) for p in leaked), (
+            k,
+            leaked,
+        )  # only the interrupted sweep's
+        _check_retained(root)
+        again = _sweep(root, 0)  # the next prune finishes the sweep
+        assert again.returncode == 0, again.stderr
+        assert _files(root) == after, k
+        _check_retained(root)
