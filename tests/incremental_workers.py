@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -50,10 +49,11 @@ def load_incremental(rank: int, world_size: int, path: str, expected: dict) -> s
     return "ok"
 
 
-def sweep_child(root: str, kill_before: int) -> None:
-    """Run retention (keep_last=2) on `root`; SIGKILL this process before its `kill_before`-th removal.
+def sweep(root: str, kill_before: int = 0) -> int:
+    """Run retention (keep_last=2, step 4 just committed) on `root`; returns how many removal calls it made.
 
-    With `kill_before` 0 it runs to the end and prints how many removals it made.
+    With `kill_before` > 0 the process SIGKILLs itself just before its `kill_before`-th removal (run it
+    in a forked child).
     """
     from checkpoint.manager.retention import RetentionPolicy, prune
     from storage.local import LocalStorage
@@ -69,9 +69,8 @@ def sweep_child(root: str, kill_before: int) -> None:
         return remove(self, names)
 
     LocalStorage.remove = counted
-    prune(StorageSpec.resolve(root), RetentionPolicy(keep_last=2), {4}, unloadable=(), warned=set())
-    print(f"removals {calls[0]}")
-
-
-if __name__ == "__main__":
-    sweep_child(sys.argv[1], int(sys.argv[2]))
+    try:
+        prune(StorageSpec.resolve(root), RetentionPolicy(keep_last=2), {4}, unloadable=(), warned=set())
+    finally:
+        LocalStorage.remove = remove
+    return calls[0]

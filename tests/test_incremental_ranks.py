@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,9 +15,7 @@ import checkpoint
 from checkpoint.config import CheckpointWriterConfig
 from checkpoint.testing.ranks import run_ranks
 from planners.metadata import METADATA_FILE
-from tests.incremental_workers import load_incremental, save_incremental_chain
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.incremental_workers import load_incremental, save_incremental_chain, sweep
 
 
 @pytest.mark.multiproc
@@ -66,16 +63,12 @@ def _make_run(root: str) -> None:
     ckpt.close()
 
 
-def _sweep(root: str, kill_before: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run(
-        [sys.executable, "-m", "tests.incremental_workers", root, str(kill_before)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def _killed_sweep(root: str, kill_before: int) -> int | None:
+    """The sweep in a forked child SIGKILLed before its `kill_before`-th removal; its exit code."""
+    process = multiprocessing.get_context("fork").Process(target=sweep, args=(root, kill_before))
+    process.start()
+    process.join(60)
+    return process.exitcode
 
 
 def _check_retained(root: str) -> None:
@@ -95,9 +88,7 @@ def test_retention_with_references_under_sigkill_at_every_step_of_the_sweep(tmp_
     before = _files(pristine)
     done = str(tmp_path / "done")
     shutil.copytree(pristine, done)
-    full = _sweep(done, 0)
-    assert full.returncode == 0, full.stderr
-    removals = int(full.stdout.split()[-1])
+    removals = sweep(done)
     after = _files(done)
     # Uninterrupted: step-2 is gone, step-1 keeps exactly the files steps 3 and 4 reference, no metadata.
     referenced = set()
@@ -111,8 +102,7 @@ def test_retention_with_references_under_sigkill_at_every_step_of_the_sweep(tmp_
     for k in range(1, removals + 1):
         root = str(tmp_path / f"kill-{k}")
         shutil.copytree(pristine, root)
-        killed = _sweep(root, k)
-        assert killed.returncode == -signal.SIGKILL, (k, killed.stdout, killed.stderr)
+        assert _killed_sweep(root, k) == -signal.SIGKILL, k
         left = _files(root)
         assert after <= left <= before, k  # nothing needed is lost; nothing appears
         leaked = left - after
@@ -121,7 +111,6 @@ def test_retention_with_references_under_sigkill_at_every_step_of_the_sweep(tmp_
             leaked,
         )  # only the interrupted sweep's
         _check_retained(root)
-        again = _sweep(root, 0)  # the next prune finishes the sweep
-        assert again.returncode == 0, again.stderr
+        sweep(root)  # the next prune finishes the sweep
         assert _files(root) == after, k
         _check_retained(root)
