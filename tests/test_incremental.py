@@ -325,3 +325,44 @@ def test_a_huge_reference_count_is_refused_before_any_loop(ckpt, chain, monkeypa
         InvalidCheckpointError, match=r"references.files must be an object of at most 0 entries"
     ):
         ckpt.load(f"{root}/step-3")
+
+
+# --- tools follow references ----------------------------------------------------------------------
+
+
+def test_diff_inspect_export_hf_and_the_dcp_reader_follow_references(ckpt, chain, tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from checkpoint.integrations.dcp import ShardsafeStorageReader
+    from checkpoint.tools.cli import main
+    from checkpoint.tools.diff import diff_checkpoints
+
+    root, _ = chain
+    full = str(tmp_path / "full")
+    ckpt.save(_state(3), full)  # the same state, saved whole
+    report = diff_checkpoints(f"{root}/step-3", full)
+    assert report.identical and len(report.tensors) == 4 and all(t.equal for t in report.tensors)
+    assert not diff_checkpoints(f"{root}/step-3", f"{root}/step-2").identical
+
+    result = CliRunner().invoke(main, ["inspect", "--json", f"{root}/step-3"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["version"] == 3
+    assert doc["referenced"] == {"checkpoints": ["step-1"], "files": 1, "nbytes": FROZEN.numel() * 4 + 10 * 500 * 2}
+    text = CliRunner().invoke(main, ["inspect", f"{root}/step-3"]).stdout
+    assert "(810000 bytes) in 1 file(s) of checkpoint(s) step-1" in " ".join(text.split())
+
+    out = str(tmp_path / "hf")
+    checkpoint.export_hf(f"{root}/step-3", out, prefix="model.")
+    exported = {}
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".safetensors"):
+            exported.update(load_file(os.path.join(out, name)))
+    expected = _state(3)["model"]
+    assert sorted(exported) == sorted(expected) and all(torch.equal(exported[k], expected[k]) for k in expected)
+
+    target = {"model": {k: torch.zeros_like(v) for k, v in expected.items()}}
+    dcp.load(target, storage_reader=ShardsafeStorageReader(f"{root}/step-3"))
+    assert all(torch.equal(target["model"][k], expected[k]) for k in expected)
