@@ -19,6 +19,7 @@ import checkpoint
 from planners.errors import RankLocalError
 from planners.metadata import FORMAT_VERSION, METADATA_FILE
 from planners.metadata_parse import parse_metadata
+from planners.references import REFERENCES_SINCE_VERSION
 from tests.golden.make_golden import GOLDEN_DIR, single_rank_state, two_rank_global
 
 VERSIONS = sorted(int(d[1:]) for d in os.listdir(GOLDEN_DIR) if re.fullmatch(r"v\d+", d))
@@ -104,15 +105,19 @@ def test_golden_checkpoints_verify(version, name):
         metadata = parse_metadata(f.read(), where=path)
     assert metadata.version == version
     assert (report.ok, report.problems, report.leftovers, report.pickled_keys) == (True, (), (), ())
-    assert report.files_checked == len(metadata.files) == (1 if name == "single" else 2)
+    assert len(metadata.files) == (1 if name == "single" else 2)
+    referenced = {} if metadata.references is None else metadata.references.files
+    assert (version >= REFERENCES_SINCE_VERSION) == bool(referenced)  # version 3: incremental, beside its base
+    assert report.files_checked == len(metadata.files) + len(referenced)
 
 
 def test_writer_output_has_not_drifted_from_the_current_golden(ckpt, tmp_path):
     """Saving the golden state today gives the golden files, up to the save id (and key order in the metadata).
 
     If this fails on purpose (a new field, a changed layout), bump FORMAT_VERSION and add goldens for it.
+    A save that references nothing writes the version before references (planners.references).
     """
-    golden = _golden(FORMAT_VERSION, "single")
+    golden = _golden(REFERENCES_SINCE_VERSION - 1, "single")
     path = str(tmp_path / "single")
     ckpt.save(single_rank_state(), path)
 

@@ -87,14 +87,39 @@ def _save_two_ranks(rank: int, world_size: int, path: str) -> None:
     checkpoint.make_sync_checkpointer().save(two_rank_state(rank, world_size), path)
 
 
+def _save_two_ranks_incremental(rank: int, world_size: int, path: str, base: str) -> None:
+    """Format version 3: `base` holds the state with another 'w'; `path` references the rest of it."""
+    from torch.distributed.tensor import DTensor
+
+    ckpt = checkpoint.make_sync_checkpointer()
+    changed = two_rank_state(rank, world_size)
+    w: DTensor = changed["model"]["w"]
+    changed["model"]["w"] = DTensor.from_local(w.to_local() + 100, w.device_mesh, w.placements)
+    ckpt.save(changed, base, incremental=True)
+    ckpt.save(two_rank_state(rank, world_size), path, base=base)
+
+
+def _save_single_incremental(path: str, base: str) -> None:
+    """Format version 3: `base` holds the state with another 'w'; `path` references the rest of it."""
+    ckpt = checkpoint.make_sync_checkpointer()
+    changed = single_rank_state()
+    changed["model"]["w"] = changed["model"]["w"] + 100
+    ckpt.save(changed, base, incremental=True)
+    ckpt.save(single_rank_state(), path, base=base)
+
+
 def main() -> None:
     from checkpoint.testing.ranks import run_ranks
 
     out = os.path.join(GOLDEN_DIR, f"v{FORMAT_VERSION}")
     if os.path.exists(out):
         raise SystemExit(f"{out} exists: golden checkpoints of a released version are never rewritten")
-    checkpoint.make_sync_checkpointer().save(single_rank_state(), os.path.join(out, "single"))
-    run_ranks(_save_two_ranks, 2, os.path.join(out, "two_rank"))
+    if FORMAT_VERSION >= 3:  # incremental checkpoints (planners.references), each beside its base
+        _save_single_incremental(os.path.join(out, "single"), os.path.join(out, "single-base"))
+        run_ranks(_save_two_ranks_incremental, 2, os.path.join(out, "two_rank"), os.path.join(out, "two_rank-base"))
+    else:
+        checkpoint.make_sync_checkpointer().save(single_rank_state(), os.path.join(out, "single"))
+        run_ranks(_save_two_ranks, 2, os.path.join(out, "two_rank"))
     logger.info("wrote golden checkpoints of format version %d to %s", FORMAT_VERSION, out)
 
 
