@@ -40,6 +40,10 @@ REFERENCES_SINCE_VERSION = 3
 CHECKPOINT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
 # XXH3-128 of a chunk's bytes, as lowercase hex.
 HASH_RE = re.compile(r"^[0-9a-f]{32}$")
+# XXH3-64 of a chunk's first `HEAD_BYTES` bytes, as lowercase hex: a chunk whose head differs from
+# the base's changed, and is written without hashing the rest (optimizer state changes every step).
+HEAD_RE = re.compile(r"^[0-9a-f]{16}$")
+HEAD_BYTES = 64 * 1024
 # More than this is a hostile file, not a checkpoint (referenced files; indexed chunks).
 MAX_REFERENCED_FILES = 1 << 20
 MAX_INDEXED_CHUNKS = 1 << 24
@@ -61,12 +65,15 @@ class ReferencedFile:
 class IndexedChunk:
     """One chunk of a tensor key with the XXH3-128 of its bytes, wherever those bytes lie.
 
-    The next incremental save compares its staged chunk at the same box with `xxh3`; when they
-    match it records `chunk` (file, byte range, block checksums) instead of writing the bytes.
+    The next incremental save compares its staged chunk at the same box with `head`, then with
+    `xxh3`; when both match it records `chunk` (file, byte range, block checksums) instead of
+    writing the bytes. `xxh3` is None for a chunk whose head already differed from its base's
+    (the save did not hash the rest): the next save can then not reference it, only index it.
     """
 
     chunk: ChunkRecord
-    xxh3: str
+    head: str
+    xxh3: str | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,7 +120,8 @@ def _indexed_json(e: IndexedChunk) -> dict[str, Any]:
         "offset_bytes": c.offset_bytes,
         "nbytes": c.nbytes,
         "crc32c": list(c.checksums),
-        "xxh3": e.xxh3,
+        "head": e.head,
+        **({"xxh3": e.xxh3} if e.xxh3 is not None else {}),
     }
 
 
@@ -245,15 +253,17 @@ def parse_references(
         own = chunks[fqn] = {}
         for e in entries:
             record = chunk(fqn, e)
-            digest = e.get("xxh3")
-            if not (isinstance(digest, str) and HASH_RE.fullmatch(digest)):
+            digest, head = e.get("xxh3"), e.get("head")
+            if not (digest is None or (isinstance(digest, str) and HASH_RE.fullmatch(digest))):
                 fail(f"key {fqn!r}: xxh3 must be 32 lowercase hex digits")
+            if not (isinstance(head, str) and HEAD_RE.fullmatch(head)):
+                fail(f"key {fqn!r}: head must be 16 lowercase hex digits")
             problem = _not_a_chunk(fqn, record, tensors, grids, index, files)
             if problem is not None:
                 fail(problem)
             if record.box.offsets in own:
                 fail(f"key {fqn!r}: the chunk at {list(record.box.offsets)} is indexed twice")
-            own[record.box.offsets] = IndexedChunk(chunk=record, xxh3=digest)
+            own[record.box.offsets] = IndexedChunk(chunk=record, head=head, xxh3=digest)
     problem = _referenced_overlap(chunks, files)
     if problem is not None:
         fail(problem)
@@ -344,8 +354,11 @@ def _indexed_from_json(raw: Any) -> tuple[str, IndexedChunk]:
         raise ValueError(f"key {fqn!r}: an indexed chunk has bad bytes")
     if not (isinstance(c.get("file"), str) and isinstance(c.get("key"), str)):
         raise ValueError(f"key {fqn!r}: an indexed chunk has a bad file or key")
-    if not (isinstance(c.get("xxh3"), str) and HASH_RE.fullmatch(c["xxh3"])):
+    digest, head = c.get("xxh3"), c.get("head")
+    if not (digest is None or (isinstance(digest, str) and HASH_RE.fullmatch(digest))):
         raise ValueError(f"key {fqn!r}: an indexed chunk has a bad xxh3")
+    if not (isinstance(head, str) and HEAD_RE.fullmatch(head)):
+        raise ValueError(f"key {fqn!r}: an indexed chunk has a bad head")
     record = ChunkRecord(
         box=Box(offsets=tuple(ints[0]), sizes=tuple(ints[1])),
         file=c["file"],
@@ -354,7 +367,7 @@ def _indexed_from_json(raw: Any) -> tuple[str, IndexedChunk]:
         nbytes=scalars[1],
         checksums=tuple(ints[2]),
     )
-    return fqn, IndexedChunk(chunk=record, xxh3=c["xxh3"])
+    return fqn, IndexedChunk(chunk=record, head=head, xxh3=digest)
 
 
 def report_problem(

@@ -10,9 +10,11 @@ Call order (format and records: `planners.references`):
    base together. A base whose metadata cannot be read (in flight, failed, damaged) is not
    referenced: the rank writes every chunk, which is always safe, and says so in a warning.
 2. Process that writes (`split_items`, from `checkpoint.save.shard_files.write_rank_files`): the
-   XXH3-128 of each chunk's staged bytes is compared with the base's hash at the same box, for the
-   same dtype; equal chunks are left out of the files and recorded as references to the file that
-   first wrote them (the base's own file, or the file the base referenced: one hop, no chain).
+   XXH3-64 of each chunk's first 64 KiB, then the XXH3-128 of all its staged bytes, are compared
+   with the base's at the same box, for the same dtype; equal chunks are left out of the files and
+   recorded as references to the file that first wrote them (the base's own file, or the file the
+   base referenced: one hop, no chain). A chunk whose head already differs is not hashed further
+   (optimizer state, dense training), so detection costs one pass over the unchanged bytes only.
    Rank-local tensors are always written. A rank keeps its first file even when every chunk in it
    is referenced, so every writer of a grid key still owns a file (what a load's checks expect).
 3. `report`: every chunk's hash and location, and the referenced files, go to the coordinator in
@@ -33,7 +35,7 @@ from planners.errors import CheckpointPathError
 from planners.metadata import Metadata
 from planners.metadata_build import WrittenChunk
 from planners.metadata_parse import parse_metadata
-from planners.references import IncrementalReport, IndexedChunk, ReferencedFile
+from planners.references import HEAD_BYTES, IncrementalReport, IndexedChunk, ReferencedFile
 from planners.save_plan import FilePlan, WriteItem
 from storage.metadata_file import read_metadata_bytes
 from storage.spec import StorageAccess, StorageSpec
@@ -157,32 +159,30 @@ class Split:
     """A rank's files with the referenced chunks left out, and what it learnt while hashing."""
 
     files: tuple[FilePlan, ...]
-    hashes: dict[BoxKey, str]
+    hashes: dict[BoxKey, tuple[str, str | None]]  # (head, full) hashes; full is None once the head differed
     referenced: tuple[tuple[str, IndexedChunk], ...]
     referenced_files: dict[str, ReferencedFile]
 
     def report(self, written: tuple[WrittenChunk, ...]) -> IncrementalReport:
         """The rank's report: every chunk it holds (written ones located where they landed), with hashes."""
         indexed = [
-            (
-                c.fqn,
-                IndexedChunk(
-                    chunk=c.chunk, xxh3=self.hashes[(c.fqn, c.chunk.box.offsets, c.chunk.box.sizes)]
-                ),
-            )
+            (c.fqn, IndexedChunk(chunk=c.chunk, head=self.hashes[_box_key(c)][0], xxh3=self.hashes[_box_key(c)][1]))
             for c in written
-            if not c.rank_local and (c.fqn, c.chunk.box.offsets, c.chunk.box.sizes) in self.hashes
+            if not c.rank_local and _box_key(c) in self.hashes
         ]
         return IncrementalReport(indexed=(*indexed, *self.referenced), referenced=dict(self.referenced_files))
 
 
-def chunk_hash(tensor: torch.Tensor) -> str:
-    """XXH3-128 of a chunk's row-major bytes (what is written to its shard file)."""
+def _box_key(c: WrittenChunk) -> BoxKey:
+    return (c.fqn, c.chunk.box.offsets, c.chunk.box.sizes)
+
+
+def chunk_bytes(tensor: torch.Tensor) -> memoryview:
+    """A chunk's row-major bytes (what is written to its shard file), on the CPU."""
     flat = tensor.detach()
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    flat = flat.contiguous().reshape(-1).view(torch.uint8)
-    return xxhash.xxh3_128_hexdigest(memoryview(flat.numpy()))
+    return memoryview(flat.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def split_items(
@@ -193,7 +193,7 @@ def split_items(
     Runs where the bytes are (the trainer for a sync save, the writer process on the staged copy for
     an async one), before any file is opened.
     """
-    hashes: dict[BoxKey, str] = {}
+    hashes: dict[BoxKey, tuple[str, str | None]] = {}
     referenced: list[tuple[str, IndexedChunk]] = []
     referenced_files: dict[str, ReferencedFile] = {}
     kept_files: list[FilePlan] = []
@@ -217,16 +217,24 @@ def split_items(
 
 
 def _same_in_base(
-    plan: IncrementalPlan, item: WriteItem, tensor: torch.Tensor, hashes: dict[BoxKey, str]
+    plan: IncrementalPlan, item: WriteItem, tensor: torch.Tensor, hashes: dict[BoxKey, tuple[str, str | None]]
 ) -> BaseChunk | None:
-    """The base's chunk when it holds exactly these bytes at this box and dtype (the hash is recorded either way)."""
+    """The base's chunk when it holds exactly these bytes at this box and dtype (hashes are recorded either way).
+
+    The head hash comes first: a chunk whose head differs from the base's changed, and the rest of it
+    is not hashed (dense optimizer state costs one 64 KiB hash per chunk, not a pass over its bytes).
+    """
     key = (item.fqn, item.box.offsets, item.box.sizes)
     if item.nbytes == 0:
         return None
-    digest = hashes[key] = chunk_hash(tensor)
+    data = chunk_bytes(tensor)
+    head = xxhash.xxh3_64_hexdigest(data[:HEAD_BYTES])
     found = plan.chunks.get(key)
-    if found is None or found.dtype != item.dtype or found.indexed.xxh3 != digest:
+    if found is not None and (found.indexed.head != head or found.dtype != item.dtype):
+        hashes[key] = (head, None)
         return None
-    if found.indexed.chunk.nbytes != item.nbytes:
+    digest = xxhash.xxh3_128_hexdigest(data)
+    hashes[key] = (head, digest)
+    if found is None or found.indexed.xxh3 != digest or found.indexed.chunk.nbytes != item.nbytes:
         return None
     return found
