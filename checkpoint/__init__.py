@@ -37,6 +37,7 @@ from checkpoint.save.hooks import CommitHook, WriterHook
 from checkpoint.save.pipeline import SaveStats
 from checkpoint.save.writer import CheckpointWriter
 from checkpoint.state.flatten import RankLocal
+from checkpoint.tools.consolidate import ConsolidateResult, consolidate
 from checkpoint.tools.dcp_import import DcpImportResult, import_dcp
 from checkpoint.tools.hf_export import HfExportResult, export_hf
 from checkpoint.tools.verify import VerifyReport, verify
@@ -74,6 +75,8 @@ __all__ = [
     "VerifyReport",
     "WriterHook",
     "export_hf",
+    "consolidate",
+    "ConsolidateResult",
     "import_dcp",
     "make_async_checkpointer",
     "make_sync_checkpointer",

@@ -350,7 +350,11 @@ def test_diff_inspect_export_hf_and_the_dcp_reader_follow_references(ckpt, chain
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["version"] == 3
-    assert doc["referenced"] == {"checkpoints": ["step-1"], "files": 1, "nbytes": FROZEN.numel() * 4 + 10 * 500 * 2}
+    assert doc["referenced"] == {
+        "checkpoints": ["step-1"],
+        "files": 1,
+        "nbytes": FROZEN.numel() * 4 + 10 * 500 * 2,
+    }
     text = CliRunner().invoke(main, ["inspect", f"{root}/step-3"]).stdout
     assert "(810000 bytes) in 1 file(s) of checkpoint(s) step-1" in " ".join(text.split())
 
@@ -361,8 +365,52 @@ def test_diff_inspect_export_hf_and_the_dcp_reader_follow_references(ckpt, chain
         if name.endswith(".safetensors"):
             exported.update(load_file(os.path.join(out, name)))
     expected = _state(3)["model"]
-    assert sorted(exported) == sorted(expected) and all(torch.equal(exported[k], expected[k]) for k in expected)
+    assert sorted(exported) == sorted(expected) and all(
+        torch.equal(exported[k], expected[k]) for k in expected
+    )
 
     target = {"model": {k: torch.zeros_like(v) for k, v in expected.items()}}
     dcp.load(target, storage_reader=ShardsafeStorageReader(f"{root}/step-3"))
     assert all(torch.equal(target["model"][k], expected[k]) for k in expected)
+
+
+def test_consolidate_makes_a_step_self_contained(ckpt, chain):
+    from click.testing import CliRunner
+
+    from checkpoint.tools.cli import main
+
+    root, _ = chain
+    result = CliRunner().invoke(main, ["consolidate", "--json", f"{root}/step-3"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["bytes_copied"] == FROZEN.numel() * 4 + 10 * 500 * 2 and len(doc["files_written"]) == 1
+    meta = _doc(f"{root}/step-3")
+    assert meta["version"] == 2 and meta["references"]["files"] == {}
+    import shutil
+
+    shutil.rmtree(f"{root}/step-1")  # nothing of step-1 or step-2 is needed any more
+    shutil.rmtree(f"{root}/step-2")
+    loaded = ckpt.load(f"{root}/step-3")
+    expected = _state(3)
+    loaded.pop("rng"), expected.pop("rng")
+    _same(loaded, expected)
+    report = checkpoint.verify(f"{root}/step-3")
+    assert (report.ok, report.files_checked, report.leftovers) == (True, 2, ())
+    # Still a base: its index survived, so the next save references its new file.
+    ckpt.save(_state(4), f"{root}/step-4", base=f"{root}/step-3")
+    assert ckpt.last_save.bytes_written < 2000
+    assert _doc(f"{root}/step-4")["references"]["files"].keys() == {doc["files_written"][0]}
+
+
+def test_consolidate_copies_grid_chunks_to_their_writer_rank(ckpt, tmp_path):
+    import shutil
+
+    from tests.golden.make_golden import two_rank_global
+
+    for name in ("two_rank", "two_rank-base"):
+        shutil.copytree(os.path.join(os.path.dirname(__file__), "golden", "v3", name), tmp_path / name)
+    checkpoint.consolidate(str(tmp_path / "two_rank"))
+    shutil.rmtree(tmp_path / "two_rank-base")
+    loaded = ckpt.load(str(tmp_path / "two_rank"))
+    assert all(torch.equal(loaded["model"][k], v) for k, v in two_rank_global().items())
+    assert checkpoint.verify(str(tmp_path / "two_rank")).ok

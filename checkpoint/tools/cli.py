@@ -368,9 +368,13 @@ def _print_diff(out: Output, report: Any) -> None:
 
 def _register_interop() -> None:
     """`export-hf` and `import-dcp` live in their own module, which adds them to `main`."""
-    from checkpoint.tools import interop_cli  # it imports `main`'s module lazily: no import cycle
+    from checkpoint.tools import (  # they import `main`'s module lazily: no import cycle
+        consolidate,
+        interop_cli,
+    )
 
     interop_cli.register(main)
+    consolidate.register(main)  # incremental checkpoints (checkpoint.tools.consolidate)
 
 
 _register_interop()
