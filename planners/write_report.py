@@ -29,7 +29,7 @@ from planners.grid import GridIndex, GridRecord
 from planners.metadata import CHECKSUM_BLOCK_BYTES, MAX_FILE_BYTES, SHARD_FILE_RE, ChunkRecord
 from planners.metadata_build import MetadataDraft, RankWriteResult, WrittenChunk
 from planners.placement import Replicate
-from planners.references import report_from_json, report_problem
+from planners.reference_report import report_from_json, report_problem
 
 # A report listing more than this is not one a writer produced (files per rank, chunks per rank,
 # dims per box, checksum blocks per chunk).
