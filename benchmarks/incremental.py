@@ -11,7 +11,9 @@ Three workloads, one process, the sync checkpointer on local disk:
 Each round trains one step, then saves the state twice: whole (``save(state, path)``) and
 incremental (``save(state, path, base=<the previous incremental step>)``), in alternating order,
 and restores each into the model's own tensors. Reported per workload: median bytes written,
-save seconds and restore seconds of each kind and their ratios (incremental / full).
+save seconds and restore seconds of each kind and their ratios (incremental / full), and the
+seconds an incremental save spends detecting what changed (`DetectionClock`), as a share of a
+full save's time.
 
     python -m benchmarks.incremental --out bench-out/incremental.json          # about 1 GB of state
     python -m benchmarks.incremental --scale 0.02 --rounds 2                    # a quick check
@@ -60,7 +62,11 @@ def _state(frozen: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) ->
 def lora(scale: float) -> Workload:
     d, layers, rank = max(64, int(4096 * scale**0.5)), 16, 8
     frozen = {f"base.{i}": torch.randn(d, d).to(torch.bfloat16) for i in range(layers)}
-    trained = {f"lora.{i}.{ab}": torch.randn(*((rank, d) if ab == "a" else (d, rank))) for i in range(layers) for ab in "ab"}
+    trained = {
+        f"lora.{i}.{ab}": torch.randn(*((rank, d) if ab == "a" else (d, rank)))
+        for i in range(layers)
+        for ab in "ab"
+    }
     return _state(frozen, trained)
 
 
@@ -80,6 +86,39 @@ def dense(scale: float) -> Workload:
 WORKLOADS = {"lora": lora, "frozen_embedding": frozen_embedding, "dense": dense}
 
 
+class DetectionClock:
+    """Seconds spent detecting what changed: reading the base's index and hashing chunks.
+
+    Wraps `plan_incremental` (trainer side) and `split_items` (writer side) of this process (the
+    sync checkpointer runs both here), so the cost is measured directly instead of as the small
+    difference of two noisy save times.
+    """
+
+    def __init__(self) -> None:
+        import checkpoint.save.pipeline as pipeline
+        import checkpoint.save.shard_files as shard_files
+
+        self.secs = 0.0
+        self._patched = [(pipeline, "plan_incremental"), (shard_files, "split_items")]
+        self._originals = [getattr(m, n) for m, n in self._patched]
+        for (module, name), original in zip(self._patched, self._originals):
+            setattr(module, name, self._timing(original))
+
+    def _timing(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.secs += time.perf_counter() - start
+
+        return timed
+
+    def close(self) -> None:
+        for (module, name), original in zip(self._patched, self._originals):
+            setattr(module, name, original)
+
+
 def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -90,7 +129,10 @@ def measure(name: str, scale: float, rounds: int, root: str) -> dict[str, Any]:
     """Median bytes and seconds of full and incremental saves and restores of one workload."""
     state, train_step = WORKLOADS[name](scale)
     ckpt = checkpoint.make_sync_checkpointer()
-    rows: dict[str, list[float]] = {k: [] for k in ("full_bytes", "inc_bytes", "full_save", "inc_save", "full_load", "inc_load")}
+    rows: dict[str, list[float]] = {
+        k: [] for k in ("full_bytes", "inc_bytes", "full_save", "inc_save", "full_load", "inc_load", "detect")
+    }
+    clock = DetectionClock()
     try:
         ckpt.save(state, f"{root}/inc-0", incremental=True)  # the chain's first, full save
         for r in range(1, rounds + 1):
@@ -98,12 +140,16 @@ def measure(name: str, scale: float, rounds: int, root: str) -> dict[str, Any]:
             state["step"] = r
             full = lambda: ckpt.save(state, f"{root}/full-{r}")  # noqa: E731
             inc = lambda: ckpt.save(state, f"{root}/inc-{r}", base=f"{root}/inc-{r - 1}")  # noqa: E731
-            for kind, fn in ((("full", full), ("inc", inc)) if r % 2 else (("inc", inc), ("full", full))):
+            for kind, fn in (("full", full), ("inc", inc)) if r % 2 else (("inc", inc), ("full", full)):
+                clock.secs = 0.0
                 rows[f"{kind}_save"].append(_timed(fn))
                 rows[f"{kind}_bytes"].append(ckpt.last_save.bytes_written)
-            for kind in (("full", "inc") if r % 2 else ("inc", "full")):
+                if kind == "inc":
+                    rows["detect"].append(clock.secs)
+            for kind in ("full", "inc") if r % 2 else ("inc", "full"):
                 rows[f"{kind}_load"].append(_timed(lambda: ckpt.load(f"{root}/{kind}-{r}", state)))
     finally:
+        clock.close()
         ckpt.close()
     med = {k: statistics.median(v) for k, v in rows.items()}
     state_bytes = sum(t.numel() * t.element_size() for t in _tensors(state))
@@ -114,6 +160,7 @@ def measure(name: str, scale: float, rounds: int, root: str) -> dict[str, Any]:
         "bytes_ratio": med["inc_bytes"] / med["full_bytes"],
         "save_ratio": med["inc_save"] / med["full_save"],
         "load_ratio": med["inc_load"] / med["full_load"],
+        "detect_ratio": med["detect"] / med["full_save"],
     }
 
 
@@ -130,20 +177,23 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 def table(results: list[dict[str, Any]]) -> str:
     """The README's markdown table."""
     lines = [
-        "| workload | state | full save: bytes, s | incremental: bytes, s | bytes | save time | restore time |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| workload | state | full save: bytes, s | incremental: bytes, s | bytes | save time | detection | restore time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r['workload']} | {r['state_bytes'] / 2**20:.0f} MiB | {r['full_bytes'] / 2**20:.1f} MiB, "
             f"{r['full_save']:.3f} | {r['inc_bytes'] / 2**20:.2f} MiB, {r['inc_save']:.3f} | "
-            f"{100 * r['bytes_ratio']:.2f}% | {100 * r['save_ratio']:.1f}% | {r['load_ratio']:.2f}x |"
+            f"{100 * r['bytes_ratio']:.2f}% | {100 * r['save_ratio']:.1f}% | {r['detect']:.3f} s "
+            f"({100 * r['detect_ratio']:.1f}%) | {r['load_ratio']:.2f}x |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.incremental", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.incremental", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="state size factor (1.0: about 1 GB in all)")
     parser.add_argument("--rounds", type=int, default=5, help="saves of each kind per workload (medians)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
@@ -152,7 +202,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     base = tempfile.mkdtemp(prefix="shardsafe-incremental-", dir=args.dir)
     try:
-        results = [measure(w, args.scale, args.rounds, os.path.join(base, w)) for w in args.workloads.split(",")]
+        results = [
+            measure(w, args.scale, args.rounds, os.path.join(base, w)) for w in args.workloads.split(",")
+        ]
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(table(results))
