@@ -97,8 +97,10 @@ def prune(
     if not chosen:
         return
     # Incremental steps (checkpoint.manager.sweep): mark what the kept steps reference, first.
+    # A kept step whose metadata could not be read (unknown) makes the mark fail: nothing is deleted.
     doomed = {d.record.step for d in chosen}
-    marked = referenced_files([spec for spec, r in found if r.complete and r.step not in doomed])
+    kept = [s for s, r in found if r.step not in doomed and (r.complete or not getattr(r, "known", True))]
+    marked = referenced_files(kept)
     if marked is None:
         return
     for deletion in chosen:
