@@ -414,3 +414,46 @@ def test_consolidate_copies_grid_chunks_to_their_writer_rank(ckpt, tmp_path):
     loaded = ckpt.load(str(tmp_path / "two_rank"))
     assert all(torch.equal(loaded["model"][k], v) for k, v in two_rank_global().items())
     assert checkpoint.verify(str(tmp_path / "two_rank")).ok
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_manager_incremental_chain_full_every_and_retention(tmp_path, mode):
+    root = str(tmp_path / "run")
+    ckpt = checkpoint.make_sync_checkpointer() if mode == "sync" else checkpoint.make_async_checkpointer()
+    mgr = checkpoint.CheckpointManager(root, checkpointer=ckpt, keep_last=2, incremental=True, full_every=3)
+    try:
+        for step in range(1, 8):
+            mgr.save(step, _state(step))
+        mgr.wait_until_finished()
+        steps = {r.step: r for r in mgr.steps()}
+        complete = sorted(s for s, r in steps.items() if r.complete)
+        assert complete == [6, 7]
+        versions = {s: _doc(steps[s].path)["version"] for s in complete}
+        # Saves 1, 4, 7 are whole (full_every=3); 6 references 5's base bytes, which came from step 4.
+        assert versions == {6: 3, 7: 2}
+        assert {f["checkpoint"] for f in _doc(steps[6].path)["references"]["files"].values()} == {
+            "step-000000004"
+        }
+        # Step 4 is no checkpoint any more (its metadata went first) but keeps what step 6 reads.
+        assert not steps[4].complete and os.listdir(steps[4].path) == list(
+            _doc(steps[6].path)["references"]["files"]
+        )
+        assert 5 not in steps and all(s not in steps for s in (1, 2, 3))
+        for s in complete:
+            loaded = ckpt.load(steps[s].path)
+            assert torch.equal(loaded["model"]["base"], FROZEN) and loaded["step"] == s
+        # A resumed manager starts its chain with a whole save.
+        mgr.close()
+        mgr = checkpoint.CheckpointManager(
+            root, checkpointer=ckpt, keep_last=2, incremental=True, full_every=3
+        )
+        assert mgr.load(_state(0)) == 7
+        mgr.save(8, _state(8))
+        mgr.save(9, _state(9))
+        mgr.wait_until_finished()
+        assert _doc(os.path.join(root, "step-000000008"))["version"] == 2
+        assert _doc(os.path.join(root, "step-000000009"))["version"] == 3
+        assert not os.path.exists(steps[4].path)  # no kept step references step 4 any more: swept whole
+    finally:
+        mgr.close()
+        ckpt.close()

@@ -4,7 +4,7 @@ The manager hands its checkpointer to `IncrementalSaves`, which adds the increme
 options (`checkpoint.save.incremental`) to each save under the run root and passes everything
 else through. A chain starts with a full save; each of the next `full_every - 1` saves names as
 its base the newest step this wrapper saw committed (a sync save that returned, an async one
-whose write finished without error), so references reach back at most `full_every - 1` saves,
+whose write finished without error, checked at the next save), so references reach back at most `full_every - 1` saves,
 a restore stays one hop, and a save never references one in flight or failed. A save that
 replaces a step (`overwrite=True`, a damaged step saved again), a failed save or a new process
 (after a resume) starts the chain again with a full save. Every save of the chain records its
@@ -34,14 +34,19 @@ class IncrementalSaves:
         self._lock = threading.Lock()
         self.base: str | None = None  # the newest committed step directory of the current chain
         self._chain = 0  # saves committed in the chain, the full one included
+        self._pending: tuple[str, Any] | None = (
+            None  # an async save in flight: (step directory, write future)
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ckpt, name)
 
     def save(self, state_dict: Any, path: Any, **kwargs: Any) -> Any:
+        self._settle()
         name = str(path).rstrip("/").rsplit("/", 1)[-1]
         if parse_step_dir(name) is None or join(self._root, name) != str(path).rstrip("/"):
-            return self._ckpt.save(state_dict, path, **kwargs)  # not a step of this run (the local tier's)
+            self._restart()  # not a step of this run (the local tier's): the next durable save is whole
+            return self._ckpt.save(state_dict, path, **kwargs)
         with self._lock:
             base = self.base if 0 < self._chain < self.full_every and not kwargs.get("overwrite") else None
             if base is None:
@@ -54,9 +59,27 @@ class IncrementalSaves:
             raise
         if result is None:  # sync: committed
             self._committed(name)
-        else:  # async: committed once the write future succeeds
-            result[1].add_done_callback(lambda f: self._restart() if f.exception() else self._committed(name))
+        else:  # async: committed once its write future succeeded, checked at the next save
+            self._pending = (name, result[1])
         return result
+
+    def _settle(self) -> None:
+        """The async save in flight, if finished: its step becomes the base, or the chain restarts.
+
+        Checked here, in the caller's thread, rather than in a future callback, so the next save
+        never starts from a base older than the step that just committed.
+        """
+        if self._pending is None:
+            return
+        name, future = self._pending
+        if not future.done():
+            self._restart()  # still writing: never a base; the next save is whole
+            return
+        self._pending = None
+        if future.exception() is None:
+            self._committed(name)
+        else:
+            self._restart()
 
     def _committed(self, name: str) -> None:
         with self._lock:
