@@ -138,8 +138,8 @@ def measure(name: str, scale: float, rounds: int, root: str) -> dict[str, Any]:
         for r in range(1, rounds + 1):
             train_step()
             state["step"] = r
-            full = lambda: ckpt.save(state, f"{root}/full-{r}")  # noqa: E731
-            inc = lambda: ckpt.save(state, f"{root}/inc-{r}", base=f"{root}/inc-{r - 1}")  # noqa: E731
+            full = lambda r=r: ckpt.save(state, f"{root}/full-{r}")  # noqa: E731
+            inc = lambda r=r: ckpt.save(state, f"{root}/inc-{r}", base=f"{root}/inc-{r - 1}")  # noqa: E731
             for kind, fn in (("full", full), ("inc", inc)) if r % 2 else (("inc", inc), ("full", full)):
                 clock.secs = 0.0
                 rows[f"{kind}_save"].append(_timed(fn))
@@ -147,7 +147,7 @@ def measure(name: str, scale: float, rounds: int, root: str) -> dict[str, Any]:
                 if kind == "inc":
                     rows["detect"].append(clock.secs)
             for kind in ("full", "inc") if r % 2 else ("inc", "full"):
-                rows[f"{kind}_load"].append(_timed(lambda: ckpt.load(f"{root}/{kind}-{r}", state)))
+                rows[f"{kind}_load"].append(_timed(lambda k=kind, r=r: ckpt.load(f"{root}/{k}-{r}", state)))
     finally:
         clock.close()
         ckpt.close()

@@ -43,7 +43,7 @@ from planners.grid import CHECKSUM_ENTRY, _cuts
 from planners.load_plan import LoadTarget, build_index, plan_tensor_reads
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
-    FORMAT_VERSION,
+    PLAIN_FORMAT_VERSION,
     ChunkRecord,
     FileRecord,
     Metadata,
@@ -111,7 +111,7 @@ def _coordinator(
             table[shard_file_name(SAVE_ID, stem)] = FileRecord(nbytes=fp.nbytes, rank=rank)
     tensors = {k: TensorRecord(dtype=d, shape=s, chunks=()) for k, (d, s) in draft.tensors.items()}
     metadata = Metadata(
-        version=FORMAT_VERSION,
+        version=PLAIN_FORMAT_VERSION,
         save_id=SAVE_ID,
         world_size=job.world_size,
         checksum_block_bytes=CHECKSUM_BLOCK_BYTES,

@@ -25,6 +25,8 @@ FORMAT_NAME = "shardsafe"
 # and grid records for DTensor keys (planners.grid). Version 3 adds references to chunks of an
 # earlier checkpoint of the run (planners.references); a save that references nothing still writes 2.
 FORMAT_VERSION = 3
+# What a checkpoint that references no other checkpoint is written as (readable by version-2 readers).
+PLAIN_FORMAT_VERSION = 2
 # The first version whose metadata must carry a digest.
 DIGEST_SINCE_VERSION = 2
 METADATA_FILE = "metadata.json"

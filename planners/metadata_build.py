@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
-    FORMAT_VERSION,
+    PLAIN_FORMAT_VERSION,
     ChunkRecord,
     FileRecord,
     Metadata,
@@ -93,7 +93,7 @@ def build_metadata(
     reports = [r.incremental for r in results]
     references = build_references(reports)
     # A save that references no file keeps the previous version, so older readers still read it.
-    version = REFERENCES_SINCE_VERSION if references is not None and references.files else _PLAIN_VERSION
+    version = REFERENCES_SINCE_VERSION if references is not None and references.files else PLAIN_FORMAT_VERSION
     grids = draft.global_plan.grid_fields.get("grids", {})
     return Metadata(
         version=version,
@@ -109,9 +109,6 @@ def build_metadata(
         references=references,
     )
 
-
-# What a save writes when it references nothing (format version 3 adds only references).
-_PLAIN_VERSION = min(FORMAT_VERSION, REFERENCES_SINCE_VERSION - 1)
 
 
 def _file_records(results: Sequence[RankWriteResult]) -> dict[str, FileRecord]:

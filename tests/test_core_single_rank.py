@@ -19,7 +19,7 @@ from checkpoint import (
     MissingKeysError,
     PickleNotAllowedError,
 )
-from planners.metadata import FORMAT_VERSION, METADATA_FILE, SHARD_FILE_RE
+from planners.metadata import METADATA_FILE, PLAIN_FORMAT_VERSION, SHARD_FILE_RE
 
 ALL_DTYPES = [
     torch.float64,
@@ -175,7 +175,7 @@ def test_files_are_safetensors_and_metadata_is_json(ckpt, tmp_path):
             assert torch.equal(f.get_tensor("b.c"), torch.ones(2, 2, dtype=torch.bfloat16))
             assert f.metadata()["format"] == "shardsafe"
     doc = json.loads((tmp_path / "c" / METADATA_FILE).read_text())
-    assert doc["format"] == "shardsafe" and doc["version"] == FORMAT_VERSION and doc["values"] == {"step": 3}
+    assert doc["format"] == "shardsafe" and doc["version"] == PLAIN_FORMAT_VERSION and doc["values"] == {"step": 3}
     assert doc["tensors"]["a"]["shape"] == [10] and doc["tensors"]["a"]["dtype"] == "float32"
 
 

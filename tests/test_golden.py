@@ -17,7 +17,7 @@ import torch
 
 import checkpoint
 from planners.errors import RankLocalError
-from planners.metadata import FORMAT_VERSION, METADATA_FILE
+from planners.metadata import FORMAT_VERSION, METADATA_FILE, PLAIN_FORMAT_VERSION
 from planners.metadata_parse import parse_metadata
 from planners.references import REFERENCES_SINCE_VERSION
 from tests.golden.make_golden import GOLDEN_DIR, single_rank_state, two_rank_global
@@ -117,7 +117,7 @@ def test_writer_output_has_not_drifted_from_the_current_golden(ckpt, tmp_path):
     If this fails on purpose (a new field, a changed layout), bump FORMAT_VERSION and add goldens for it.
     A save that references nothing writes the version before references (planners.references).
     """
-    golden = _golden(REFERENCES_SINCE_VERSION - 1, "single")
+    golden = _golden(PLAIN_FORMAT_VERSION, "single")
     path = str(tmp_path / "single")
     ckpt.save(single_rank_state(), path)
 

@@ -16,7 +16,13 @@ import torch
 from checkpoint.save.local_plan import describe_local
 from checkpoint.state.flatten import RankLocal, flatten_state_dict
 from planners.boxes import Box, full_box
-from planners.metadata import CHECKSUM_BLOCK_BYTES, FORMAT_VERSION, ChunkRecord, FileRecord, RankLocalRecord
+from planners.metadata import (
+    CHECKSUM_BLOCK_BYTES,
+    PLAIN_FORMAT_VERSION,
+    ChunkRecord,
+    FileRecord,
+    RankLocalRecord,
+)
 from planners.metadata_build import MetadataDraft, RankWriteResult, WrittenChunk, build_metadata
 from planners.metadata_parse import parse_metadata
 from planners.placement import Layout, Shard
@@ -126,7 +132,7 @@ def test_build_metadata_records_every_written_chunk_file_and_rank_local_entry():
     # The coordinator may gather results in any order of chunks; the metadata sorts them by box.
     metadata = build_metadata(draft, results[::-1], save_id=SAVE_ID, world_size=2)
 
-    assert (metadata.version, metadata.save_id, metadata.world_size) == (FORMAT_VERSION, SAVE_ID, 2)
+    assert (metadata.version, metadata.save_id, metadata.world_size) == (PLAIN_FORMAT_VERSION, SAVE_ID, 2)
     assert metadata.checksum_block_bytes == CHECKSUM_BLOCK_BYTES
     assert metadata.files == {
         _file(0): FileRecord(nbytes=99, rank=0),

@@ -47,8 +47,8 @@ from planners.dtypes import dtype_name
 from planners.errors import CheckpointExistsError, PickleNotAllowedError
 from planners.metadata import (
     CHECKSUM_BLOCK_BYTES,
-    FORMAT_VERSION,
     METADATA_FILE,
+    PLAIN_FORMAT_VERSION,
     ChunkRecord,
     FileRecord,
     Metadata,
@@ -131,7 +131,7 @@ def _convert(
     tick = (lambda n: progress(n, total)) if progress is not None else None
     records, files = _write_tensors(target, layout, entries, save_id, reader, max_file_bytes, tick)
     metadata = Metadata(
-        version=FORMAT_VERSION,
+        version=PLAIN_FORMAT_VERSION,  # references nothing: readable by version-2 readers
         save_id=save_id,
         world_size=1,
         checksum_block_bytes=CHECKSUM_BLOCK_BYTES,
