@@ -457,3 +457,17 @@ def test_manager_incremental_chain_full_every_and_retention(tmp_path, mode):
     finally:
         mgr.close()
         ckpt.close()
+
+
+def test_the_incremental_benchmark_runs_at_a_tiny_scale(tmp_path, capsys):
+    from benchmarks import incremental
+
+    results = incremental.main(
+        ["--scale", "0.002", "--rounds", "1", "--dir", str(tmp_path), "--out", str(tmp_path / "r.json")]
+    )
+    by_name = {r["workload"]: r for r in results}
+    assert sorted(by_name) == ["dense", "frozen_embedding", "lora"]
+    assert by_name["lora"]["inc_bytes"] < by_name["lora"]["full_bytes"] / 2
+    assert by_name["dense"]["inc_bytes"] >= by_name["dense"]["full_bytes"]  # nothing frozen: all written
+    assert json.loads((tmp_path / "r.json").read_text()) == results
+    assert "| lora |" in capsys.readouterr().out
