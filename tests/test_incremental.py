@@ -471,3 +471,37 @@ def test_the_incremental_benchmark_runs_at_a_tiny_scale(tmp_path, capsys):
     assert by_name["dense"]["inc_bytes"] >= by_name["dense"]["full_bytes"]  # nothing frozen: all written
     assert json.loads((tmp_path / "r.json").read_text()) == results
     assert "| lora |" in capsys.readouterr().out
+
+
+@pytest.mark.s3
+def test_incremental_chain_on_s3_with_retention(s3_endpoint, s3_bucket, s3_fs):
+    options = s3_endpoint.storage_options
+    ckpt = checkpoint.make_sync_checkpointer(checkpoint.CheckpointerConfig(storage_options=options))
+    root = f"{s3_bucket}/run"
+    mgr = checkpoint.CheckpointManager(root, checkpointer=ckpt, keep_last=1, incremental=True, full_every=10)
+    try:
+        for step in (1, 2, 3):
+            mgr.save(step, _state(step))
+        assert ckpt.last_save.bytes_written < 2000
+        steps = {r.step: r for r in mgr.steps()}
+        assert [s for s, r in steps.items() if r.complete] == [3]
+        loaded = ckpt.load(steps[3].path)
+        assert torch.equal(loaded["model"]["base"], FROZEN) and loaded["step"] == 3
+        report = checkpoint.verify(steps[3].path, storage_options=options)
+        assert report.ok and report.files_checked == 2
+        # Step 1 keeps only the file step 3 references; step 2 is gone.
+        step1 = s3_fs.ls(f"{root.removeprefix('s3://')}/step-000000001")
+        assert [p.rsplit("/", 1)[-1] for p in step1] == list(
+            _doc_s3(s3_fs, steps[3].path)["references"]["files"]
+        )
+        s3_fs.rm(step1[0])
+        with pytest.raises(MissingReferenceError, match=r"referenced from checkpoint 'step-000000001'"):
+            ckpt.load(steps[3].path)
+    finally:
+        mgr.close()
+        ckpt.close()
+
+
+def _doc_s3(fs, path: str) -> dict:
+    with fs.open(f"{path.removeprefix('s3://')}/{METADATA_FILE}", "rb") as f:
+        return json.loads(f.read())
