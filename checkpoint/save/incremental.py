@@ -166,7 +166,12 @@ class Split:
     def report(self, written: tuple[WrittenChunk, ...]) -> IncrementalReport:
         """The rank's report: every chunk it holds (written ones located where they landed), with hashes."""
         indexed = [
-            (c.fqn, IndexedChunk(chunk=c.chunk, head=self.hashes[_box_key(c)][0], xxh3=self.hashes[_box_key(c)][1]))
+            (
+                c.fqn,
+                IndexedChunk(
+                    chunk=c.chunk, head=self.hashes[_box_key(c)][0], xxh3=self.hashes[_box_key(c)][1]
+                ),
+            )
             for c in written
             if not c.rank_local and _box_key(c) in self.hashes
         ]
@@ -177,12 +182,13 @@ def _box_key(c: WrittenChunk) -> BoxKey:
     return (c.fqn, c.chunk.box.offsets, c.chunk.box.sizes)
 
 
-def chunk_bytes(tensor: torch.Tensor) -> memoryview:
-    """A chunk's row-major bytes (what is written to its shard file), on the CPU."""
-    flat = tensor.detach()
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    return memoryview(flat.contiguous().reshape(-1).view(torch.uint8).numpy())
+def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A chunk's row-major bytes as a flat uint8 tensor, on the tensor's own device."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _host(data: torch.Tensor) -> memoryview:
+    return memoryview((data if data.device.type == "cpu" else data.cpu()).numpy())
 
 
 def split_items(
@@ -227,13 +233,13 @@ def _same_in_base(
     key = (item.fqn, item.box.offsets, item.box.sizes)
     if item.nbytes == 0:
         return None
-    data = chunk_bytes(tensor)
-    head = xxhash.xxh3_64_hexdigest(data[:HEAD_BYTES])
+    data = _flat_bytes(tensor)  # a device tensor is copied to the host only when its head matches
+    head = xxhash.xxh3_64_hexdigest(_host(data[:HEAD_BYTES]))
     found = plan.chunks.get(key)
     if found is not None and (found.indexed.head != head or found.dtype != item.dtype):
         hashes[key] = (head, None)
         return None
-    digest = xxhash.xxh3_128_hexdigest(data)
+    digest = xxhash.xxh3_128_hexdigest(_host(data))
     hashes[key] = (head, digest)
     if found is None or found.indexed.xxh3 != digest or found.indexed.chunk.nbytes != item.nbytes:
         return None
