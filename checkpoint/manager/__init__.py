@@ -1,5 +1,8 @@
 """CheckpointManager: steps, resume, retention and preemption around a checkpointer in a training loop.
 
+With incremental saves, retention is a mark and sweep (`sweep`) and each save's base is chosen by
+`incremental`.
+
 May import: the public checkpointer API (checkpoint.checkpointer, types), checkpoint.load, checkpoint.save's
 lease, checkpoint.tiers (the optional node-local tier), planners and storage; never the tools.
 """
