@@ -35,7 +35,7 @@ from checkpoint.config import CheckpointWriterConfig
 from checkpoint.options import SaveOptions
 from checkpoint.save.barriers import Barrier
 from checkpoint.save.collectives import Exchange, StoreExchange
-from checkpoint.save.commit import commit_save
+from checkpoint.save.commit import commit_save, commit_stand_in, metadata_holds
 from checkpoint.save.hooks import CommitHook, run_post_commit
 from checkpoint.save.lease import LeaseKeeper
 from checkpoint.save.local_plan import LocalSave
@@ -204,22 +204,34 @@ def write_and_commit(
 
 
 def commit_failure(
-    spec: StorageSpec, exchange: Exchange, prepared: PreparedSave, error: BaseException
-) -> None:
-    """Take a dead writer's part in the commit, so the other ranks fail now, not at their timeout.
+    spec: StorageSpec, exchange: Exchange | None, prepared: PreparedSave, error: BaseException
+) -> bool:
+    """Take a dead writer's part in the commit, so the other ranks learn the outcome now, not at their timeout.
 
-    The commit runs with this rank's failure as its write result: the coordinator publishes
-    nothing and every rank learns the outcome. Should the writer have done its part before
-    dying, the same exchange keys are written again, which changes nothing the coordinator
-    has not read yet.
+    The writer may have died before, during or after the commit, so the outcome is read from
+    storage (`checkpoint.save.commit.commit_stand_in`), never assumed from the missing report: the
+    path's metadata holding this save's id means the save is committed, and nothing is deleted.
+    Should the writer have done its part before dying, the same exchange keys are written again,
+    which changes nothing the coordinator has not read yet. `exchange`: None when the commit store
+    cannot be reached; the storage is still read.
+
+    Returns:
+        Whether the save is committed: its metadata, read after the exchange, holds its save id.
     """
-    source = TensorSource(error=f"{type(error).__name__}: {error}")
+    storage, _ = _open(spec, prepared)
+    result = RankWriteResult(rank=prepared.rank, error=f"{type(error).__name__}: {error}")
     try:
-        write_and_commit(
-            spec, exchange, prepared, source, path=prepared.url, steps=CommitSteps(), phase_secs={}
-        )
-    except Exception:  # expected: the save failed on every rank, as intended
+        if exchange is not None:
+            heartbeat = exchange.heartbeat() if isinstance(exchange, StoreExchange) else contextlib.nullcontext()
+            with heartbeat:
+                commit_stand_in(storage, exchange, prepared, result)
+    except Exception:  # the save failed on every rank, or the exchange broke: storage tells which
         logger.debug("stand-in commit for rank %d ended", prepared.rank, exc_info=True)
+    try:
+        return metadata_holds(storage, prepared.save_id) is True
+    finally:
+        if storage is not None:
+            storage.close()
 
 
 def run_pre_commit(hook: CommitHook | None, path: str, result: RankWriteResult) -> RankWriteResult:
