@@ -178,10 +178,18 @@ class LocalStorage:
         return tuple(self._created)
 
     def remove_created_dirs(self, levels: Sequence[str] | None = None) -> None:
+        """Remove the directories the save created, deepest first, each only once a listing shows it empty.
+
+        Evidence required: the level was created by the save (`levels`, this directory or a parent) and
+        `os.listdir` just found it empty; `os.rmdir` refusing a non-empty directory is a second guard,
+        not the first. The first level that is not empty, or cannot be listed, stops the walk.
+        """
         created = self._created if levels is None else [lv for lv in levels if self._is_root_or_above(lv)]
         for level in sorted(created, key=len, reverse=True):  # deepest first
             try:
-                os.rmdir(level)  # only while empty: a file someone put there keeps it
+                if os.listdir(level):
+                    return  # a file someone put there keeps it, and every level above it
+                os.rmdir(level)
             except OSError:
                 return
         self._created = []

@@ -172,10 +172,23 @@ class FsspecStorage:
         return (self.root,) if self._created else ()
 
     def remove_created_dirs(self, levels: Sequence[str] | None = None) -> None:
+        """Remove the checkpoint directory if `prepare()` created it and a listing shows it empty.
+
+        Evidence required: this directory was created by the save (`levels`), and a listing that
+        succeeded just before found nothing in it. Some file systems' `rmdir` deletes recursively
+        (pyarrow's, behind the HDFS wrapper), so emptiness is never left to `rmdir` to enforce;
+        a listing that fails means keep.
+        """
         created = self._created if levels is None else self.root in levels
-        if created:  # only the checkpoint directory itself: fsspec does not say which parents it made
-            with contextlib.suppress(OSError):
-                self.fs.rmdir(self.root)
+        if not created:  # only the checkpoint directory itself: fsspec does not say which parents it made
+            return
+        self.fs.invalidate_cache(self.root)  # a listing cached before the save's files went would be stale
+        try:
+            if self._call("list", None, self.fs.ls, self.root, detail=False):
+                return  # something is in it (another save's file, a user's): it stays
+            self.fs.rmdir(self.root)
+        except (CheckpointError, OSError):
+            logger.debug("kept directory %s", self.url, exc_info=True)
 
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[BinaryIO]:
@@ -253,23 +266,34 @@ class FsspecStorage:
             if not (error_code(e) == "PreconditionFailed" or http_status(e) == 412):
                 raise
             self.fs.invalidate_cache(self._path(name))
-            if not self._holds(name, data):
+            if not self._holds(name, data, refused=e):
                 raise CheckpointExistsError(
                     f"{self._where(name)} already exists (written by another save)"
                 ) from e
             logger.info("%s: an earlier attempt of this conditional write landed", self._where(name))
         self.fs.invalidate_cache(self._path(name))
 
-    def _holds(self, name: str, data: bytes) -> bool:
+    def _holds(self, name: str, data: bytes, *, refused: BaseException) -> bool:
         """Whether `name` holds exactly `data`: then a refused conditional write met an earlier attempt of itself.
 
         When a PUT lands but its reply is lost, the retry finds the object and is refused. Every metadata
-        file carries its save's random id, so another save's object never has the same bytes.
+        file carries its save's random id, so another save's object never has the same bytes. Only a
+        read that succeeded settles it: "exists" lets the commit delete this save's files, so a read
+        that fails raises `StorageError` (unknown: the caller keeps every file) instead of guessing.
         """
         try:
             return self.read_bytes(name, max_bytes=len(data)) == data
-        except (CheckpointError, OSError):
+        except InvalidCheckpointError:  # read, and larger than ours: another save's file
             return False
+        except FileNotFoundError:  # refused, yet absent when read: whose write that was cannot be told
+            pass
+        except (CheckpointError, OSError) as e:
+            refused = e
+        raise StorageError(
+            f"{self._where(name)}: a conditional write was refused as existing, and whether the object there "
+            f"is this save's own earlier attempt could not be read back ({type(refused).__name__}: "
+            f"{self._redact(str(refused))}); the outcome is unknown, so nothing is deleted"
+        ) from refused
 
     def read_bytes(self, name: str, *, max_bytes: int | None = None) -> bytes:
         if max_bytes is None:
