@@ -24,11 +24,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+import multiprocessing
 import os
 import signal
+import threading
 import time
 import traceback
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import recv_handle
 
 import torch
@@ -47,6 +49,9 @@ from checkpoint.save.pipeline import CommitSteps, TensorSource, write_and_commit
 from checkpoint.save.protocol import PreparedSave, portable_error
 
 logger = logging.getLogger(__name__)
+
+# The writer's exit status when it ends because its trainer died (nobody reads it: init reaps the orphan).
+TRAINER_GONE_EXIT_CODE = 0
 
 
 class _Writer:
@@ -140,10 +145,35 @@ def _failure(e: BaseException) -> WriterResponse:
     return WriterResponse(error=portable_error(e), traceback=traceback.format_exc())
 
 
+def detach_from_trainer_signals() -> None:
+    """Signals meant for the trainer leave the writer alone; the writer exits once its trainer is gone.
+
+    torchrun forwards SIGTERM to its whole process group and a terminal's Ctrl-C sends SIGINT to the
+    foreground group: the trainer decides what they mean (`save_on_signals` saves first), and a writer
+    killed by them would have to be respawned, its staging buffer mapped again, inside the preemption
+    grace period. So the writer ignores both and leaves the trainer's process group. What ends it is
+    `StopRequest`, the supervisor's SIGKILL, or its trainer's death: a watcher thread waits on the
+    parent's sentinel and exits the process then, so no writer outlives its job.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):  # already a group leader (never, when spawned): the ignores still hold
+        os.setpgid(0, 0)
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def exit_when_trainer_is_gone() -> None:
+        wait([parent.sentinel])
+        logger.warning("the trainer of this writer process (pid %s) is gone; writer process exits", parent.pid)
+        os._exit(TRAINER_GONE_EXIT_CODE)  # mid-save too: no trainer waits for its answer
+
+    threading.Thread(target=exit_when_trainer_is_gone, name="shardsafe-trainer-watch", daemon=True).start()
+
+
 def writer_main(conn: Connection, init: WriterInit) -> None:
     """Entry point of the writer process: serve requests until stopped or the trainer is gone."""
-    # Ctrl-C reaches the whole process group; the trainer decides when its writer stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    detach_from_trainer_signals()
     logging.basicConfig(
         level=init.log_level,
         format=f"%(asctime)s writer[rank {init.rank}] %(levelname)s %(name)s: %(message)s",

@@ -14,10 +14,12 @@ so requests never interleave.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import signal
 import time
+import weakref
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import send_handle
@@ -28,6 +30,26 @@ from checkpoint.config import CheckpointProcessConfig
 from planners.errors import CheckpointError, CheckpointTimeoutError, WriterProcessError
 
 logger = logging.getLogger(__name__)
+
+# Supervisors with a writer process, for the exit handler below.
+_SUPERVISORS: weakref.WeakSet[WriterSupervisor] = weakref.WeakSet()
+
+
+def kill_writers_at_exit() -> None:
+    """At interpreter exit, kill the writer processes a trainer never closed.
+
+    Writers ignore SIGTERM (`checkpoint.async_writer.child.detach_from_trainer_signals`), which is
+    what multiprocessing's own exit handler sends its daemonic children before joining them; this
+    handler is registered after that one (this module imports multiprocessing first), so it runs
+    before it, and the join that follows returns at once.
+    """
+    for supervisor in list(_SUPERVISORS):
+        proc = supervisor.proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
+
+
+atexit.register(kill_writers_at_exit)
 
 
 class WriterSupervisor:
@@ -136,6 +158,7 @@ class WriterSupervisor:
         finally:
             child.close()  # the child holds the only other end, so its death reads as EOF here
         self.proc, self._conn, self.mapped = proc, parent, None
+        _SUPERVISORS.add(self)
         try:
             self._checked(None, self._config.subprocess_init_timeout_secs, "starting")
         except Exception as e:  # died, overran, or answered an error (say, the commit store was unreachable)

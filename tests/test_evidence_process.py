@@ -1,0 +1,90 @@
+"""The writer process and the trainer's signals (issue 22 case 6), and two first-hour items (issue 25).
+
+Case 6: torchrun forwards SIGTERM to its whole process group and Ctrl-C sends SIGINT to the
+foreground group. The writer processes must survive both (the trainer decides what they mean), and
+must exit on their own once their trainer is gone. Each check runs a real trainer script in a child
+process of its own session, so the signals reach no one else.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+_SIGNALLED_TRAINER = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time, torch, checkpoint
+
+    class BlockInPreCommit(checkpoint.CommitHook):
+        def pre_commit(self, path, **kwargs):
+            if path.endswith("/c"):
+                print("BLOCKED", os.getpid(), flush=True)
+                threading.Event().wait()  # the writer is busy when its trainer is killed
+
+        def post_commit(self, path, **kwargs):
+            pass
+
+    def main():
+        got = []
+        done = threading.Event()
+        def on_signal(signum, frame):
+            got.append(signal.Signals(signum).name)
+            if len(got) == 2:
+                done.set()
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        ckpt = checkpoint.make_async_checkpointer(commit_hook=BlockInPreCommit())
+        ckpt.save({"w": torch.arange(10.0)}, sys.argv[1] + "/a")[1].result()
+        before = ckpt.checkpoint_process.pid
+        os.killpg(os.getpgrp(), signal.SIGTERM)  # as torchrun forwards a preemption notice
+        os.killpg(os.getpgrp(), signal.SIGINT)  # as Ctrl-C in a terminal
+        assert done.wait(30), got
+        ckpt.save({"w": torch.arange(10.0) + 1}, sys.argv[1] + "/b")[1].result()
+        print("RESULT", before, ckpt.checkpoint_process.pid, sorted(got), flush=True)
+        ckpt.save({"w": torch.arange(10.0) + 2}, sys.argv[1] + "/c")
+        threading.Event().wait()  # until SIGKILL
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+@pytest.mark.timeout(180)
+def test_writer_ignores_the_trainers_group_signals_and_exits_once_the_trainer_is_gone(tmp_path: Path) -> None:
+    script = tmp_path / "trainer.py"
+    script.write_text(_SIGNALLED_TRAINER)
+    trainer = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=True,  # its own process group: the signals reach only the trainer and its children
+    )
+    try:
+        assert trainer.stdout is not None
+        result = trainer.stdout.readline().split()
+        assert result[:1] == ["RESULT"], (result, trainer.wait(30))
+        assert result[1] == result[2], result  # the same writer process served the save after the signals
+        assert result[3:] == ["['SIGINT',", "'SIGTERM']"], result  # and the trainer got both
+        blocked = trainer.stdout.readline().split()
+        assert blocked == ["BLOCKED", result[1]], blocked
+        fd = os.pidfd_open(int(result[1]))  # before the kill: the pid cannot be reused while we hold it
+        trainer.kill()
+        trainer.wait(30)
+        readable, _, _ = select.select([fd], [], [], 30)  # waits for the writer's exit, no polling
+        os.close(fd)
+        assert readable, f"writer process {result[1]} still runs 30s after its trainer was killed mid-save"
+    finally:
+        trainer.kill()
+        trainer.wait(30)
