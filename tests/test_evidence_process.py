@@ -88,3 +88,35 @@ def test_writer_ignores_the_trainers_group_signals_and_exits_once_the_trainer_is
     finally:
         trainer.kill()
         trainer.wait(30)
+
+
+_UNGUARDED_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, checkpoint
+    ckpt = checkpoint.make_async_checkpointer()
+    _, write = ckpt.save({"w": torch.arange(10.0)}, sys.argv[1])
+    write.result()
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_an_async_checkpointer_without_a_main_guard_says_so_in_a_few_lines(tmp_path: Path) -> None:
+    """Issue 25 item 6: one clear error naming the missing guard, not pages of multiprocessing tracebacks."""
+    script = tmp_path / "train.py"
+    script.write_text(_UNGUARDED_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=100,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text  # the script's own write.result() raised
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("planners.errors.WriterProcessError: writer process of rank 0 could not start: "), last
+    assert f'{script} creates an async checkpointer outside `if __name__ == "__main__":`' in last, last
+    assert "bootstrapping phase" not in text, text
+    assert len(text.splitlines()) <= 25, text
+    assert not (tmp_path / "ckpt").exists()  # the failed save took back the directory it created

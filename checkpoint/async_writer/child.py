@@ -27,6 +27,7 @@ import mmap
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -52,6 +53,34 @@ logger = logging.getLogger(__name__)
 
 # The writer's exit status when it ends because its trainer died (nobody reads it: init reaps the orphan).
 TRAINER_GONE_EXIT_CODE = 0
+# The exit status of a writer process that found itself creating an async checkpointer while spawn
+# re-imported the trainer's main module (no main guard): EX_CONFIG of sysexits.h, a setup error.
+MAIN_GUARD_EXIT_CODE = 78
+
+
+def main_guard_message(script: str) -> str:
+    """What to do when the trainer's script lacks `if __name__ == "__main__":` (both sides say it)."""
+    return (
+        f'{script} creates an async checkpointer outside `if __name__ == "__main__":`. Its writer process is '
+        "started with multiprocessing's spawn, which runs the main module's top level again in the new "
+        'process; put the code that builds the checkpointer and trains under `if __name__ == "__main__":`'
+    )
+
+
+def refuse_in_spawn_bootstrap() -> None:
+    """Called where an async checkpointer is built: inside a spawned writer's start-up, exit at once.
+
+    A script without a main guard builds its checkpointer again while spawn re-imports it in the
+    writer process, which would spawn a writer of its own and end in pages of multiprocessing
+    tracebacks. Instead this process says why, in one line, and exits with `MAIN_GUARD_EXIT_CODE`,
+    which the supervisor turns into a `WriterProcessError` naming the missing guard.
+    """
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return
+    script = getattr(sys.modules.get("__mp_main__") or sys.modules.get("__main__"), "__file__", "the script")
+    sys.stderr.write(f"shardsafe writer process: {main_guard_message(script)}\n")
+    sys.stderr.flush()
+    raise SystemExit(MAIN_GUARD_EXIT_CODE)
 
 
 class _Writer:

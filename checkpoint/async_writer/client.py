@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from checkpoint.async_writer.child import refuse_in_spawn_bootstrap
 from checkpoint.async_writer.commit_store import commit_exchange, connect_commit_store, host_commit_store
 from checkpoint.async_writer.messages import WriteRequest, WriterInit, WriterResponse
 from checkpoint.async_writer.staging import StagedSave
@@ -43,7 +44,7 @@ from checkpoint.save.pipeline import PlannedSave, SaveStats, commit_failure
 from checkpoint.save.protocol import PreparedSave
 from checkpoint.save.writer import make_exchange
 from checkpoint.types import RankInfo
-from planners.errors import CheckpointStateError, PostCommitHookError
+from planners.errors import CheckpointStateError, PostCommitHookError, WriterProcessError
 from storage.spec import StorageAccess, StorageSpec
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class CheckpointProcess:
         commit_hook: CommitHook | None = None,
         storage: StorageAccess | None = None,
     ) -> None:
+        refuse_in_spawn_bootstrap()  # a script without a main guard, re-run by spawn in a writer process
         self.rank_info = rank_info
         self.writer_config = writer_config or CheckpointWriterConfig()
         self._config = config
@@ -288,9 +290,14 @@ class CheckpointProcess:
         return commit_failure(spec, exchange, prepared, error)
 
     def _start_in_background(self) -> None:
+        if self._supervisor.fatal is not None:  # said once already; the next write raises it
+            return
         try:
             self._supervisor.ensure_running()
-        except Exception:  # the first write starts it again and reports the error
+        except Exception as e:  # the first write starts it again and reports the error
+            if self._supervisor.fatal is not None:  # the script lacks its main guard: one line says it all
+                logger.error("%s", e)
+                return
             logger.warning(
                 "writer process of rank %d did not start", self.rank_info.global_rank, exc_info=True
             )

@@ -18,13 +18,14 @@ import atexit
 import logging
 import multiprocessing as mp
 import signal
+import sys
 import time
 import weakref
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import send_handle
 
-from checkpoint.async_writer.child import writer_main
+from checkpoint.async_writer.child import MAIN_GUARD_EXIT_CODE, main_guard_message, writer_main
 from checkpoint.async_writer.messages import ReleaseRequest, StopRequest, WriterInit, WriterResponse
 from checkpoint.config import CheckpointProcessConfig
 from planners.errors import CheckpointError, CheckpointTimeoutError, WriterProcessError
@@ -66,9 +67,13 @@ class WriterSupervisor:
         self.proc: BaseProcess | None = None
         self._conn: Connection | None = None
         self.mapped: int | None = None
+        self.fatal: WriterProcessError | None = None
+        """A start failure no new start can fix (the script lacks its main guard): raised again, not retried."""
 
     def ensure_running(self) -> None:
         """Start a writer process unless one is alive (a dead one is reaped and logged first)."""
+        if self.fatal is not None:
+            raise WriterProcessError(str(self.fatal))  # a new exception: no traceback piles up on it
         if self.proc is not None and self.proc.is_alive():
             return
         if self.proc is not None:
@@ -221,6 +226,13 @@ class WriterSupervisor:
             else f"with exit code {code}"
         )
         self._discard()
+        if code == MAIN_GUARD_EXIT_CODE and what == "starting":
+            main = sys.modules.get("__main__")
+            self.fatal = WriterProcessError(
+                f"writer process of rank {self._init.rank} could not start: "
+                f"{main_guard_message(getattr(main, '__file__', None) or 'the script')}"
+            )
+            return self.fatal
         return WriterProcessError(
             f"writer process of rank {self._init.rank} (pid {proc.pid}) died {how} while {what}; "
             "that save was not confirmed (a checkpoint is complete only once its metadata file exists) and "
