@@ -120,3 +120,56 @@ def test_an_async_checkpointer_without_a_main_guard_says_so_in_a_few_lines(tmp_p
     assert "bootstrapping phase" not in text, text
     assert len(text.splitlines()) <= 25, text
     assert not (tmp_path / "ckpt").exists()  # the failed save took back the directory it created
+
+
+_INTERRUPTED_SYNC_SAVE = textwrap.dedent(
+    """
+    import contextlib, os, sys, threading, torch, checkpoint
+    import storage.local as local
+
+    plain_open_write = local.LocalStorage.open_write
+
+    @contextlib.contextmanager
+    def open_write(self, name):  # the first write of a shard file stops mid-file until Ctrl-C arrives
+        with plain_open_write(self, name) as f:
+            class Stream:
+                def __getattr__(self, attr):
+                    return getattr(f, attr)
+                def write(self, data):
+                    n = f.write(data)
+                    print("WRITING", flush=True)
+                    threading.Event().wait()
+                    return n
+            yield Stream()
+
+    if __name__ == "__main__":
+        local.LocalStorage.open_write = open_write
+        ckpt = checkpoint.make_sync_checkpointer()
+        try:
+            ckpt.save({"w": torch.arange(1 << 20, dtype=torch.float32)}, sys.argv[1] + "/fresh/step-1")
+        except KeyboardInterrupt:
+            print("INTERRUPTED", sorted(os.listdir(sys.argv[1])), flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_during_a_fresh_sync_save_removes_the_directories_it_created(tmp_path: Path) -> None:
+    """Issue 25 item 16: a KeyboardInterrupt mid-write takes back the files, marker and new directories."""
+    script = tmp_path / "train.py"
+    script.write_text(_INTERRUPTED_SYNC_SAVE)
+    root = tmp_path / "run"
+    root.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(root)], stdout=subprocess.PIPE, text=True, env=ENV, start_new_session=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "WRITING"
+        child.send_signal(signal.SIGINT)
+        assert child.stdout.readline().strip() == "INTERRUPTED []"
+        assert child.wait(60) == 0
+    finally:
+        child.kill()
+        child.wait(30)
+    assert list(root.iterdir()) == []  # fresh/ and fresh/step-1/ went, with the partial file and the marker

@@ -33,6 +33,7 @@ import torch
 
 from checkpoint.config import CheckpointWriterConfig
 from checkpoint.options import SaveOptions
+from checkpoint.save.abort import take_back_interrupted
 from checkpoint.save.barriers import Barrier
 from checkpoint.save.collectives import Exchange, StoreExchange
 from checkpoint.save.commit import commit_save, commit_stand_in, metadata_holds
@@ -189,7 +190,11 @@ def write_and_commit(
     try:
         with heartbeat:
             with timed("write", phase_secs):
-                result = _write(storage, prepared, source, steps.io_threads)
+                try:
+                    result = _write(storage, prepared, source, steps.io_threads)
+                except KeyboardInterrupt:  # Ctrl-C in a sync save: its result never reached the commit
+                    take_back_interrupted(storage, prepared)
+                    raise
             result = run_pre_commit(steps.hook, path, result)
             with timed("commit", phase_secs):
                 commit_save(storage, exchange, prepared, result)
