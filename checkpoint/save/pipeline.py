@@ -42,6 +42,7 @@ from checkpoint.save.lease import LeaseKeeper
 from checkpoint.save.local_plan import LocalSave
 from checkpoint.save.protocol import PlanCache, PreparedSave, plan_save, timed
 from checkpoint.save.shard_files import write_rank_files
+from planners.errors import PostCommitHookError
 from planners.metadata_build import RankWriteResult
 from storage.backend import CheckpointStorage
 from storage.spec import StorageAccess, StorageSpec
@@ -199,7 +200,7 @@ def write_and_commit(
             with timed("commit", phase_secs):
                 commit_save(storage, exchange, prepared, result)
         if steps.barrier is not None:
-            steps.barrier.execute_barrier(key=prepared.save_id)
+            _run_barrier(steps.barrier, path, prepared)
         if steps.hook is not None:
             run_post_commit(steps.hook, path, rank=prepared.rank)
     finally:
@@ -237,6 +238,17 @@ def commit_failure(
     finally:
         if storage is not None:
             storage.close()
+
+
+def _run_barrier(barrier: Barrier, path: str, prepared: PreparedSave) -> None:
+    """The barrier after a commit; its failure says the checkpoint is committed (a missing peer is no verdict)."""
+    try:
+        barrier.execute_barrier(key=prepared.save_id)
+    except Exception as e:
+        raise PostCommitHookError(
+            f"rank {prepared.rank}: the checkpoint at {path} IS committed and loadable (save {prepared.save_id}), "
+            f"but the barrier after the commit failed: {type(e).__name__}: {e}"
+        ) from e
 
 
 def run_pre_commit(hook: CommitHook | None, path: str, result: RankWriteResult) -> RankWriteResult:
