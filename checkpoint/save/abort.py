@@ -45,6 +45,9 @@ def clean_failed_save(storage: CheckpointStorage | None, exchange: Exchange, pre
     """Delete this rank's shard files of the failed save; the coordinator then its marker and new dirs.
 
     Collective over the commit's exchange: every rank that got the refusal calls it. Never raises.
+    Evidence required (checked by the caller, `checkpoint.save.commit.exchange_verdict`): the
+    coordinator's verdict says this save's metadata never went out; every name deleted carries
+    this save's id; directories go only when created by this save and listed empty.
     """
     removed = _remove_own_files(storage, prepared)
     try:
@@ -90,7 +93,11 @@ def take_back_interrupted(storage: CheckpointStorage | None, prepared: PreparedS
 
 
 def _remove_own_files(storage: CheckpointStorage | None, prepared: PreparedSave) -> bool:
-    """Delete this rank's files of the save; True when none is left (a rank without storage wrote none)."""
+    """Delete this rank's files of the save; True when none is left (a rank without storage wrote none).
+
+    Only names this rank's part of the plan gives this save (each carries the save id); the caller
+    holds the evidence that the save's metadata does not name them.
+    """
     names = own_file_names(prepared)
     if storage is None or not names:  # a rank whose storage did not open wrote nothing
         return True

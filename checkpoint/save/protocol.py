@@ -177,8 +177,9 @@ def prepare_save(
             _replan(local, exchange, cache, max_file_bytes=max_file_bytes, url=storage.url)
         except Exception:
             if exchange.rank == COORDINATOR:  # no rank writes anything of this save: its marker goes now
+                # Evidence: the marker carries this save's id, and the plan failed before any write.
                 lease.release_quietly(storage, decision.save_id)
-                storage.remove_created_dirs()  # and so does a directory it made
+                storage.remove_created_dirs()  # and so does a directory it made, if listed empty
             raise
     return _prepared(local, exchange, storage.url, cache, decision, overwrite=overwrite)
 
@@ -285,7 +286,7 @@ def _decide(
             )
         lease.claim(storage, save_id, lease_secs)
     except Exception as e:
-        storage.remove_created_dirs()
+        storage.remove_created_dirs()  # evidence: made by this prepare() a moment ago, and listed empty
         return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
     return _Decision(
         save_id=save_id,
