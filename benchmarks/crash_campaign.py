@@ -76,12 +76,16 @@ class CampaignResult:
 
     @property
     def passed(self) -> bool:
-        return not (self.resume_older_than_told or self.resume_wrong_values or self.committed_lost or self.jobs_failed)
+        return not (
+            self.resume_older_than_told or self.resume_wrong_values or self.committed_lost or self.jobs_failed
+        )
 
 
 def _rank_main(rank: int, port: int, root: str, options: dict | None, ledger: str, started: Any) -> None:
     """One rank of one job: resume, check, then train and save until killed."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE)
+    )
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -94,7 +98,9 @@ def _rank_main(rank: int, port: int, root: str, options: dict | None, ledger: st
     full = state["w"].full_tensor()
     exact = resumed is not None and state["step"] == resumed and torch.equal(full, expected(resumed))
     with open(ledger, "a") as f:
-        f.write(f"resumed {resumed if resumed is not None else 'none'} {'exact' if exact or resumed is None else 'WRONG'}\n")
+        f.write(
+            f"resumed {resumed if resumed is not None else 'none'} {'exact' if exact or resumed is None else 'WRONG'}\n"
+        )
     # The kill window opens once the writer process is up (its start-up is not what the campaign tests).
     ckpt.checkpoint_process._executor.submit(lambda: None).result()
     started.set()
@@ -240,8 +246,12 @@ def _run_backend(backend: str, args: argparse.Namespace) -> CampaignResult:
     work = Path(tempfile.mkdtemp(prefix="shardsafe-crash-"))
     if backend == "disk":
         return run_campaign(
-            backend=backend, root=str(work / "run"), options=None, iterations=args.iterations,
-            window_secs=args.window_secs, seed=args.seed,
+            backend=backend,
+            root=str(work / "run"),
+            options=None,
+            iterations=args.iterations,
+            window_secs=args.window_secs,
+            seed=args.seed,
         )
     import s3fs
 
@@ -253,8 +263,12 @@ def _run_backend(backend: str, args: argparse.Namespace) -> CampaignResult:
         bucket = f"crash-{uuid.uuid4().hex[:12]}"
         s3fs.S3FileSystem(**endpoint.storage_options, skip_instance_cache=True).mkdir(bucket)
         return run_campaign(
-            backend=backend, root=f"s3://{bucket}/run", options=endpoint.storage_options,
-            iterations=args.iterations, window_secs=args.window_secs, seed=args.seed,
+            backend=backend,
+            root=f"s3://{bucket}/run",
+            options=endpoint.storage_options,
+            iterations=args.iterations,
+            window_secs=args.window_secs,
+            seed=args.seed,
         )
     finally:
         server.stop()

@@ -48,7 +48,9 @@ def _install() -> None:
     for cls in (LocalStorage, FsspecStorage):
         publish, remove = cls.publish, cls.remove
 
-        def killing_publish(self: Any, name: str, data: bytes, *, overwrite: bool = True, _orig=publish) -> None:
+        def killing_publish(
+            self: Any, name: str, data: bytes, *, overwrite: bool = True, _orig=publish
+        ) -> None:
             point = _point_of(self.url) if _state["armed"] and name == METADATA_FILE else None
             if point == "before_publish":
                 _die()
@@ -60,7 +62,11 @@ def _install() -> None:
 
         def killing_remove(self: Any, names: Any, _orig=remove) -> None:
             names = list(names)
-            if _state["published"] == "during_leftovers" and _point_of(self.url) == "during_leftovers" and names:
+            if (
+                _state["published"] == "during_leftovers"
+                and _point_of(self.url) == "during_leftovers"
+                and names
+            ):
                 _orig(self, names[:1])
                 _die()
             _orig(self, names)

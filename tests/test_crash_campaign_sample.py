@@ -32,8 +32,12 @@ def _assert_passed(result) -> None:
 def test_crash_campaign_sample_on_disk(tmp_path: Path) -> None:
     _assert_passed(
         run_campaign(
-            backend="disk", root=str(tmp_path / "run"), options=None, iterations=ITERATIONS,
-            window_secs=WINDOW_SECS, seed=1,
+            backend="disk",
+            root=str(tmp_path / "run"),
+            options=None,
+            iterations=ITERATIONS,
+            window_secs=WINDOW_SECS,
+            seed=1,
         )
     )
 
@@ -42,7 +46,11 @@ def test_crash_campaign_sample_on_disk(tmp_path: Path) -> None:
 def test_crash_campaign_sample_on_s3(s3_endpoint: S3Endpoint, s3_bucket: str) -> None:
     _assert_passed(
         run_campaign(
-            backend="s3", root=f"{s3_bucket}/{uuid.uuid4().hex}", options=s3_endpoint.storage_options,
-            iterations=ITERATIONS, window_secs=WINDOW_SECS, seed=2,
+            backend="s3",
+            root=f"{s3_bucket}/{uuid.uuid4().hex}",
+            options=s3_endpoint.storage_options,
+            iterations=ITERATIONS,
+            window_secs=WINDOW_SECS,
+            seed=2,
         )
     )

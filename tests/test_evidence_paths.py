@@ -28,7 +28,9 @@ class FailWhenNamedFail(CommitHook):
         pass
 
 
-def test_a_relative_local_path_resolves_to_an_absolute_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_relative_local_path_resolves_to_an_absolute_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     for given in ("run/step-1", "file://run/step-1", "./run/step-1"):
         spec = StorageSpec.resolve(given)

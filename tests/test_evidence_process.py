@@ -115,7 +115,9 @@ def test_an_async_checkpointer_without_a_main_guard_says_so_in_a_few_lines(tmp_p
     text = out.stdout + out.stderr
     assert out.returncode == 1, text  # the script's own write.result() raised
     last = text.strip().splitlines()[-1]
-    assert last.startswith("planners.errors.WriterProcessError: writer process of rank 0 could not start: "), last
+    assert last.startswith(
+        "planners.errors.WriterProcessError: writer process of rank 0 could not start: "
+    ), last
     assert f'{script} creates an async checkpointer outside `if __name__ == "__main__":`' in last, last
     assert "bootstrapping phase" not in text, text
     assert len(text.splitlines()) <= 25, text
@@ -161,7 +163,11 @@ def test_ctrl_c_during_a_fresh_sync_save_removes_the_directories_it_created(tmp_
     root = tmp_path / "run"
     root.mkdir()
     child = subprocess.Popen(
-        [sys.executable, str(script), str(root)], stdout=subprocess.PIPE, text=True, env=ENV, start_new_session=True
+        [sys.executable, str(script), str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=True,
     )
     try:
         assert child.stdout is not None

@@ -47,7 +47,9 @@ def test_arrow_rmdir_really_is_recursive(tmp_path: Path) -> None:
     assert not (tmp_path / "d").exists()
 
 
-def test_fsspec_storage_removes_a_created_directory_only_when_a_listing_shows_it_empty(tmp_path: Path) -> None:
+def test_fsspec_storage_removes_a_created_directory_only_when_a_listing_shows_it_empty(
+    tmp_path: Path,
+) -> None:
     fs = ArrowLocalFileSystem()
     root = str(tmp_path / "ckpt")
     storage = FsspecStorage(fs, root, url=f"arrowlocal://{root}")

@@ -75,10 +75,15 @@ def test_the_rule_keeps_loopback_only_when_every_rank_shares_it() -> None:
     assert network_namespace() == network_namespace() is not None
 
 
-def test_a_store_for_ranks_on_other_hosts_is_reachable_beyond_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_store_for_ranks_on_other_hosts_is_reachable_beyond_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # what the host's name resolves to, as on Debian
     store, address = host_commit_store(RankInfo(0, 2), RanksIn("another-host/4026531840"), timeout_secs=30)
-    assert store is not None and address == ("127.0.0.1", store.port)  # the name as given, for peers to resolve
+    assert store is not None and address == (
+        "127.0.0.1",
+        store.port,
+    )  # the name as given, for peers to resolve
     for peer in ("127.0.0.2", *_other_ipv4_addresses()):
         assert _reaches(peer, store.port, store), f"the commit store is unreachable at {peer}:{store.port}"
 
@@ -88,4 +93,6 @@ def test_a_store_for_ranks_sharing_this_namespace_stays_on_loopback(monkeypatch:
     store, address = host_commit_store(RankInfo(0, 2), RanksIn(None), timeout_secs=30)
     assert store is not None and address == ("127.0.0.1", store.port)
     assert _reaches("127.0.0.1", store.port, store)
-    assert not _reaches("127.0.0.2", store.port, store, timeout_secs=1.0)  # bound to the one address the ranks use
+    assert not _reaches(
+        "127.0.0.2", store.port, store, timeout_secs=1.0
+    )  # bound to the one address the ranks use

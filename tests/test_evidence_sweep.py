@@ -48,7 +48,13 @@ def _state(version: int) -> dict[str, Any]:
 def _config(options: dict | None, rank: int, world_size: int, barrier_port: int | None) -> CheckpointerConfig:
     barrier = BarrierConfig()
     if barrier_port is not None:
-        args = {"host": "127.0.0.1", "port": barrier_port, "rank": rank, "world_size": world_size, "timeout_secs": 5}
+        args = {
+            "host": "127.0.0.1",
+            "port": barrier_port,
+            "rank": rank,
+            "world_size": world_size,
+            "timeout_secs": 5,
+        }
         barrier = BarrierConfig(barrier_type="tcp_store", barrier_args=args)
     return CheckpointerConfig(
         storage_options=options,
@@ -154,7 +160,11 @@ def test_sigkill_of_the_async_writer_at_every_commit_step_loses_no_checkpoint(
     for backend, base, _ in targets:
         for point in POINTS[1:]:
             told_here = [t[f"{base}/kill-{point}"] for t in told]
-            assert told_here[0] == "committed" and told_here[1] in ("saved", "committed"), (backend, point, told)
+            assert told_here[0] == "committed" and told_here[1] in ("saved", "committed"), (
+                backend,
+                point,
+                told,
+            )
         assert [t[f"{base}/kill-before_publish"] for t in told] == ["failed: WriterProcessError"] + [
             "failed: DistributedCheckpointError"
         ], (backend, told)

@@ -194,7 +194,9 @@ def detach_from_trainer_signals() -> None:
 
     def exit_when_trainer_is_gone() -> None:
         wait([parent.sentinel])
-        logger.warning("the trainer of this writer process (pid %s) is gone; writer process exits", parent.pid)
+        logger.warning(
+            "the trainer of this writer process (pid %s) is gone; writer process exits", parent.pid
+        )
         os._exit(TRAINER_GONE_EXIT_CODE)  # mid-save too: no trainer waits for its answer
 
     threading.Thread(target=exit_when_trainer_is_gone, name="shardsafe-trainer-watch", daemon=True).start()

@@ -44,7 +44,7 @@ from checkpoint.save.pipeline import PlannedSave, SaveStats, commit_failure
 from checkpoint.save.protocol import PreparedSave
 from checkpoint.save.writer import make_exchange
 from checkpoint.types import RankInfo
-from planners.errors import CheckpointStateError, PostCommitHookError, WriterProcessError
+from planners.errors import CheckpointStateError, PostCommitHookError
 from storage.spec import StorageAccess, StorageSpec
 
 logger = logging.getLogger(__name__)
@@ -284,7 +284,9 @@ class CheckpointProcess:
                 exchange = commit_exchange(self._store, prepared, timeout_secs=timeout_secs)
             except Exception:
                 logger.warning(
-                    "stand-in commit for rank %d could not reach the commit store", prepared.rank, exc_info=True
+                    "stand-in commit for rank %d could not reach the commit store",
+                    prepared.rank,
+                    exc_info=True,
                 )
                 exchange = None
         return commit_failure(spec, exchange, prepared, error)

@@ -89,7 +89,9 @@ def take_back_interrupted(storage: CheckpointStorage | None, prepared: PreparedS
     try:
         storage.remove_created_dirs(prepared.created_dirs)
     except Exception:
-        logger.warning("could not remove the directories of interrupted save %s", prepared.save_id, exc_info=True)
+        logger.warning(
+            "could not remove the directories of interrupted save %s", prepared.save_id, exc_info=True
+        )
 
 
 def _remove_own_files(storage: CheckpointStorage | None, prepared: PreparedSave) -> bool:

@@ -228,7 +228,9 @@ def commit_failure(
     result = RankWriteResult(rank=prepared.rank, error=f"{type(error).__name__}: {error}")
     try:
         if exchange is not None:
-            heartbeat = exchange.heartbeat() if isinstance(exchange, StoreExchange) else contextlib.nullcontext()
+            heartbeat = (
+                exchange.heartbeat() if isinstance(exchange, StoreExchange) else contextlib.nullcontext()
+            )
             with heartbeat:
                 commit_stand_in(storage, exchange, prepared, result)
     except Exception:  # the save failed on every rank, or the exchange broke: storage tells which
