@@ -172,13 +172,7 @@ class FsspecStorage:
         return (self.root,) if self._created else ()
 
     def remove_created_dirs(self, levels: Sequence[str] | None = None) -> None:
-        """Remove the checkpoint directory if `prepare()` created it and a listing shows it empty.
-
-        Evidence required: this directory was created by the save (`levels`), and a listing that
-        succeeded just before found nothing in it. Some file systems' `rmdir` deletes recursively
-        (pyarrow's, behind the HDFS wrapper), so emptiness is never left to `rmdir` to enforce;
-        a listing that fails means keep.
-        """
+        """Remove the directory if `prepare()` created it and a listing shows it empty (`rmdir` may recurse)."""
         created = self._created if levels is None else self.root in levels
         if not created:  # only the checkpoint directory itself: fsspec does not say which parents it made
             return
