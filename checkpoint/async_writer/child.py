@@ -14,6 +14,10 @@ The staging buffer arrives as a file descriptor (passed over the pipe's Unix
 socket) right after the first request that uses it; the process maps it and
 keeps the mapping until it is told to release it or a new buffer arrives.
 
+The process ignores SIGINT and SIGTERM and leaves the trainer's process group
+(signals sent to the job are the trainer's to handle), and exits on its own
+once the trainer is gone (`detach_from_trainer_signals`).
+
 The commit's exchanges run over the store of `checkpoint.async_writer.commit_store`, never
 over the training job's process group, and every wait on it times out; each
 writer deletes the keys it set for a save when its next save starts.

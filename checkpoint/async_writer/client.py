@@ -8,8 +8,11 @@ to finish, sends the request (and, the first time a buffer is used, its file
 descriptor), then waits for the answer. A writer that dies or is killed
 mid-save is replaced in the background at once, and this trainer thread takes
 its part in that save's commit with the failure as its result
-(`checkpoint.save.pipeline.commit_failure`), so the other ranks fail promptly
-instead of at their barrier timeout.
+(`checkpoint.save.pipeline.commit_failure`), so the other ranks learn the
+outcome promptly instead of at their barrier timeout. The writer may have died
+after the save's metadata went out, so that outcome is read from storage: a
+save whose metadata holds its id is committed (reported as `PostCommitHookError`,
+"IS committed"), and nothing of it is deleted.
 
 The writer processes commit through the store of `checkpoint.async_writer.commit_store`,
 which rank 0's trainer hosts; building a `CheckpointProcess` shares its
