@@ -11,16 +11,17 @@ The store has no authentication: any process that reaches its port may set
 or list keys, so each save's values are JSON sealed with that save's secret
 (`checkpoint.save.collectives.StoreExchange`) and the commit checks the results
 against the plan (`planners.commit_check`); where it listens is then a matter of
-reach, not of integrity. The host is `MASTER_ADDR`, as for the job's rendezvous.
-Where that name resolves here to a routable address, the store listens there
-only (torch binds a TCPStore server to every interface whatever host it is
-given, but takes a socket already bound: `master_listen_fd`). Where it resolves
-to loopback (stock Debian/Ubuntu map the host's own name to 127.0.1.1, and
-torchrun's c10d rendezvous sets `MASTER_ADDR` to that name), loopback reaches
-only ranks in this host's network namespace: it is kept when every rank is in
-it, and otherwise the store listens on every interface, as torch's own store
-does, and advertises the name itself, which each rank resolves as it did for
-the rendezvous (`listen_rule`).
+reach, not of integrity. The host is `MASTER_ADDR` (else the host name), as for
+the job's rendezvous. Where it resolves here to a routable address, or is a
+loopback address itself (`127.0.0.1`, `localhost`: a single-host job), the
+store listens there only (torch binds a TCPStore server to every interface
+whatever host it is given, but takes a socket already bound:
+`master_listen_fd`). A *name* that resolves to loopback says nothing about where
+the other ranks are: stock Debian/Ubuntu map the host's own name to 127.0.1.1,
+and torchrun's c10d rendezvous sets `MASTER_ADDR` to that name on multi-node
+jobs too. Then the store listens on every interface, as torch's own store does,
+and advertises the name itself, which each rank resolves as it did for the
+rendezvous (`listen_rule`).
 
 Keys live under one namespace per save (save ids are unique). Each process
 deletes the keys it set for a save when its next save starts: by then every
@@ -47,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 # Pending connections the store's listening socket queues (one per writer process and stand-in trainer).
 LISTEN_BACKLOG = 4096
+# Names that say loopback on purpose (a single-host job), unlike a host name that resolves to it.
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
 
 def host_commit_store(
@@ -54,8 +57,8 @@ def host_commit_store(
 ) -> tuple[dist.TCPStore | None, tuple[str, int] | None]:
     """Rank 0's trainer hosts the commit store; every rank learns its address through `exchange`.
 
-    Collective (a gather of each rank's network namespace, then a broadcast of the address, over the
-    trainers' exchange) when there is more than one rank. Where it listens: `listen_rule`.
+    Collective (a broadcast over the trainers' exchange) when there is more than one rank.
+    Where it listens: `listen_rule`.
 
     Returns:
         The store on rank 0 (None elsewhere; keep it alive) and its `(host, port)`
@@ -63,47 +66,32 @@ def host_commit_store(
     """
     if rank_info.global_world_size == 1:
         return None, None
-    places = exchange.gather(network_namespace())
     store, address = None, None
     if rank_info.global_rank == 0:
-        assert places is not None
-        shared = places[0] is not None and all(p == places[0] for p in places)
         host = os.environ.get("MASTER_ADDR") or socket.gethostname()
-        store, address = _listen(host, timedelta(seconds=timeout_secs), ranks_share_loopback=shared)
+        store, address = _listen(host, timedelta(seconds=timeout_secs))
     return store, exchange.broadcast(address)
 
 
-def network_namespace() -> str | None:
-    """This process's network namespace, the same string for every process that shares its loopback.
-
-    The boot id names the host's kernel and the namespace's inode the namespace on it (two containers
-    on one host have their own loopback). None where Linux's `/proc` does not tell (then loopback is
-    never assumed to reach the other ranks).
-    """
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        return f"{boot}/{os.stat('/proc/self/ns/net').st_ino}"
-    except OSError:
-        return None
-
-
-def listen_rule(host: str, resolved: str, *, ranks_share_loopback: bool) -> tuple[str | None, str]:
+def listen_rule(host: str, resolved: str) -> tuple[str | None, str]:
     """Where the store listens and the host it advertises, for `MASTER_ADDR=host` resolving here to `resolved`.
 
     Returns `(address to bind, advertised host)`; a bind address of None means every interface.
-    A routable address is bound and advertised as resolved. A loopback one is kept only when every
-    rank shares this network namespace; otherwise peers on other hosts could never connect (their own
-    loopback answers), so the store listens everywhere and advertises `host`, the name itself.
+    A routable address is bound and advertised as resolved, and so is loopback named as such (a
+    loopback address, or `localhost`). A name that only resolves to loopback here (127.0.1.1 for
+    the host's own name on Debian) may be what ranks on other hosts resolve to this host's real
+    address: the store listens everywhere and advertises the name.
     """
-    if ipaddress.ip_address(resolved.split("%", 1)[0]).is_loopback and not ranks_share_loopback:
-        return None, host
-    return resolved, resolved
+    if not ipaddress.ip_address(resolved.split("%", 1)[0]).is_loopback:
+        return resolved, resolved
+    try:
+        named_loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        named_loopback = host.lower().rstrip(".") in LOOPBACK_NAMES
+    return (resolved, resolved) if named_loopback else (None, host)
 
 
-def _listen(
-    host: str, timeout: timedelta, *, ranks_share_loopback: bool
-) -> tuple[dist.TCPStore, tuple[str, int]]:
+def _listen(host: str, timeout: timedelta) -> tuple[dist.TCPStore, tuple[str, int]]:
     """A store server listening as `listen_rule` says; the address clients connect to.
 
     Where the address cannot be bound here (a name that resolves elsewhere), torch's own listener,
@@ -111,14 +99,15 @@ def _listen(
     """
     try:
         family, _, _, _, sockaddr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
-        bind, advertised = listen_rule(host, str(sockaddr[0]), ranks_share_loopback=ranks_share_loopback)
+        bind, advertised = listen_rule(host, str(sockaddr[0]))
         if bind is None:
             logger.info(
-                "MASTER_ADDR %s resolves to loopback here and ranks run elsewhere: the commit store listens on "
-                "every interface",
+                "MASTER_ADDR %s resolves to loopback here; the commit store listens on every interface so "
+                "that ranks on other hosts reach it",
                 host,
             )
-            store = dist.TCPStore(host, 0, None, True, timeout=timeout, wait_for_workers=False)
+            # torch listens on every interface whatever host it is given; its own client connects there.
+            store = dist.TCPStore(str(sockaddr[0]), 0, None, True, timeout=timeout, wait_for_workers=False)
             return store, (advertised, store.port)
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
