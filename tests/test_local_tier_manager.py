@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import checkpoint
-from checkpoint.tiers.local_tier import _estimate_node_bytes
+from checkpoint.tiers.node import estimate_node_bytes as _estimate_node_bytes
 from checkpoint.tiers.tier_files import TEMP_MARK
 from planners.metadata import METADATA_FILE
 from tests.test_cli import _run
@@ -64,11 +64,14 @@ def test_local_steps_every_step_retention_steps_by_tier_and_resume_without_durab
 
     target = {"w": torch.zeros(6, 5), "n": None}
     caplog.set_level(logging.INFO)
-    with _manager(tmp_path, ckpt, durable="missing-durable-root") as mgr:
+    # The durable root cannot be read (a file where its directory was: every read fails, none says
+    # "not found"): the local steps tagged with this root are this run's, and step 8 resumes.
+    (tmp_path / "durable").rename(tmp_path / "durable-away")
+    (tmp_path / "durable").write_bytes(b"")
+    with _manager(tmp_path, ckpt) as mgr:
         assert mgr.load(target) == 8
     assert target["n"] == 8 and torch.equal(target["w"], torch.full((6, 5), float(sum(range(1, 9)))))
     assert "resumed step 8 from the local tier" in caplog.text
-    assert not (tmp_path / "missing-durable-root").exists()
     ckpt.close()
 
 
