@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 # A tag is small; anything larger is not one.
 MAX_TAG_BYTES = 1024 * 1024
+# `<prefix><job nonce>-<node>`: each node's marker in its local_root while its job runs.
+NODE_MARKER_PREFIX = ".shardsafe-node-"
 
 
 def read_tag(directory: str) -> LocalTag | None:
@@ -163,3 +165,22 @@ def remove_step_dir(directory: str) -> None:
     except FileNotFoundError:
         pass
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def write_node_marker(root: str, nonce: str, node: int) -> str:
+    """Mark `root` as node `node`'s for the job `nonce` (see `other_nodes`); returns the marker's path."""
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, f"{NODE_MARKER_PREFIX}{nonce}-{node}")
+    with open(path, "w") as f:
+        f.write(f"{node}\n")
+    return path
+
+
+def other_nodes(root: str, nonce: str, node: int) -> list[int]:
+    """The other nodes of job `nonce` whose marker is in `root`: non-empty when nodes share the directory."""
+    prefix = f"{NODE_MARKER_PREFIX}{nonce}-"
+    found = []
+    for name in os.listdir(root):
+        if name.startswith(prefix) and name[len(prefix) :].isdigit() and int(name[len(prefix) :]) != node:
+            found.append(int(name[len(prefix) :]))
+    return sorted(found)

@@ -29,6 +29,7 @@ is never raised.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -40,9 +41,17 @@ from typing import Any
 import torch.distributed as dist
 
 from checkpoint.run.agreement import max_over_ranks
-from checkpoint.run.identity import LocalTag, RunRecord, newest_record, read_run_record, write_run_record
+from checkpoint.run.identity import LocalTag, RunRecord, newest_record
 from checkpoint.run.steps import StepRecord, step_dir_name
-from checkpoint.tiers.local_steps import clean_leftovers, list_tags, prepare_step_dir, prune, warn_foreign
+from checkpoint.tiers.local_steps import (
+    clean_leftovers,
+    list_tags,
+    other_nodes,
+    prepare_step_dir,
+    prune,
+    warn_foreign,
+    write_node_marker,
+)
 from checkpoint.tiers.node import (
     NodeLayout,
     all_gather,
@@ -52,8 +61,10 @@ from checkpoint.tiers.node import (
     shared,
 )
 from checkpoint.tiers.replicate import ReplicaHook
+from checkpoint.tiers.run_record import read_durable, store_durable
 from checkpoint.tiers.server import TierServer
 from checkpoint.tiers.tier_files import local_records
+from planners.errors import CheckpointPathError
 from planners.tier_placement import commit_targets, effective_replicas
 
 logger = logging.getLogger(__name__)
@@ -86,15 +97,30 @@ class LocalTier:
         # when it could not be read (recovery then takes the newest history of this root's tags).
         self.record, self._stored = shared(self._read_record() if _rank(group) == 0 else None, group)
         self._rolled_back = False  # the record changed since it was last stored (a rollback)
-        token = shared(secrets.token_hex(16), group)
+        token, nonce = shared((secrets.token_hex(16), secrets.token_hex(8)), group)
+        self._marker: str | None = None
         if local_rank == 0:
             clean_leftovers(self.root, self.record)
+            self._marker = write_node_marker(self.root, nonce, node)
             host = node_address(address)
             self._server = TierServer(self.root, host=host, token=token, node=node)
         url = self._server.start() if self._server is not None else None
         rank = _rank(group)
         entries = all_gather((node, local_rank, url), group)
         servers = {n: u for n, lr, u in entries if lr == 0 and u is not None}
+        # Every node wrote its marker before the gather above: one seen here from another node of this
+        # job means the nodes share one directory (an NFS path), and "replicas" would be one file.
+        others = other_nodes(self.root, nonce, node) if local_rank == 0 else []
+        if max_over_ranks(int(bool(others)), group):
+            self._drop_marker()
+            if self._server is not None:
+                self._server.stop()
+            raise CheckpointPathError(
+                f"local_root {self.root} is shared by several nodes of this job"
+                + (f" (node {node} sees node(s) {others} there)" if others else " (another node saw it)")
+                + "; the local tier needs a directory of each node's own (a /dev/shm or local NVMe path), "
+                "else replicas overwrite one file and protect nothing"
+            )
         self.layout = NodeLayout(
             rank=rank, node=node, local_rank=local_rank, local_world_size=local_world, servers=servers
         )
@@ -128,26 +154,11 @@ class LocalTier:
 
     def _read_record(self) -> tuple[RunRecord | None, bool]:
         """Rank 0: the durable root's record; a new one where it has none; None where it cannot be read."""
-        if self._durable is None:
-            return RunRecord.new(), False
-        try:
-            storage = self._durable().open()
-            try:
-                found = read_run_record(storage)
-            finally:
-                storage.close()
-        except Exception as e:  # unknown: never assumed to be a new run, nor another run's
-            logger.warning(
-                "local tier: the run record in %s cannot be read (%s); local steps tagged with this "
-                "durable root are trusted only as far as their own tags say",
-                self.durable_root,
-                e,
-            )
-            return None, False
-        return (found, True) if found is not None else (RunRecord.new(), False)
-
-    def adopt(self, record: RunRecord) -> None:
-        self.record = record
+        return (
+            (RunRecord.new(), False)
+            if self._durable is None
+            else read_durable(self._durable, self.durable_root)
+        )
 
     def settle_record(self, tags: list[LocalTag]) -> RunRecord:
         """The record to use when the durable one could not be read: the newest history of this root's
@@ -179,28 +190,13 @@ class LocalTier:
 
     def _store_record(self) -> None:
         """Store the record in the durable root (rank 0; collective agreement on the outcome)."""
-        ok = 1
+        stored = self.record
         if self.layout.rank == 0 and self.record is not None and self._durable is not None:
-            try:
-                storage = self._durable().open()
-                try:
-                    stored = write_run_record(storage, self.record, first=not self._rolled_back)
-                finally:
-                    storage.close()
-                if stored != self.record:  # another job of this root stored its own first
-                    logger.warning(
-                        "local tier: %s holds another run's record; adopting it", self.durable_root
-                    )
-                self.record = stored
-            except Exception as e:
-                ok = 0
-                logger.warning(
-                    "local tier: cannot store the run record in %s (retried at the next local save): %s",
-                    self.durable_root,
-                    e,
-                )
-        self.record, ok = shared((self.record, ok), self.group)
-        self._stored = bool(ok)
+            stored = store_durable(
+                self._durable, self.record, first=not self._rolled_back, where=self.durable_root
+            )
+        ok = stored is not None
+        self.record, self._stored = shared((stored or self.record, ok), self.group)
 
     def _tag(self) -> LocalTag:
         assert self.record is not None
@@ -350,10 +346,17 @@ class LocalTier:
             self._upload = None
         return state == 2
 
+    def _drop_marker(self) -> None:
+        if self._marker is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._marker)
+            self._marker = None
+
     def close(self) -> None:
         try:
             self.wait()
         finally:
+            self._drop_marker()
             if self._uploader is not None:
                 self._uploader.close()
             if self._ckpt is not None:
