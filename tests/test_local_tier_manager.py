@@ -86,7 +86,10 @@ def test_start_up_cleans_leftovers_of_a_killed_job(tmp_path: Path) -> None:
     os.unlink(local / "step-000000004" / METADATA_FILE)  # newer than the newest commit: may hold copies
     (local / "step-000000003" / f"metadata.json{TEMP_MARK}1a2b").write_bytes(b"half a receipt")
     with _manager(tmp_path, ckpt) as mgr:
-        assert sorted(os.listdir(local)) == ["step-000000003", "step-000000004"]
+        assert sorted(n for n in os.listdir(local) if not n.startswith(".")) == [
+            "step-000000003",
+            "step-000000004",
+        ]
         assert not any(TEMP_MARK in n for n in os.listdir(local / "step-000000003"))
         assert [(r.step, r.tiers) for r in mgr.steps()] == [(3, ("local",))]
     ckpt.close()
