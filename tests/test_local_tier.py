@@ -7,12 +7,16 @@ step 7 is committed, node 1's agent and ranks are SIGKILLed and its local
 root deleted (a copy is kept for the tests that need both nodes' replicas),
 then node 0's. Each test resumes a new job from private copies of what was
 left and checks, in the job, that parameters and AdamW state equal the
-expected step's exactly. Where the durable root is given as a path that does
-not exist, no byte can have come from it.
+expected step's exactly. Where the durable root is unreachable (the job's own
+durable path, with a plain file in its place: every read of it fails, none
+says "not found"), no byte can have come from it, and the local steps are
+trusted as this run's by their tags alone. A fresh durable root is a new run:
+another test shows that the same local steps are then never resumed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -112,6 +116,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"out": out, "durable": durable, "node0": roots[0], "node1": base / "node1-copy"}
 
 
+@contextlib.contextmanager
+def _unreachable(durable: Path):
+    """The job's durable root, unreadable for a while: a plain file where its directory was."""
+    away = durable.with_name(durable.name + ".away")
+    durable.rename(away)
+    durable.write_bytes(b"")
+    try:
+        yield durable
+    finally:
+        durable.unlink()
+        away.rename(durable)
+
+
 def _resume(
     tmp: Path, trained: dict[str, Path], roots: list[Path | None], nproc: int, *, expect: int, durable: bool
 ) -> str:
@@ -125,19 +142,23 @@ def _resume(
         local.append(tmp / f"local-node{node}")
         if root is not None:
             shutil.copytree(root, local[-1])
-    where = shutil.copytree(trained["durable"], tmp / "durable") if durable else tmp / "unreachable-durable"
-    script = ["--phase", "resume", "--out", str(out), "--durable", str(where), "--expect", str(expect)]
-    endpoint = (f"127.0.0.1:{free_port()}", uuid.uuid4().hex)
-    agents = [
-        _agent(f"resume-node{n}", n, len(roots), nproc, endpoint, script, logs, local[n])
-        for n in range(len(roots))
-    ]
-    _run_job(agents)
+    with contextlib.ExitStack() as stack:
+        where = (
+            shutil.copytree(trained["durable"], tmp / "durable")
+            if durable
+            else stack.enter_context(_unreachable(trained["durable"]))
+        )
+        script = ["--phase", "resume", "--out", str(out), "--durable", str(where), "--expect", str(expect)]
+        endpoint = (f"127.0.0.1:{free_port()}", uuid.uuid4().hex)
+        agents = [
+            _agent(f"resume-node{n}", n, len(roots), nproc, endpoint, script, logs, local[n])
+            for n in range(len(roots))
+        ]
+        _run_job(agents)
     world = nproc * len(roots)
     assert sorted(p.name for p in out.glob("resumed-*")) == sorted(
         f"resumed-{r}-of-{world}.json" for r in range(world)
     )
-    assert not (tmp / "unreachable-durable").exists()
     return "\n".join(a.log.read_text(errors="replace") for a in agents)
 
 

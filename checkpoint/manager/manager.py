@@ -40,6 +40,7 @@ from checkpoint.manager.attempt import FAILED, LOADED, attempt_load
 from checkpoint.manager.listing import INCOMPLETE, load_step, shared_listing
 from checkpoint.manager.retention import RetentionPolicy, prune, quarantine, resume_protected
 from checkpoint.manager.signals import PreemptionNotice, agreement_group
+from checkpoint.run.retention import check_count
 from checkpoint.run.steps import StepRecord, check_run_root, join, scan_steps, step_dir_name
 from checkpoint.save.plan_exchange import comparable_path
 from checkpoint.tiers.manager_tier import (
@@ -110,10 +111,10 @@ class CheckpointManager:
         local_address: str | None = None,
     ) -> None:
         root = checkpoint_path(root, what="root")
-        _check_count("keep_last", keep_last, optional=True)
-        _check_count("keep_every", keep_every, optional=True)
-        _check_count("interval_steps", interval_steps)
-        _check_count("preemption_check_steps", preemption_check_steps)
+        check_count("keep_last", keep_last, optional=True)
+        check_count("keep_every", keep_every, optional=True)
+        check_count("interval_steps", interval_steps)
+        check_count("preemption_check_steps", preemption_check_steps)
         self.root = root.rstrip("/")
         self.keep_last, self.keep_every = keep_last, keep_every
         self._policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
@@ -132,6 +133,7 @@ class CheckpointManager:
         self._unloadable: set[int] = set()  # damaged steps still in place: retention leaves them alone
         self._resumed: int | None = None  # the step this manager loaded: protected (resume_protected)
         self._committed: set[int] = set()  # steps this manager saved and saw committed
+        self._from: str | None = None  # the tier the last load read from (`resumed_from`)
         self._warned: set[str] = set()  # listing problems already logged (one warning each)
         self._preempted = False
         self._closed = False
@@ -157,6 +159,11 @@ class CheckpointManager:
         """The newest complete step, or None when there is none."""
         complete = [r.step for r in self.steps() if r.complete]
         return max(complete) if complete else None
+
+    @property
+    def resumed_from(self) -> str | None:
+        """Where the last `load()` read its step from: "local" (the node-local tier), "durable", or None."""
+        return self._from
 
     @property
     def preempted(self) -> bool:
@@ -191,7 +198,8 @@ class CheckpointManager:
             self.wait_until_finished()  # durable before the scheduler's SIGKILL
             self._notice.clear()
             self._preempted = True
-            logger.warning("preemption signal: step %d saved and durable at %s", step, self._step_url(step))
+            where = display_url(join(self.root, step_dir_name(step)))
+            logger.warning("preemption signal: step %d saved and durable at %s", step, where)
         return True
 
     def _check_preemption(self, step: int) -> bool:
@@ -292,11 +300,13 @@ class CheckpointManager:
         if step is not None and self._local is not None:
             load = lambda: self._load_named(state, step, found, strict)  # noqa: E731
             self._newest = load_named(self._local, state, step, found, strict, load, self._durable_listing)
+            self._from = self._local.resumed_from
             return self._newest
         if step is not None:
             return self._load_named(state, step, found, strict)
         if self._local is not None:  # the local tier first, the durable steps as fallback
             self._newest = recover_tiers(self._local, state, found, strict, self._try_load)
+            self._from = self._local.resumed_from
             return self._newest
         complete = [(path, r) for path, r in found if r.complete]
         # An incomplete step (its marker definitely absent) is replaced by a save of its step; an
@@ -334,7 +344,7 @@ class CheckpointManager:
         attempt = attempt_load(self._ckpt, path, state, strict, self._group)
         error = attempt.error
         if attempt.worst == LOADED:
-            self._newest = self._resumed = record.step
+            self._newest, self._resumed, self._from = record.step, record.step, "durable"
             logger.info("loaded step %d from %s in %.3fs", record.step, record.path, attempt.seconds)
             return True
         if attempt.worst == FAILED or not skip_damaged:
@@ -384,16 +394,6 @@ class CheckpointManager:
             check_run_root(spec)
             self._root_spec = spec
         return self._root_spec
-
-    def _step_url(self, step: int) -> str:
-        return display_url(join(self.root, step_dir_name(step)))
-
-
-def _check_count(name: str, value: Any, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
 
 
 __all__ = ["CheckpointManager", "StepRecord"]

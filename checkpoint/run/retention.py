@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from checkpoint.run.identity import RunRecord
 from checkpoint.run.steps import StepRecord
@@ -44,6 +45,14 @@ class Deletion:
 
     record: StepRecord
     reason: str
+
+
+def check_count(name: str, value: Any, *, optional: bool = False) -> None:
+    """`ValueError` naming the option unless `value` is an int >= 1 (or None when `optional`)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
 
 
 def resume_protected(

@@ -97,6 +97,7 @@ class LocalTier:
         # when it could not be read (recovery then takes the newest history of this root's tags).
         self.record, self._stored = shared(self._read_record() if _rank(group) == 0 else None, group)
         self._rolled_back = False  # the record changed since it was last stored (a rollback)
+        self.resumed_from: str | None = None  # "local" or "durable": where recovery found its step
         token, nonce = shared((secrets.token_hex(16), secrets.token_hex(8)), group)
         self._marker: str | None = None
         if local_rank == 0:

@@ -132,7 +132,9 @@ def load_named(
     from checkpoint.tiers.recovery import after_named_load, load_local_step
 
     complete = sorted(r.step for _, r in found if r.complete)
+    tier.resumed_from = "local"
     if step in complete or not load_local_step(tier, state, step, strict=strict):
+        tier.resumed_from = "durable"
         load_durable()  # raises FileNotFoundError naming the step when neither tier has it
     abandoned = []
     if tier.layout.rank == 0:

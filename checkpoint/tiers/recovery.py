@@ -112,6 +112,7 @@ def recover(
             return _resumed(tier, step, head, "local")
         if step in durable_steps and try_durable(step):
             return _resumed(tier, step, head, "durable")
+    tier.resumed_from = None
     if head is not None:
         tier.roll_back(None)
     return None
@@ -135,6 +136,7 @@ def after_named_load(tier: LocalTier, step: int, durable_steps: list[int], aband
 
 def _resumed(tier: LocalTier, step: int, head: int | None, where: str) -> int:
     tier.loaded(step)
+    tier.resumed_from = where
     if where == "durable" and tier.layout.rank == 0:
         logger.info("resumed step %d from the durable tier", step)
     if head is not None and step < head:
