@@ -17,6 +17,7 @@ another test shows that the same local steps are then never resumed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import shutil
@@ -77,7 +78,7 @@ def _agent(
     return Launched(name=name, proc=proc, log=log)
 
 
-def _wait_for_commit(fifo: Path, agents: list[Launched]) -> None:
+def _wait_for_commit(fifo: Path, agents: list[Launched], expected: bytes = b"7\n") -> None:
     """Block until the job says step 7 is committed (or an agent exits, or the deadline passes)."""
     fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # holding a write end too: no EOF before the job writes
     exits = [os.pidfd_open(a.proc.pid) for a in agents]
@@ -90,7 +91,7 @@ def _wait_for_commit(fifo: Path, agents: list[Launched]) -> None:
                 "the training job did not commit step 7\n" + "\n".join(_tail(a) for a in agents),
                 pytrace=False,
             )
-        assert os.read(fd, 16) == b"7\n"
+        assert os.read(fd, 16) == expected
     finally:
         os.close(fd)
         for e in exits:
@@ -246,3 +247,44 @@ def test_three_nodes_ring_replicas_commit_and_a_lost_middle_node_is_rebuilt(tmp_
         job, {"out": out, "durable": durable}, [roots[0], None, roots[2]], 1, expect=7, durable=False
     )
     assert "resumed step 7 from the local tier" in logs
+
+
+def _plant_killed_write(root: Path) -> None:
+    """What a SIGKILL during the local write of the step after node 0's newest commit leaves, made certain:
+    the step directory with this run's tag and a truncated shard file of another save id (on main the
+    next save replicated it, the peer refused it, and every restart crashed at that save)."""
+    committed = sorted(p for p in root.glob("step-*") if (p / "metadata.json").is_file())
+    newest = committed[-1]
+    nxt = root / f"step-{int(newest.name.split('-')[1]) + 1:09d}"
+    nxt.mkdir(exist_ok=True)
+    shutil.copy(newest / "shardsafe-run.json", nxt / "shardsafe-run.json")
+    shard = next(p for p in newest.iterdir() if SHARD_FILE_RE.fullmatch(p.name))
+    (nxt / "shard-0123456789ab-r00000-000.safetensors").write_bytes(shard.read_bytes()[:100])
+
+
+def test_kills_during_local_writes_never_make_a_crash_loop(tmp_path: Path) -> None:
+    """Issue 23 item 7: kill during a local write, restart three times; training goes on each time."""
+    out, logs, durable = tmp_path / "out", tmp_path / "logs", tmp_path / "durable"
+    for d in (out, logs):
+        d.mkdir()
+    os.mkfifo(out / "committed.fifo")
+    roots = [tmp_path / "local-node0", tmp_path / "local-node1"]
+    kills, until = [3, 6, 9], 11
+    for run, kill_at in enumerate([*kills, 0]):
+        script = ["--phase", "loop", "--out", str(out), "--durable", str(durable)]
+        script += ["--kill-at", str(kill_at), "--until", str(until), "--run", str(run)]
+        rdzv = (f"127.0.0.1:{free_port()}", uuid.uuid4().hex)
+        agents = [_agent(f"loop{run}-node{n}", n, 2, 1, rdzv, script, logs, roots[n]) for n in (0, 1)]
+        if kill_at:
+            _wait_for_commit(out / "committed.fifo", agents, f"{kill_at}\n".encode())
+            for agent in agents:
+                _kill_tree(agent)
+            _plant_killed_write(roots[0])
+        else:
+            _run_job(agents)
+    resumed = [json.loads((out / f"loop-{run}-0.json").read_text())["resumed"] for run in range(4)]
+    assert resumed[0] is None
+    for run, kill_at in enumerate(kills, start=1):
+        assert resumed[run] is not None and kill_at - 1 <= resumed[run] <= kill_at, resumed
+    # The last run trained to the end: its last local step committed on both nodes.
+    assert all((root / f"step-{until:09d}" / "metadata.json").is_file() for root in roots)
