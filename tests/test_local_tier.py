@@ -169,6 +169,9 @@ def test_lost_node_resumes_on_two_nodes_from_the_local_tier_without_the_durable_
     assert not trained["node1"].samefile(trained["node0"])
     logs = _resume(tmp_path, trained, [trained["node0"], None], 2, expect=7, durable=False)
     assert "resumed step 7 from the local tier" in logs and "from the durable tier" not in logs
+    # Which tier a resume came from, without INFO logging (the README's example prints it).
+    resumed = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("resumed-*"))]
+    assert resumed == [{"step": 7, "resumed_from": "local"}] * 4
     # Node 1 started empty; its rank read node 0's copies over HTTP (a peer's server).
     assert "loaded local tier step-000000007 (node 1's view)" in logs
 
@@ -219,6 +222,8 @@ def test_every_copy_damaged_falls_back_to_the_durable_step(tmp_path: Path, train
 def test_both_local_roots_gone_resumes_from_the_durable_step(tmp_path: Path, trained) -> None:
     logs = _resume(tmp_path, trained, [None, None], 1, expect=5, durable=True)
     assert "resumed step 5 from the durable tier" in logs
+    resumed = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("resumed-*"))]
+    assert resumed == [{"step": 5, "resumed_from": "durable"}] * 2
 
 
 def test_three_nodes_ring_replicas_commit_and_a_lost_middle_node_is_rebuilt(tmp_path: Path) -> None:

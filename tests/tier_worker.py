@@ -97,7 +97,9 @@ def resume_phase(args: argparse.Namespace) -> None:
     assert_same(expected[args.expect], snapshot(model, optim), f"step {args.expect}")
     mgr.close()
     ckpt.close()
-    (args.out / f"resumed-{rank}-of-{world}.json").write_text(json.dumps({"step": step}))
+    (args.out / f"resumed-{rank}-of-{world}.json").write_text(
+        json.dumps({"step": step, "resumed_from": mgr.resumed_from})
+    )
 
 
 def loop_phase(args: argparse.Namespace) -> None:
