@@ -131,7 +131,7 @@ def _resume_times(state: dict, durable: str, local: Path, options: dict, repeats
         local_mgr.close()
         ckpt.close()
     seconds = []
-    for attempt in range(repeats):
+    for _ in range(repeats):
         job = uuid.uuid4().hex[:8]
         roots = [local.parent / f"lost-{job}-node0", local.parent / f"lost-{job}-node1"]
         shutil.copytree(local, roots[0])  # node 0 kept its disk; node 1 lost its own (an empty root)
