@@ -144,6 +144,28 @@ def test_a_step_of_the_abandoned_timeline_on_another_copy_is_never_resumed(tmp_p
     assert target["n"] == 5
 
 
+def test_durable_steps_a_rollback_abandoned_are_never_resumed_and_are_replaced(tmp_path: Path, ckpt) -> None:
+    with _mgr(tmp_path, ckpt, local_keep_last=2) as mgr:
+        for step in range(1, 13):
+            mgr.save(step, _state(step))  # durable 5 and 10; local 11 and 12
+    with _mgr(tmp_path, ckpt) as mgr:
+        assert mgr.load(_state(-1), step=5) == 5
+        for step in (6, 7, 8):
+            mgr.save(step, _state(3000 + step))
+        mgr.wait_until_finished()
+        assert [r.step for r in mgr.steps()] == [5, 7, 8]  # durable 10 is abandoned: not listed
+    target = _state(-1)
+    with _mgr(tmp_path, ckpt) as mgr:  # a crash, and the restart
+        assert mgr.load(target) == 8 and mgr.resumed_from == "local"  # not the abandoned durable 10
+        assert target["n"] == 3008
+        for step in (9, 10):
+            mgr.save(step, _state(3000 + step))  # durable 10 again: replaces the abandoned one
+        mgr.wait_until_finished()
+    target = _state(-1)
+    assert checkpoint.CheckpointManager(str(tmp_path / "durable"), checkpointer=ckpt).load(target) == 10
+    assert target["n"] == 3010
+
+
 # --- item 3: damaged local steps never take the place of new good ones ------------------------------
 
 

@@ -98,7 +98,12 @@ def durable_or_none(
     record = None if tier is None else tier.record
     if record is None or not record.abandoned:
         return found
-    return [(spec, r) for spec, r in found if not record.abandoned_save(r.step, _save_id(spec))]
+    numbers = {a.step for a in record.abandoned}  # only those steps' save ids are read
+    return [
+        (spec, r)
+        for spec, r in found
+        if r.step not in numbers or not record.abandoned_save(r.step, _save_id(spec))
+    ]
 
 
 def abandoned_steps(tier: LocalTier | None) -> set[int]:
