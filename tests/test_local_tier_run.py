@@ -422,3 +422,40 @@ def test_ls_shows_local_world_size_and_time_and_load_of_a_local_only_step(tmp_pa
     with _mgr(tmp_path, ckpt) as mgr:
         assert mgr.load(target, step=6) == 6  # only the local tier holds step 6
     assert target["n"] == 6 and torch.equal(target["w"], torch.full((4, 3), 6.0))
+
+
+# --- item 8: recovery reads straight into the targets, from own disk and from peers -----------------
+
+
+def test_recovery_reads_straight_into_targets_from_own_disk_and_peers(tier: dict) -> None:  # noqa: F811
+    from checkpoint.load.loader import load_checkpoint
+    from checkpoint.options import LoadOptions
+    from checkpoint.tiers.holders import Holder, HolderStorage
+    from planners.errors import InvalidCheckpointError
+    from storage.local import LocalStorage
+
+    _replicate(tier)
+    names = _files(tier["source"])
+    own, peer = LocalStorage(str(tier["source"])), client.peer_storage(tier["url"], tier["token"], STEP)
+    # The first shard file from this node's disk, the rest (metadata too) from the peer.
+    holders = {
+        n: [Holder(node=0 if i == 0 else 1, url="", storage=own if i == 0 else peer)]
+        for i, n in enumerate(names)
+    }
+    storage = HolderStorage("local tier step-000000007 (test view)", holders)
+    assert callable(storage.read_ranges_into)  # the loader's straight-into-target path, for every file
+    target = {"w": torch.zeros(64, 64), "b": torch.zeros(3), "n": None}
+    w = target["w"]
+    loaded, missing = load_checkpoint(storage, target, rank=0, world_size=1, options=LoadOptions())
+    assert missing == [] and loaded["w"] is w  # filled in place
+    assert torch.equal(w, tier["state"]["w"]) and torch.equal(loaded["b"], tier["state"]["b"])
+
+    def refuse(index: int, start: int, data: memoryview) -> None:
+        raise InvalidCheckpointError("part refused by its check")
+
+    out = memoryview(bytearray(b"\x07" * 256))
+    for name in (names[0], names[1]):  # own disk, then the peer: a refused part never lands
+        with pytest.raises(InvalidCheckpointError, match="part refused"):
+            storage.read_ranges_into(name, [(0, out)], align=1, check=refuse)
+        assert bytes(out) == b"\x07" * 256
+    storage.close()
