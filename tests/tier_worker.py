@@ -118,7 +118,7 @@ def loop_phase(args: argparse.Namespace) -> None:
     start = mgr.load(state)
     if start is not None:  # the values of the step resumed: each save below wrote its own step's
         assert state["step"] == start and torch.equal(state["w"], torch.full((32, 32), float(start))), start
-    (args.out / f"loop-{args.run}-{rank}.json").write_text(json.dumps({"resumed": start}))
+    (args.out / f"loop-{args.attempt}-{rank}.json").write_text(json.dumps({"resumed": start}))
     for step in range((start or 0) + 1, args.until + 1):
         state["w"].fill_(float(step))
         state["step"] = step
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--expect", type=int, default=7)
     parser.add_argument("--kill-at", type=int, default=0)
     parser.add_argument("--until", type=int, default=0)
-    parser.add_argument("--run", type=int, default=0)
+    parser.add_argument("--attempt", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, format=f"rank {os.environ.get('RANK')} %(name)s %(levelname)s %(message)s"
