@@ -52,10 +52,7 @@ from checkpoint.tiers.manager_tier import (
     recover_tiers,
 )
 from checkpoint.types import STATE_DICT, RankInfo, checkpoint_path
-from planners.errors import (
-    CheckpointStateError,
-    DistributedCheckpointError,
-)
+from planners.errors import CheckpointStateError, DistributedCheckpointError
 from storage.redact import display_url
 from storage.spec import StorageSpec
 
@@ -215,8 +212,9 @@ class CheckpointManager:
         # previous write is not raised here: the checkpointer's save() below raises it.
         if previous is not None and previous[1].exception() is None:
             self._purge(committed=previous[0])
-        saver = self._local.uploading(self._ckpt, step) if upload and self._local else self._ckpt
         replace = step in self._damaged or step in abandoned_steps(self._local)  # never a good step's place
+        uploading = upload and self._local is not None and not replace
+        saver = self._local.uploading(self._ckpt, step) if uploading and self._local else self._ckpt
         result = saver.save(state, path, overwrite=replace)
         self._newest = step
         if result is None:
