@@ -70,8 +70,13 @@ def test_local_steps_every_step_retention_steps_by_tier_and_resume_without_durab
     (tmp_path / "durable").write_bytes(b"")
     with _manager(tmp_path, ckpt) as mgr:
         assert mgr.load(target) == 8
+        for step in (9, 11):  # local saves go on (not durable ones: 10 would fail, as it must)
+            assert mgr.save(step, target) is True
+        mgr.wait_until_finished()
+        assert [r.step for r in mgr.steps()] == [9, 11]  # this run's local steps, tagged as 8 was
     assert target["n"] == 8 and torch.equal(target["w"], torch.full((6, 5), float(sum(range(1, 9)))))
     assert "resumed step 8 from the local tier" in caplog.text
+    assert caplog.text.count("cannot store the run record") == 1  # warned once, retried at every local save
     ckpt.close()
 
 

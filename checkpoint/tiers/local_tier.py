@@ -199,6 +199,9 @@ class LocalTier:
         ok = stored is not None
         self.record, self._stored = shared((stored or self.record, ok), self.group)
 
+    def _own_steps(self) -> list[int]:
+        return [r.step for r in local_records(self.root)]
+
     def _tag(self) -> LocalTag:
         assert self.record is not None
         return LocalTag(record=self.record, durable_root=self.durable_root)
@@ -217,7 +220,7 @@ class LocalTier:
         """Start a local save of `state` at `step` (every rank); False when it is skipped (with a warning)."""
         self.wait()
         if self.record is None:
-            self.settle_record([])
+            self.settle_record([t for t in list_tags(self.root, self._own_steps()).values() if t is not None])
         if not self._stored:
             self._store_record()
         problem = self._prepare(step, state) if self.layout.local_rank == 0 else 0

@@ -14,6 +14,8 @@ from typing import Any
 from checkpoint.run.identity import RunRecord, read_run_record, write_run_record
 
 logger = logging.getLogger(__name__)
+# Durable roots whose record could not be stored, already warned about (a local save retries every step).
+_WARNED: set[str] = set()
 
 
 def read_durable(durable: Callable[[], Any], where: str) -> tuple[RunRecord | None, bool]:
@@ -45,10 +47,10 @@ def store_durable(
             stored = write_run_record(storage, record, first=first)
         finally:
             storage.close()
-    except Exception as e:
-        logger.warning(
-            "local tier: cannot store the run record in %s (retried at the next local save): %s", where, e
-        )
+    except Exception as e:  # one warning per root and process; later failures at debug level
+        log = logger.debug if where in _WARNED else logger.warning
+        _WARNED.add(where)
+        log("local tier: cannot store the run record in %s (retried at the next local save): %s", where, e)
         return None
     if stored != record:  # another job of this root stored its own first
         logger.warning("local tier: %s holds another run's record (%s); adopting it", where, stored.run_id)
