@@ -369,6 +369,10 @@ def test_a_frozen_peer_read_ends_within_its_bound(monkeypatch) -> None:
         with pytest.raises(OSError):
             storage.read_bytes(METADATA_FILE)
         assert time.monotonic() - start < 15  # 2 attempts of 1 s and a short backoff; was up to 30 min
+        start = time.monotonic()
+        with pytest.raises(StorageError, match="cannot be reached"):  # a listing is bounded the same way
+            client.list_node_tags(url, "token", node=1)
+        assert time.monotonic() - start < 15
     finally:
         listener.close()
 

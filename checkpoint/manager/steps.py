@@ -1,43 +1,14 @@
-"""The step directories of a run, as the manager and `shardsafe ls` name them: see `checkpoint.run.steps`.
+"""The step directories of a run, where the manager used to keep them: this name is `checkpoint.run.steps`.
 
-The run's vocabulary moved below both tiers (`checkpoint.run`); this module keeps the names importable
-from where they were.
+The run's vocabulary moved below both tiers (`checkpoint.run`). This module makes the old import path
+the very same module object, not a copy of its names, so code written against it (imports, and
+patches of its functions in tests) keeps working unchanged.
 """
 
 from __future__ import annotations
 
-from checkpoint.run.steps import (
-    QUARANTINE_SUFFIX,
-    STEP_DIGITS,
-    STEP_DIR_RE,
-    StepRecord,
-    check_run_root,
-    join,
-    list_step_dirs,
-    modified_at,
-    not_a_directory,
-    parse_step_dir,
-    quarantine_step,
-    remove_step,
-    scan_steps,
-    step_dir_name,
-    step_dirs,
-)
+import sys
 
-__all__ = [
-    "QUARANTINE_SUFFIX",
-    "STEP_DIGITS",
-    "STEP_DIR_RE",
-    "StepRecord",
-    "check_run_root",
-    "join",
-    "list_step_dirs",
-    "modified_at",
-    "not_a_directory",
-    "parse_step_dir",
-    "quarantine_step",
-    "remove_step",
-    "scan_steps",
-    "step_dir_name",
-    "step_dirs",
-]
+from checkpoint.run import steps as _steps
+
+sys.modules[__name__] = _steps

@@ -34,11 +34,11 @@ PEER_READ_ATTEMPTS = 2
 PEER_TIMEOUT_ENV = "SHARDSAFE_PEER_TIMEOUT_SECS"
 
 
-def _connection(base_url: str) -> tuple[http.client.HTTPConnection, str]:
+def _connection(base_url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
     parts = urllib.parse.urlsplit(base_url)
     if parts.scheme != "http" or parts.hostname is None or parts.port is None:
         raise ValueError(f"a local tier server URL is http://host:port, got {base_url!r}")
-    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=REQUEST_TIMEOUT_SECS), parts.path
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout), parts.path
 
 
 def request(
@@ -50,9 +50,10 @@ def request(
     body: Any = None,
     headers: dict | None = None,
     max_bytes: int = MAX_LISTING_BYTES,
+    timeout: float = REQUEST_TIMEOUT_SECS,
 ) -> tuple[int, bytes]:
-    """One request; (status, body). Transport failures raise `OSError`."""
-    conn, _ = _connection(base_url)
+    """One request; (status, body). Transport failures raise `OSError` (`timeout`: per socket operation)."""
+    conn, _ = _connection(base_url, timeout)
     try:
         conn.request(method, path, body=body, headers={TOKEN_HEADER: token, **(headers or {})})
         response = conn.getresponse()
@@ -94,7 +95,7 @@ def put_file(base_url: str, token: str, step_dir: str, path: str, *, node: int) 
 def list_node(base_url: str, token: str, *, node: int) -> dict[int, StepHolding]:
     """What node `node` holds; `StorageError` when it cannot be reached or refuses."""
     try:
-        status, body = request(base_url, token, "GET", "/v1/steps")
+        status, body = request(base_url, token, "GET", "/v1/steps", timeout=peer_timeout_secs())
     except OSError as e:
         raise StorageError(f"node {node}'s local tier ({base_url}) cannot be reached: {e}") from e
     if status != 200:
@@ -107,7 +108,7 @@ def list_node_tags(
 ) -> tuple[dict[int, StepHolding], dict[int, LocalTag | None]]:
     """What node `node` holds and each step's tag (None: none, or not a valid one)."""
     try:
-        status, body = request(base_url, token, "GET", "/v1/steps")
+        status, body = request(base_url, token, "GET", "/v1/steps", timeout=peer_timeout_secs())
     except OSError as e:
         raise StorageError(f"node {node}'s local tier ({base_url}) cannot be reached: {e}") from e
     if status != 200:
@@ -142,7 +143,9 @@ def peer_timeout_secs() -> float:
 def quarantine(base_url: str, token: str, step_dir: str, name: str, *, node: int) -> bool:
     """Ask node `node` to rename its copy aside; False when it could not (already gone, unreachable)."""
     try:
-        status, _ = request(base_url, token, "POST", f"/v1/quarantine/{step_dir}/{name}")
+        status, _ = request(
+            base_url, token, "POST", f"/v1/quarantine/{step_dir}/{name}", timeout=peer_timeout_secs()
+        )
     except OSError:
         return False
     return status == 200
