@@ -258,7 +258,7 @@ def run_pre_commit(hook: CommitHook | None, path: str, result: RankWriteResult) 
     if hook is None or result.error is not None:
         return result
     try:
-        hook.pre_commit(path, rank=result.rank)
+        hook.pre_commit(path, rank=result.rank, files=tuple(sorted(result.files)))
     except Exception as e:  # fails the save on every rank, through the commit exchange
         return dataclasses.replace(result, error=f"pre_commit hook failed: {type(e).__name__}: {e}")
     return result
