@@ -38,7 +38,7 @@ from typing import Any
 from benchmarks.scale_layouts import LAYERS, SCHEMES, Job, supported
 from checkpoint.save.plan_exchange import _representatives, draft_plan
 from planners.dtypes import itemsize, safetensors_code
-from planners.global_plan import WorldStructure, from_run_lengths, structure_of, writes_of
+from planners.global_plan import WorldStructure, from_run_lengths, structure_of
 from planners.grid import CHECKSUM_ENTRY, _cuts
 from planners.load_plan import LoadTarget, build_index, plan_tensor_reads
 from planners.metadata import (
@@ -53,6 +53,7 @@ from planners.metadata import (
 from planners.metadata_parse import parse_metadata
 from planners.placement import _chunk_box, _replica_positions, chunk_box, coordinate_of
 from planners.save_plan import FilePlan, WriteItem, pack_files
+from planners.world_layout import writes_of
 from storage.checksummed_shard import checksum_slices
 from storage.safetensors_io import parse_header
 

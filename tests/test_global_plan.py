@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from planners.boxes import tiling_problem
 from planners.errors import InvalidStateDictError
-from planners.global_plan import WorldStructure, from_run_lengths, run_lengths, structure_of, writes_of
+from planners.global_plan import WorldStructure, from_run_lengths, run_lengths, structure_of
 from planners.placement import Layout, Replicate, Shard, StridedShard
 from planners.world_check import check_world
+from planners.world_layout import writes_of
 
 
 def _world(structures, table):

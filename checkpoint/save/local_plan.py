@@ -13,6 +13,7 @@ or the staging copy (async). Nothing here does I/O or joins an exchange;
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from planners.dtypes import dtype_name
 from planners.errors import InvalidStateDictError
 from planners.placement import Layout
 from planners.save_plan import LocalChunk, LocalPlan, chunk_layouts, plan_local
+from planners.union import MAX_COMPARED_BYTES, MAX_COMPARED_TOTAL_BYTES
 from planners.values import JSON, encode_value
 
 
@@ -37,6 +39,8 @@ class LocalSave:
     rank_local_values: dict[str, JSON]
     structure: JSON
     layouts: dict[str, Layout | None] = field(default_factory=dict)  # fqn -> DTensor layout (None: plain)
+    # fqn -> digest of a small plain tensor's bytes, compared across ranks when the plan is made.
+    value_digests: dict[str, str] = field(default_factory=dict)
 
 
 def describe_local(flat: FlatStateDict, rank: int, *, allow_pickle: bool) -> LocalSave:
@@ -62,7 +66,28 @@ def describe_local(flat: FlatStateDict, rank: int, *, allow_pickle: bool) -> Loc
         rank_local_values=rank_local_values,
         structure=flat.structure,
         layouts=chunk_layouts(chunks),
+        value_digests=_value_digests(flat),
     )
+
+
+def _value_digests(flat: FlatStateDict) -> dict[str, str]:
+    """Digests of the plain tensors small enough to compare across ranks (`planners.union`).
+
+    A plain tensor is taken as replicated; comparing digests is how a rank-dependent one (a sample
+    counter, an RNG state, an unseeded module) is caught. Only tensors up to `MAX_COMPARED_BYTES`,
+    and at most `MAX_COMPARED_TOTAL_BYTES` per rank, are hashed: each costs a host copy on a GPU.
+    """
+    out: dict[str, str] = {}
+    budget = MAX_COMPARED_TOTAL_BYTES
+    for leaf in flat.tensors.values():
+        t = leaf.local
+        nbytes = _nbytes(t)
+        if leaf.layout is not None or nbytes > MAX_COMPARED_BYTES or nbytes > budget:
+            continue
+        budget -= nbytes
+        raw = t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
+        out[leaf.fqn] = hashlib.blake2b(raw, digest_size=16).hexdigest()
+    return out
 
 
 def describe_or_error(state_dict: Any, rank: int, *, allow_pickle: bool) -> LocalSave | BaseException:

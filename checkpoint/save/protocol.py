@@ -221,7 +221,9 @@ def _prepared(
     draft = None
     if exchange.rank == COORDINATOR:
         assert cache.draft_plan is not None
-        draft = MetadataDraft(global_plan=cache.draft_plan, values=local.values, structure=local.structure)
+        # The union of every rank's nesting (pipeline stages hold different keys), else this rank's own.
+        tree = cache.draft_plan.structure if cache.draft_plan.structure is not None else local.structure
+        draft = MetadataDraft(global_plan=cache.draft_plan, values=local.values, structure=tree)
     return PreparedSave(
         url=url,
         save_id=decision.save_id,
@@ -300,11 +302,11 @@ def _replan(local: LocalSave, exchange: Exchange, cache: PlanCache, *, max_file_
     cache.digests = None
     fingerprint = local.plan.fingerprint()
     structure = local_structure(local.plan, local.layouts, rank=exchange.rank)
-    world, fingerprints = agree_world(structure, fingerprint, exchange)
-    cache.rank_plan = rank_plan(world, local.plan, rank=exchange.rank, max_file_bytes=max_file_bytes)
+    agreed = agree_world(structure, fingerprint, exchange, tree=local.structure, digests=local.value_digests)
+    cache.rank_plan = rank_plan(agreed.world, local.plan, rank=exchange.rank, max_file_bytes=max_file_bytes)
     if exchange.rank == COORDINATOR:
-        cache.draft_plan = draft_plan(world)
-        cache.digests = fingerprints
+        cache.draft_plan = draft_plan(agreed.world, agreed.tree)
+        cache.digests = agreed.fingerprints
 
 
 def timed(label: str, timings: dict[str, float]):
