@@ -1,0 +1,86 @@
+"""Every layout real 3-D jobs produce, saved on 4 ranks and resharded, with DCP as the oracle.
+
+Sources (tests/layout_workers.py): FSDP2 over the dp dim of a 2x2 dp x tp mesh (each tp rank's
+sub-mesh a replica), pipeline stages x FSDP with a plain tensor on stage 0 only, the same with TP
+on one stage, HSDP, and MoE experts on an expert-parallel sub-mesh beside dense layers on the dp
+mesh. Each is saved by shardsafe and by DCP, then loaded by each into plain FSDP2 on 3 ranks, into
+two of the source layouts on 4 ranks, and in one process without a target; every result must
+equal the reference exactly, and DCP's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import checkpoint
+from checkpoint.testing.ranks import run_ranks
+from tests import layout_workers as lw
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _expected(layout: str) -> dict[str, torch.Tensor]:
+    """The reference keys a layout holds (the pipeline layouts keep the experts on stage 1)."""
+    return _flat(lw.reference_state())
+
+
+def _assert_equal(got: dict, want: dict[str, torch.Tensor], where: str) -> None:
+    flat = _flat(got)
+    assert sorted(flat) == sorted(want), (where, sorted(flat), sorted(want))
+    for k, v in want.items():
+        assert flat[k].dtype == v.dtype and torch.equal(flat[k], v), (where, k)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("layouts"))
+    seen = run_ranks(lw.save_sources, 4, root, timeout_secs=600)[0]
+    return root, seen
+
+
+def test_every_source_layout_holds_the_reference(saved):
+    _, seen = saved
+    for layout in lw.SOURCES:
+        _assert_equal(seen[layout], _expected(layout), layout)
+
+
+def test_each_layout_reshards_into_fsdp_on_three_ranks_as_dcp_does(saved):
+    root, _ = saved
+    got = run_ranks(lw.load_into, 3, root, "fsdp", lw.SOURCES, timeout_secs=600)[0]
+    for layout in lw.SOURCES:
+        _assert_equal(got[(layout, "dcp")], _expected(layout), f"dcp {layout}")
+        _assert_equal(got[(layout, "shardsafe")], _expected(layout), f"shardsafe {layout}")
+
+
+def test_each_layout_reshards_into_the_pipeline_and_submesh_layouts(saved):
+    root, _ = saved
+    for target in ("pp_fsdp", "submesh"):
+        got = run_ranks(lw.load_into, 4, root, target, lw.SOURCES, timeout_secs=600)[0]
+        for layout in lw.SOURCES:
+            _assert_equal(got[(layout, "dcp")], _expected(layout), f"dcp {layout} -> {target}")
+            _assert_equal(got[(layout, "shardsafe")], _expected(layout), f"shardsafe {layout} -> {target}")
+
+
+def test_one_process_without_a_target_sees_every_rank_s_keys(saved, tmp_path):
+    root, _ = saved
+    ckpt = checkpoint.make_sync_checkpointer()
+    for layout in lw.SOURCES:
+        ours = ckpt.load(os.path.join(root, "shardsafe", layout))
+        dcp_file = str(tmp_path / f"{layout}.pt")
+        dcp_to_torch_save(os.path.join(root, "dcp", layout), dcp_file)
+        theirs = torch.load(dcp_file, weights_only=True)
+        _assert_equal(theirs, _expected(layout), f"dcp {layout}")
+        _assert_equal(ours, _expected(layout), f"shardsafe {layout}")
+    ckpt.close()
