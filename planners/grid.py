@@ -40,7 +40,7 @@ from planners.placement import (
     position_of,
     replica_positions,
 )
-from planners.world_layout import key_layouts
+from planners.world_layout import compact_ranks, key_layouts
 
 # The safetensors key of the U32 tensor, last in a version-2 shard file, that
 # holds the crc32c of every checksum block of the file's other entries, in
@@ -371,7 +371,8 @@ def grid_fields(world: WorldStructure) -> dict[str, object]:
         fast = (id(layout.ranks), layout.mesh_shape)
         m = by_ranks.get(fast)
         if m is None:
-            m = by_ranks[fast] = meshes.setdefault(Mesh(shape=layout.mesh_shape, ranks=layout.ranks), len(meshes))
+            mesh = Mesh(shape=layout.mesh_shape, ranks=compact_ranks(layout.ranks))  # one spelling per mesh
+            m = by_ranks[fast] = meshes.setdefault(mesh, len(meshes))
         dtype, shape = records[fqn]
         grids[fqn] = GridRecord(dtype=dtype, shape=shape, mesh=m, placements=layout.placements)
     return {"meshes": tuple(meshes), "grids": dict(sorted(grids.items()))}

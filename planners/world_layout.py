@@ -110,7 +110,7 @@ def _plain_layouts(world: WorldStructure) -> dict[str, Layout | None]:
         if len(ranks) == world.world_size:
             out[fqn] = None
         else:
-            out[fqn] = Layout(mesh_shape=(len(ranks),), placements=(Replicate(),), ranks=_compact(ranks))
+            out[fqn] = Layout(mesh_shape=(len(ranks),), placements=(Replicate(),), ranks=compact_ranks(ranks))
     return out
 
 
@@ -161,13 +161,13 @@ def _combine(world: WorldStructure, fqn: str, key: tuple[tuple[int, int], ...]) 
     order = sorted(meshes, key=lambda m: min(m.ranks))
     per = len(first.ranks)
     last = [order[g].ranks[p] for p in range(per) for g in range(len(order))]
-    compact = _compact(last)
+    compact = compact_ranks(last)
     if isinstance(compact, range):
         return Mesh(shape=(*first.shape, len(order)), ranks=compact), True
-    return Mesh(shape=(len(order), *first.shape), ranks=_compact([r for m in order for r in m.ranks])), False
+    return Mesh(shape=(len(order), *first.shape), ranks=compact_ranks([r for m in order for r in m.ranks])), False
 
 
-def _compact(ranks: Sequence[int]) -> tuple[int, ...] | range:
+def compact_ranks(ranks: Sequence[int]) -> tuple[int, ...] | range:
     """`ranks` as a range when it is an ascending arithmetic run (stored as two numbers), else a tuple."""
     if len(ranks) == 1:
         return range(ranks[0], ranks[0] + 1)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import checkpoint
 
@@ -71,9 +71,8 @@ def build(layout: str, rank: int, world_size: int, *, fresh: bool) -> dict:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
         stage = rank // 2
         module = _stage(model, ("0", "2") if stage == 0 else ("4",))
-        if layout == "pp_fsdp_tp" and stage == 0:  # the stage's 2 ranks do TP on layer 0, FSDP on layer 2
-            parallelize_module(module, mesh["dp"], {"0": ColwiseParallel()})
-            fully_shard(module["2"], mesh=mesh["dp"])
+        if layout == "pp_fsdp_tp" and stage == 0:  # stage 0's 2 ranks do TP (colwise, rowwise), stage 1's FSDP
+            parallelize_module(module, mesh["dp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
         else:
             for layer in module.values():
                 if isinstance(layer, nn.Linear):

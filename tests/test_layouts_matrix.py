@@ -84,3 +84,23 @@ def test_one_process_without_a_target_sees_every_rank_s_keys(saved, tmp_path):
         _assert_equal(theirs, _expected(layout), f"dcp {layout}")
         _assert_equal(ours, _expected(layout), f"shardsafe {layout}")
     ckpt.close()
+
+
+def test_a_save_missing_one_expert_rank_s_experts_fails_naming_the_region(tmp_path):
+    path = str(tmp_path / "ckpt")
+    errors = run_ranks(lw.save_refused, 4, path, "expert_left_out")
+    for text in errors:
+        assert text.startswith(
+            "InvalidStateDictError: key 'experts': rank 3 is in the key's DTensor mesh but lacks it, so its "
+            "region of 'experts' at offsets [2, 0, 0] sizes [2, 6, 5] would be missing from the checkpoint"
+        ), text
+    assert not os.path.exists(os.path.join(path, "metadata.json"))
+
+
+def test_a_plain_tensor_that_differs_between_ranks_is_warned_about_once(tmp_path):
+    path = str(tmp_path / "ckpt")
+    warned = run_ranks(lw.save_diverging, 2, path)
+    assert warned[1] == []  # the coordinator warns, once for the job
+    (message,) = warned[0]
+    assert message.startswith("plain tensors differ between ranks: 'samples_seen' (rank 0 and rank 1).")
+    assert "checkpoint.RankLocal(...)" in message and "lr_scale" not in message
