@@ -118,7 +118,7 @@ def full(tree: object) -> object:
     if isinstance(tree, dict):
         return {k: full(v) for k, v in tree.items()}
     if isinstance(tree, DTensor):
-        return tree.full_tensor()
+        return tree.full_tensor().clone()
     if isinstance(tree, torch.Tensor):
         return tree.detach().clone()
     return tree
