@@ -362,7 +362,9 @@ def grid_fields(world: WorldStructure) -> dict[str, object]:
     DTensor keys, and plain tensors held by some ranks only (`Replicate` over them;
     `planners.world_layout.key_layouts`)."""
     meshes: dict[Mesh, int] = {}
-    by_ranks: dict[tuple[int, tuple[int, ...]], int] = {}  # (id of a rank list, shape): hashing it costs O(world)
+    by_ranks: dict[
+        tuple[int, tuple[int, ...]], int
+    ] = {}  # (id of a rank list, shape): hashing it costs O(world)
     grids = {}
     records = tensor_records(world)
     for fqn, layout in key_layouts(world).layouts.items():

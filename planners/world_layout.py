@@ -164,7 +164,9 @@ def _combine(world: WorldStructure, fqn: str, key: tuple[tuple[int, int], ...]) 
     compact = compact_ranks(last)
     if isinstance(compact, range):
         return Mesh(shape=(*first.shape, len(order)), ranks=compact), True
-    return Mesh(shape=(len(order), *first.shape), ranks=compact_ranks([r for m in order for r in m.ranks])), False
+    return Mesh(
+        shape=(len(order), *first.shape), ranks=compact_ranks([r for m in order for r in m.ranks])
+    ), False
 
 
 def compact_ranks(ranks: Sequence[int]) -> tuple[int, ...] | range:

@@ -71,7 +71,9 @@ def build(layout: str, rank: int, world_size: int, *, fresh: bool) -> dict:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
         stage = rank // 2
         module = _stage(model, ("0", "2") if stage == 0 else ("4",))
-        if layout == "pp_fsdp_tp" and stage == 0:  # stage 0's 2 ranks do TP (colwise, rowwise), stage 1's FSDP
+        if (
+            layout == "pp_fsdp_tp" and stage == 0
+        ):  # stage 0's 2 ranks do TP (colwise, rowwise), stage 1's FSDP
             parallelize_module(module, mesh["dp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
         else:
             for layer in module.values():

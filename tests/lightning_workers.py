@@ -71,7 +71,9 @@ def _classes(package: str):
     return pl, Regression, Snapshot
 
 
-def fit_defaults(rank: int, world_size: int, package: str, root: str, resume: str | None, max_steps: int) -> dict:
+def fit_defaults(
+    rank: int, world_size: int, package: str, root: str, resume: str | None, max_steps: int
+) -> dict:
     pl, Regression, Snapshot = _classes(package)
     integration = importlib.import_module(INTEGRATION[package])
     snapshot = Snapshot()
@@ -80,7 +82,10 @@ def fit_defaults(rank: int, world_size: int, package: str, root: str, resume: st
         devices=world_size,
         strategy=integration.ShardsafeModelParallelStrategy(),
         max_steps=max_steps,
-        callbacks=[pl.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1), snapshot],
+        callbacks=[
+            pl.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1),
+            snapshot,
+        ],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -57,5 +57,9 @@ def test_each_package_s_trainer_takes_its_own_module_s_classes(package):
     other = INTEGRATION["pytorch_lightning" if package == "lightning.pytorch" else "lightning.pytorch"]
     fabric = "lightning.fabric" if package == "lightning.pytorch" else "lightning_fabric"
     refused = importlib.import_module(f"{fabric}.utilities.exceptions").MisconfigurationException
-    with pytest.raises(refused, match="Found invalid type for plugin"):  # the other package's, as Lightning does
-        pl.Trainer(accelerator="cpu", devices=1, plugins=[importlib.import_module(other).ShardsafeCheckpointIO()])
+    with pytest.raises(
+        refused, match="Found invalid type for plugin"
+    ):  # the other package's, as Lightning does
+        pl.Trainer(
+            accelerator="cpu", devices=1, plugins=[importlib.import_module(other).ShardsafeCheckpointIO()]
+        )

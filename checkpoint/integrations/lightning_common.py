@@ -138,7 +138,6 @@ class StrategyCheckpoints:
             super().teardown()
 
 
-
 class CheckpointIOFiles:
     """The methods of `ShardsafeCheckpointIO`; mixed in before Lightning's `CheckpointIO`."""
 

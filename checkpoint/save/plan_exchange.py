@@ -119,7 +119,11 @@ def agree_world(
     """
     digests = dict(digests or {})
     values_digest = hashlib.sha256(repr(sorted(digests.items())).encode()).hexdigest()
-    mine = structure if isinstance(structure, BaseException) else (fingerprint, structure.digest(), values_digest)
+    mine = (
+        structure
+        if isinstance(structure, BaseException)
+        else (fingerprint, structure.digest(), values_digest)
+    )
     got = exchange.gather(mine)
     reps_msg: Any = None
     if exchange.rank == COORDINATOR:
@@ -155,7 +159,9 @@ def agree_world(
     if isinstance(answer, BaseException):
         raise answer
     world = WorldStructure(structures=answer, rank_structure=from_run_lengths(runs))
-    return AgreedWorld(world=world, fingerprints=[f for f, _, _ in got] if got is not None else [], tree=union)
+    return AgreedWorld(
+        world=world, fingerprints=[f for f, _, _ in got] if got is not None else [], tree=union
+    )
 
 
 def _representatives(
