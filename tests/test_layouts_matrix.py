@@ -10,14 +10,21 @@ equal the reference exactly, and DCP's.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import checkpoint
+from checkpoint.integrations.dcp import ShardsafeStorageReader
 from checkpoint.testing.ranks import run_ranks
+from checkpoint.tools.hf_export import export_hf
 from tests import layout_workers as lw
 
 
@@ -104,3 +111,52 @@ def test_a_plain_tensor_that_differs_between_ranks_is_warned_about_once(tmp_path
     (message,) = warned[0]
     assert message.startswith("plain tensors differ between ranks: 'samples_seen' (rank 0 and rank 1).")
     assert "checkpoint.RankLocal(...)" in message and "lr_scale" not in message
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, "-m", "checkpoint.tools.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_inspect_diff_export_and_the_dcp_reader_see_every_stage_s_keys(saved, tmp_path):
+    root, _ = saved
+    pipeline = os.path.join(root, "shardsafe", "pp_fsdp")
+    want = _expected("pp_fsdp")
+    doc = json.loads(_cli("inspect", "--json", pipeline).stdout)
+    assert sorted(t["key"] for t in doc["tensors"]) == sorted(want)
+    # The same state saved whole by one process: diff finds no difference, stage 1's layers included.
+    whole = str(tmp_path / "whole")
+    ckpt = checkpoint.make_sync_checkpointer()
+    ckpt.save(lw.reference_state(), whole)
+    ckpt.close()
+    diff = _cli("diff", "--json", pipeline, whole)
+    report = json.loads(diff.stdout)
+    assert (diff.returncode, report["identical"], report["only_in_a"], report["only_in_b"]) == (
+        0,
+        True,
+        [],
+        [],
+    )
+    assert sorted(t["key"] for t in report["tensors"]) == sorted(want)
+    out = str(tmp_path / "hf")
+    export_hf(pipeline, out, prefix="model")
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        exported = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    assert sorted(exported) == sorted(k.removeprefix("model.") for k in want if k.startswith("model."))
+    for k, v in exported.items():
+        assert torch.equal(v, want[f"model.{k}"]), k
+    # DCP's own load, in one process, through shardsafe's reader: stage 1's keys are there too.
+    target = {k: torch.zeros_like(v) for k, v in lw.reference_state()["model"].items()}
+    state = {
+        "model": target,
+        "experts": torch.zeros(lw.EXPERTS),
+        "stage0_table": torch.zeros(lw.STAGE0_TABLE, dtype=torch.int64),
+    }
+    dcp.load(state, storage_reader=ShardsafeStorageReader(pipeline))
+    _assert_equal(state, want, "dcp reader")
