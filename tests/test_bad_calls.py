@@ -100,7 +100,8 @@ def _disagreeing_ranks(rank: int, world_size: int, root: str) -> dict[str, tuple
     ckpt = checkpoint.make_sync_checkpointer()
     base = {"w": torch.arange(4, dtype=torch.float32), "step": 1}
     out = {}
-    extra = {"extra": torch.ones(1)} if rank == 1 else {}
+    # A value every rank must hold (a tensor key may live on some ranks only: a pipeline stage's).
+    extra = {"extra": 1} if rank == 1 else {}
     out["keys"] = _try(lambda: ckpt.save({**base, **extra}, f"{root}/keys"))
     w = base["w"].double() if rank == 1 else base["w"]
     out["dtype"] = _try(lambda: ckpt.save({**base, "w": w}, f"{root}/dtype"))
