@@ -39,8 +39,6 @@ class LocalSave:
     rank_local_values: dict[str, JSON]
     structure: JSON
     layouts: dict[str, Layout | None] = field(default_factory=dict)  # fqn -> DTensor layout (None: plain)
-    # fqn -> digest of a small plain tensor's bytes, compared across ranks when the plan is made.
-    value_digests: dict[str, str] = field(default_factory=dict)
 
 
 def describe_local(flat: FlatStateDict, rank: int, *, allow_pickle: bool) -> LocalSave:
@@ -66,27 +64,32 @@ def describe_local(flat: FlatStateDict, rank: int, *, allow_pickle: bool) -> Loc
         rank_local_values=rank_local_values,
         structure=flat.structure,
         layouts=chunk_layouts(chunks),
-        value_digests=_value_digests(flat),
     )
 
 
-def _value_digests(flat: FlatStateDict) -> dict[str, str]:
-    """Digests of the plain tensors small enough to compare across ranks (`planners.union`).
+def value_digests(local: LocalSave) -> dict[str, str]:
+    """Digests of this rank's plain tensors small enough to compare across ranks (`planners.union`).
 
     A plain tensor is taken as replicated; comparing digests is how a rank-dependent one (a sample
     counter, an RNG state, an unseeded module) is caught. Only tensors up to `MAX_COMPARED_BYTES`,
-    and at most `MAX_COMPARED_TOTAL_BYTES` per rank, are hashed: each costs a host copy on a GPU.
+    and at most `MAX_COMPARED_TOTAL_BYTES` per rank, are hashed, and only when the plan is made
+    (not on a save that reuses it): each costs a host copy on a GPU.
     """
     out: dict[str, str] = {}
     budget = MAX_COMPARED_TOTAL_BYTES
-    for leaf in flat.tensors.values():
-        t = leaf.local
+    for fqn, layout in local.layouts.items():
+        if layout is not None:
+            continue
+        t = local.tensors[fqn]
         nbytes = _nbytes(t)
-        if leaf.layout is not None or nbytes > MAX_COMPARED_BYTES or nbytes > budget:
+        if nbytes > MAX_COMPARED_BYTES or nbytes > budget:
             continue
         budget -= nbytes
-        raw = t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
-        out[leaf.fqn] = hashlib.blake2b(raw, digest_size=16).hexdigest()
+        try:
+            raw = t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
+        except (RuntimeError, TypeError):  # a layout with no flat byte view: not compared, still saved
+            continue
+        out[fqn] = hashlib.blake2b(raw, digest_size=16).hexdigest()
     return out
 
 

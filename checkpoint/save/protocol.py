@@ -40,7 +40,7 @@ from typing import Any
 from checkpoint.options import SaveOptions
 from checkpoint.save import lease
 from checkpoint.save.collectives import COORDINATOR, Exchange
-from checkpoint.save.local_plan import LocalSave, describe_local, describe_or_error
+from checkpoint.save.local_plan import LocalSave, describe_local, describe_or_error, value_digests
 from checkpoint.save.plan_exchange import (
     agree_world,
     comparable_path,
@@ -302,7 +302,8 @@ def _replan(local: LocalSave, exchange: Exchange, cache: PlanCache, *, max_file_
     cache.digests = None
     fingerprint = local.plan.fingerprint()
     structure = local_structure(local.plan, local.layouts, rank=exchange.rank)
-    agreed = agree_world(structure, fingerprint, exchange, tree=local.structure, digests=local.value_digests)
+    digests = value_digests(local)  # small plain tensors, compared across ranks (planners/union.py)
+    agreed = agree_world(structure, fingerprint, exchange, tree=local.structure, digests=digests)
     cache.rank_plan = rank_plan(agreed.world, local.plan, rank=exchange.rank, max_file_bytes=max_file_bytes)
     if exchange.rank == COORDINATOR:
         cache.draft_plan = draft_plan(agreed.world, agreed.tree)
