@@ -148,6 +148,13 @@ def save_sources(rank: int, world_size: int, root: str) -> dict:
         dcp.save(state, checkpoint_id=os.path.join(root, "dcp", layout))
         seen[layout] = gathered(state, rank, world_size)
     ckpt.close()
+    # The pipeline layout once more through the async writer processes (the same plan, another writer).
+    writer = checkpoint.make_async_checkpointer()
+    _, committed = writer.save(
+        build("pp_fsdp", rank, world_size, fresh=False), os.path.join(root, "async", "pp_fsdp")
+    )
+    committed.result()
+    writer.close()
     return seen if rank == 0 else {}
 
 

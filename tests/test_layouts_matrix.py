@@ -90,6 +90,7 @@ def test_one_process_without_a_target_sees_every_rank_s_keys(saved, tmp_path):
         theirs = torch.load(dcp_file, weights_only=True)
         _assert_equal(theirs, _expected(layout), f"dcp {layout}")
         _assert_equal(ours, _expected(layout), f"shardsafe {layout}")
+    _assert_equal(ckpt.load(os.path.join(root, "async", "pp_fsdp")), _expected("pp_fsdp"), "async pp_fsdp")
     ckpt.close()
 
 
