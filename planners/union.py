@@ -7,6 +7,11 @@ by one representative rank per distinct structure:
   target rebuilds, and what `inspect`, `diff`, `export-hf` and the DCP
   reader list) must be every rank's, not the coordinator's alone: a pipeline
   checkpoint otherwise lists only the layers of rank 0's stage.
+- `value_senders`: values (non-tensor leaves) are written from the
+  coordinator's state dict; a value a pipeline stage holds and rank 0 does
+  not (torchtitan flattens each optimizer's `param_groups` per parameter)
+  travels to it in every save's first exchange, from the lowest rank that
+  holds it.
 - `replica_mismatches`: a plain tensor is taken as replicated and written
   once; when ranks hold different values under one key (a sample counter,
   an RNG state, an unseeded module) all but one rank's value would be lost
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from planners.global_plan import WorldStructure
 from planners.values import JSON
 
 # Plain tensors up to this many bytes are compared across ranks when a save plans (counters, RNG
@@ -92,3 +98,20 @@ def replica_mismatches(reports: Sequence[tuple[int, Mapping[str, str]]]) -> list
         "saved once, so only one rank's value is kept; wrap per-rank state in "
         "checkpoint.RankLocal(...) to keep each rank's own value, or make the ranks agree (seed the module)"
     ]
+
+
+def value_senders(world: WorldStructure) -> dict[int, tuple[str, ...]]:
+    """rank -> the value keys it sends the coordinator on every save: keys the coordinator's structure
+    lacks, each sent by the lowest rank whose structure holds it (structures are ordered by their lowest
+    rank, so that is the representative of the first structure holding it)."""
+    coordinator = world.rank_structure[0]
+    seen = set(world.structures[coordinator].other_keys)
+    out: dict[int, tuple[str, ...]] = {}
+    for i, s in enumerate(world.structures):
+        if i == coordinator:
+            continue
+        mine = tuple(k for k in s.other_keys if k not in seen)
+        if mine:
+            out[world.representative(i)] = mine
+            seen.update(mine)
+    return out

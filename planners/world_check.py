@@ -4,11 +4,10 @@ With structures instead of chunk lists, agreement is a property of a few
 records: a key held by several structures must have one dtype, shape, kind
 (plain or DTensor) and, for a DTensor, one mesh shape and placements (its
 meshes may differ: sub-mesh replicas, resolved by `planners.world_layout`);
-the keys every rank must hold (values, rank-local entries) must be the same
-everywhere, while a tensor key may live on some ranks only (a pipeline
-stage); and a DTensor key must be held by every rank of its mesh, since
-that rank's box would be missing otherwise, and each rank must sit in the
-meshes of its own tensors. The work grows with structures times meshes
+any key may live on some ranks only (a pipeline stage's layers, or its
+optimizer's flattened `param_groups` values); and a DTensor key must be
+held by every rank of its mesh, since that rank's box would be missing
+otherwise, and each rank must sit in the meshes of its own tensors. The work grows with structures times meshes
 times world size, never with chunks. Errors name keys and the lowest rank
 of each structure.
 """
@@ -17,14 +16,9 @@ from __future__ import annotations
 
 from planners.errors import InvalidStateDictError
 from planners.global_plan import Mesh, RankStructure, TensorDescriptor, WorldStructure
-from planners.key_check import MAX_KEYS_SHOWN, check_same_keys, describe_keys
+from planners.key_check import MAX_KEYS_SHOWN, describe_keys
 from planners.placement import chunk_box, coordinate_of
 from planners.world_layout import key_layouts
-
-
-def _everywhere_keys(s: RankStructure) -> set[str]:
-    """Values are written from the coordinator's state dict and rank-local keys per rank: every rank has them."""
-    return set(s.other_keys)
 
 
 def _layout_text(s: RankStructure, t: TensorDescriptor) -> str:
@@ -46,7 +40,6 @@ def check_world(world: WorldStructure) -> None:
         InvalidStateDictError: naming the key and the ranks that disagree.
     """
     _check_same_kinds(world)
-    _check_same_everywhere_keys(world)
     _check_same_tensors(world)
     _check_meshes(world)
     key_layouts(world)
@@ -65,10 +58,6 @@ def _check_same_kinds(world: WorldStructure) -> None:
                     f"key {key!r}: rank {world.representative(tensor_on[key])} holds a tensor, "
                     f"rank {world.representative(i)} a value; every rank must hold the same kind of leaf"
                 )
-
-
-def _check_same_everywhere_keys(world: WorldStructure) -> None:
-    check_same_keys([(world.representative(i), _everywhere_keys(s)) for i, s in enumerate(world.structures)])
 
 
 def _check_same_tensors(world: WorldStructure) -> None:

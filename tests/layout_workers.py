@@ -144,9 +144,15 @@ def save_sources(rank: int, world_size: int, root: str) -> dict:
     seen = {}
     for layout in SOURCES:
         state = build(layout, rank, world_size, fresh=False)
+        if layout == "pp_fsdp" and rank >= 2:
+            state["stage1_lr"] = 0.5  # a value stage 1 holds and rank 0 does not
         ckpt.save(state, os.path.join(root, "shardsafe", layout))
         dcp.save(state, checkpoint_id=os.path.join(root, "dcp", layout))
         seen[layout] = gathered(state, rank, world_size)
+        if layout == "pp_fsdp":  # the same structure again: the plan is reused, the stage's value is new
+            state.update({"stage1_lr": 0.25} if rank >= 2 else {})
+            ckpt.save(state, os.path.join(root, "shardsafe", "pp_fsdp-again"))
+            assert ckpt.last_save.plan_reused is True
     ckpt.close()
     # The pipeline layout once more through the async writer processes (the same plan, another writer).
     writer = checkpoint.make_async_checkpointer()

@@ -91,6 +91,9 @@ def test_one_process_without_a_target_sees_every_rank_s_keys(saved, tmp_path):
         _assert_equal(theirs, _expected(layout), f"dcp {layout}")
         _assert_equal(ours, _expected(layout), f"shardsafe {layout}")
     _assert_equal(ckpt.load(os.path.join(root, "async", "pp_fsdp")), _expected("pp_fsdp"), "async pp_fsdp")
+    # A value held by stage 1 only reaches the metadata, also on a save that reuses the plan.
+    assert ckpt.load(os.path.join(root, "shardsafe", "pp_fsdp"))["stage1_lr"] == 0.5
+    assert ckpt.load(os.path.join(root, "shardsafe", "pp_fsdp-again"))["stage1_lr"] == 0.25
     ckpt.close()
 
 
@@ -134,7 +137,7 @@ def test_inspect_diff_export_and_the_dcp_reader_see_every_stage_s_keys(saved, tm
     # The same state saved whole by one process: diff finds no difference, stage 1's layers included.
     whole = str(tmp_path / "whole")
     ckpt = checkpoint.make_sync_checkpointer()
-    ckpt.save(lw.reference_state(), whole)
+    ckpt.save({**lw.reference_state(), "stage1_lr": 0.5}, whole)  # stage 1's value too
     ckpt.close()
     diff = _cli("diff", "--json", pipeline, whole)
     report = json.loads(diff.stdout)

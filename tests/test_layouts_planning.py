@@ -18,7 +18,7 @@ from planners.errors import InvalidStateDictError
 from planners.global_plan import WorldStructure, structure_of
 from planners.grid import GridIndex, grid_fields
 from planners.placement import Layout, Replicate, Shard, StridedShard
-from planners.union import replica_mismatches, union_tree
+from planners.union import replica_mismatches, union_tree, value_senders
 from planners.world_check import check_world
 from planners.world_layout import key_layouts, writes_of
 
@@ -200,11 +200,12 @@ def test_a_key_plain_on_one_stage_and_a_dtensor_on_another_is_refused():
         _world([a, b], [0, 0, 1, 1])
 
 
-def test_values_must_still_be_held_by_every_rank():
+def test_a_value_on_one_stage_only_is_sent_to_the_coordinator_by_that_stage_s_first_rank():
     a = structure_of([("w", "float32", (4,), None)], ["step"])
-    b = structure_of([], [])
-    with pytest.raises(InvalidStateDictError, match=r"rank 2 lacks keys rank 0 has: 'step'"):
-        _world([a, b], [0, 0, 1])
+    b = structure_of([], ["optim.param_groups.4.weight.lr", "step"])
+    c = structure_of([], ["optim.param_groups.4.weight.lr", "other", "step"])
+    world = _world([a, b, c], [0, 0, 1, 1, 2])
+    assert value_senders(world) == {2: ("optim.param_groups.4.weight.lr",), 4: ("other",)}
 
 
 def test_union_tree_holds_every_stage_s_keys_in_order():

@@ -9,8 +9,9 @@ structures rather than by chunks x ranks:
 2. broadcast: the lowest rank of each distinct structure digest, the rank ->
    structure table as run lengths, and the lowest rank of each distinct
    (structure, values) pair;
-3. gather: those representatives send their structure and nesting tree,
-   and the value representatives their per-key value digests (others None);
+3. gather: those representatives send their structure, nesting tree and
+   values (a stage's values rank 0 lacks), and the value representatives
+   their per-key digests of small plain tensors (others None);
 4. broadcast: the checked structures, or the error that names keys and ranks.
 
 The coordinator keeps the union of the trees for the metadata, and warns
@@ -32,7 +33,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from checkpoint.save.collectives import COORDINATOR, Exchange
@@ -96,6 +97,7 @@ class AgreedWorld:
     world: WorldStructure
     fingerprints: list[str]  # coordinator only: every rank's plan fingerprint
     tree: JSON = None  # coordinator only: the union of every structure's nesting (`planners.union`)
+    values: dict[str, JSON] = field(default_factory=dict)  # coordinator only: values its own dict lacks
 
 
 def agree_world(
@@ -105,6 +107,7 @@ def agree_world(
     *,
     tree: JSON = None,
     digests: Mapping[str, str] | None = None,
+    values: Mapping[str, JSON] | None = None,
 ) -> AgreedWorld:
     """Exchanges 1-4 above (collective). Returns the checked world; on the coordinator also every
     fingerprint and the union of the ranks' nesting `tree`s.
@@ -137,10 +140,16 @@ def agree_world(
     rep_ranks, runs, value_ranks = reps_msg
     rep = exchange.rank in rep_ranks
     sent = exchange.gather(
-        (structure if rep else None, tree if rep else None, digests if exchange.rank in value_ranks else None)
+        (
+            structure if rep else None,
+            tree if rep else None,
+            digests if exchange.rank in value_ranks else None,
+            dict(values or {}) if rep else None,
+        )
     )
     answer: Any = None
     union: JSON = None
+    others: dict[str, JSON] = {}
     if exchange.rank == COORDINATOR:
         assert sent is not None
         world = WorldStructure(
@@ -150,6 +159,9 @@ def agree_world(
             check_world(world)
             answer = world.structures
             union = union_tree([sent[r][1] for r in rep_ranks])
+            own = sent[COORDINATOR][3]
+            for r in rep_ranks:  # values of other stages that the coordinator's own dict lacks
+                others.update((k, v) for k, v in sent[r][3].items() if k not in own and k not in others)
             for message in replica_mismatches([(r, sent[r][2]) for r in value_ranks]):
                 logger.warning("%s", message)
                 warnings.warn(message, UserWarning, stacklevel=2)
@@ -159,9 +171,8 @@ def agree_world(
     if isinstance(answer, BaseException):
         raise answer
     world = WorldStructure(structures=answer, rank_structure=from_run_lengths(runs))
-    return AgreedWorld(
-        world=world, fingerprints=[f for f, _, _ in got] if got is not None else [], tree=union
-    )
+    fingerprints = [f for f, _, _ in got] if got is not None else []
+    return AgreedWorld(world=world, fingerprints=fingerprints, tree=union, values=others)
 
 
 def _representatives(
