@@ -134,7 +134,9 @@ class Job:
                 sub = self.sub_meshes[(stage, rank % TP)]
                 layout = Layout(mesh_shape=(len(sub),), placements=(Shard(dim=0),), ranks=sub)
             else:
-                layout = Layout(mesh_shape=mesh_shape, placements=_placements(self.scheme, p.role), ranks=ranks)
+                layout = Layout(
+                    mesh_shape=mesh_shape, placements=_placements(self.scheme, p.role), ranks=ranks
+                )
             out.append((f"model.{p.name}", "bfloat16", p.shape, layout))
             out.append((f"optim.state.{p.name}.exp_avg", "float32", p.shape, layout))
             out.append((f"optim.state.{p.name}.exp_avg_sq", "float32", p.shape, layout))
