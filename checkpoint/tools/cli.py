@@ -36,9 +36,10 @@ from checkpoint.tools.cli_common import (
     shared_options,
 )
 from checkpoint.tools.diff import diff_checkpoints
+from checkpoint.tools.not_a_run import explain_not_a_run
 from checkpoint.tools.verify import EXIT_OK, EXIT_PROBLEMS, verify
 from planners.dtypes import itemsize
-from planners.errors import InvalidCheckpointError, PickleNotAllowedError
+from planners.errors import CheckpointPathError, InvalidCheckpointError, PickleNotAllowedError
 from planners.metadata import FORMAT_NAME, METADATA_FILE, Metadata
 from planners.values import decode_value
 from storage.spec import StorageSpec, specs_for
@@ -84,6 +85,9 @@ def ls_command(
             from checkpoint.tiers.tier_files import local_records
 
             records = merge_records(records, local_records(local_root))
+        reason = explain_not_a_run(spec, root) if not records else None
+        if reason is not None:  # a checkpoint or a folder of them, not an empty run: exit 2
+            raise CheckpointPathError(reason)
     if as_json:
         out.emit({"root": root, "steps": [r.to_json() for r in records]})
         return
