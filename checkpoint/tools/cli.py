@@ -149,7 +149,10 @@ def inspect_command(
     else:
         _print_inspect(out, doc)
     if pattern is not None and not doc["tensors"] and not doc["values"]:
-        out.err.print(f"no keys match {pattern!r} (a glob over the full keys); {_prefixes(metadata, pattern)}", markup=False)
+        out.err.print(
+            f"no keys match {pattern!r} (a glob over the full keys); {_prefixes(metadata, pattern)}",
+            markup=False,
+        )
         sys.exit(EXIT_PROBLEMS)
 
 

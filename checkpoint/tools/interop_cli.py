@@ -30,7 +30,6 @@ from checkpoint.tools.hf_export import (
     parse_size,
 )
 
-
 # Skipped keys (or, past this many, top-level subtrees) named in `export-hf`'s note.
 MAX_SKIPPED_NAMED = 10
 
@@ -136,10 +135,10 @@ def _report_export(
         "total_bytes": result.total_bytes,
         "skipped": list(result.skipped),
     }
-    line = (
-        f"exported {_count(result.tensors, 'tensor')} ({result.total_bytes} bytes) to {out}: {', '.join(result.files)}"
+    line = f"exported {_count(result.tensors, 'tensor')} ({result.total_bytes} bytes) to {out}: {', '.join(result.files)}"
+    notes = (
+        [f"not exported (not tensors, or rank-local): {_summary(result.skipped)}"] if result.skipped else []
     )
-    notes = [f"not exported (not tensors, or rank-local): {_summary(result.skipped)}"] if result.skipped else []
     if prefix:
         notes.insert(
             0,
@@ -159,7 +158,9 @@ def _summary(keys: tuple[str, ...]) -> str:
         counts[top + (".*" if dot else "")] = counts.get(top + (".*" if dot else ""), 0) + 1
     groups = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     shown = ", ".join(f"{k} ({n})" for k, n in groups[:MAX_SKIPPED_NAMED])
-    more = f", and {len(groups) - MAX_SKIPPED_NAMED} more subtree(s)" if len(groups) > MAX_SKIPPED_NAMED else ""
+    more = (
+        f", and {len(groups) - MAX_SKIPPED_NAMED} more subtree(s)" if len(groups) > MAX_SKIPPED_NAMED else ""
+    )
     return f"{len(keys)} keys: {shown}{more} (--json lists every key)"
 
 
