@@ -39,7 +39,7 @@ from typing import Any
 
 from checkpoint.options import SaveOptions
 from checkpoint.save import lease
-from checkpoint.save.collectives import COORDINATOR, Exchange
+from checkpoint.save.collectives import COORDINATOR, Exchange, ProcessGroupExchange
 from checkpoint.save.local_plan import LocalSave, describe_local, describe_or_error
 from checkpoint.save.plan_exchange import (
     agree_world,
@@ -195,6 +195,9 @@ def _agree_decision(
 ) -> _Decision:
     """Gather plan digests (or local errors) and paths; the coordinator decides; every rank raises its refusal."""
     mine = portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint()
+    # In the store first: a rank that skipped save() is named, not met by one of its training collectives.
+    if isinstance(exchange, ProcessGroupExchange):
+        exchange.meet()
     gathered = exchange.gather((mine, where))
     decision = None
     if exchange.rank == COORDINATOR:
