@@ -49,7 +49,6 @@ from storage.metadata_file import read_metadata_bytes
 
 logger = logging.getLogger(__name__)
 
-# Runs closer than this are fetched in one request: a few wasted bytes cost
 # Keys named in a missing-keys error before "and N more".
 _MAX_KEYS_SHOWN = 20
 # Keys of each side named in the warning about a load that matched no key.
