@@ -165,7 +165,9 @@ def test_a_rank_that_has_not_reached_the_save_is_named_while_waiting_and_in_the_
             "stuck, or not calling save() at all: every rank must call it)"
         ), text
     assert kind == "DistributedCheckpointError"
-    assert message.startswith("rank 0: save() is collective and rank(s) [1] did not call it within 6s"), message
+    assert message.startswith("rank 0: save() is collective and rank(s) [1] did not call it within 6s"), (
+        message
+    )
     assert message.endswith("\n  rank 1: never called save()"), message
 
 

@@ -68,14 +68,15 @@ def meet(
     if int(store.add(here, 1)) == len(global_ranks):
         store.set(done, b"1")
     start = time.monotonic()
-    deadline = start + timeout.total_seconds() * DEADLINE_SHARE
+    allowed_secs = timeout.total_seconds() * DEADLINE_SHARE
+    deadline = start + allowed_secs
     while not _arrived(store, done, min(warn_every_secs, deadline - time.monotonic())):
         absent = _absent(store, prefix, global_ranks, n)
         waited = time.monotonic() - start
         if time.monotonic() >= deadline:
             raise DistributedCheckpointError(
                 f"rank {rank}: save() is collective and rank(s) {absent} did not call it within "
-                f"{waited:.0f}s: every rank must call save() with its own part of the state (inside an "
+                f"{allowed_secs:.0f}s: every rank must call save() with its own part of the state (inside an "
                 "FSDP loop too: `if rank == 0: save(...)` leaves the others in their next collective)",
                 {r: "never called save()" for r in absent},
             )
