@@ -65,10 +65,12 @@ def test_wrong_arguments(ckpt, tmp_path):
     state = {"w": torch.ones(2)}
     with pytest.raises(TypeError, match=r"save\(\) takes \(state_dict, path\): the arguments are swapped"):
         ckpt.save(path, state)
+    with pytest.raises(TypeError, match=r"^load\(\) takes \(path, state_dict\): the arguments are swapped$"):
+        ckpt.load(state, path)
     with pytest.raises(
         TypeError, match=r"^path must be a str or os\.PathLike \(e\.g\. pathlib\.Path\), got dict$"
     ):
-        ckpt.load(state, path)
+        ckpt.load(state)
     with pytest.raises(
         TypeError, match=r"^path is an empty path; pass the checkpoint directory \(a str or os\.PathLike\)$"
     ):

@@ -39,7 +39,7 @@ from typing import Any
 
 from checkpoint.options import SaveOptions
 from checkpoint.save import lease
-from checkpoint.save.collectives import COORDINATOR, Exchange
+from checkpoint.save.collectives import COORDINATOR, Exchange, ProcessGroupExchange
 from checkpoint.save.local_plan import LocalSave, describe_local, describe_or_error, value_digests
 from checkpoint.save.plan_exchange import (
     agree_world,
@@ -206,6 +206,9 @@ def _agree_decision(
     else:
         mine = local.plan.fingerprint()
         extras = {k: local.values[k] for k in cache.value_keys if k in local.values}
+    # In the store first: a rank that skipped save() is named, not met by one of its training collectives.
+    if isinstance(exchange, ProcessGroupExchange):
+        exchange.meet()
     gathered = exchange.gather((mine, where, extras))
     decision = None
     if exchange.rank == COORDINATOR:

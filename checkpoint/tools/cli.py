@@ -36,15 +36,18 @@ from checkpoint.tools.cli_common import (
     shared_options,
 )
 from checkpoint.tools.diff import diff_checkpoints
+from checkpoint.tools.not_a_run import explain_not_a_run
 from checkpoint.tools.verify import EXIT_OK, EXIT_PROBLEMS, verify
 from planners.dtypes import itemsize
-from planners.errors import InvalidCheckpointError, PickleNotAllowedError
+from planners.errors import CheckpointPathError, InvalidCheckpointError, PickleNotAllowedError
 from planners.metadata import FORMAT_NAME, METADATA_FILE, Metadata
 from planners.values import decode_value
 from storage.spec import StorageSpec, specs_for
 
 # Longest value shown whole in `inspect`'s table (characters); `--json` shows every value whole.
 MAX_VALUE_CHARS = 60
+# Top-level prefixes suggested when `inspect --keys` matches nothing.
+MAX_PREFIXES_SHOWN = 10
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,6 +87,9 @@ def ls_command(
             from checkpoint.tiers.tier_files import local_records
 
             records = merge_records(records, local_records(local_root))
+        reason = explain_not_a_run(spec, root) if not records else None
+        if reason is not None:  # a checkpoint or a folder of them, not an empty run: exit 2
+            raise CheckpointPathError(reason)
     if as_json:
         out.emit({"root": root, "steps": [r.to_json() for r in records]})
         return
@@ -143,8 +149,25 @@ def inspect_command(
     else:
         _print_inspect(out, doc)
     if pattern is not None and not doc["tensors"] and not doc["values"]:
-        out.err.print(f"no keys match {pattern!r} (a glob over the full keys, e.g. 'model.*')", markup=False)
+        out.err.print(
+            f"no keys match {pattern!r} (a glob over the full keys); {_prefixes(metadata, pattern)}",
+            markup=False,
+        )
         sys.exit(EXIT_PROBLEMS)
+
+
+def _prefixes(m: Metadata, pattern: str) -> str:
+    """The checkpoint's top-level prefixes, as globs to try, and the pattern one level deeper if that matches."""
+    keys = [*m.tensors, *m.values, *m.rank_local]
+    deeper = f"*.{pattern}"
+    hits = sum(fnmatch.fnmatchcase(k, deeper) for k in keys)
+    nested = f"{deeper!r} matches {hits} key(s); " if hits else ""
+    tops = sorted({k.split(".", 1)[0] + (".*" if "." in k else "") for k in keys})
+    if not tops:
+        return "the checkpoint holds no keys"
+    shown = ", ".join(repr(t) for t in tops[:MAX_PREFIXES_SHOWN])
+    more = f", ... ({len(tops)} in all)" if len(tops) > MAX_PREFIXES_SHOWN else ""
+    return f"{nested}its top-level keys: {shown}{more}"
 
 
 def _read_or_explain(storage: Any, path: str) -> Metadata:
