@@ -28,6 +28,7 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,10 +37,11 @@ from typing import Any
 import torch
 
 import checkpoint
-from benchmarks import scenarios
+from benchmarks import peers, scenarios
 from benchmarks.chart import write_chart
 from benchmarks.comparisons import add_ratios
 from benchmarks.config import BenchConfig, MiB
+from benchmarks.goals import evaluate, format_goals
 from benchmarks.report import format_plugins, format_table, machine_description, write_json
 from benchmarks.state import StateSpec
 from benchmarks.stats import DCP, OURS, Results
@@ -152,6 +154,7 @@ def measure(cfg: BenchConfig) -> tuple[Results, dict[str, float]]:
             )[0]
         )
     _add_bandwidths(results, info.get("rank_bytes", 0.0))
+    _note_peer_gaps(results, cfg)
     if not hasattr(checkpoint, "make_async_checkpointer"):
         reason = "checkpoint.make_async_checkpointer does not exist in this tree yet"
         for scenario, metric in (
@@ -162,6 +165,19 @@ def measure(cfg: BenchConfig) -> tuple[Results, dict[str, float]]:
             results.missing(scenario, metric, OURS, reason)
     add_ratios(results)
     return results, info
+
+
+def _note_peer_gaps(results: Results, cfg: BenchConfig) -> None:
+    """Scenarios torch-checkpointing cannot run here are reported as such, not left out."""
+    reason = peers.import_error()
+    if reason is not None:
+        for system in (peers.TCKPT, peers.TCKPT_FSYNC):
+            results.missing("all", "every scenario", system, reason)
+        return
+    for world_size in cfg.load_world_sizes:
+        gap = peers.TorchCheckpointingSystem.load_missing(cfg.save_world_size, world_size)
+        if gap is not None:
+            results.missing("load", f"ws{cfg.save_world_size}to{world_size}_s", peers.TCKPT, gap)
 
 
 def _add_bandwidths(results: Results, rank_bytes: float) -> None:
@@ -222,6 +238,21 @@ def run_plugins(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _commit() -> str:
+    """The tree's commit (with "+dirty" when it has uncommitted changes), for the README's table."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
@@ -240,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     wall = time.perf_counter() - start
     machine["load_average_at_end"] = os.getloadavg()  # the others' work on a shared machine shows here
+    goal_rows = evaluate(results, cfg.save_world_size, plugins)
     os.makedirs(args.out_dir, exist_ok=True)
     payload = {
         "schema": 1,
         "date": started.isoformat(timespec="seconds"),
+        "commit": _commit(),
         "command": command,
         "wall_s": wall,
         "machine": machine,
@@ -270,12 +303,14 @@ def main(argv: list[str] | None = None) -> int:
             ),
             scenarios.RAW_WRITE: "dd if=/dev/zero bs=16M iflag=count_bytes conv=fdatasync of the rank's bytes, "
             "every rank at once, one file each",
+            scenarios.UNVERIFIED: "shardsafe's load with verify=False, right after its verified warm load",
         },
         "measurement": (
             "times: slowest rank after a barrier; blocking = until the stage future / DCP staging completes; "
             "bytes read: /proc/self/io read_bytes summed over ranks (block-device reads, readahead included)"
             + (", page cache evicted before each load (posix_fadvise DONTNEED)" if cfg.cold_cache else "")
         ),
+        "goals": goal_rows,
         "figures": [f.to_json() for f in results.figures],
         "ratios": [r.to_json() for r in results.ratios],
         "unavailable": results.unavailable,
@@ -284,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = os.path.join(args.out_dir, "results.json")
     write_json(json_path, payload)
     title = (
-        f"shardsafe vs DCP: {args.size_mib:g} MiB, {cfg.spec.num_tensors} tensors, saved by "
+        f"shardsafe vs DCP and torch-checkpointing, commit {payload['commit']}: {args.size_mib:g} MiB, {cfg.spec.num_tensors} tensors, saved by "
         f"{cfg.save_world_size} rank{'s' if cfg.save_world_size > 1 else ''} ({cfg.spec.device}), {started:%Y-%m-%d}"
     )
     chart = None
@@ -292,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         chart = os.path.join(args.out_dir, "results.png")
         if not write_chart(results, chart, title=title):
             chart = None
-    sys.stdout.write(f"{title}\n\n{format_table(results)}\n")
+    load = (
+        f"load average {machine['load_average_at_start'][0]:.2f} at the start, "
+        f"{machine['load_average_at_end'][0]:.2f} at the end"
+    )
+    sys.stdout.write(f"{title}; {load}\n\n{format_goals(goal_rows)}\n{format_table(results)}\n")
     if plugins:
         sys.stdout.write(format_plugins(plugins))
     sys.stdout.write(
