@@ -15,7 +15,7 @@ QUICK_TESTS := tests/test_planner.py tests/test_global_plan.py tests/test_save_p
 	tests/test_placement.py tests/test_tier_placement.py tests/test_grid.py tests/test_grid_hardening.py \
 	tests/test_checksums_leftovers.py tests/test_hostile_metadata.py tests/test_storage_conformance.py \
 	tests/test_storage_resolution.py tests/test_redact.py tests/test_truncated_shard.py \
-	tests/test_core_single_rank.py tests/test_integrity.py tests/test_direct_read_one_pass.py \
+	tests/test_core_single_rank.py tests/test_integrity.py tests/test_direct_read_one_pass.py tests/test_writeback.py \
 	tests/test_load_hardening.py tests/test_golden.py tests/test_error_classes.py \
 	tests/test_hostile_input.py tests/test_import_rules.py
 
