@@ -10,7 +10,8 @@ stay out of it.
 
 Reported per rank: the median RSS of the first window of saves after warm-up and of the last window,
 their difference, the least-squares slope over all saves after warm-up (bytes per save) and the
-steady memory as a multiple of the rank's shard bytes. Growth "beyond noise" means a last-window
+steady memory as a multiple of the rank's shard bytes (for the trainer: what it holds above its RSS
+before the first save, i.e. above torch and the state dict). Growth "beyond noise" means a last-window
 median above the first window's by more than the spread of the first window. RSS counts the shared
 staging buffer in both processes (trainer and writer each map it), so their sum over-counts it once.
 
@@ -64,6 +65,7 @@ def _rank(rank: int, world_size: int, root: str, mib: int, saves: int) -> dict:
     mesh = init_device_mesh("cpu", (world_size,))
     state = build_state(StateSpec(total_bytes=mib * MiB, num_tensors=16, dtype=torch.float32, device="cpu"), mesh)
     me = psutil.Process()
+    before = me.memory_info().rss  # torch imported, the state built: what the training holds anyway
     ckpt = checkpoint.make_async_checkpointer()
     trainer, writers, seconds = [], [], []
     try:
@@ -82,7 +84,13 @@ def _rank(rank: int, world_size: int, root: str, mib: int, saves: int) -> dict:
                 shutil.rmtree(path, ignore_errors=True)
     finally:
         ckpt.close()
-    return {"rank_bytes": local_nbytes(state), "trainer": trainer, "writers": writers, "seconds": seconds}
+    return {
+        "rank_bytes": local_nbytes(state),
+        "trainer_before": before,
+        "trainer": trainer,
+        "writers": writers,
+        "seconds": seconds,
+    }
 
 
 def _summary(series: list[int], rank_bytes: int) -> dict:
@@ -119,7 +127,11 @@ def measure(*, saves: int = 1000, total_mib: int = 64, world_size: int = 2, work
         out[f"rank{rank}"] = {
             "rank_bytes_MiB": round(r["rank_bytes"] / MiB, 1),
             "median_save_s": round(statistics.median(r["seconds"]), 4),
+            "trainer_before_first_save_MiB": round(r["trainer_before"] / MiB, 1),
             "trainer": _summary(r["trainer"], r["rank_bytes"]),
+            "trainer_added_x_rank_bytes": round(
+                (statistics.median(r["trainer"][-WINDOW_SAVES:]) - r["trainer_before"]) / r["rank_bytes"], 2
+            ),
             "writers": _summary(r["writers"], r["rank_bytes"]),
         }
     return out
