@@ -107,7 +107,7 @@ def _s3_goal(plugins: dict[str, Any]) -> dict[str, Any]:
     capped = next((v for k, v in s3.items() if k.startswith("per_stream_limit_")), {})
     speedup = capped.get("save_vs_single_stream")
     if speedup is None:
-        row["unavailable"] = "run with --plugins all (storage_bench) to measure it"
+        row["unavailable"] = "run with --plugins s3 (or all) to measure it"
     else:
         row.update(samples=[speedup], median=speedup, min=speedup, max=speedup, met=speedup >= 6.0)
     return row

@@ -14,6 +14,7 @@ reported there, not fatal: the comparison with DCP still comes out.
 
 Example:
     python -m benchmarks.run                          # 512 MiB over 2 ranks, loads on 2, 3 and 1
+    python -m benchmarks.run --plugins s3             # every goal of issue 26, S3 saves included (the README's run)
     python -m benchmarks.run --plugins all            # and the storage and async-blocking benchmarks
     python -m benchmarks.run --size-mib 64 --repeats 3 --load-world-sizes 3 --out-dir /tmp/bench
 """
@@ -55,6 +56,9 @@ PLUGINS = {
     "benchmarks.storage_bench": ("run_storage_bench", "measure"),
     "benchmarks.async_blocking": ("measure", "run_async_blocking"),
 }
+# What `--plugins s3` runs: the object-store save of issue 26's goal 6, as the issue measured it
+# (`storage_bench.py --no-local --no-http --total-mib 256 --stream-limit-mib 64 --repeats 3`).
+S3_GOAL_KWARGS = {"total_mib": 256, "stream_limit_mib": 64, "repeats": 3, "local": False, "http": False}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,10 +87,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="benchmarks/results", help="where results.json and results.png go")
     p.add_argument(
         "--plugins",
-        choices=("none", "all"),
+        choices=("none", "s3", "all"),
         default="none",
-        help="all: also run the other benchmarks of this package that are present (storage_bench: S3 and "
-        "local throughput; async_blocking) and keep their results in the JSON; they add several minutes",
+        help="s3: also measure goal 6 (S3 saves through a 10 MB/s-per-connection proxy, about 2 minutes); "
+        "all: also run the other benchmarks of this package that are present (storage_bench: S3, HTTP "
+        "and local throughput; async_blocking) and keep their results in the JSON; they add several minutes",
     )
     p.add_argument("--no-chart", action="store_true")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="deadline of each spawn of ranks")
@@ -238,6 +243,21 @@ def run_plugins(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _run_s3_goal(cfg: BenchConfig) -> dict[str, Any]:
+    """storage_bench in the configuration of goal 6; a failure is reported, not fatal (as a plug-in's)."""
+    from benchmarks.storage_bench import run_storage_bench
+
+    kwargs = {**S3_GOAL_KWARGS, "work_dir": cfg.root}
+    start = time.perf_counter()
+    try:
+        out: dict[str, Any] = {"function": "run_storage_bench", "kwargs": kwargs, "result": run_storage_bench(**kwargs)}
+    except Exception as e:
+        logger.exception("the S3 benchmark failed")
+        out = {"function": "run_storage_bench", "kwargs": kwargs, "error": f"{type(e).__name__}: {e}"}
+    out["wall_s"] = time.perf_counter() - start
+    return out
+
+
 def _commit() -> str:
     """The tree's commit (with "+dirty" when it has uncommitted changes), for the README's table."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         machine = machine_description(root, cfg.spec.device)
         results, info = measure(cfg)
-        plugins = run_plugins(cfg, args) if args.plugins == "all" else {}
+        if args.plugins == "s3":
+            plugins = {"storage_bench": _run_s3_goal(cfg)}
+        else:
+            plugins = run_plugins(cfg, args) if args.plugins == "all" else {}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     wall = time.perf_counter() - start
