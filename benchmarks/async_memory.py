@@ -63,7 +63,9 @@ def _rank(rank: int, world_size: int, root: str, mib: int, saves: int) -> dict:
     import checkpoint
 
     mesh = init_device_mesh("cpu", (world_size,))
-    state = build_state(StateSpec(total_bytes=mib * MiB, num_tensors=16, dtype=torch.float32, device="cpu"), mesh)
+    state = build_state(
+        StateSpec(total_bytes=mib * MiB, num_tensors=16, dtype=torch.float32, device="cpu"), mesh
+    )
     me = psutil.Process()
     before = me.memory_info().rss  # torch imported, the state built: what the training holds anyway
     ckpt = checkpoint.make_async_checkpointer()
@@ -114,7 +116,9 @@ def _summary(series: list[int], rank_bytes: int) -> dict:
     }
 
 
-def measure(*, saves: int = 1000, total_mib: int = 64, world_size: int = 2, work_dir: str | None = None) -> dict:
+def measure(
+    *, saves: int = 1000, total_mib: int = 64, world_size: int = 2, work_dir: str | None = None
+) -> dict:
     if saves < WARMUP_SAVES + 2 * WINDOW_SAVES:
         raise ValueError(f"--saves must be at least {WARMUP_SAVES + 2 * WINDOW_SAVES}, got {saves}")
     root = tempfile.mkdtemp(prefix="shardsafe-async-memory-", dir=work_dir)

@@ -108,7 +108,14 @@ def add_ratios(results: Results) -> None:
     for tag in load_tags(results):
         saved, loaded = tag[2:].split("to")
         r("load", f"{tag}_s", "dcp / shardsafe", DCP, OURS)
-        r("load", f"{tag}_warm_s", "dcp / shardsafe", DCP, OURS, target=TARGET_LOAD_SPEEDUP if saved == loaded else "")
+        r(
+            "load",
+            f"{tag}_warm_s",
+            "dcp / shardsafe",
+            DCP,
+            OURS,
+            target=TARGET_LOAD_SPEEDUP if saved == loaded else "",
+        )
         r("load", f"{tag}_warm_s", "verified / verify=False", OURS, UNVERIFIED, target="<= 1.2")
         for system in (OURS, DCP):
             r(

@@ -41,34 +41,119 @@ def goals(save_world_size: int) -> list[Goal]:
     same = f"{save_world_size}to{save_world_size}"
     ws = f"{save_world_size} -> {save_world_size}"
     return [
-        Goal(name=f"1. verified / unverified warm load ({ws})", scenario="load", metric=_load(same),
-             top=OURS, bottom=UNVERIFIED, target="<= 1.2"),
-        Goal(name="2. sync save / DCP", scenario="durable_save", metric="sync_s", top=OURS, bottom=DCP,
-             target="<= 0.8"),
-        Goal(name="2. sync save bandwidth / dd conv=fdatasync", scenario="durable_save", metric="sync_s",
-             top=RAW_WRITE, bottom=OURS, target=">= 0.9"),
-        Goal(name=f"3. warm load {ws} / DCP", scenario="load", metric=_load(same), top=OURS, bottom=DCP,
-             target="<= 0.5", worst="<= 0.7"),
-        Goal(name=f"3. cold load {ws} / DCP", scenario="load", metric=f"ws{same}_s", top=OURS, bottom=DCP,
-             target=""),
-        Goal(name="4. async save, training blocked / plain copy", scenario="async_blocking", metric="block_s",
-             top=OURS, bottom=COPY, target="<= 1.1"),
-        Goal(name="4. async save until durable / DCP", scenario="durable_save", metric="async_s", top=OURS,
-             bottom=DCP, target="<= 0.6"),
-        Goal(name="5. sync save / torch-checkpointing (no fsync: not durable)", scenario="durable_save",
-             metric="sync_s", top=OURS, bottom=TCKPT, target="<= 1.0"),
-        Goal(name="5. sync save / torch-checkpointing+fsync", scenario="durable_save", metric="sync_s",
-             top=OURS, bottom=TCKPT_FSYNC, target="<= 1.0"),
-        Goal(name="5. async blocked / torch-checkpointing", scenario="async_blocking", metric="block_s",
-             top=OURS, bottom=TCKPT, target="<= 1.0"),
-        Goal(name="5. async until durable / torch-checkpointing (no fsync)", scenario="durable_save",
-             metric="async_s", top=OURS, bottom=TCKPT, target="<= 1.0"),
-        Goal(name="5. async until durable / torch-checkpointing+fsync", scenario="durable_save",
-             metric="async_s", top=OURS, bottom=TCKPT_FSYNC, target="<= 1.0"),
-        Goal(name=f"5. warm load {ws} / torch-checkpointing", scenario="load", metric=_load(same), top=OURS,
-             bottom=TCKPT, target="<= 1.0"),
-        Goal(name=f"5. cold load {ws} / torch-checkpointing", scenario="load", metric=f"ws{same}_s", top=OURS,
-             bottom=TCKPT, target="<= 1.0"),
+        Goal(
+            name=f"1. verified / unverified warm load ({ws})",
+            scenario="load",
+            metric=_load(same),
+            top=OURS,
+            bottom=UNVERIFIED,
+            target="<= 1.2",
+        ),
+        Goal(
+            name="2. sync save / DCP",
+            scenario="durable_save",
+            metric="sync_s",
+            top=OURS,
+            bottom=DCP,
+            target="<= 0.8",
+        ),
+        Goal(
+            name="2. sync save bandwidth / dd conv=fdatasync",
+            scenario="durable_save",
+            metric="sync_s",
+            top=RAW_WRITE,
+            bottom=OURS,
+            target=">= 0.9",
+        ),
+        Goal(
+            name=f"3. warm load {ws} / DCP",
+            scenario="load",
+            metric=_load(same),
+            top=OURS,
+            bottom=DCP,
+            target="<= 0.5",
+            worst="<= 0.7",
+        ),
+        Goal(
+            name=f"3. cold load {ws} / DCP",
+            scenario="load",
+            metric=f"ws{same}_s",
+            top=OURS,
+            bottom=DCP,
+            target="",
+        ),
+        Goal(
+            name="4. async save, training blocked / plain copy",
+            scenario="async_blocking",
+            metric="block_s",
+            top=OURS,
+            bottom=COPY,
+            target="<= 1.1",
+        ),
+        Goal(
+            name="4. async save until durable / DCP",
+            scenario="durable_save",
+            metric="async_s",
+            top=OURS,
+            bottom=DCP,
+            target="<= 0.6",
+        ),
+        Goal(
+            name="5. sync save / torch-checkpointing (no fsync: not durable)",
+            scenario="durable_save",
+            metric="sync_s",
+            top=OURS,
+            bottom=TCKPT,
+            target="<= 1.0",
+        ),
+        Goal(
+            name="5. sync save / torch-checkpointing+fsync",
+            scenario="durable_save",
+            metric="sync_s",
+            top=OURS,
+            bottom=TCKPT_FSYNC,
+            target="<= 1.0",
+        ),
+        Goal(
+            name="5. async blocked / torch-checkpointing",
+            scenario="async_blocking",
+            metric="block_s",
+            top=OURS,
+            bottom=TCKPT,
+            target="<= 1.0",
+        ),
+        Goal(
+            name="5. async until durable / torch-checkpointing (no fsync)",
+            scenario="durable_save",
+            metric="async_s",
+            top=OURS,
+            bottom=TCKPT,
+            target="<= 1.0",
+        ),
+        Goal(
+            name="5. async until durable / torch-checkpointing+fsync",
+            scenario="durable_save",
+            metric="async_s",
+            top=OURS,
+            bottom=TCKPT_FSYNC,
+            target="<= 1.0",
+        ),
+        Goal(
+            name=f"5. warm load {ws} / torch-checkpointing",
+            scenario="load",
+            metric=_load(same),
+            top=OURS,
+            bottom=TCKPT,
+            target="<= 1.0",
+        ),
+        Goal(
+            name=f"5. cold load {ws} / torch-checkpointing",
+            scenario="load",
+            metric=f"ws{same}_s",
+            top=OURS,
+            bottom=TCKPT,
+            target="<= 1.0",
+        ),
     ]
 
 
@@ -92,8 +177,9 @@ def evaluate(results: Results, save_world_size: int, plugins: dict[str, Any]) ->
             ratios = [a / b for a, b in zip(top.samples, bottom.samples, strict=True) if b > 0]
             median = statistics.median(ratios)
             met = (not g.target or _meets(median, g.target)) and (not g.worst or _meets(max(ratios), g.worst))
-            row.update(samples=ratios, median=median, min=min(ratios), max=max(ratios),
-                       met=met if g.target else None)
+            row.update(
+                samples=ratios, median=median, min=min(ratios), max=max(ratios), met=met if g.target else None
+            )
         out.append(row)
     out.append(_s3_goal(plugins))
     return out
@@ -101,8 +187,11 @@ def evaluate(results: Results, save_world_size: int, plugins: dict[str, Any]) ->
 
 def _s3_goal(plugins: dict[str, Any]) -> dict[str, Any]:
     """Goal 6, from the storage benchmark plug-in: a capped S3 save against one capped stream."""
-    row: dict[str, Any] = {"goal": "6. S3 save through the 10 MB/s-per-connection proxy / one stream",
-                           "target": ">= 6.0", "worst_run": ""}
+    row: dict[str, Any] = {
+        "goal": "6. S3 save through the 10 MB/s-per-connection proxy / one stream",
+        "target": ">= 6.0",
+        "worst_run": "",
+    }
     s3 = ((plugins.get("storage_bench") or {}).get("result") or {}).get("s3") or {}
     capped = next((v for k, v in s3.items() if k.startswith("per_stream_limit_")), {})
     speedup = capped.get("save_vs_single_stream")

@@ -108,7 +108,9 @@ def format_table(results: Results) -> str:
     """The Markdown table: one row per figure, every system, the reference, the ratios of that row."""
     systems = [OURS, DCP, TCKPT, TCKPT_FSYNC]
     rows = [
-        "| scenario | measure (median [min-max]) | " + " | ".join(systems) + " | reference | per-run ratios |",
+        "| scenario | measure (median [min-max]) | "
+        + " | ".join(systems)
+        + " | reference | per-run ratios |",
         "|---|---|" + "---|" * len(systems) + "---|---|",
     ]
     seen: list[tuple[str, str]] = []

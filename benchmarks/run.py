@@ -250,7 +250,11 @@ def _run_s3_goal(cfg: BenchConfig) -> dict[str, Any]:
     kwargs = {**S3_GOAL_KWARGS, "work_dir": cfg.root}
     start = time.perf_counter()
     try:
-        out: dict[str, Any] = {"function": "run_storage_bench", "kwargs": kwargs, "result": run_storage_bench(**kwargs)}
+        out: dict[str, Any] = {
+            "function": "run_storage_bench",
+            "kwargs": kwargs,
+            "result": run_storage_bench(**kwargs),
+        }
     except Exception as e:
         logger.exception("the S3 benchmark failed")
         out = {"function": "run_storage_bench", "kwargs": kwargs, "error": f"{type(e).__name__}: {e}"}
@@ -266,7 +270,9 @@ def _commit() -> str:
             ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -39,8 +39,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from benchmarks.config import BenchConfig
 from benchmarks.memory import Peaks, RssSampler
-from benchmarks.state import build_state, check_state, local_nbytes, small_tensor_state
 from benchmarks.peers import TCKPT_FSYNC
+from benchmarks.state import build_state, check_state, local_nbytes, small_tensor_state
 from benchmarks.stats import OURS
 from benchmarks.systems import make_systems
 

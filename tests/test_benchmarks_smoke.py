@@ -96,14 +96,15 @@ def test_entry_point_produces_every_scenario_for_both_systems(tmp_path, capsys) 
     sync_goal = goals["2. sync save / DCP"]
     assert sync_goal["target"] == "<= 0.8" and len(sync_goal["samples"]) == REPEATS
     assert goals["5. sync save / torch-checkpointing+fsync"]["median"] > 0
-    assert "--plugins s3" in goals["6. S3 save through the 10 MB/s-per-connection proxy / one stream"]["unavailable"]
+    assert (
+        "--plugins s3"
+        in goals["6. S3 save through the 10 MB/s-per-connection proxy / one stream"]["unavailable"]
+    )
     assert report["commit"] != ""
 
     table = capsys.readouterr().out
     assert "| goal (issue 26) | this run: median [min-max] | target | met |" in table
     assert "| 2. sync save / DCP | " in table
-    assert (
-        "| load | load time, page cache evicted, saved by 1 rank, loaded by 2 ranks (resharded) |" in table
-    )
+    assert "| load | load time, page cache evicted, saved by 1 rank, loaded by 2 ranks (resharded) |" in table
     pytest.importorskip("matplotlib")
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

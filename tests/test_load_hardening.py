@@ -340,7 +340,9 @@ def test_direct_reads_land_exact_values_and_refuse_bytes_changed_during_the_load
     block = VERIFIED_WINDOW_BLOCKS  # the second window's first block
     storage = _ChangedDuringTheLoad(path, shard, chunk["offset_bytes"] + window + 4 * 1000)
     target = {"w": torch.zeros_like(w)}
-    with pytest.raises(CorruptCheckpointError, match=f"file {shard}, key 'w': checksum mismatch in block {block}"):
+    with pytest.raises(
+        CorruptCheckpointError, match=f"file {shard}, key 'w': checksum mismatch in block {block}"
+    ):
         load_checkpoint(storage, target, rank=0, world_size=1, options=LoadOptions())
     assert storage.reads == 2  # each window read once: the first landed, the changed second was refused
     half = window // 4
