@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     root = tempfile.mkdtemp(prefix="shardsafe-bench-", dir=args.work_dir)
     cfg = build_config(args, root)
     started = datetime.datetime.now(datetime.timezone.utc)
+    commit = _commit()  # the tree measured: taken before the run, which may outlast a later commit
     start = time.perf_counter()
     try:
         machine = machine_description(root, cfg.spec.device)
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "schema": 1,
         "date": started.isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": commit,
         "command": command,
         "wall_s": wall,
         "machine": machine,
