@@ -3,7 +3,9 @@
 A region that can land in its target as it is (a whole chunk into contiguous memory) used to be
 read twice when verified: once through a scratch buffer to check every block, once into the target
 with the blocks checked again. It is now read once, window by window through a cache-sized scratch
-buffer: each window's blocks are checked there and only then copied into the target. These tests
+buffer: each window's blocks are checked there and only then copied into the target; a row block
+that starts or ends inside a checksum block (a resharded load) lands the same way, its padding read,
+checked and dropped, where it used to go through a private buffer. These tests
 count the bytes read and pin the guarantee that remains: no byte of a failing block, nor any byte
 after it in its region, reaches the target; what landed before it is the saved, verified value.
 """
@@ -17,9 +19,12 @@ import pytest
 import torch
 
 import checkpoint
+from checkpoint.load.chunk_reader import ChunkReader
 from checkpoint.load.direct_read import VERIFIED_WINDOW_BLOCKS
 from checkpoint.load.loader import LoadOptions, load_checkpoint, read_metadata
+from planners.boxes import Box
 from planners.errors import CorruptCheckpointError
+from planners.load_plan import LoadTarget
 from planners.metadata import CHECKSUM_BLOCK_BYTES
 from storage.local import LocalStorage
 
@@ -105,3 +110,38 @@ def test_a_corrupt_block_and_the_rest_of_its_region_never_reach_the_target(saved
     # The windows before the bad one hold the saved values; from the bad block's window on, nothing landed.
     assert torch.equal(target["w"][:landed], state["w"][:landed])
     assert torch.equal(target["w"][landed:], torch.zeros(NUMEL - landed))
+
+
+def _read_box(path: str, offset: int, count: int) -> tuple[torch.Tensor, CountingStorage, int]:
+    """Load elements [offset, offset + count) of "w" through a ChunkReader, as a resharded rank does."""
+    storage = CountingStorage(path)
+    metadata = read_metadata(storage)
+    target = LoadTarget(
+        fqn="w", dtype=torch.float32, global_shape=(NUMEL,), box=Box(offsets=(offset,), sizes=(count,))
+    )
+    dest = torch.zeros(count)
+    reader = ChunkReader(storage, metadata, verify=True, io_threads=1)
+    try:
+        reader.run([(item, dest) for item in reader.plan(target, metadata.tensors["w"])])
+    finally:
+        storage.close()
+    return dest, storage, reader.bytes_read
+
+
+def test_a_row_block_inside_checksum_blocks_lands_directly_and_its_padding_is_checked(saved):
+    path, state = saved
+    per_block = CHECKSUM_BLOCK_BYTES // 4
+    offset, count = per_block + 1000, 3 * per_block  # from inside block 1 to inside block 4
+    dest, storage, read = _read_box(path, offset, count)
+    assert torch.equal(dest, state["w"][offset : offset + count])
+    assert storage.direct_bytes == read == 4 * CHECKSUM_BLOCK_BYTES  # blocks 1-4 read once, into no buffer
+
+    # A flipped byte of block 4 after the region's end: not part of the box, but read, so checked.
+    file, chunk_offset = _chunk_offset(path, "w")
+    with open(os.path.join(path, file), "r+b") as f:
+        f.seek(chunk_offset + 5 * CHECKSUM_BLOCK_BYTES - 8)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x01]))
+    with pytest.raises(CorruptCheckpointError, match=f"file {file}, key 'w': checksum mismatch in block 4 "):
+        _read_box(path, offset, count)

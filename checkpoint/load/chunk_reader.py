@@ -141,9 +141,11 @@ class ChunkReader:
         """The regions read straight into their targets (`checkpoint.load.direct_read`), and the others."""
         if not any(callable(getattr(self.storage, m, None)) for m in ("reading", "read_ranges_into")):
             return [], jobs  # a storage that reads only into its own buffers
+        # Local windows can read whole blocks around a region and land only its bytes; remote parts land whole.
+        padded = not callable(getattr(self.storage, "read_ranges_into", None))
         direct, buffered = [], []
         for item, dest in jobs:
-            out = direct_target(item, dest)
+            out = direct_target(item, dest, padded=padded)
             if out is None:
                 buffered.append((item, dest))
             else:
