@@ -30,7 +30,8 @@ WRITEBACK_STEP_BYTES = 16 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _load_sync_file_range():
+def _load_sync_file_range() -> Callable[..., int] | None:
+    """libc's sync_file_range, or None where the platform or its libc lacks it."""
     if not sys.platform.startswith("linux"):
         return None
     try:
