@@ -44,6 +44,7 @@ from planners.errors import (
 # Flags of every read: never follow a link at the file's name, never block on a FIFO or device.
 from storage.links import READ_FLAGS as _READ_FLAGS
 from storage.links import open_link_within as _open_link_within
+from storage.writeback import Writeback
 
 # One preadv call reads at most this much (Linux caps a single read near 2 GiB).
 _MAX_READ_BYTES = 1 << 30
@@ -122,6 +123,7 @@ class _CheckedFile:
         self._fd = fd
         self._path = path
         self.nbytes = 0
+        self._writeback = Writeback(fd)  # the disk writes while the rest of the file is produced
 
     def writable(self) -> bool:
         return True
@@ -138,6 +140,7 @@ class _CheckedFile:
     def write(self, data: Any) -> int:
         n = _write_all(self._fd, data, path=self._path, offset=self.nbytes)
         self.nbytes += n
+        self._writeback.written(self.nbytes)
         return n
 
     def finish(self) -> None:
