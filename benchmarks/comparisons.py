@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import re
 
-from benchmarks.scenarios import COPY, RAW_WRITE
+from benchmarks.scenarios import COPY, RAW_WRITE, UNVERIFIED
 from benchmarks.stats import DCP, OURS, Results
 
-# Targets of issue 5, on the median of the per-run ratios.
-TARGET_BLOCKING_X_COPY = "<= 1.5"
-TARGET_DURABLE_SPEEDUP = ">= 1.0"
+# Targets on the median of the per-run ratios, in this table's orientation (other / shardsafe); the
+# goals of issue 26, stated as shardsafe / other, are in `benchmarks.goals` (the first table).
+TARGET_BLOCKING_X_COPY = "<= 1.1"
+TARGET_DURABLE_SPEEDUP = ">= 1.25"  # sync save <= 0.8x DCP's time
 TARGET_DURABLE_VS_DD = ">= 0.9"
-TARGET_LOAD_SPEEDUP = ">= 1.3"
+TARGET_LOAD_SPEEDUP = ">= 2.0"  # warm load at the saving world size <= 0.5x DCP's time
 
 SCENARIOS = ("async_blocking", "durable_save", "load", "memory", "planning")
 _LABELS = {
@@ -35,7 +36,7 @@ _LABELS = {
     ("planning", "first_save_s"): "save of many small tensors, first (plan made)",
     ("planning", "repeat_save_s"): "save of many small tensors, repeated (same structure)",
 }
-_LOAD_METRIC = re.compile(r"ws(?P<saved>\d+)to(?P<loaded>\d+)_(?P<what>s|read_bytes|needed_bytes)")
+_LOAD_METRIC = re.compile(r"ws(?P<saved>\d+)to(?P<loaded>\d+)_(?P<what>s|warm_s|read_bytes|needed_bytes)")
 
 
 def _ranks(n: str) -> str:
@@ -51,7 +52,8 @@ def label(scenario: str, metric: str) -> str:
         saved, loaded = m["saved"], m["loaded"]
         how = "same world size" if saved == loaded else "resharded"
         what = {
-            "s": "load time",
+            "s": "load time, page cache evicted",
+            "warm_s": "load time, warm (page cache holds the files)",
             "read_bytes": "bytes read from disk",
             "needed_bytes": "bytes the target needs",
         }
@@ -104,7 +106,17 @@ def add_ratios(results: Results) -> None:
     for metric in ("first_sync_s", "first_async_s"):
         r("durable_save", metric, "dcp / shardsafe", DCP, OURS)
     for tag in load_tags(results):
-        r("load", f"{tag}_s", "dcp / shardsafe", DCP, OURS, target=TARGET_LOAD_SPEEDUP)
+        saved, loaded = tag[2:].split("to")
+        r("load", f"{tag}_s", "dcp / shardsafe", DCP, OURS)
+        r(
+            "load",
+            f"{tag}_warm_s",
+            "dcp / shardsafe",
+            DCP,
+            OURS,
+            target=TARGET_LOAD_SPEEDUP if saved == loaded else "",
+        )
+        r("load", f"{tag}_warm_s", "verified / verify=False", OURS, UNVERIFIED, target="<= 1.2")
         for system in (OURS, DCP):
             r(
                 "load",

@@ -7,7 +7,9 @@ map's failure mode). Whole regions are read straight into their targets
 compares three readers on a warm 256 MiB single-file checkpoint, loaded in
 place into a preallocated target: a memory-mapped reader (the first
 implementation, kept here only as a baseline), `pread` into buffers for every
-region (the second), and the current LocalStorage (direct reads).
+region (the second), and the current LocalStorage (direct reads, verified in
+one pass through a cache-sized window); the last line is the cost of
+verification on the direct path, the measure of issue 26's goal 1.
 
     PYTHONPATH=$PWD python -m benchmarks.read_path_bench [--mib 256] [--repeats 5]
 """
@@ -63,6 +65,7 @@ def main() -> None:
         state = {f"t{i}": torch.randn(args.mib * MiB // 16 // 4) for i in range(16)}
         checkpoint.make_sync_checkpointer().save(state, path)
         target = {k: torch.empty_like(v) for k, v in state.items()}
+        medians = {}
         for verify in (True, False):
             for label, storage_type in (
                 ("mmap", MappedLocalStorage),
@@ -76,12 +79,17 @@ def main() -> None:
                         storage_type(path), target, rank=0, world_size=1, options=LoadOptions(verify=verify)
                     )
                     seconds.append(time.perf_counter() - start)
-                median = statistics.median(seconds)
+                median = medians[(verify, label)] = statistics.median(seconds)
                 print(
                     f"verify={verify} {label}: median {median * 1e3:.0f} ms "
                     f"({args.mib / 1024 / median:.2f} GiB/s) over {args.repeats} warm loads"
                 )
                 assert all(torch.equal(target[k], state[k]) for k in state)
+        ratio = medians[(True, "direct")] / medians[(False, "direct")]
+        print(
+            f"direct: verified / unverified {ratio:.2f}x (issue 26 goal: <= 1.2x; "
+            f"load average {os.getloadavg()[0]:.1f})"
+        )
     finally:
         shutil.rmtree(root)
 

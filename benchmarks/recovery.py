@@ -2,14 +2,15 @@
 
 One process (one node), so it runs in a minute on a small machine:
 
-* Resume time: `CheckpointManager.load` from this node's local tier (own disk,
-  direct reads), a load of the same step from a peer's tier server over HTTP
-  (the path a node that lost its disk takes; `checkpoint.tiers.client.peer_storage`),
-  and `CheckpointManager.load` from a durable root on S3 (a SeaweedFS server on
-  loopback, `checkpoint.testing.s3server`): on loopback, and with S3 and the
-  peer link both behind a proxy capping each TCP connection at
-  `--stream-limit-MBps` (`checkpoint.testing.throttle`), as a link to a remote
-  store is capped.
+* Resume time, always `CheckpointManager.load` itself: from this node's local
+  tier (own disk, read straight into the targets), after a lost node (a job of
+  two nodes, each a spawned rank with its own `local_root` and tier server;
+  node 1's root is empty, so its rank reads node 0's copies over HTTP, also
+  straight into its targets, while node 0 reads its own disk: the time is the
+  slower rank's), and from a durable root on S3 (a SeaweedFS server on
+  loopback, `checkpoint.testing.s3server`): on loopback, and with S3 behind a
+  proxy capping each TCP connection at `--stream-limit-MBps`
+  (`checkpoint.testing.throttle`), as a link to a remote store is capped.
 * Training-thread time of a local save (what `save()` blocks for: staging)
   against a plain copy of the same tensors into preallocated buffers.
 * Host memory and local disk per rank: the staging buffers of the manager's
@@ -25,7 +26,7 @@ import argparse
 import json
 import logging
 import os
-import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -40,12 +41,9 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make the packages importa
     sys.path.insert(0, str(REPO_ROOT))
 
 import checkpoint  # noqa: E402
-from checkpoint.load.loader import load_checkpoint  # noqa: E402
-from checkpoint.options import LoadOptions  # noqa: E402
+from checkpoint.testing.ranks import run_ranks  # noqa: E402
 from checkpoint.testing.s3server import SeaweedS3Server  # noqa: E402
 from checkpoint.testing.throttle import throttled_link  # noqa: E402
-from checkpoint.tiers import client  # noqa: E402
-from checkpoint.tiers.server import TierServer  # noqa: E402
 
 MiB = 1024 * 1024
 TENSORS = 8
@@ -113,50 +111,65 @@ def _save_both_tiers(
     }
 
 
-def _resume_times(
-    state: dict, durable: str, local: Path, options: dict, repeats: int, cap_mbps: float | None
-) -> dict[str, float]:
-    """Seconds of `load` from each source (managers are built before the clock starts)."""
+def _resume_times(state: dict, durable: str, local: Path, options: dict, repeats: int) -> dict[str, float]:
+    """Seconds of `CheckpointManager.load` from each source (managers are built before the clock starts)."""
     ckpt = checkpoint.make_sync_checkpointer(checkpoint.CheckpointerConfig(storage_options=options))
     out: dict[str, float] = {}
     durable_mgr = checkpoint.CheckpointManager(durable, checkpointer=ckpt)
     local_mgr = checkpoint.CheckpointManager(
-        str(local.parent / f"no-durable-{uuid.uuid4().hex}"),
-        checkpointer=ckpt,
-        local_root=str(local),
-        local_address="127.0.0.1",
+        durable, checkpointer=ckpt, local_root=str(local), local_address="127.0.0.1"
     )
     try:
-        out["durable_s3_s"] = _timed_load(lambda t: _expect(durable_mgr.load(t)), state, repeats)
-        out["local_tier_own_disk_s"] = _timed_load(lambda t: _expect(local_mgr.load(t)), state, repeats)
+        out["durable_s3_s"] = _timed_load(
+            lambda t: _expect(durable_mgr.load(t), durable_mgr, "durable"), state, repeats
+        )
+        out["local_tier_own_disk_s"] = _timed_load(
+            lambda t: _expect(local_mgr.load(t), local_mgr, "local"), state, repeats
+        )
     finally:
         durable_mgr.close()
         local_mgr.close()
         ckpt.close()
-    token = secrets.token_hex(16)
-    server = TierServer(str(local), host="127.0.0.1", token=token, node=1)
-    url = server.start()
-    try:
-        out["local_tier_peer_http_s"] = _timed_load(lambda t: _peer_load(url, token, t), state, repeats)
-        if cap_mbps is not None:
-            with throttled_link(url, cap_mbps * 1e6) as link:
-                out["local_tier_peer_http_capped_s"] = _timed_load(
-                    lambda t: _peer_load(link, token, t), state, repeats
-                )
-    finally:
-        server.stop()
+    seconds = []
+    for _ in range(repeats):
+        job = uuid.uuid4().hex[:8]
+        roots = [local.parent / f"lost-{job}-node0", local.parent / f"lost-{job}-node1"]
+        shutil.copytree(local, roots[0])  # node 0 kept its disk; node 1 lost its own (an empty root)
+        times = run_ranks(
+            _lost_node_rank, 2, durable, [str(r) for r in roots], options, state, timeout_secs=600
+        )
+        seconds.append(max(times))
+    out["local_tier_lost_node_s"] = round(min(seconds), 3)
     return out
 
 
-def _expect(step: int | None) -> None:
-    if step != 5:
-        raise RuntimeError(f"benchmark resumed step {step}, not 5")
+def _lost_node_rank(
+    rank: int, world_size: int, durable: str, roots: list[str], options: dict, state: dict
+) -> float:
+    """One node of the job after node 1 was lost: `CheckpointManager.load` of step 5, timed and checked."""
+    import torch.distributed as dist
+
+    os.environ.update(GROUP_RANK=str(rank), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    ckpt = checkpoint.make_sync_checkpointer(checkpoint.CheckpointerConfig(storage_options=options))
+    mgr = checkpoint.CheckpointManager(
+        durable, checkpointer=ckpt, local_root=roots[rank], local_address="127.0.0.1"
+    )
+    target = {k: torch.zeros_like(v) for k, v in state.items()}
+    try:
+        dist.barrier()
+        start = time.perf_counter()
+        _expect(mgr.load(target), mgr, "local")
+        seconds = time.perf_counter() - start
+        _check(target, state)
+    finally:
+        mgr.close()
+        ckpt.close()
+    return seconds
 
 
-def _peer_load(url: str, token: str, target: dict) -> None:
-    """What recovery does for a file held by a peer only: range reads over HTTP, checked on the way."""
-    storage = client.peer_storage(url.rstrip("/"), token, "step-000000005")
-    load_checkpoint(storage, target, rank=0, world_size=1, options=LoadOptions())
+def _expect(step: int | None, mgr: checkpoint.CheckpointManager, tier: str) -> None:
+    if step != 5 or mgr.resumed_from != tier:
+        raise RuntimeError(f"benchmark resumed step {step} from {mgr.resumed_from}, not 5 from {tier}")
 
 
 def run_recovery_bench(
@@ -177,10 +190,10 @@ def run_recovery_bench(
             durable, local = f"s3://{bucket}/run", root / "local"
             costs = _save_both_tiers(state, durable, local, options)
             result: dict[str, Any] = {"bytes": costs["state_bytes"], "save_costs": costs}
-            result["loopback"] = _resume_times(state, durable, local, options, repeats, None)
+            result["loopback"] = _resume_times(state, durable, local, options, repeats)
             with throttled_link(endpoint.endpoint_url, stream_limit_MBps * 1e6) as proxy_url:
                 capped = {**options, "client_kwargs": {**options["client_kwargs"], "endpoint_url": proxy_url}}
-                limited = _resume_times(state, durable, local, capped, repeats, stream_limit_MBps)
+                limited = _resume_times(state, durable, local, capped, repeats)
             result[f"s3_per_stream_limit_{stream_limit_MBps:g}MBps"] = limited
             for figures in (result["loopback"], limited):
                 for name in [k for k in figures if k.startswith("local_tier")]:

@@ -18,6 +18,8 @@ import psutil
 import torch
 
 from benchmarks.comparisons import label, row_order
+from benchmarks.peers import TCKPT, TCKPT_FSYNC
+from benchmarks.scenarios import UNVERIFIED
 from benchmarks.stats import DCP, OURS, Figure, Ratio, Results
 
 MiB = 1024**2
@@ -103,30 +105,35 @@ def _ratio_text(r: Ratio) -> str:
 
 
 def format_table(results: Results) -> str:
-    """The Markdown table: one row per figure, both systems, the reference, the ratios of that row."""
+    """The Markdown table: one row per figure, every system, the reference, the ratios of that row."""
+    systems = [OURS, DCP, TCKPT, TCKPT_FSYNC]
     rows = [
-        "| scenario | measure (median [min-max]) | shardsafe | DCP | reference | per-run ratios |",
-        "|---|---|---|---|---|---|",
+        "| scenario | measure (median [min-max]) | "
+        + " | ".join(systems)
+        + " | reference | per-run ratios |",
+        "|---|---|" + "---|" * len(systems) + "---|---|",
     ]
     seen: list[tuple[str, str]] = []
     for f in results.figures:
-        if f.system in (OURS, DCP) and (f.scenario, f.metric) not in seen:
+        if f.system in systems and (f.scenario, f.metric) not in seen:
             seen.append((f.scenario, f.metric))
     for scenario, metric in row_order(seen):
         ref = ""
         if (scenario, metric) in _REFERENCES:
             ref_metric, ref_system = _REFERENCES[(scenario, metric)]
             ref = f"{ref_system} {_value(results.find(scenario, ref_metric, ref_system))}"
+        elif results.find(scenario, metric, UNVERIFIED) is not None:
+            ref = f"verify=False {_value(results.find(scenario, metric, UNVERIFIED))}"
         ratios = "; ".join(
             _ratio_text(r) for r in results.ratios if (r.scenario, r.metric) == (scenario, metric)
         )
-        rows.append(
-            f"| {scenario} | {label(scenario, metric)} | {_value(results.find(scenario, metric, OURS))} | "
-            f"{_value(results.find(scenario, metric, DCP))} | {ref} | {ratios} |"
-        )
+        values = " | ".join(_value(results.find(scenario, metric, system)) for system in systems)
+        rows.append(f"| {scenario} | {label(scenario, metric)} | {values} | {ref} | {ratios} |")
     for gap in results.unavailable:
         rows.append(
-            f"| {gap['scenario']} | {gap['metric']} | {gap['system']}: not available | | | {gap['reason']} |"
+            f"| {gap['scenario']} | {gap['metric']} | {gap['system']}: not available |"
+            + " |" * (len(systems) - 1)
+            + f" | {gap['reason']} |"
         )
     return "\n".join(rows) + "\n"
 

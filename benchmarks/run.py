@@ -14,6 +14,7 @@ reported there, not fatal: the comparison with DCP still comes out.
 
 Example:
     python -m benchmarks.run                          # 512 MiB over 2 ranks, loads on 2, 3 and 1
+    python -m benchmarks.run --plugins s3             # every goal of issue 26, S3 saves included (the README's run)
     python -m benchmarks.run --plugins all            # and the storage and async-blocking benchmarks
     python -m benchmarks.run --size-mib 64 --repeats 3 --load-world-sizes 3 --out-dir /tmp/bench
 """
@@ -28,6 +29,7 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,10 +38,11 @@ from typing import Any
 import torch
 
 import checkpoint
-from benchmarks import scenarios
+from benchmarks import peers, scenarios
 from benchmarks.chart import write_chart
 from benchmarks.comparisons import add_ratios
 from benchmarks.config import BenchConfig, MiB
+from benchmarks.goals import evaluate, format_goals
 from benchmarks.report import format_plugins, format_table, machine_description, write_json
 from benchmarks.state import StateSpec
 from benchmarks.stats import DCP, OURS, Results
@@ -53,6 +56,9 @@ PLUGINS = {
     "benchmarks.storage_bench": ("run_storage_bench", "measure"),
     "benchmarks.async_blocking": ("measure", "run_async_blocking"),
 }
+# What `--plugins s3` runs: the object-store save of issue 26's goal 6, as the issue measured it
+# (`storage_bench.py --no-local --no-http --total-mib 256 --stream-limit-mib 64 --repeats 3`).
+S3_GOAL_KWARGS = {"total_mib": 256, "stream_limit_mib": 64, "repeats": 3, "local": False, "http": False}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -81,10 +87,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="benchmarks/results", help="where results.json and results.png go")
     p.add_argument(
         "--plugins",
-        choices=("none", "all"),
+        choices=("none", "s3", "all"),
         default="none",
-        help="all: also run the other benchmarks of this package that are present (storage_bench: S3 and "
-        "local throughput; async_blocking) and keep their results in the JSON; they add several minutes",
+        help="s3: also measure goal 6 (S3 saves through a 10 MB/s-per-connection proxy, about 2 minutes); "
+        "all: also run the other benchmarks of this package that are present (storage_bench: S3, HTTP "
+        "and local throughput; async_blocking) and keep their results in the JSON; they add several minutes",
     )
     p.add_argument("--no-chart", action="store_true")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="deadline of each spawn of ranks")
@@ -152,6 +159,7 @@ def measure(cfg: BenchConfig) -> tuple[Results, dict[str, float]]:
             )[0]
         )
     _add_bandwidths(results, info.get("rank_bytes", 0.0))
+    _note_peer_gaps(results, cfg)
     if not hasattr(checkpoint, "make_async_checkpointer"):
         reason = "checkpoint.make_async_checkpointer does not exist in this tree yet"
         for scenario, metric in (
@@ -162,6 +170,19 @@ def measure(cfg: BenchConfig) -> tuple[Results, dict[str, float]]:
             results.missing(scenario, metric, OURS, reason)
     add_ratios(results)
     return results, info
+
+
+def _note_peer_gaps(results: Results, cfg: BenchConfig) -> None:
+    """Scenarios torch-checkpointing cannot run here are reported as such, not left out."""
+    reason = peers.import_error()
+    if reason is not None:
+        for system in (peers.TCKPT, peers.TCKPT_FSYNC):
+            results.missing("all", "every scenario", system, reason)
+        return
+    for world_size in cfg.load_world_sizes:
+        gap = peers.TorchCheckpointingSystem.load_missing(cfg.save_world_size, world_size)
+        if gap is not None:
+            results.missing("load", f"ws{cfg.save_world_size}to{world_size}_s", peers.TCKPT, gap)
 
 
 def _add_bandwidths(results: Results, rank_bytes: float) -> None:
@@ -222,6 +243,42 @@ def run_plugins(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _run_s3_goal(cfg: BenchConfig) -> dict[str, Any]:
+    """storage_bench in the configuration of goal 6; a failure is reported, not fatal (as a plug-in's)."""
+    from benchmarks.storage_bench import run_storage_bench
+
+    kwargs = {**S3_GOAL_KWARGS, "work_dir": cfg.root}
+    start = time.perf_counter()
+    try:
+        out: dict[str, Any] = {
+            "function": "run_storage_bench",
+            "kwargs": kwargs,
+            "result": run_storage_bench(**kwargs),
+        }
+    except Exception as e:
+        logger.exception("the S3 benchmark failed")
+        out = {"function": "run_storage_bench", "kwargs": kwargs, "error": f"{type(e).__name__}: {e}"}
+    out["wall_s"] = time.perf_counter() - start
+    return out
+
+
+def _commit() -> str:
+    """The tree's commit (with "+dirty" when it has uncommitted changes), for the README's table."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
@@ -231,19 +288,25 @@ def main(argv: list[str] | None = None) -> int:
     root = tempfile.mkdtemp(prefix="shardsafe-bench-", dir=args.work_dir)
     cfg = build_config(args, root)
     started = datetime.datetime.now(datetime.timezone.utc)
+    commit = _commit()  # the tree measured: taken before the run, which may outlast a later commit
     start = time.perf_counter()
     try:
         machine = machine_description(root, cfg.spec.device)
         results, info = measure(cfg)
-        plugins = run_plugins(cfg, args) if args.plugins == "all" else {}
+        if args.plugins == "s3":
+            plugins = {"storage_bench": _run_s3_goal(cfg)}
+        else:
+            plugins = run_plugins(cfg, args) if args.plugins == "all" else {}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     wall = time.perf_counter() - start
     machine["load_average_at_end"] = os.getloadavg()  # the others' work on a shared machine shows here
+    goal_rows = evaluate(results, cfg.save_world_size, plugins)
     os.makedirs(args.out_dir, exist_ok=True)
     payload = {
         "schema": 1,
         "date": started.isoformat(timespec="seconds"),
+        "commit": commit,
         "command": command,
         "wall_s": wall,
         "machine": machine,
@@ -270,12 +333,14 @@ def main(argv: list[str] | None = None) -> int:
             ),
             scenarios.RAW_WRITE: "dd if=/dev/zero bs=16M iflag=count_bytes conv=fdatasync of the rank's bytes, "
             "every rank at once, one file each",
+            scenarios.UNVERIFIED: "shardsafe's load with verify=False, right after its verified warm load",
         },
         "measurement": (
             "times: slowest rank after a barrier; blocking = until the stage future / DCP staging completes; "
             "bytes read: /proc/self/io read_bytes summed over ranks (block-device reads, readahead included)"
             + (", page cache evicted before each load (posix_fadvise DONTNEED)" if cfg.cold_cache else "")
         ),
+        "goals": goal_rows,
         "figures": [f.to_json() for f in results.figures],
         "ratios": [r.to_json() for r in results.ratios],
         "unavailable": results.unavailable,
@@ -284,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = os.path.join(args.out_dir, "results.json")
     write_json(json_path, payload)
     title = (
-        f"shardsafe vs DCP: {args.size_mib:g} MiB, {cfg.spec.num_tensors} tensors, saved by "
+        f"shardsafe vs DCP and torch-checkpointing, commit {payload['commit']}: {args.size_mib:g} MiB, {cfg.spec.num_tensors} tensors, saved by "
         f"{cfg.save_world_size} rank{'s' if cfg.save_world_size > 1 else ''} ({cfg.spec.device}), {started:%Y-%m-%d}"
     )
     chart = None
@@ -292,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         chart = os.path.join(args.out_dir, "results.png")
         if not write_chart(results, chart, title=title):
             chart = None
-    sys.stdout.write(f"{title}\n\n{format_table(results)}\n")
+    load = (
+        f"load average {machine['load_average_at_start'][0]:.2f} at the start, "
+        f"{machine['load_average_at_end'][0]:.2f} at the end"
+    )
+    sys.stdout.write(f"{title}; {load}\n\n{format_goals(goal_rows)}\n{format_table(results)}\n")
     if plugins:
         sys.stdout.write(format_plugins(plugins))
     sys.stdout.write(

@@ -38,7 +38,7 @@ from typing import Any
 from benchmarks.scale_layouts import LAYERS, SCHEMES, Job, supported
 from checkpoint.save.plan_exchange import _representatives, draft_plan
 from planners.dtypes import itemsize, safetensors_code
-from planners.global_plan import WorldStructure, from_run_lengths, structure_of, writes_of
+from planners.global_plan import WorldStructure, from_run_lengths, structure_of
 from planners.grid import CHECKSUM_ENTRY, _cuts
 from planners.load_plan import LoadTarget, build_index, plan_tensor_reads
 from planners.metadata import (
@@ -53,6 +53,7 @@ from planners.metadata import (
 from planners.metadata_parse import parse_metadata
 from planners.placement import _chunk_box, _replica_positions, chunk_box, coordinate_of
 from planners.save_plan import FilePlan, WriteItem, pack_files
+from planners.world_layout import writes_of
 from storage.checksummed_shard import checksum_slices
 from storage.safetensors_io import parse_header
 
@@ -98,9 +99,9 @@ def _coordinator(
     from planners.world_check import check_world
 
     start = time.process_time()
-    reps, runs = _representatives(digests)
+    reps, runs, _ = _representatives([(d, "") for d in digests])
     world = WorldStructure(
-        structures=tuple(pickle.loads(sent[r]) for r in reps), rank_structure=from_run_lengths(runs)
+        structures=tuple(pickle.loads(sent[r])[0] for r in reps), rank_structure=from_run_lengths(runs)
     )
     check_world(world)
     draft = draft_plan(world)
@@ -162,13 +163,14 @@ def _load_rank(job: Job, rank: int, data: bytes, world: WorldStructure) -> tuple
     read = len(data)
     items = needed = 0
     descriptors = job.descriptors(rank)
-    mesh_shape, ranks = job.meshes[job.stage_of(rank)]
-    coordinate = coordinate_of(ranks.index(rank), mesh_shape)  # what the rank's DeviceMesh tells it
+    coordinates: dict[int, tuple[int, ...]] = {}  # per mesh: what the rank's DeviceMesh tells it
     for fqn, dtype, shape, layout in descriptors:
+        if id(layout.ranks) not in coordinates:
+            coordinates[id(layout.ranks)] = coordinate_of(layout.ranks.index(rank), layout.mesh_shape)
         box = chunk_box(
             shape,
             layout.mesh_shape,
-            coordinate,
+            coordinates[id(layout.ranks)],
             layout.placements,
         )
         chunks = []
@@ -229,14 +231,17 @@ def _best(run: Any, repeats: int = REPEATS) -> Any:
 def simulate(scheme: str, world_size: int, *, layers: int = LAYERS) -> dict[str, Any]:
     """Every figure of one (layout, world size) case."""
     job = Job(scheme, world_size, layers=layers)
-    structures = [structure_of(job.descriptors(job.meshes[s][1][0]), []) for s in range(job.stages)]
+    structures = [structure_of(job.descriptors(r), []) for r in job.representatives()]
     stage_digest = [s.digest() for s in structures]
-    digests = [stage_digest[job.stage_of(r)] for r in range(world_size)]
-    reps, runs = _representatives(digests)
-    sent = {r: pickle.dumps(structures[job.stage_of(r)]) for r in reps}
-    reps_msg = pickle.dumps((reps, runs))
+    digests = [stage_digest[job.structure_of_rank(r)] for r in range(world_size)]
+    reps, runs, value_reps = _representatives([(d, "") for d in digests])
+    # Exchange 3 sends (structure, nesting tree, value digests); the tree is a few bytes per key.
+    sent = {r: pickle.dumps((structures[job.structure_of_rank(r)], None, {})) for r in reps}
+    reps_msg = pickle.dumps((reps, runs, value_reps))
+    # Equal structures (empty pipeline stages of a short model) are one: the exchange sends each once.
+    structures = [structures[job.structure_of_rank(r)] for r in reps]
     payload = pickle.dumps(tuple(structures))
-    digest_msg = pickle.dumps(("f" * 64, stage_digest[0]))
+    digest_msg = pickle.dumps(("f" * 64, stage_digest[0], "f" * 64))
     traffic = len(digest_msg) + max(len(b) for b in sent.values()) + len(reps_msg) + len(payload)
     plan_s, files = 0.0, {}
     for rank in job.sample_ranks():
@@ -249,7 +254,7 @@ def simulate(scheme: str, world_size: int, *, layers: int = LAYERS) -> dict[str,
     return {
         "scheme": scheme,
         "world_size": world_size,
-        "tensors": len(structures[0].tensors) if job.stages == 1 else sum(len(s.tensors) for s in structures),
+        "tensors": len({t.fqn for s in structures for t in s.tensors}),
         "distinct_structures": len(structures),
         "plan_rank_s": plan_s,
         "coordinator_s": coordinator_s,

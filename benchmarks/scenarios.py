@@ -31,6 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,12 +39,16 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from benchmarks.config import BenchConfig
 from benchmarks.memory import Peaks, RssSampler
+from benchmarks.peers import TCKPT_FSYNC
 from benchmarks.state import build_state, check_state, local_nbytes, small_tensor_state
-from benchmarks.systems import DcpSystem, OursSystem, make_systems
+from benchmarks.stats import OURS
+from benchmarks.systems import make_systems
 
 Key = tuple[str, str, str, str]
-Sysm = OursSystem | DcpSystem
+Sysm = Any  # OursSystem, DcpSystem or peers.TorchCheckpointingSystem
 COPY = "memcpy"
+# shardsafe loading with verify=False: the reference of the verification cost.
+UNVERIFIED = "shardsafe verify=False"
 RAW_WRITE = "dd"
 # Block size of the raw write, as one would pass to dd for a disk test.
 _RAW_WRITE_BLOCK_BYTES = 16 * 1024 * 1024
@@ -273,9 +278,18 @@ def _evict(path: str) -> None:
 
 
 def load_side(rank: int, world_size: int, cfg: BenchConfig) -> dict[Key, list[float]]:
-    """Load both systems' checkpoints into targets of this world size; the last load of each is checked."""
+    """Load every system's checkpoint into targets of this world size; the last load of each is checked.
+
+    Each run loads cold (page cache evicted, unless `cfg.cold_cache` is off) and then again warm into
+    the same target; shardsafe also loads warm with `verify=False`, right after its verified warm load,
+    so the cost of verification is a ratio of the same run.
+    """
     mesh = init_device_mesh(cfg.spec.device, (world_size,))
-    systems = make_systems(cfg.spec.device)
+    systems = [
+        s
+        for s in make_systems(cfg.spec.device)
+        if s.name != TCKPT_FSYNC and s.load_missing(cfg.save_world_size, world_size) is None
+    ]  # torch-checkpointing+fsync reads as torch-checkpointing does
     rec = Recorder()
     tag = f"ws{cfg.save_world_size}to{world_size}"
     try:
@@ -291,6 +305,10 @@ def load_side(rank: int, world_size: int, cfg: BenchConfig) -> dict[Key, list[fl
                 rec.add("load", f"{tag}_s", system.name, "s", seconds)
                 rec.add("load", f"{tag}_read_bytes", system.name, "bytes", summed(_read_bytes() - before))
                 rec.add("load", f"{tag}_needed_bytes", system.name, "bytes", summed(local_nbytes(target)))
+                rec.add("load", f"{tag}_warm_s", system.name, "s", synced(partial(system.load, path, target)))
+                if system.name == OURS:
+                    unverified = partial(system.load, path, target, verify=False)
+                    rec.add("load", f"{tag}_warm_s", UNVERIFIED, "s", synced(unverified))
                 if i == cfg.repeats - 1:
                     check_state(
                         cfg.spec, target, mesh, what=f"{system.name} load of {path} on {world_size} ranks"

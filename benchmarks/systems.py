@@ -21,6 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import checkpoint
+from benchmarks import peers
 from benchmarks.stats import DCP, OURS
 
 
@@ -56,8 +57,12 @@ class OursSystem:
         write_future.result()
         return blocked, time.perf_counter() - start
 
-    def load(self, path: str, target: dict) -> None:
-        self._sync.load(path, state_dict=target)
+    def load(self, path: str, target: dict, *, verify: bool = True) -> None:
+        self._sync.load(path, state_dict=target, verify=verify)
+
+    @staticmethod
+    def load_missing(saved_world_size: int, load_world_size: int) -> str | None:
+        return None
 
     def first_save(self, state: dict, path: str) -> None:
         """A save by a new checkpointer: nothing cached, the plan is made from scratch."""
@@ -141,6 +146,10 @@ class DcpSystem:
     def load(self, path: str, target: dict) -> None:
         dcp.load(target, storage_reader=dcp.FileSystemReader(path))
 
+    @staticmethod
+    def load_missing(saved_world_size: int, load_world_size: int) -> str | None:
+        return None
+
     def first_save(self, state: dict, path: str) -> None:
         """A save with plan caching off: the local and global plans are made from scratch, as on a first save."""
         dcp.save(state, storage_writer=dcp.FileSystemWriter(path), planner=self._first_planner_cls())
@@ -155,8 +164,15 @@ class DcpSystem:
             self._stager.close()
 
 
-def make_systems(device: str) -> list[OursSystem | DcpSystem]:
-    return [OursSystem(device), DcpSystem(device)]
+def make_systems(device: str) -> list[Any]:
+    """shardsafe, DCP and, where the `bench` extra installed it, torch-checkpointing without and with fsync."""
+    systems: list[Any] = [OursSystem(device), DcpSystem(device)]
+    if peers.import_error() is None:
+        systems += [
+            peers.TorchCheckpointingSystem(device, fsync=False),
+            peers.TorchCheckpointingSystem(device, fsync=True),
+        ]
+    return systems
 
 
 def describe_systems(device: str) -> dict[str, str]:

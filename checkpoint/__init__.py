@@ -12,6 +12,11 @@ Example:
     tensor([1., 1., 1., 1.])
 """
 
+# isort: off
+# First, before any sibling package: a user's storage.py or planners/ in their place is named (ImportError).
+import checkpoint.shadowing  # noqa: F401
+
+# isort: on
 import warnings
 
 from checkpoint.async_writer.async_checkpointer import AsyncCheckpointer

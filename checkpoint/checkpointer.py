@@ -52,7 +52,7 @@ class Checkpointer(abc.ABC):
         if isinstance(state_dict, (str, os.PathLike)) and not isinstance(path, (str, os.PathLike)):
             raise TypeError("save() takes (state_dict, path): the arguments are swapped")
         path = checkpoint_path(path)
-        if not isinstance(state_dict, (Mapping, list, tuple)) and not hasattr(state_dict, "state_dict"):
+        if not _is_state(state_dict):
             raise TypeError(
                 f"state_dict must be a dict (or list/tuple/stateful object), got {type(state_dict).__name__}"
             )
@@ -64,7 +64,7 @@ class Checkpointer(abc.ABC):
         state_dict: STATE_DICT | None = None,
         *,
         default_map_location: Any = None,
-        strict: bool = False,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> STATE_DICT:
         """Load the checkpoint at `path`.
@@ -76,7 +76,10 @@ class Checkpointer(abc.ABC):
                 None returns the whole checkpoint as plain CPU tensors, same nesting.
             default_map_location: device (or callable) for tensors loaded without a target;
                 `map_location=` is accepted as another name for it (as `torch.load` spells it).
-            strict: raise `MissingKeysError` listing target keys the checkpoint lacks.
+            strict: True raises `MissingKeysError` listing target keys the checkpoint lacks (with
+                the nearest saved keys); False leaves them as they are, silently. Not given (None),
+                the load is non-strict as the seed's contract says, and warns (`UserWarning`) naming
+                up to five target keys left unloaded and the nearest saved key of each.
             allow_pickle: allow pickled values to be unpickled (default False).
             verify: verify checksums of the bytes read (default True).
 
@@ -93,6 +96,8 @@ class Checkpointer(abc.ABC):
         some keys of each side, since it returns the target unchanged.
         """
         self._check_open()
+        if _is_state(path) and isinstance(state_dict, (str, os.PathLike)):
+            raise TypeError("load() takes (path, state_dict): the arguments are swapped")
         path = checkpoint_path(path)
         if "map_location" in kwargs:
             if default_map_location is not None:
@@ -132,7 +137,7 @@ class Checkpointer(abc.ABC):
         state_dict: STATE_DICT | None,
         *,
         default_map_location: Any,
-        strict: bool,
+        strict: bool | None,
         **kwargs: Any,
     ) -> STATE_DICT:
         """Loading is synchronous for every checkpointer, through its `CheckpointReader`."""
@@ -143,6 +148,11 @@ class Checkpointer(abc.ABC):
 
     @abc.abstractmethod
     def _close(self) -> None: ...
+
+
+def _is_state(value: Any) -> bool:
+    """A state dict as save() takes one: a dict, list or tuple, or an object with `state_dict()`."""
+    return isinstance(value, (Mapping, list, tuple)) or hasattr(value, "state_dict")
 
 
 class SyncCheckpointer(Checkpointer):

@@ -72,7 +72,9 @@ class LoadOptions:
         map_location: device (or callable on each tensor) for tensors loaded without a target.
         allow_pickle: unpickle pickled values (False: refuse with `PickleNotAllowedError`).
         verify: check the crc32c of every block read before anything reaches the target.
-        strict: raise `MissingKeysError` when the target asks for keys the checkpoint lacks.
+        strict: True: raise `MissingKeysError` when the target asks for keys the checkpoint lacks;
+            False: leave those target keys as they are, silently; None (not chosen): leave them and
+            warn, naming up to five of them with the nearest saved keys.
         key_map: Hugging Face layouts only: a key prefix to strip or a callable renaming each
             key (see `checkpoint.load.hf_source.read_hf_metadata`).
         io_threads: files fetched at once (from `CheckpointReaderConfig`).
@@ -82,7 +84,7 @@ class LoadOptions:
     map_location: Any = None
     allow_pickle: bool = False
     verify: bool = True
-    strict: bool = False
+    strict: bool | None = None
     io_threads: int = 8
     max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
     key_map: Any = None

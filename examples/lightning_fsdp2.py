@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 
-import pytorch_lightning as pl
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.distributed.fsdp import fully_shard

@@ -4,7 +4,7 @@ A rank's *structure* is what it holds, as plain data: per tensor its key,
 dtype, global shape and layout (mesh shape, placements, the global rank at
 each mesh position; none for a plain tensor), plus the keys of its values
 and rank-local entries. Data-parallel replicas have equal structures;
-pipeline stages differ. Given the few distinct structures and which rank has
+pipeline stages and sub-mesh replicas differ. Given the few distinct structures and which rank has
 which (`WorldStructure`), any rank can compute which chunk every rank holds
 (`planners.placement`), so no rank needs another's chunk list:
 
@@ -12,7 +12,9 @@ which (`WorldStructure`), any rank can compute which chunk every rank holds
    sends its structure (traffic per rank grows with distinct structures, not
    with chunks x ranks). The coordinator checks that structures agree
    (`check_world`) and broadcasts them.
-2. Each rank calls `writes_of` for itself: a chunk held by several ranks
+2. Each rank calls `planners.world_layout.writes_of` for itself, which
+   first resolves each key's layout over the job (pipeline stages and
+   sub-mesh replicas included): a chunk held by several ranks
    (a `Replicate` mesh dim, a plain tensor) is written by one of its
    holders. The holders of a chunk all see the same ordered list of the
    chunks they share, so each runs the same greedy (largest chunk first, to
@@ -29,14 +31,13 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from planners.boxes import Box, full_box
-from planners.dtypes import itemsize
+from planners.boxes import Box
 from planners.errors import InvalidStateDictError
-from planners.placement import Layout, Placement, Replicate, chunk_box, replica_positions
+from planners.placement import Layout, Placement
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,6 +126,8 @@ class WorldStructure:
     rank_structure: tuple[int, ...]
     _ranks_of: dict[frozenset[int], tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
     _positions: dict[tuple[int, int], dict[int, int]] = field(default_factory=dict, compare=False, repr=False)
+    # Derived once per world by pure functions of it (`planners.world_layout.key_layouts`).
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def world_size(self) -> int:
@@ -182,37 +185,6 @@ class ChunkWrite:
     grid: bool = False  # a DTensor chunk: recorded by its key's grid, not by a chunk record
 
 
-def _holders(
-    world: WorldStructure, s: RankStructure, t: TensorDescriptor, rank: int, plain: dict
-) -> tuple[Box, tuple[int, ...]]:
-    """This rank's box of `t` and the ranks holding the same box (ascending)."""
-    layout = s.layout(t)
-    if layout is None:
-        return full_box(t.global_shape), world.ranks_with(plain[t.fqn])
-    pos = world.position(t, world.rank_structure[rank], rank)
-    box = chunk_box(t.global_shape, layout.mesh_shape, _coord(pos, layout), layout.placements)
-    if not any(isinstance(p, Replicate) for p in layout.placements):
-        return box, (rank,)
-    return box, tuple(sorted(layout.ranks[p] for p in replica_positions(layout, pos)))
-
-
-def _position(ranks: tuple[int, ...], rank: int) -> int:
-    try:
-        return ranks.index(rank)
-    except ValueError:
-        raise InvalidStateDictError(
-            f"rank {rank} holds a DTensor whose mesh {list(ranks)[:16]} lacks it"
-        ) from None
-
-
-def _coord(pos: int, layout: Layout) -> tuple[int, ...]:
-    out = []
-    for n in reversed(layout.mesh_shape):
-        pos, c = divmod(pos, n)
-        out.append(c)
-    return tuple(reversed(out))
-
-
 def plain_key_sets(world: WorldStructure) -> dict[str, frozenset[int]]:
     """For each plain tensor key, the structures that hold it."""
     sets: dict[str, set[int]] = {}
@@ -221,46 +193,6 @@ def plain_key_sets(world: WorldStructure) -> dict[str, frozenset[int]]:
             if t.mesh is None:
                 sets.setdefault(t.fqn, set()).add(i)
     return {k: frozenset(v) for k, v in sets.items()}
-
-
-def writes_of(world: WorldStructure, rank: int) -> list[ChunkWrite]:
-    """The chunks `rank` writes, in key order; computed from the structures alone.
-
-    Raises:
-        InvalidStateDictError: the rank is missing from a mesh it holds a tensor of.
-    """
-    s = world.structures[world.rank_structure[rank]]
-    plain = plain_key_sets(world)
-    mine: list[ChunkWrite] = []
-    shared: dict[tuple[int, ...], list[ChunkWrite]] = {}
-    for t in s.tensors:
-        box, holders = _holders(world, s, t, rank, plain)
-        write = ChunkWrite(
-            fqn=t.fqn,
-            dtype=t.dtype,
-            global_shape=t.global_shape,
-            box=box,
-            nbytes=box.numel * itemsize(t.dtype),
-            grid=t.mesh is not None,
-        )
-        if math.prod(t.global_shape) == 0:
-            # An empty tensor: a plain one keeps one (empty) chunk record; a grid needs no chunk at all.
-            if t.mesh is None and holders[0] == rank:
-                mine.append(write)
-        elif box.numel == 0:
-            continue
-        elif len(holders) == 1:
-            mine.append(write)
-        else:
-            shared.setdefault(holders, []).append(write)
-    for holders, writes in shared.items():
-        mine += _greedy_share(holders, writes, rank)
-    return sorted(mine, key=lambda w: (w.fqn, w.box.offsets))
-
-
-def _greedy_share(holders: tuple[int, ...], writes: list[ChunkWrite], rank: int) -> list[ChunkWrite]:
-    writers = assign_shared(holders, [(w.fqn, w.nbytes) for w in writes])
-    return [w for w in writes if writers[w.fqn] == rank]
 
 
 def assign_shared(holders: tuple[int, ...], chunks: Sequence[tuple[str, int]]) -> dict[str, int]:

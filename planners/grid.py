@@ -28,7 +28,7 @@ from typing import Any
 
 from planners.boxes import Box
 from planners.dtypes import itemsize
-from planners.global_plan import Mesh, WorldStructure, assign_shared
+from planners.global_plan import Mesh, WorldStructure, assign_shared, tensor_records
 from planners.placement import (
     Layout,
     Placement,
@@ -40,6 +40,7 @@ from planners.placement import (
     position_of,
     replica_positions,
 )
+from planners.world_layout import compact_ranks, key_layouts
 
 # The safetensors key of the U32 tensor, last in a version-2 shard file, that
 # holds the crc32c of every checksum block of the file's other entries, in
@@ -357,14 +358,23 @@ def grid_json(g: GridRecord) -> dict[str, Any]:
 
 
 def grid_fields(world: WorldStructure) -> dict[str, object]:
-    """The metadata's `meshes` (interned across structures) and the grid record of every DTensor key."""
+    """The metadata's `meshes` (interned) and the grid record of every key with a layout over the job:
+    DTensor keys, and plain tensors held by some ranks only (`Replicate` over them;
+    `planners.world_layout.key_layouts`)."""
     meshes: dict[Mesh, int] = {}
+    by_ranks: dict[
+        tuple[int, tuple[int, ...]], int
+    ] = {}  # (id of a rank list, shape): hashing it costs O(world)
     grids = {}
-    for s in world.structures:
-        for t in s.tensors:
-            if t.mesh is not None and t.fqn not in grids:
-                m = meshes.setdefault(s.meshes[t.mesh], len(meshes))
-                grids[t.fqn] = GridRecord(
-                    dtype=t.dtype, shape=t.global_shape, mesh=m, placements=t.placements
-                )
+    records = tensor_records(world)
+    for fqn, layout in key_layouts(world).layouts.items():
+        if layout is None:
+            continue
+        fast = (id(layout.ranks), layout.mesh_shape)
+        m = by_ranks.get(fast)
+        if m is None:
+            mesh = Mesh(shape=layout.mesh_shape, ranks=compact_ranks(layout.ranks))  # one spelling per mesh
+            m = by_ranks[fast] = meshes.setdefault(mesh, len(meshes))
+        dtype, shape = records[fqn]
+        grids[fqn] = GridRecord(dtype=dtype, shape=shape, mesh=m, placements=layout.placements)
     return {"meshes": tuple(meshes), "grids": dict(sorted(grids.items()))}

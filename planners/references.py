@@ -327,3 +327,13 @@ def references_summary(refs: References | None) -> dict[str, Any]:
         if e.chunk.file in refs.files
     )
     return {"checkpoints": sorted(refs.checkpoints()), "files": len(refs.files), "nbytes": nbytes}
+
+
+def references_line(summary: dict[str, Any]) -> str:
+    """`shardsafe inspect`'s line about what a checkpoint references ("" when nothing)."""
+    if not summary["files"]:
+        return ""
+    return (
+        f"\n  references {summary['nbytes']} bytes in {summary['files']} file(s) of checkpoint(s) "
+        f"{', '.join(summary['checkpoints'])}"
+    )

@@ -130,6 +130,8 @@ class GlobalPlan:
     tensors: dict[str, tuple[str, tuple[int, ...]]]  # fqn -> (dtype, global shape)
     # Version 2: the meshes and grid records of DTensor keys (see planners/grid.py); empty for plain saves.
     grid_fields: dict[str, Any] = field(default_factory=dict)
+    # The union of every rank's nesting tree (planners.union); None: the coordinator's own tree is the whole.
+    structure: Any = None
 
 
 def plan_global(local_plans: Sequence[LocalPlan], *, max_file_bytes: int) -> GlobalPlan:

@@ -1,23 +1,24 @@
 """Checks that the ranks of a save agree, run by the coordinator on distinct structures only.
 
 With structures instead of chunk lists, agreement is a property of a few
-records: a key held by several structures must have one dtype, shape and
-layout; the keys every rank must hold (plain tensors, values, rank-local
-entries) must be the same everywhere; and a DTensor key must be held by
-every rank of its mesh, and each rank must sit in the meshes of its own
-tensors. The work grows with structures times meshes times world size,
-never with chunks. Errors name keys and the lowest rank of each structure.
+records: a key held by several structures must have one dtype, shape, kind
+(plain or DTensor) and, for a DTensor, one mesh shape and placements (its
+meshes may differ: sub-mesh replicas, resolved by `planners.world_layout`);
+any key may live on some ranks only (a pipeline stage's layers, or its
+optimizer's flattened `param_groups` values); and a DTensor key must be
+held by every rank of its mesh, since that rank's box would be missing
+otherwise, and each rank must sit in the meshes of its own tensors. The work grows with structures times meshes
+times world size, never with chunks. Errors name keys and the lowest rank
+of each structure.
 """
 
 from __future__ import annotations
 
 from planners.errors import InvalidStateDictError
-from planners.global_plan import RankStructure, TensorDescriptor, WorldStructure
-from planners.key_check import MAX_KEYS_SHOWN, check_same_keys, describe_keys
-
-
-def _everywhere_keys(s: RankStructure) -> set[str]:
-    return {t.fqn for t in s.tensors if t.mesh is None} | set(s.other_keys)
+from planners.global_plan import Mesh, RankStructure, TensorDescriptor, WorldStructure
+from planners.key_check import MAX_KEYS_SHOWN, describe_keys
+from planners.placement import chunk_box, coordinate_of
+from planners.world_layout import key_layouts
 
 
 def _layout_text(s: RankStructure, t: TensorDescriptor) -> str:
@@ -27,6 +28,11 @@ def _layout_text(s: RankStructure, t: TensorDescriptor) -> str:
     return f"mesh {list(m.shape)} of ranks {list(m.ranks)[:8]}{'...' if len(m.ranks) > 8 else ''} placements {list(t.placements)}"
 
 
+def _layout_kind(s: RankStructure, t: TensorDescriptor) -> object:
+    """What must agree between two holders of a key: the mesh shape and placements, not the mesh's ranks."""
+    return None if t.mesh is None else (s.meshes[t.mesh].shape, t.placements)
+
+
 def check_world(world: WorldStructure) -> None:
     """Raise if the ranks' structures disagree.
 
@@ -34,9 +40,9 @@ def check_world(world: WorldStructure) -> None:
         InvalidStateDictError: naming the key and the ranks that disagree.
     """
     _check_same_kinds(world)
-    _check_same_everywhere_keys(world)
     _check_same_tensors(world)
     _check_meshes(world)
+    key_layouts(world)
 
 
 def _check_same_kinds(world: WorldStructure) -> None:
@@ -54,10 +60,6 @@ def _check_same_kinds(world: WorldStructure) -> None:
                 )
 
 
-def _check_same_everywhere_keys(world: WorldStructure) -> None:
-    check_same_keys([(world.representative(i), _everywhere_keys(s)) for i, s in enumerate(world.structures)])
-
-
 def _check_same_tensors(world: WorldStructure) -> None:
     seen: dict[str, tuple[int, TensorDescriptor]] = {}
     for i, s in enumerate(world.structures):
@@ -72,13 +74,9 @@ def _check_same_tensors(world: WorldStructure) -> None:
                     f"key {t.fqn!r}: rank {a} has dtype {first.dtype} shape {list(first.global_shape)}, "
                     f"rank {b} has dtype {t.dtype} shape {list(t.global_shape)}"
                 )
-            fa, fb = _layout_text(world.structures[j], first), _layout_text(s, t)
-            if fa != fb or _mesh_of(world.structures[j], first) != _mesh_of(s, t):
+            if _layout_kind(world.structures[j], first) != _layout_kind(s, t):
+                fa, fb = _layout_text(world.structures[j], first), _layout_text(s, t)
                 raise InvalidStateDictError(f"key {t.fqn!r}: rank {a} has {fa}, rank {b} has {fb}")
-
-
-def _mesh_of(s: RankStructure, t: TensorDescriptor) -> object:
-    return None if t.mesh is None else s.meshes[t.mesh]
 
 
 def _check_meshes(world: WorldStructure) -> None:
@@ -103,6 +101,15 @@ def _check_meshes(world: WorldStructure) -> None:
                 if missing:
                     lacking = next(r for r in sorted(members) if world.rank_structure[r] == j)
                     raise InvalidStateDictError(
-                        f"key {describe_keys(missing)}: rank {lacking} is in the key's DTensor mesh but lacks it "
-                        f"(rank {world.representative(i)} holds it)"
+                        f"key {describe_keys(missing)}: rank {lacking} is in the key's DTensor mesh but lacks it, "
+                        f"so {_region(s, min(missing), mesh, lacking)} would be missing from the checkpoint "
+                        f"(rank {world.representative(i)} holds it); every rank of a DTensor's mesh must save it"
                     )
+
+
+def _region(s: RankStructure, fqn: str, mesh: Mesh, rank: int) -> str:
+    """The box of `fqn` that `rank` holds by its position in `mesh`, in words."""
+    t = next(t for t in s.tensors if t.fqn == fqn)
+    coord = coordinate_of(list(mesh.ranks).index(rank), mesh.shape)
+    box = chunk_box(t.global_shape, mesh.shape, coord, t.placements)
+    return f"its region of {fqn!r} at offsets {list(box.offsets)} sizes {list(box.sizes)}"

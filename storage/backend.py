@@ -47,6 +47,10 @@ class CheckpointStorage(Protocol):
         parents are ever removed. A failed save calls it on the coordinator once every rank has
         deleted its shard files, so it leaves no directory behind; a directory that existed before
         is never touched. Nothing to do on object stores.
+
+        Evidence required for each level: it was created by the save, and a listing just before
+        the removal found it empty (never left to `rmdir`, which is recursive on some file systems);
+        a listing that fails keeps it.
         """
 
     def open_write(self, name: str) -> AbstractContextManager[BinaryIO]:
@@ -94,7 +98,12 @@ class CheckpointStorage(Protocol):
         """Names of the files in the directory (empty if it does not exist)."""
 
     def remove(self, names: Sequence[str]) -> None:
-        """Delete files; absent ones are ignored."""
+        """Delete files; absent ones are ignored.
+
+        A primitive: the caller holds the evidence that each name is garbage (a name carrying its own
+        save's id after a verdict, or another save's file after its own metadata was read back), as
+        the README's integrity section lists.
+        """
 
     def close(self) -> None:
         """Release open handles (memory maps, connections)."""

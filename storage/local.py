@@ -44,6 +44,7 @@ from planners.errors import (
 # Flags of every read: never follow a link at the file's name, never block on a FIFO or device.
 from storage.links import READ_FLAGS as _READ_FLAGS
 from storage.links import open_link_within as _open_link_within
+from storage.writeback import Writeback
 
 # One preadv call reads at most this much (Linux caps a single read near 2 GiB).
 _MAX_READ_BYTES = 1 << 30
@@ -122,6 +123,7 @@ class _CheckedFile:
         self._fd = fd
         self._path = path
         self.nbytes = 0
+        self._writeback = Writeback(fd)  # the disk writes while the rest of the file is produced
 
     def writable(self) -> bool:
         return True
@@ -138,6 +140,7 @@ class _CheckedFile:
     def write(self, data: Any) -> int:
         n = _write_all(self._fd, data, path=self._path, offset=self.nbytes)
         self.nbytes += n
+        self._writeback.written(self.nbytes)
         return n
 
     def finish(self) -> None:
@@ -178,10 +181,18 @@ class LocalStorage:
         return tuple(self._created)
 
     def remove_created_dirs(self, levels: Sequence[str] | None = None) -> None:
+        """Remove the directories the save created, deepest first, each only once a listing shows it empty.
+
+        Evidence required: the level was created by the save (`levels`, this directory or a parent) and
+        `os.listdir` just found it empty; `os.rmdir` refusing a non-empty directory is a second guard,
+        not the first. The first level that is not empty, or cannot be listed, stops the walk.
+        """
         created = self._created if levels is None else [lv for lv in levels if self._is_root_or_above(lv)]
         for level in sorted(created, key=len, reverse=True):  # deepest first
             try:
-                os.rmdir(level)  # only while empty: a file someone put there keeps it
+                if os.listdir(level):
+                    return  # a file someone put there keeps it, and every level above it
+                os.rmdir(level)
             except OSError:
                 return
         self._created = []

@@ -45,8 +45,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 MiB = 1024 * 1024
 # Part size of streamed uploads: large enough that per-request overhead is small, small enough that
-# the parts in flight (times this) stay a modest amount of memory.
-UPLOAD_PART_BYTES = 16 * MiB
+# the parts in flight (times this) stay a modest amount of memory, and that a 64 MiB shard file keeps
+# all MAX_PARTS_IN_FLIGHT requests busy (16 MiB parts gave such a file 4 streams: a save through a
+# 10 MB/s-per-connection link reached 3.0-3.65x one stream against 7.7x for loads; issue 26, item 6).
+# 8 MiB is also the AWS CLI's default part size.
+UPLOAD_PART_BYTES = 8 * MiB
 # Parts of one storage's files in flight at once: enough to fill a link that a single request
 # cannot (one TCP stream), and below the default connection pool of s3fs (10).
 MAX_PARTS_IN_FLIGHT = 8
@@ -172,10 +175,17 @@ class FsspecStorage:
         return (self.root,) if self._created else ()
 
     def remove_created_dirs(self, levels: Sequence[str] | None = None) -> None:
+        """Remove the directory if `prepare()` created it and a listing shows it empty (`rmdir` may recurse)."""
         created = self._created if levels is None else self.root in levels
-        if created:  # only the checkpoint directory itself: fsspec does not say which parents it made
-            with contextlib.suppress(OSError):
-                self.fs.rmdir(self.root)
+        if not created:  # only the checkpoint directory itself: fsspec does not say which parents it made
+            return
+        self.fs.invalidate_cache(self.root)  # a listing cached before the save's files went would be stale
+        try:
+            if self._call("list", None, self.fs.ls, self.root, detail=False):
+                return  # something is in it (another save's file, a user's): it stays
+            self.fs.rmdir(self.root)
+        except (CheckpointError, OSError):
+            logger.debug("kept directory %s", self.url, exc_info=True)
 
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[BinaryIO]:
@@ -253,23 +263,34 @@ class FsspecStorage:
             if not (error_code(e) == "PreconditionFailed" or http_status(e) == 412):
                 raise
             self.fs.invalidate_cache(self._path(name))
-            if not self._holds(name, data):
+            if not self._holds(name, data, refused=e):
                 raise CheckpointExistsError(
                     f"{self._where(name)} already exists (written by another save)"
                 ) from e
             logger.info("%s: an earlier attempt of this conditional write landed", self._where(name))
         self.fs.invalidate_cache(self._path(name))
 
-    def _holds(self, name: str, data: bytes) -> bool:
+    def _holds(self, name: str, data: bytes, *, refused: BaseException) -> bool:
         """Whether `name` holds exactly `data`: then a refused conditional write met an earlier attempt of itself.
 
         When a PUT lands but its reply is lost, the retry finds the object and is refused. Every metadata
-        file carries its save's random id, so another save's object never has the same bytes.
+        file carries its save's random id, so another save's object never has the same bytes. Only a
+        read that succeeded settles it: "exists" lets the commit delete this save's files, so a read
+        that fails raises `StorageError` (unknown: the caller keeps every file) instead of guessing.
         """
         try:
             return self.read_bytes(name, max_bytes=len(data)) == data
-        except (CheckpointError, OSError):
+        except InvalidCheckpointError:  # read, and larger than ours: another save's file
             return False
+        except FileNotFoundError:  # refused, yet absent when read: whose write that was cannot be told
+            pass
+        except (CheckpointError, OSError) as e:
+            refused = e
+        raise StorageError(
+            f"{self._where(name)}: a conditional write was refused as existing, and whether the object there "
+            f"is this save's own earlier attempt could not be read back ({type(refused).__name__}: "
+            f"{self._redact(str(refused))}); the outcome is unknown, so nothing is deleted"
+        ) from refused
 
     def read_bytes(self, name: str, *, max_bytes: int | None = None) -> bytes:
         if max_bytes is None:

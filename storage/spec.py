@@ -89,10 +89,10 @@ class StorageSpec:
                 installed (the message names the extra to install, e.g. `shardsafe[s3]`).
         """
         path = os.fspath(path)
-        if "://" not in path:
-            return cls(protocol="file", root=path, url=path, path=path)
-        if path.startswith("file://"):
-            root = path.removeprefix("file://")
+        if "://" not in path or path.startswith("file://"):
+            # Absolute here, once: the spec travels to the async writer process, whose working directory
+            # is the one the trainer had when it spawned it, not the one it has now (after an os.chdir).
+            root = os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
             return cls(protocol="file", root=root, url=root, path=root)
         fs, root = _url_to_fs(path, storage_options)
         if isinstance(fs, fsspec.implementations.local.LocalFileSystem):

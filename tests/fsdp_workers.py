@@ -56,7 +56,7 @@ def full(tree: object) -> object:
     if isinstance(tree, (list, tuple)):
         return [full(v) for v in tree]
     if isinstance(tree, DTensor):
-        return tree.full_tensor()
+        return tree.full_tensor().clone()  # on a one-rank mesh full_tensor() may share the parameter's storage
     if isinstance(tree, torch.Tensor):
         return tree.clone()
     return tree

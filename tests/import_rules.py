@@ -7,6 +7,8 @@ built on purpose, so the rules themselves are known to fire. The rules:
   planning over plain data); `storage` never imports `checkpoint`; no library module imports
   `checkpoint.testing` (test helpers only); each `checkpoint` subpackage imports only the parts its
   `__init__` docstring allows (`SUBPACKAGE_MAY_IMPORT`);
+- no two subpackages of `NEVER_BOTH_WAYS` import each other (a "knot" between folders), even
+  through different modules;
 - no import cycle between modules, counting imports inside functions and `TYPE_CHECKING` blocks
   too: a cycle hidden in a function is still two modules that each need the other;
 - no module longer than `MAX_MODULE_LINES`.
@@ -31,6 +33,8 @@ CHECKPOINT_RECORDS = frozenset(
 # records above). The API modules at the top (checkpointer, builder, __init__) may import any part.
 SUBPACKAGE_MAY_IMPORT: dict[str, frozenset[str]] = {
     "checkpoint.state": frozenset(),
+    # The run's vocabulary, below both tiers: the manager and the tiers import it, it imports neither.
+    "checkpoint.run": frozenset(),
     "checkpoint.save": frozenset({"checkpoint.state"}),
     "checkpoint.load": frozenset({"checkpoint.state"}),
     "checkpoint.async_writer": frozenset(
@@ -43,10 +47,18 @@ SUBPACKAGE_MAY_IMPORT: dict[str, frozenset[str]] = {
             "checkpoint.save",
             "checkpoint.state",
             "checkpoint.tiers",
+            "checkpoint.run",
         }
     ),
     "checkpoint.tools": frozenset(
-        {"checkpoint.load", "checkpoint.state", "checkpoint.manager", "checkpoint.save", "checkpoint.tiers"}
+        {
+            "checkpoint.load",
+            "checkpoint.state",
+            "checkpoint.manager",
+            "checkpoint.save",
+            "checkpoint.tiers",
+            "checkpoint.run",
+        }
     ),
     "checkpoint.tiers": frozenset(
         {
@@ -56,7 +68,7 @@ SUBPACKAGE_MAY_IMPORT: dict[str, frozenset[str]] = {
             "checkpoint.async_writer",
             "checkpoint.checkpointer",
             "checkpoint.builder",
-            "checkpoint.manager",
+            "checkpoint.run",
         }
     ),
     "checkpoint.integrations": frozenset(
@@ -68,9 +80,16 @@ SUBPACKAGE_MAY_IMPORT: dict[str, frozenset[str]] = {
             "checkpoint.checkpointer",
             "checkpoint.builder",
             "checkpoint.manager",
+            "checkpoint.run",
         }
     ),
 }
+
+# Two folders that must never import each other, in either direction, even through different modules:
+# the manager composes the tiers, so the tiers may not import the manager (their shared words live in
+# `checkpoint.run`). `SUBPACKAGE_MAY_IMPORT` already says it one way; this names the pair, so that a
+# later edit of that table cannot allow the knot back silently.
+NEVER_BOTH_WAYS: tuple[tuple[str, str], ...] = (("checkpoint.manager", "checkpoint.tiers"),)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -205,6 +224,16 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def _knots(edges: dict[str, set[str]]) -> list[Violation]:
+    """Each pair of `NEVER_BOTH_WAYS` whose folders import each other (module edges, any modules)."""
+    parts = {(_part(a), _part(b)) for a, targets in edges.items() for b in targets}
+    return [
+        Violation(rule="knot", module=first, detail=f"{first} <-> {second}")
+        for first, second in NEVER_BOTH_WAYS
+        if (first, second) in parts and (second, first) in parts
+    ]
+
+
 def check_tree(root: Path) -> list[Violation]:
     """Every broken import rule and oversized module of the library under `root`."""
     modules = library_modules(root)
@@ -218,6 +247,7 @@ def check_tree(root: Path) -> list[Violation]:
         lines = len(path.read_text().splitlines())
         if lines > MAX_MODULE_LINES:
             found.append(Violation(rule="size", module=name, detail=f"{lines} lines > {MAX_MODULE_LINES}"))
+    found += _knots(edges)
     for component in _cycles(edges):
         found.append(Violation(rule="cycle", module=component[0], detail=" <-> ".join(component)))
     return found

@@ -93,7 +93,9 @@ def test_inspect_with_keys_matching_nothing_exits_1(saved: Path) -> None:
     step = str(saved / "step-000000004")
     code, out, err = _run("inspect", step, "--keys", "nomatch*")
     assert code == 1
-    assert err.strip() == "no keys match 'nomatch*' (a glob over the full keys, e.g. 'model.*')"
+    assert err.strip() == (
+        "no keys match 'nomatch*' (a glob over the full keys); its top-level keys: 'model.*', 'param_groups'"
+    )
     code, out, err = _run("inspect", step, "--keys", "nomatch*", "--json")
     assert code == 1 and json.loads(out)["tensors"] == []
     assert _run("inspect", step, "--keys", "model.*")[0] == 0

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 
 from planners.boxes import tiling_problem
 from planners.errors import InvalidStateDictError
-from planners.global_plan import WorldStructure, from_run_lengths, run_lengths, structure_of, writes_of
+from planners.global_plan import WorldStructure, from_run_lengths, run_lengths, structure_of
 from planners.placement import Layout, Replicate, Shard, StridedShard
+from planners.union import value_senders
 from planners.world_check import check_world
+from planners.world_layout import writes_of
 
 
 def _world(structures, table):
@@ -118,11 +120,12 @@ def test_a_mesh_rank_lacking_the_key_is_named():
         check_world(_world([a, b], [0, 1]))
 
 
-def test_plain_keys_must_match_everywhere():
+def test_values_may_live_on_some_ranks_and_are_sent_by_their_lowest_holder():
     a = structure_of([("w", "float32", (4,), None)], ["step"])
-    b = structure_of([("w", "float32", (4,), None)], [])
-    with pytest.raises(InvalidStateDictError, match=r"rank 3 lacks keys rank 0 has: 'step'"):
-        check_world(_world([a, b], [0, 0, 0, 1]))
+    b = structure_of([("w", "float32", (4,), None)], ["lr", "step"])
+    world = _world([a, b], [0, 0, 0, 1, 1])
+    check_world(world)  # a pipeline stage's values (torchtitan's flattened param_groups) are its own
+    assert value_senders(world) == {3: ("lr",)}
 
 
 def test_a_rank_outside_its_own_mesh_is_refused():

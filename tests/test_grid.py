@@ -15,11 +15,12 @@ from checkpoint.testing.ranks import run_ranks
 from planners.boxes import Box
 from planners.digest import seal
 from planners.errors import CorruptCheckpointError, InvalidCheckpointError
-from planners.global_plan import WorldStructure, structure_of, writes_of
+from planners.global_plan import WorldStructure, structure_of
 from planners.grid import CHECKSUM_ENTRY, GridIndex, grid_fields
 from planners.metadata import METADATA_FILE
 from planners.metadata_parse import parse_metadata
 from planners.placement import Layout, Replicate, Shard, StridedShard
+from planners.world_layout import writes_of
 from tests.dist_states import build_state, check_state
 
 

@@ -99,3 +99,48 @@ def test_no_folder_of_the_library_holds_more_than_fifteen_modules():
         and package == "checkpoint"
     }
     assert crowded == {}
+
+
+def test_the_tiers_importing_the_manager_is_reported_as_a_knot(tmp_path):
+    """Issue 23 item 16: `checkpoint.tiers` imported `manager/steps.py` while `manager/` imported `tiers/`."""
+    files = {
+        "checkpoint/manager/__init__.py": '"""Manager."""\n',
+        "checkpoint/manager/manager.py": "from checkpoint.tiers.local_tier import LocalTier\n",
+        "checkpoint/manager/steps.py": '"""Steps."""\n',
+        "checkpoint/tiers/__init__.py": '"""Tiers."""\n',
+        "checkpoint/tiers/local_tier.py": "from checkpoint.manager.steps import StepRecord\nLocalTier = 1\n",
+    }
+    for package in ("checkpoint/manager", "checkpoint/tiers"):
+        (tmp_path / package).mkdir(parents=True)
+    found = check_tree(_tree(tmp_path, files))
+    assert (
+        Violation(rule="knot", module="checkpoint.manager", detail="checkpoint.manager <-> checkpoint.tiers")
+        in found
+    )
+    assert (
+        Violation(
+            rule="subpackage",
+            module="checkpoint.tiers.local_tier",
+            detail="imports checkpoint.manager.steps (checkpoint.manager not allowed)",
+        )
+        in found
+    )
+
+
+def test_the_run_vocabulary_imports_neither_tier(tmp_path):
+    files = {
+        "checkpoint/run/__init__.py": '"""Run."""\n',
+        "checkpoint/run/steps.py": "from checkpoint.manager import manager\n",
+        "checkpoint/manager/__init__.py": '"""Manager."""\n',
+        "checkpoint/manager/manager.py": '"""Manager."""\n',
+    }
+    for package in ("checkpoint/run", "checkpoint/manager"):
+        (tmp_path / package).mkdir(parents=True)
+    found = check_tree(_tree(tmp_path, files))
+    assert found == [
+        Violation(
+            rule="subpackage",
+            module="checkpoint.run.steps",
+            detail="imports checkpoint.manager.manager (checkpoint.manager not allowed)",
+        )
+    ]

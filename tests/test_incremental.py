@@ -356,7 +356,7 @@ def test_diff_inspect_export_hf_and_the_dcp_reader_follow_references(ckpt, chain
         "nbytes": FROZEN.numel() * 4 + 10 * 500 * 2,
     }
     text = CliRunner().invoke(main, ["inspect", f"{root}/step-3"]).stdout
-    assert "(810000 bytes) in 1 file(s) of checkpoint(s) step-1" in " ".join(text.split())
+    assert "references 810000 bytes in 1 file(s) of checkpoint(s) step-1" in " ".join(text.split())
 
     out = str(tmp_path / "hf")
     checkpoint.export_hf(f"{root}/step-3", out, prefix="model.")

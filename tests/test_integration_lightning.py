@@ -22,7 +22,7 @@ from tests.frameworks import framework
 pl = framework("pytorch_lightning", extra="lightning")
 
 import checkpoint  # noqa: E402
-from checkpoint.integrations.lightning import (  # noqa: E402
+from checkpoint.integrations.pytorch_lightning import (  # noqa: E402
     ShardsafeCheckpointIO,
     ShardsafeModelParallelStrategy,
 )

@@ -19,10 +19,11 @@ import torch
 
 import checkpoint
 from checkpoint.config import CheckpointerConfig, CheckpointReaderConfig
+from checkpoint.load.direct_read import VERIFIED_WINDOW_BLOCKS
 from checkpoint.load.loader import LoadOptions, load_checkpoint
 from planners.digest import seal
 from planners.errors import CorruptCheckpointError, InvalidCheckpointError
-from planners.metadata import METADATA_FILE
+from planners.metadata import CHECKSUM_BLOCK_BYTES, METADATA_FILE
 from storage.local import LocalStorage
 from tests.damage import flipped_in_place, private_copy, put_file, read_file
 
@@ -302,11 +303,11 @@ def test_a_shard_truncated_during_the_load_is_corrupt_not_fatal(tmp_path):
 # ---- reads straight into the target ----------------------------------------------------------
 
 
-class _ChangedAfterVerification(LocalStorage):
-    """Real local storage; another writer flips a byte of a shard after the load checked it, before the copy.
+class _ChangedDuringTheLoad(LocalStorage):
+    """Real local storage; another writer flips a byte of a shard after the load read its first window.
 
-    A region that lands in its target directly is read twice: once through a scratch buffer to check every
-    block before anything of the file reaches a target, then into the target, checked again window by window.
+    A region that lands in its target directly is read once, window by window through a cache-sized
+    scratch buffer; each window's blocks are checked there before the window is copied into the target.
     """
 
     def __init__(self, root: str, shard: str, at: int) -> None:
@@ -314,9 +315,7 @@ class _ChangedAfterVerification(LocalStorage):
         self.shard, self.at, self.reads = shard, at, 0
 
     def _pread_into(self, fd: int, name: str, offset: int, buffer: memoryview, size: int) -> None:
-        if (
-            name == self.shard and self.reads == 1
-        ):  # the check read the region; the read into the target is next
+        if name == self.shard and self.reads == 1:  # the first window landed; the second is read next
             with open(self._path(name), "r+b") as f:
                 f.seek(self.at)
                 byte = f.read(1)
@@ -326,9 +325,10 @@ class _ChangedAfterVerification(LocalStorage):
         super()._pread_into(fd, name, offset, buffer, size)
 
 
-def test_direct_reads_land_exact_values_and_recheck_bytes_changed_after_the_check(tmp_path):
+def test_direct_reads_land_exact_values_and_refuse_bytes_changed_during_the_load(tmp_path):
     path = str(tmp_path / "ckpt")
-    w = torch.arange(1 << 16, dtype=torch.float32)  # 256 KiB: one read window, one checksum block
+    window = VERIFIED_WINDOW_BLOCKS * CHECKSUM_BLOCK_BYTES
+    w = torch.arange(2 * window // 4, dtype=torch.float32)  # two verified windows
     checkpoint.make_sync_checkpointer().save({"w": w, "b": torch.arange(7, dtype=torch.bfloat16)}, path)
     shard = _shard(path)
     target = {"w": torch.zeros_like(w), "b": torch.zeros(7, dtype=torch.bfloat16)}
@@ -337,8 +337,14 @@ def test_direct_reads_land_exact_values_and_recheck_bytes_changed_after_the_chec
 
     doc = json.loads(read_file(path, METADATA_FILE))
     (chunk,) = doc["tensors"]["w"]["chunks"]
-    storage = _ChangedAfterVerification(path, shard, chunk["offset_bytes"] + 4 * 1000)
+    block = VERIFIED_WINDOW_BLOCKS  # the second window's first block
+    storage = _ChangedDuringTheLoad(path, shard, chunk["offset_bytes"] + window + 4 * 1000)
     target = {"w": torch.zeros_like(w)}
-    with pytest.raises(CorruptCheckpointError, match=f"file {shard}, key 'w': checksum mismatch in block 0"):
+    with pytest.raises(
+        CorruptCheckpointError, match=f"file {shard}, key 'w': checksum mismatch in block {block}"
+    ):
         load_checkpoint(storage, target, rank=0, world_size=1, options=LoadOptions())
-    assert storage.reads == 2  # checked through the scratch buffer, then read into the target and refused
+    assert storage.reads == 2  # each window read once: the first landed, the changed second was refused
+    half = window // 4
+    assert torch.equal(target["w"][:half], w[:half])  # verified bytes only
+    assert torch.equal(target["w"][half:], torch.zeros(half))  # nothing of the changed window landed

@@ -7,12 +7,17 @@ step 7 is committed, node 1's agent and ranks are SIGKILLed and its local
 root deleted (a copy is kept for the tests that need both nodes' replicas),
 then node 0's. Each test resumes a new job from private copies of what was
 left and checks, in the job, that parameters and AdamW state equal the
-expected step's exactly. Where the durable root is given as a path that does
-not exist, no byte can have come from it.
+expected step's exactly. Where the durable root is unreachable (the job's own
+durable path, with a plain file in its place: every read of it fails, none
+says "not found"), no byte can have come from it, and the local steps are
+trusted as this run's by their tags alone. A fresh durable root is a new run:
+another test shows that the same local steps are then never resumed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import select
 import shutil
@@ -73,7 +78,7 @@ def _agent(
     return Launched(name=name, proc=proc, log=log)
 
 
-def _wait_for_commit(fifo: Path, agents: list[Launched]) -> None:
+def _wait_for_commit(fifo: Path, agents: list[Launched], expected: bytes = b"7\n") -> None:
     """Block until the job says step 7 is committed (or an agent exits, or the deadline passes)."""
     fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # holding a write end too: no EOF before the job writes
     exits = [os.pidfd_open(a.proc.pid) for a in agents]
@@ -86,7 +91,7 @@ def _wait_for_commit(fifo: Path, agents: list[Launched]) -> None:
                 "the training job did not commit step 7\n" + "\n".join(_tail(a) for a in agents),
                 pytrace=False,
             )
-        assert os.read(fd, 16) == b"7\n"
+        assert os.read(fd, 16) == expected
     finally:
         os.close(fd)
         for e in exits:
@@ -112,6 +117,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"out": out, "durable": durable, "node0": roots[0], "node1": base / "node1-copy"}
 
 
+@contextlib.contextmanager
+def _unreachable(durable: Path):
+    """The job's durable root, unreadable for a while: a plain file where its directory was."""
+    away = durable.with_name(durable.name + ".away")
+    durable.rename(away)
+    durable.write_bytes(b"")
+    try:
+        yield durable
+    finally:
+        durable.unlink()
+        away.rename(durable)
+
+
 def _resume(
     tmp: Path, trained: dict[str, Path], roots: list[Path | None], nproc: int, *, expect: int, durable: bool
 ) -> str:
@@ -125,19 +143,23 @@ def _resume(
         local.append(tmp / f"local-node{node}")
         if root is not None:
             shutil.copytree(root, local[-1])
-    where = shutil.copytree(trained["durable"], tmp / "durable") if durable else tmp / "unreachable-durable"
-    script = ["--phase", "resume", "--out", str(out), "--durable", str(where), "--expect", str(expect)]
-    endpoint = (f"127.0.0.1:{free_port()}", uuid.uuid4().hex)
-    agents = [
-        _agent(f"resume-node{n}", n, len(roots), nproc, endpoint, script, logs, local[n])
-        for n in range(len(roots))
-    ]
-    _run_job(agents)
+    with contextlib.ExitStack() as stack:
+        where = (
+            shutil.copytree(trained["durable"], tmp / "durable")
+            if durable
+            else stack.enter_context(_unreachable(trained["durable"]))
+        )
+        script = ["--phase", "resume", "--out", str(out), "--durable", str(where), "--expect", str(expect)]
+        endpoint = (f"127.0.0.1:{free_port()}", uuid.uuid4().hex)
+        agents = [
+            _agent(f"resume-node{n}", n, len(roots), nproc, endpoint, script, logs, local[n])
+            for n in range(len(roots))
+        ]
+        _run_job(agents)
     world = nproc * len(roots)
     assert sorted(p.name for p in out.glob("resumed-*")) == sorted(
         f"resumed-{r}-of-{world}.json" for r in range(world)
     )
-    assert not (tmp / "unreachable-durable").exists()
     return "\n".join(a.log.read_text(errors="replace") for a in agents)
 
 
@@ -147,6 +169,9 @@ def test_lost_node_resumes_on_two_nodes_from_the_local_tier_without_the_durable_
     assert not trained["node1"].samefile(trained["node0"])
     logs = _resume(tmp_path, trained, [trained["node0"], None], 2, expect=7, durable=False)
     assert "resumed step 7 from the local tier" in logs and "from the durable tier" not in logs
+    # Which tier a resume came from, without INFO logging (the README's example prints it).
+    resumed = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("resumed-*"))]
+    assert resumed == [{"step": 7, "resumed_from": "local"}] * 4
     # Node 1 started empty; its rank read node 0's copies over HTTP (a peer's server).
     assert "loaded local tier step-000000007 (node 1's view)" in logs
 
@@ -197,6 +222,8 @@ def test_every_copy_damaged_falls_back_to_the_durable_step(tmp_path: Path, train
 def test_both_local_roots_gone_resumes_from_the_durable_step(tmp_path: Path, trained) -> None:
     logs = _resume(tmp_path, trained, [None, None], 1, expect=5, durable=True)
     assert "resumed step 5 from the durable tier" in logs
+    resumed = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("resumed-*"))]
+    assert resumed == [{"step": 5, "resumed_from": "durable"}] * 2
 
 
 def test_three_nodes_ring_replicas_commit_and_a_lost_middle_node_is_rebuilt(tmp_path: Path) -> None:
@@ -225,3 +252,45 @@ def test_three_nodes_ring_replicas_commit_and_a_lost_middle_node_is_rebuilt(tmp_
         job, {"out": out, "durable": durable}, [roots[0], None, roots[2]], 1, expect=7, durable=False
     )
     assert "resumed step 7 from the local tier" in logs
+
+
+def _plant_killed_write(root: Path) -> None:
+    """What a SIGKILL during the local write of the step after node 0's newest commit leaves, made certain:
+    the step directory with this run's tag and a truncated shard file of another save id (on main the
+    next save replicated it, the peer refused it, and every restart crashed at that save)."""
+    committed = sorted(p for p in root.glob("step-*") if (p / "metadata.json").is_file())
+    newest = committed[-1]
+    nxt = root / f"step-{int(newest.name.split('-')[1]) + 1:09d}"
+    nxt.mkdir(exist_ok=True)
+    if (newest / "shardsafe-run.json").is_file():  # the tag a killed save writes first (b3b5572 had none)
+        shutil.copy(newest / "shardsafe-run.json", nxt / "shardsafe-run.json")
+    shard = next(p for p in newest.iterdir() if SHARD_FILE_RE.fullmatch(p.name))
+    (nxt / "shard-0123456789ab-r00000-000.safetensors").write_bytes(shard.read_bytes()[:100])
+
+
+def test_kills_during_local_writes_never_make_a_crash_loop(tmp_path: Path) -> None:
+    """Issue 23 item 7: kill during a local write, restart three times; training goes on each time."""
+    out, logs, durable = tmp_path / "out", tmp_path / "logs", tmp_path / "durable"
+    for d in (out, logs):
+        d.mkdir()
+    os.mkfifo(out / "committed.fifo")
+    roots = [tmp_path / "local-node0", tmp_path / "local-node1"]
+    kills, until = [2, 4, 6], 8
+    for run, kill_at in enumerate([*kills, 0]):
+        script = ["--phase", "loop", "--out", str(out), "--durable", str(durable)]
+        script += ["--kill-at", str(kill_at), "--until", str(until), "--attempt", str(run)]
+        rdzv = (f"127.0.0.1:{free_port()}", uuid.uuid4().hex)
+        agents = [_agent(f"loop{run}-node{n}", n, 2, 1, rdzv, script, logs, roots[n]) for n in (0, 1)]
+        if kill_at:
+            _wait_for_commit(out / "committed.fifo", agents, f"{kill_at}\n".encode())
+            for agent in agents:
+                _kill_tree(agent)
+            _plant_killed_write(roots[0])
+        else:
+            _run_job(agents)
+    resumed = [json.loads((out / f"loop-{run}-0.json").read_text())["resumed"] for run in range(4)]
+    assert resumed[0] is None
+    for run, kill_at in enumerate(kills, start=1):
+        assert resumed[run] is not None and kill_at - 1 <= resumed[run] <= kill_at, resumed
+    # The last run trained to the end: its last local step committed on both nodes.
+    assert all((root / f"step-{until:09d}" / "metadata.json").is_file() for root in roots)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import checkpoint
-from checkpoint.tiers.local_tier import _estimate_node_bytes
+from checkpoint.tiers.node import estimate_node_bytes as _estimate_node_bytes
 from checkpoint.tiers.tier_files import TEMP_MARK
 from planners.metadata import METADATA_FILE
 from tests.test_cli import _run
@@ -64,11 +64,19 @@ def test_local_steps_every_step_retention_steps_by_tier_and_resume_without_durab
 
     target = {"w": torch.zeros(6, 5), "n": None}
     caplog.set_level(logging.INFO)
-    with _manager(tmp_path, ckpt, durable="missing-durable-root") as mgr:
+    # The durable root cannot be read (a file where its directory was: every read fails, none says
+    # "not found"): the local steps tagged with this root are this run's, and step 8 resumes.
+    (tmp_path / "durable").rename(tmp_path / "durable-away")
+    (tmp_path / "durable").write_bytes(b"")
+    with _manager(tmp_path, ckpt) as mgr:
         assert mgr.load(target) == 8
+        for step in (9, 11):  # local saves go on (not durable ones: 10 would fail, as it must)
+            assert mgr.save(step, target) is True
+        mgr.wait_until_finished()
+        assert [r.step for r in mgr.steps()] == [9, 11]  # this run's local steps, tagged as 8 was
     assert target["n"] == 8 and torch.equal(target["w"], torch.full((6, 5), float(sum(range(1, 9)))))
     assert "resumed step 8 from the local tier" in caplog.text
-    assert not (tmp_path / "missing-durable-root").exists()
+    assert caplog.text.count("cannot store the run record") == 1  # warned once, retried at every local save
     ckpt.close()
 
 
@@ -83,7 +91,10 @@ def test_start_up_cleans_leftovers_of_a_killed_job(tmp_path: Path) -> None:
     os.unlink(local / "step-000000004" / METADATA_FILE)  # newer than the newest commit: may hold copies
     (local / "step-000000003" / f"metadata.json{TEMP_MARK}1a2b").write_bytes(b"half a receipt")
     with _manager(tmp_path, ckpt) as mgr:
-        assert sorted(os.listdir(local)) == ["step-000000003", "step-000000004"]
+        assert sorted(n for n in os.listdir(local) if not n.startswith(".")) == [
+            "step-000000003",
+            "step-000000004",
+        ]
         assert not any(TEMP_MARK in n for n in os.listdir(local / "step-000000003"))
         assert [(r.step, r.tiers) for r in mgr.steps()] == [(3, ("local",))]
     ckpt.close()

@@ -79,7 +79,8 @@ def test_retention_keeps_the_resumed_and_just_saved_steps_and_quarantines_the_da
         assert mgr.load(target) == 10
     assert torch.equal(target["w"], torch.full((3, 2), 10.0))
     assert mgr.save(15, _state(15))
-    assert {r.step: r.complete for r in mgr.steps()} == {10: True, 15: True}  # resumed + just saved
+    # keep_last=1 newer step committed in this run: the resumed step's protection ended (issue 22 case 3)
+    assert {r.step: r.complete for r in mgr.steps()} == {15: True}
     mgr.close()
     (quarantined,) = tmp_path.glob("step-000000020.damaged-*")
     assert sorted(p.name for p in quarantined.iterdir()) == ["metadata.json", shard.name]
@@ -101,9 +102,10 @@ def test_a_damaged_step_that_cannot_be_renamed_is_neither_counted_nor_deleted(ck
     mgr = CheckpointManager(root, checkpointer=ckpt, keep_last=1)
     assert mgr.load(_state(-1)) == 10
     mgr.save(15, _state(15))
-    assert _complete(mgr) == [10, 15, 20]
+    # 10 (resumed) went once keep_last=1 newer step committed (issue 22 case 3); 20 (damaged) stays
+    assert _complete(mgr) == [15, 20]
     mgr.save(16, _state(16))
-    assert _complete(mgr) == [10, 16, 20]  # 15 went; 10 (resumed), 16 (just saved) and 20 (damaged) stay
+    assert _complete(mgr) == [16, 20]  # 15 went; 16 (just saved) and 20 (damaged) stay
     mgr.close()
     _loads(root, ckpt, 16)  # a restart skips the damaged 20 again and loads 16
 

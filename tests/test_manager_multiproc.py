@@ -140,8 +140,9 @@ def test_job_killed_mid_async_save_resumes_on_three_ranks_bit_exact(tmp_path: Pa
         assert torch.equal(out["w"], ref20["w"]) and torch.equal(out["b"], ref20["b"])
         assert out["step"] == 20
     assert any("step 15" in m and "no readable metadata.json" in m for m in results[0]["warnings"])
-    # keep_last=2 keeps 15 and 20; 10 stays too: the manager resumed from it (issue 19, case 1)
-    assert results[0]["steps"] == [(10, True, 2), (15, True, 3), (20, True, 3)]
+    # keep_last=2 keeps 15 and 20; the resumed 10 was protected only until keep_last=2 newer steps
+    # committed in this run (issue 22 case 3; issue 19 kept it for the manager's lifetime)
+    assert results[0]["steps"] == [(15, True, 3), (20, True, 3)]
     saved = checkpoint.make_sync_checkpointer().load(str(tmp_path / "run" / "step-000000020"))
     assert torch.equal(saved["model"]["w"], ref20["w"]) and saved["step"] == 20
 

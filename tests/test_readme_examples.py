@@ -2,8 +2,9 @@
 
 Every ```python block of README.md carries a marker comment on the line before it:
 
-- `<!-- test: run -->`: the block is a whole script; it runs as is in a fresh process, in an empty
-  temporary directory (relative paths land there);
+- `<!-- test: run -->`: the block is a whole script; it runs as is in a fresh process. All of them
+  run in one temporary directory, in README order (relative paths land there), as a reader who
+  copies them one after another would run them: no example may trip over another's files;
 - `<!-- test: run ranks=N -->`: the same under torchrun with N gloo ranks;
 - `<!-- test: mirrored tests/FILE.py::TEST -->`: the block needs what a test builds (a model, a
   Hugging Face layout); that test runs the same calls.
@@ -92,10 +93,16 @@ def test_the_readme_has_marked_examples_only() -> None:
     assert [e.kind for e in EXAMPLES].count("run") >= 4
 
 
+@pytest.fixture(scope="module")
+def reader_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one directory every runnable example runs in, in README order (pytest keeps that order)."""
+    return tmp_path_factory.mktemp("readme")
+
+
 @pytest.mark.parametrize("example", [e for e in EXAMPLES if e.kind == "run"], ids=lambda e: e.name)
-def test_readme_example_runs(example: Example, tmp_path: Path) -> None:
+def test_readme_example_runs(example: Example, reader_dir: Path) -> None:
     ranks = int(example.arg.removeprefix("ranks=")) if example.arg else None
-    done = _run_script(example.code, tmp_path, ranks=ranks)
+    done = _run_script(example.code, reader_dir, ranks=ranks)
     assert done.returncode == 0, f"{example.name} failed:\n{done.stdout}\n{done.stderr}"
 
 

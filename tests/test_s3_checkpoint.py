@@ -437,7 +437,11 @@ def test_s3_part_uploads_and_reads_retry_each_request(s3_endpoint, s3_bucket, s3
         },
     }
     path = f"{_bucket_name(s3_bucket)}/ckpt"
-    ckpt = checkpoint.make_sync_checkpointer(CheckpointerConfig(storage_options=options))
+    # 16 MiB parts (the default is 8 MiB): the request counts below are written for three parts.
+    transfer = TransferConfig(upload_part_bytes=16 * MiB)
+    ckpt = checkpoint.make_sync_checkpointer(
+        CheckpointerConfig(storage_options=options, transfer_config=transfer)
+    )
 
     ckpt.save(_state(40 * MiB), f"is3://{path}")  # one 40 MiB shard file: parts of 16, 16 and 8 MiB
     loaded = ckpt.load(f"is3://{path}")  # the shard's bytes: three ranged GETs of at most 16 MiB

@@ -184,6 +184,12 @@ def test_a_replica_without_a_length_or_larger_than_the_free_space_is_refused(tie
 def test_quarantine_renames_a_copy_aside(tier: dict) -> None:
     _replicate(tier)
     shard = _files(tier["source"])[0]
+    # A reader's word alone is not enough (issue 23 item 10): the holder's own copy verifies, so it stays.
+    assert not client.quarantine(tier["url"], tier["token"], STEP, shard, node=1)
+    assert shard in os.listdir(tier["root"] / STEP)
+    data = bytearray((tier["root"] / STEP / shard).read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") + 10] ^= 0x04  # the holder's copy now fails its checksums
+    (tier["root"] / STEP / shard).write_bytes(bytes(data))
     assert client.quarantine(tier["url"], tier["token"], STEP, shard, node=1)
     names = os.listdir(tier["root"] / STEP)
     assert shard not in names and any(n.startswith(f"{shard}.quarantined-") for n in names)

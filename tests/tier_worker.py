@@ -13,6 +13,13 @@ resumes through the manager, checks that the step it got is the expected one
 and that parameters and optimizer state equal that step's exactly, and
 records the step in `resumed-<rank>-of-<world>.json`.
 
+Phase `loop` (issue 23 item 7; any nodes, one rank each is enough): resume
+through a manager with an async checkpointer saving locally every step (one
+replica) and durably every 5, check the resumed values, then save steps up to
+`--until`. With `--kill-at K`, right after `save(K)` returns (its local write
+in flight) rank 0 says `K` through the FIFO and every rank waits to be killed.
+Each run records the step it resumed in `loop-<run>-<rank>.json`.
+
 Each agent passes its own `--local-root`, as each node has its own disk.
 """
 
@@ -90,24 +97,60 @@ def resume_phase(args: argparse.Namespace) -> None:
     assert_same(expected[args.expect], snapshot(model, optim), f"step {args.expect}")
     mgr.close()
     ckpt.close()
-    (args.out / f"resumed-{rank}-of-{world}.json").write_text(json.dumps({"step": step}))
+    (args.out / f"resumed-{rank}-of-{world}.json").write_text(
+        json.dumps({"step": step, "resumed_from": mgr.resumed_from})
+    )
+
+
+def loop_phase(args: argparse.Namespace) -> None:
+    rank = dist.get_rank()
+    ckpt = checkpoint.make_async_checkpointer()
+    mgr = checkpoint.CheckpointManager(
+        str(args.durable),
+        checkpointer=ckpt,
+        interval_steps=5,
+        local_root=str(args.local_root),
+        local_interval_steps=1,
+        local_keep_last=2,
+        replicas=1,
+    )
+    state = {"w": torch.zeros(32, 32), "step": 0}
+    start = mgr.load(state)
+    if start is not None:  # the values of the step resumed: each save below wrote its own step's
+        assert state["step"] == start and torch.equal(state["w"], torch.full((32, 32), float(start))), start
+    (args.out / f"loop-{args.attempt}-{rank}.json").write_text(json.dumps({"resumed": start}))
+    for step in range((start or 0) + 1, args.until + 1):
+        state["w"].fill_(float(step))
+        state["step"] = step
+        mgr.save(step, state)
+        if step == args.kill_at:
+            if rank == 0:
+                with open(args.out / "committed.fifo", "w") as fifo:  # blocks until the test listens
+                    fifo.write(f"{step}\n")
+            threading.Event().wait(KILL_WAIT_SECS)  # the test SIGKILLs this job here
+            raise SystemExit("the test did not kill the job")
+    mgr.close()
+    ckpt.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", choices=["train", "resume"], required=True)
+    parser.add_argument("--phase", choices=["train", "resume", "loop"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--durable", type=Path, required=True)
     parser.add_argument("--local-root", type=Path, required=True)
     parser.add_argument("--local-keep-last", type=int, default=2)
     parser.add_argument("--expect", type=int, default=7)
+    parser.add_argument("--kill-at", type=int, default=0)
+    parser.add_argument("--until", type=int, default=0)
+    parser.add_argument("--attempt", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, format=f"rank {os.environ.get('RANK')} %(name)s %(levelname)s %(message)s"
     )
     dist.init_process_group("gloo")
     try:
-        train_phase(args) if args.phase == "train" else resume_phase(args)
+        {"train": train_phase, "resume": resume_phase, "loop": loop_phase}[args.phase](args)
         dist.barrier()
     finally:
         dist.destroy_process_group()

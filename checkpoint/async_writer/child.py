@@ -14,6 +14,10 @@ The staging buffer arrives as a file descriptor (passed over the pipe's Unix
 socket) right after the first request that uses it; the process maps it and
 keeps the mapping until it is told to release it or a new buffer arrives.
 
+The process ignores SIGINT and SIGTERM and leaves the trainer's process group
+(signals sent to the job are the trainer's to handle), and exits on its own
+once the trainer is gone (`detach_from_trainer_signals`).
+
 The commit's exchanges run over the store of `checkpoint.async_writer.commit_store`, never
 over the training job's process group, and every wait on it times out; each
 writer deletes the keys it set for a save when its next save starts.
@@ -24,11 +28,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+import multiprocessing
 import os
 import signal
+import sys
+import threading
 import time
 import traceback
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import recv_handle
 
 import torch
@@ -47,6 +54,37 @@ from checkpoint.save.pipeline import CommitSteps, TensorSource, write_and_commit
 from checkpoint.save.protocol import PreparedSave, portable_error
 
 logger = logging.getLogger(__name__)
+
+# The writer's exit status when it ends because its trainer died (nobody reads it: init reaps the orphan).
+TRAINER_GONE_EXIT_CODE = 0
+# The exit status of a writer process that found itself creating an async checkpointer while spawn
+# re-imported the trainer's main module (no main guard): EX_CONFIG of sysexits.h, a setup error.
+MAIN_GUARD_EXIT_CODE = 78
+
+
+def main_guard_message(script: str) -> str:
+    """What to do when the trainer's script lacks `if __name__ == "__main__":` (both sides say it)."""
+    return (
+        f'{script} creates an async checkpointer outside `if __name__ == "__main__":`. Its writer process is '
+        "started with multiprocessing's spawn, which runs the main module's top level again in the new "
+        'process; put the code that builds the checkpointer and trains under `if __name__ == "__main__":`'
+    )
+
+
+def refuse_in_spawn_bootstrap() -> None:
+    """Called where an async checkpointer is built: inside a spawned writer's start-up, exit at once.
+
+    A script without a main guard builds its checkpointer again while spawn re-imports it in the
+    writer process, which would spawn a writer of its own and end in pages of multiprocessing
+    tracebacks. Instead this process says why, in one line, and exits with `MAIN_GUARD_EXIT_CODE`,
+    which the supervisor turns into a `WriterProcessError` naming the missing guard.
+    """
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return
+    script = getattr(sys.modules.get("__mp_main__") or sys.modules.get("__main__"), "__file__", "the script")
+    sys.stderr.write(f"shardsafe writer process: {main_guard_message(script)}\n")
+    sys.stderr.flush()
+    raise SystemExit(MAIN_GUARD_EXIT_CODE)
 
 
 class _Writer:
@@ -140,10 +178,37 @@ def _failure(e: BaseException) -> WriterResponse:
     return WriterResponse(error=portable_error(e), traceback=traceback.format_exc())
 
 
+def detach_from_trainer_signals() -> None:
+    """Signals meant for the trainer leave the writer alone; the writer exits once its trainer is gone.
+
+    torchrun forwards SIGTERM to its whole process group and a terminal's Ctrl-C sends SIGINT to the
+    foreground group: the trainer decides what they mean (`save_on_signals` saves first), and a writer
+    killed by them would have to be respawned, its staging buffer mapped again, inside the preemption
+    grace period. So the writer ignores both and leaves the trainer's process group. What ends it is
+    `StopRequest`, the supervisor's SIGKILL, or its trainer's death: a watcher thread waits on the
+    parent's sentinel and exits the process then, so no writer outlives its job.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):  # already a group leader (never, when spawned): the ignores still hold
+        os.setpgid(0, 0)
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def exit_when_trainer_is_gone() -> None:
+        wait([parent.sentinel])
+        logger.warning(
+            "the trainer of this writer process (pid %s) is gone; writer process exits", parent.pid
+        )
+        os._exit(TRAINER_GONE_EXIT_CODE)  # mid-save too: no trainer waits for its answer
+
+    threading.Thread(target=exit_when_trainer_is_gone, name="shardsafe-trainer-watch", daemon=True).start()
+
+
 def writer_main(conn: Connection, init: WriterInit) -> None:
     """Entry point of the writer process: serve requests until stopped or the trainer is gone."""
-    # Ctrl-C reaches the whole process group; the trainer decides when its writer stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    detach_from_trainer_signals()
     logging.basicConfig(
         level=init.log_level,
         format=f"%(asctime)s writer[rank {init.rank}] %(levelname)s %(name)s: %(message)s",

@@ -8,8 +8,11 @@ to finish, sends the request (and, the first time a buffer is used, its file
 descriptor), then waits for the answer. A writer that dies or is killed
 mid-save is replaced in the background at once, and this trainer thread takes
 its part in that save's commit with the failure as its result
-(`checkpoint.save.pipeline.commit_failure`), so the other ranks fail promptly
-instead of at their barrier timeout.
+(`checkpoint.save.pipeline.commit_failure`), so the other ranks learn the
+outcome promptly instead of at their barrier timeout. The writer may have died
+after the save's metadata went out, so that outcome is read from storage: a
+save whose metadata holds its id is committed (reported as `PostCommitHookError`,
+"IS committed"), and nothing of it is deleted.
 
 The writer processes commit through the store of `checkpoint.async_writer.commit_store`,
 which rank 0's trainer hosts; building a `CheckpointProcess` shares its
@@ -31,18 +34,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from checkpoint.async_writer.child import refuse_in_spawn_bootstrap
 from checkpoint.async_writer.commit_store import commit_exchange, connect_commit_store, host_commit_store
 from checkpoint.async_writer.messages import WriteRequest, WriterInit, WriterResponse
 from checkpoint.async_writer.staging import StagedSave
 from checkpoint.async_writer.supervisor import WriterSupervisor
 from checkpoint.config import CheckpointProcessConfig, CheckpointWriterConfig
 from checkpoint.save.barriers import BarrierConfig
+from checkpoint.save.collectives import Exchange, SingleRankExchange
 from checkpoint.save.hooks import CommitHook
 from checkpoint.save.pipeline import PlannedSave, SaveStats, commit_failure
 from checkpoint.save.protocol import PreparedSave
 from checkpoint.save.writer import make_exchange
 from checkpoint.types import RankInfo
-from planners.errors import CheckpointStateError
+from planners.errors import CheckpointStateError, PostCommitHookError
 from storage.spec import StorageAccess, StorageSpec
 
 logger = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ class CheckpointProcess:
         commit_hook: CommitHook | None = None,
         storage: StorageAccess | None = None,
     ) -> None:
+        refuse_in_spawn_bootstrap()  # a script without a main guard, re-run by spawn in a writer process
         self.rank_info = rank_info
         self.writer_config = writer_config or CheckpointWriterConfig()
         self._config = config
@@ -216,7 +222,13 @@ class CheckpointProcess:
             supervisor.mapped = None  # send the descriptor again next time rather than trust the old mapping
             if supervisor.proc is None:  # have a new writer ready before the next save
                 self._replace_in_background()
-            self._stand_in_commit(spec, prepared, e)
+            if self._stand_in_commit(spec, prepared, e):
+                raise PostCommitHookError(
+                    f"rank {prepared.rank}: the checkpoint at {path} IS committed and loadable (its metadata "
+                    f"holds save {prepared.save_id}), but the writer process failed after the commit, so the "
+                    f"steps after it (leftover removal, barrier, post_commit hook) may not have run: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
             raise
         if response.error is not None:
             supervisor.mapped = None  # send the descriptor again next time rather than trust the old mapping
@@ -261,26 +273,36 @@ class CheckpointProcess:
         )
         self.last_save.log(rank=prepared.rank, mode="async")
 
-    def _stand_in_commit(self, spec: StorageSpec, prepared: PreparedSave, error: BaseException) -> None:
-        """Take the dead writer's part in the commit (`checkpoint.save.pipeline.commit_failure`)."""
-        if self._init.store_address is None:
-            return
-        timeout_secs = self.writer_config.write_barrier_timeout_secs
-        try:
-            if self._store is None:  # ranks other than 0 connect on first need
-                self._store = connect_commit_store(self._init.store_address, timeout_secs=timeout_secs)
-            exchange = commit_exchange(self._store, prepared, timeout_secs=timeout_secs)
-        except Exception:
-            logger.debug(
-                "stand-in commit for rank %d could not reach the store", prepared.rank, exc_info=True
-            )
-            return
-        commit_failure(spec, exchange, prepared, error)
+    def _stand_in_commit(self, spec: StorageSpec, prepared: PreparedSave, error: BaseException) -> bool:
+        """Take the dead writer's part in the commit (`checkpoint.save.pipeline.commit_failure`).
+
+        Returns whether the save is committed all the same (its metadata holds its save id).
+        """
+        exchange: Exchange | None = SingleRankExchange()
+        if self._init.store_address is not None:
+            timeout_secs = self.writer_config.write_barrier_timeout_secs
+            try:
+                if self._store is None:  # ranks other than 0 connect on first need
+                    self._store = connect_commit_store(self._init.store_address, timeout_secs=timeout_secs)
+                exchange = commit_exchange(self._store, prepared, timeout_secs=timeout_secs)
+            except Exception:
+                logger.warning(
+                    "stand-in commit for rank %d could not reach the commit store",
+                    prepared.rank,
+                    exc_info=True,
+                )
+                exchange = None
+        return commit_failure(spec, exchange, prepared, error)
 
     def _start_in_background(self) -> None:
+        if self._supervisor.fatal is not None:  # said once already; the next write raises it
+            return
         try:
             self._supervisor.ensure_running()
-        except Exception:  # the first write starts it again and reports the error
+        except Exception as e:  # the first write starts it again and reports the error
+            if self._supervisor.fatal is not None:  # the script lacks its main guard: one line says it all
+                logger.error("%s", e)
+                return
             logger.warning(
                 "writer process of rank %d did not start", self.rank_info.global_rank, exc_info=True
             )

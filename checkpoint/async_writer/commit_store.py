@@ -8,11 +8,20 @@ clients and run the commit's exchanges there, each wait bounded by the barrier
 timeout, so the commit can never interleave with training collectives.
 
 The store has no authentication: any process that reaches its port may set
-or list keys. So it listens only on the address the job's ranks reach it by
-(torch binds a TCPStore server to every interface whatever host it is given,
-but takes a socket already bound: `master_listen_fd`), and each save's values
-are JSON sealed with that save's secret (`checkpoint.save.collectives.StoreExchange`);
-the commit also checks the results against the plan (`planners.commit_check`).
+or list keys, so each save's values are JSON sealed with that save's secret
+(`checkpoint.save.collectives.StoreExchange`) and the commit checks the results
+against the plan (`planners.commit_check`); where it listens is then a matter of
+reach, not of integrity. The host is `MASTER_ADDR` (else the host name), as for
+the job's rendezvous. Where it resolves here to a routable address, or is a
+loopback address itself (`127.0.0.1`, `localhost`: a single-host job), the
+store listens there only (torch binds a TCPStore server to every interface
+whatever host it is given, but takes a socket already bound:
+`master_listen_fd`). A *name* that resolves to loopback says nothing about where
+the other ranks are: stock Debian/Ubuntu map the host's own name to 127.0.1.1,
+and torchrun's c10d rendezvous sets `MASTER_ADDR` to that name on multi-node
+jobs too. Then the store listens on every interface, as torch's own store does,
+and advertises the name itself, which each rank resolves as it did for the
+rendezvous (`listen_rule`).
 
 Keys live under one namespace per save (save ids are unique). Each process
 deletes the keys it set for a save when its next save starts: by then every
@@ -23,6 +32,7 @@ size therefore stays flat over any number of saves.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -38,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 # Pending connections the store's listening socket queues (one per writer process and stand-in trainer).
 LISTEN_BACKLOG = 4096
+# Names that say loopback on purpose (a single-host job), unlike a host name that resolves to it.
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
 
 def host_commit_store(
@@ -45,9 +57,8 @@ def host_commit_store(
 ) -> tuple[dist.TCPStore | None, tuple[str, int] | None]:
     """Rank 0's trainer hosts the commit store; every rank learns its address through `exchange`.
 
-    Collective (a broadcast over the trainers' exchange) when there is more than
-    one rank. The host is `MASTER_ADDR` (as the job's own rendezvous uses) or this
-    host's name; the store listens on that address alone, on a free port.
+    Collective (a broadcast over the trainers' exchange) when there is more than one rank.
+    Where it listens: `listen_rule`.
 
     Returns:
         The store on rank 0 (None elsewhere; keep it alive) and its `(host, port)`
@@ -62,14 +73,42 @@ def host_commit_store(
     return store, exchange.broadcast(address)
 
 
+def listen_rule(host: str, resolved: str) -> tuple[str | None, str]:
+    """Where the store listens and the host it advertises, for `MASTER_ADDR=host` resolving here to `resolved`.
+
+    Returns `(address to bind, advertised host)`; a bind address of None means every interface.
+    A routable address is bound and advertised as resolved, and so is loopback named as such (a
+    loopback address, or `localhost`). A name that only resolves to loopback here (127.0.1.1 for
+    the host's own name on Debian) may be what ranks on other hosts resolve to this host's real
+    address: the store listens everywhere and advertises the name.
+    """
+    if not ipaddress.ip_address(resolved.split("%", 1)[0]).is_loopback:
+        return resolved, resolved
+    try:
+        named_loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        named_loopback = host.lower().rstrip(".") in LOOPBACK_NAMES
+    return (resolved, resolved) if named_loopback else (None, host)
+
+
 def _listen(host: str, timeout: timedelta) -> tuple[dist.TCPStore, tuple[str, int]]:
-    """A store server listening on `host`'s address only; its numeric address, which clients connect to.
+    """A store server listening as `listen_rule` says; the address clients connect to.
 
     Where the address cannot be bound here (a name that resolves elsewhere), torch's own listener,
     on every interface, is the fallback, with a warning.
     """
     try:
         family, _, _, _, sockaddr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+        bind, advertised = listen_rule(host, str(sockaddr[0]))
+        if bind is None:
+            logger.info(
+                "MASTER_ADDR %s resolves to loopback here; the commit store listens on every interface so "
+                "that ranks on other hosts reach it",
+                host,
+            )
+            # torch listens on every interface whatever host it is given; its own client connects there.
+            store = dist.TCPStore(str(sockaddr[0]), 0, None, True, timeout=timeout, wait_for_workers=False)
+            return store, (advertised, store.port)
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.bind(sockaddr)

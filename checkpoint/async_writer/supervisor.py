@@ -14,20 +14,43 @@ so requests never interleave.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import signal
+import sys
 import time
+import weakref
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import send_handle
 
-from checkpoint.async_writer.child import writer_main
+from checkpoint.async_writer.child import MAIN_GUARD_EXIT_CODE, main_guard_message, writer_main
 from checkpoint.async_writer.messages import ReleaseRequest, StopRequest, WriterInit, WriterResponse
 from checkpoint.config import CheckpointProcessConfig
 from planners.errors import CheckpointError, CheckpointTimeoutError, WriterProcessError
 
 logger = logging.getLogger(__name__)
+
+# Supervisors with a writer process, for the exit handler below.
+_SUPERVISORS: weakref.WeakSet[WriterSupervisor] = weakref.WeakSet()
+
+
+def kill_writers_at_exit() -> None:
+    """At interpreter exit, kill the writer processes a trainer never closed.
+
+    Writers ignore SIGTERM (`checkpoint.async_writer.child.detach_from_trainer_signals`), which is
+    what multiprocessing's own exit handler sends its daemonic children before joining them; this
+    handler is registered after that one (this module imports multiprocessing first), so it runs
+    before it, and the join that follows returns at once.
+    """
+    for supervisor in list(_SUPERVISORS):
+        proc = supervisor.proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
+
+
+atexit.register(kill_writers_at_exit)
 
 
 class WriterSupervisor:
@@ -44,9 +67,13 @@ class WriterSupervisor:
         self.proc: BaseProcess | None = None
         self._conn: Connection | None = None
         self.mapped: int | None = None
+        self.fatal: WriterProcessError | None = None
+        """A start failure no new start can fix (the script lacks its main guard): raised again, not retried."""
 
     def ensure_running(self) -> None:
         """Start a writer process unless one is alive (a dead one is reaped and logged first)."""
+        if self.fatal is not None:
+            raise WriterProcessError(str(self.fatal))  # a new exception: no traceback piles up on it
         if self.proc is not None and self.proc.is_alive():
             return
         if self.proc is not None:
@@ -136,6 +163,7 @@ class WriterSupervisor:
         finally:
             child.close()  # the child holds the only other end, so its death reads as EOF here
         self.proc, self._conn, self.mapped = proc, parent, None
+        _SUPERVISORS.add(self)
         try:
             self._checked(None, self._config.subprocess_init_timeout_secs, "starting")
         except Exception as e:  # died, overran, or answered an error (say, the commit store was unreachable)
@@ -198,6 +226,13 @@ class WriterSupervisor:
             else f"with exit code {code}"
         )
         self._discard()
+        if code == MAIN_GUARD_EXIT_CODE and what == "starting":
+            main = sys.modules.get("__main__")
+            self.fatal = WriterProcessError(
+                f"writer process of rank {self._init.rank} could not start: "
+                f"{main_guard_message(getattr(main, '__file__', None) or 'the script')}"
+            )
+            return self.fatal
         return WriterProcessError(
             f"writer process of rank {self._init.rank} (pid {proc.pid}) died {how} while {what}; "
             "that save was not confirmed (a checkpoint is complete only once its metadata file exists) and "

@@ -2,11 +2,12 @@
 
 `checkpoint.load.loader` decides what a load wants (the targets, strictness, rank-local values); a
 `ChunkReader` turns each wanted box into reads of the saved chunks (`planners.load_plan`), reads
-them per file (several files at once), checks their block checksums before any byte of a file
-reaches a target, and copies each region into its box. Regions that can land in their target as
-they are go there directly: on local disk through `checkpoint.load.direct_read`, on remote storage
-through `FsspecStorage.read_ranges_into` (`storage.remote_read`: parts in flight at once, each
-checked before it is copied into the target).
+them per file (several files at once), checks their block checksums before the bytes reach a
+target, and copies each region into its box. Regions that can land in their target as they are go
+there directly, window by window or part by part, each checked before it is copied: on local disk
+through `checkpoint.load.direct_read` (one pass, checked in a cache-sized scratch window), on remote
+storage through `FsspecStorage.read_ranges_into` (`storage.remote_read`: parts in flight at once).
+A file's buffered regions are copied only after all its direct parts passed.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import torch
 from checkpoint.load.direct_read import (
     ReadInto,
     direct_target,
-    first_bad_block,
     read_into_target,
+    read_verified_into_target,
     scratch_buffer,
 )
 from checkpoint.load.grid import GridResolver
@@ -129,17 +130,14 @@ class ChunkReader:
             self._run_remote(name, direct, buffered, pieces)
             return
         with self._reading(name, direct) as read_into:
-            if self.verify:  # every block of the file first: a corrupt file contributes nothing to the target
+            if self.verify:  # buffered regions are in memory already: check them before anything lands
                 verified: set[tuple[int, int]] = set()
                 for (item, _), item_pieces in zip(buffered, pieces, strict=True):
                     self._check(name, item, item_pieces, verified)
-                self._check_direct(name, direct, read_into)
+            self._land_direct(name, direct, read_into)
+            # Only after every direct window of the file passed: a corrupt file leaves these untouched.
             for (item, dest), item_pieces in zip(buffered, pieces, strict=True):
                 _copy_region(item, _span_bytes(item, item_pieces), dest)
-            block = self.metadata.checksum_block_bytes if self.verify else None
-            for item, out in direct:
-                if (bad := read_into_target(read_into, item, out, block)) is not None:
-                    raise self._corrupt(name, item, bad)
 
     def _split_direct(
         self, jobs: list[tuple[ReadItem, torch.Tensor]]
@@ -147,9 +145,11 @@ class ChunkReader:
         """The regions read straight into their targets (`checkpoint.load.direct_read`), and the others."""
         if not any(callable(getattr(self.storage, m, None)) for m in ("reading", "read_ranges_into")):
             return [], jobs  # a storage that reads only into its own buffers
+        # Local windows can read whole blocks around a region and land only its bytes; remote parts land whole.
+        padded = not callable(getattr(self.storage, "read_ranges_into", None))
         direct, buffered = [], []
         for item, dest in jobs:
-            out = direct_target(item, dest)
+            out = direct_target(item, dest, padded=padded)
             if out is None:
                 buffered.append((item, dest))
             else:
@@ -231,15 +231,20 @@ class ChunkReader:
                 raise _missing_file(self.storage.url, name, direct[0][0].fqn) from None
             yield read_into
 
-    def _check_direct(
+    def _land_direct(
         self, name: str, direct: list[tuple[ReadItem, memoryview]], read_into: ReadInto | None
     ) -> None:
+        """Read each direct region into its target in one pass, each window checked before it lands."""
         if read_into is None:  # nothing to read directly
+            return
+        if not self.verify:
+            for item, out in direct:
+                read_into_target(read_into, item, out)
             return
         block = self.metadata.checksum_block_bytes
         scratch = scratch_buffer(direct, block)
-        for item, _ in direct:
-            if (bad := first_bad_block(read_into, item, block, scratch)) is not None:
+        for item, out in direct:
+            if (bad := read_verified_into_target(read_into, item, out, block, scratch)) is not None:
                 raise self._corrupt(name, item, bad)
 
     def _corrupt(self, name: str, item: ReadItem, bad: int) -> CorruptCheckpointError:

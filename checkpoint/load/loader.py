@@ -11,6 +11,7 @@ sizes the metadata claims until the files are known to hold those bytes.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 
 from checkpoint.load.chunk_reader import ChunkReader
 from checkpoint.load.hf_source import hf_read_storage, read_hf_metadata
+from checkpoint.load.key_hints import describe_unloaded
 from checkpoint.load.values import ABSENT, SavedValues, rank_local_value
 from checkpoint.options import DEFAULT_MAX_METADATA_BYTES, LoadOptions  # noqa: F401 (re-exported)
 from checkpoint.state.flatten import FlatStateDict, fill_target, flatten_state_dict
@@ -47,11 +49,12 @@ from storage.metadata_file import read_metadata_bytes
 
 logger = logging.getLogger(__name__)
 
-# Runs closer than this are fetched in one request: a few wasted bytes cost
 # Keys named in a missing-keys error before "and N more".
 _MAX_KEYS_SHOWN = 20
 # Keys of each side named in the warning about a load that matched no key.
 _MAX_KEYS_SAMPLED = 5
+# torch.distributed.checkpoint's metadata file: a directory holding it is a DCP checkpoint, said so by name.
+_DCP_METADATA_FILE = ".metadata"
 # Target values that never take a saved tensor's place (a None leaf asks for whatever was saved).
 _SCALARS = (bool, int, float, str)
 
@@ -72,6 +75,13 @@ def read_metadata(storage: CheckpointStorage, *, max_bytes: int = DEFAULT_MAX_ME
             raise IncompleteCheckpointError(
                 f"checkpoint at {storage.url} is incomplete: it has shard files but no {METADATA_FILE} "
                 "(the save was interrupted or is still running); load an earlier checkpoint"
+            ) from None
+        if _DCP_METADATA_FILE in names:
+            raise FileNotFoundError(
+                f"{storage.url} is a torch.distributed.checkpoint (DCP) checkpoint ({_DCP_METADATA_FILE}, no "
+                f"{METADATA_FILE}): convert it once with `shardsafe import-dcp {storage.url} NEW_DIR` "
+                "(checkpoint.import_dcp in Python) and load NEW_DIR; code that calls dcp.load can then read "
+                "NEW_DIR with storage_reader=checkpoint.integrations.dcp.ShardsafeStorageReader(NEW_DIR)"
             ) from None
         raise FileNotFoundError(f"no checkpoint at {storage.url}: {METADATA_FILE} not found") from None
     except NotADirectoryError:
@@ -154,9 +164,12 @@ def _load_into(
         _check_rank_local_world(reader.storage.url, fqn, record.world_size, rank=rank, world_size=world_size)
         new_values[fqn] = rank_local_value(record, rank, holder.value, reader, jobs, fqn, options)
     if options.strict and missing:
-        raise _missing_keys_error(reader.storage.url, missing)
-    if missing and len(missing) == len(flat.tensors) + len(flat.value_paths) + len(flat.rank_local):
+        raise _missing_keys_error(reader.storage.url, missing, metadata)
+    asked = len(flat.tensors) + len(flat.value_paths) + len(flat.rank_local)
+    if missing and len(missing) == asked:
         _warn_nothing_matched(reader.storage.url, metadata, missing)
+    elif missing and options.strict is None:  # the caller chose neither: tell them what stayed as it was
+        _warn_unloaded(reader.storage.url, metadata, missing, asked=asked, rank=rank, world_size=world_size)
     reader.run(jobs)
     new_values = {fqn: saved.placed(v) if fqn in saved.produced else v for fqn, v in new_values.items()}
     return fill_target(target, flat, new_values), sorted(missing)
@@ -203,7 +216,7 @@ def _check_value_target(where: str, fqn: str, current: Any, metadata: Metadata) 
 
 def _warn_nothing_matched(where: str, metadata: Metadata, missing: list[str]) -> None:
     """A non-strict load whose target matched no saved key returns it unchanged: say so, loudly."""
-    saved = sorted([*metadata.tensors, *metadata.values, *metadata.rank_local])
+    saved = _saved_keys(metadata)
 
     def sample(keys: list[str]) -> str:
         more = f", ... ({len(keys)} in all)" if len(keys) > _MAX_KEYS_SAMPLED else ""
@@ -215,8 +228,38 @@ def _warn_nothing_matched(where: str, metadata: Metadata, missing: list[str]) ->
         f"{sample(saved)}. Nest the target as the state was saved (e.g. {{'model': model}} only if it "
         "was saved that way), or pass strict=True to raise instead",
         UserWarning,
-        stacklevel=2,
+        stacklevel=_user_stacklevel(),
     )
+
+
+def _saved_keys(metadata: Metadata) -> list[str]:
+    return sorted([*metadata.tensors, *metadata.values, *metadata.rank_local])
+
+
+def _warn_unloaded(
+    where: str, metadata: Metadata, missing: list[str], *, asked: int, rank: int, world_size: int
+) -> None:
+    """A load with strict left unset that filled only part of the target: name what kept its old value.
+
+    The seed's contract is a non-strict load; a caller who passed `strict=False` chose it and hears
+    nothing, one who passed nothing might not know (`dcp.load` raises here), so it warns.
+    """
+    on_rank = f" on rank {rank}" if world_size > 1 else ""
+    warnings.warn(
+        f"load from {where}{on_rank} left {len(missing)} of the target's {asked} key(s) unloaded; they keep "
+        f"the values they had: {describe_unloaded(missing, _saved_keys(metadata))}. Pass strict=True to "
+        "raise instead, or strict=False to load what matches without this warning",
+        UserWarning,
+        stacklevel=_user_stacklevel(),
+    )
+
+
+def _user_stacklevel() -> int:
+    """The stack level of the first frame outside shardsafe's `checkpoint` package (the user's call)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("checkpoint."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_rank_local_world(where: str, fqn: str, saved_by: int, *, rank: int, world_size: int) -> None:
@@ -228,11 +271,13 @@ def _check_rank_local_world(where: str, fqn: str, saved_by: int, *, rank: int, w
         )
 
 
-def _missing_keys_error(where: str, missing: list[str]) -> MissingKeysError:
+def _missing_keys_error(where: str, missing: list[str], metadata: Metadata) -> MissingKeysError:
     shown = ", ".join(repr(k) for k in sorted(missing)[:_MAX_KEYS_SHOWN])
     more = f" and {len(missing) - _MAX_KEYS_SHOWN} more" if len(missing) > _MAX_KEYS_SHOWN else ""
     return MissingKeysError(
-        f"checkpoint at {where} lacks {len(missing)} key(s) the target asks for: {shown}{more}",
+        f"checkpoint at {where} lacks {len(missing)} key(s) the target asks for: {shown}{more}. "
+        f"Nearest saved keys: {describe_unloaded(missing, _saved_keys(metadata))}. Fix the target's "
+        "keys, or load with strict=False to fill only what matches",
         sorted(missing),
     )
 

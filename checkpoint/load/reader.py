@@ -49,7 +49,8 @@ class CheckpointReader:
             map_location: device (or callable on each tensor) for tensors loaded without a target.
             allow_pickle: allow pickled values to be unpickled (default False: refuse).
             verify: check crc32c of every byte read (default from the reader config).
-            strict: raise `MissingKeysError` when the target asks for keys the checkpoint lacks.
+            strict: True raises `MissingKeysError` when the target asks for keys the checkpoint lacks;
+                False loads what matches silently; None (the default) loads what matches and warns.
             key_map: for a Hugging Face layout, a key prefix to strip or a callable renaming
                 each key (see `checkpoint.load.hf_source.read_hf_metadata`).
 

@@ -8,7 +8,7 @@ referenced names open `<run root>/<checkpoint>/<file>` instead, and everything a
 them as it reads the checkpoint's own files (same range checks, same block checksums, which this
 checkpoint's metadata records). Only the referenced files are reached this way, one hop: the
 referenced checkpoint's metadata is never read, so it may already be gone (retention deletes
-metadata before it sweeps files, `checkpoint.manager.sweep`).
+metadata before it sweeps files, `checkpoint.run.sweep`).
 
 A referenced file that is gone raises `MissingReferenceError` naming the file, the checkpoint that
 held it and the checkpoint being read.

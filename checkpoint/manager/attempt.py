@@ -14,14 +14,10 @@ from typing import Any
 import torch.distributed as dist
 
 from checkpoint.checkpointer import Checkpointer
-from checkpoint.manager.signals import max_over_ranks
+from checkpoint.run.agreement import DAMAGE, DAMAGED, FAILED, LOADED, max_over_ranks
 from checkpoint.types import STATE_DICT
-from planners.errors import IncompleteCheckpointError, InvalidCheckpointError
 
-# Outcomes of one rank's attempt at loading a step; the ranks act on the worst (largest).
-LOADED, DAMAGED, FAILED = 0, 1, 2
-# Errors that mean "this step cannot be loaded", as opposed to a target that does not fit it.
-DAMAGE = (InvalidCheckpointError, IncompleteCheckpointError)
+__all__ = ["DAMAGE", "DAMAGED", "FAILED", "LOADED", "Attempt", "attempt_load"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -10,7 +10,7 @@ replaces a step (`overwrite=True`, a damaged step saved again), a failed save or
 (after a resume) starts the chain again with a full save. Every save of the chain records its
 chunk hashes, so the next can compare against it.
 
-Retention keeps what kept steps reference (`checkpoint.manager.sweep`); the base of the next
+Retention keeps what kept steps reference (`checkpoint.run.sweep`); the base of the next
 save is the newest committed step, which retention always keeps.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from checkpoint.manager.steps import join, parse_step_dir
+from checkpoint.run.steps import join, parse_step_dir
 
 
 class IncrementalSaves:

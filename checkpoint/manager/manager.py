@@ -21,7 +21,9 @@ points, as it calls `save`:
   for it before starting), or `wait_until_finished()` / `close()`. Because a load
   and a purge both run in the trainer thread, a purge never deletes a step a load
   is reading. It never deletes the newest complete step, the step just committed,
-  or the step this manager resumed from.
+  a step whose metadata could not be read (unknown), or the step this manager
+  resumed from until `keep_last` newer steps have committed in this run
+  (`checkpoint.run.retention`).
 """
 
 from __future__ import annotations
@@ -33,28 +35,29 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-import torch.distributed as dist
-
 from checkpoint.checkpointer import Checkpointer
 from checkpoint.manager.attempt import FAILED, LOADED, attempt_load
 from checkpoint.manager.incremental import IncrementalSaves
-from checkpoint.manager.retention import RetentionPolicy, prune, quarantine
+from checkpoint.manager.listing import INCOMPLETE, load_step, shared_listing
+from checkpoint.manager.retention import RetentionPolicy, prune, quarantine, resume_protected
 from checkpoint.manager.signals import PreemptionNotice, agreement_group
-from checkpoint.manager.steps import StepRecord, check_run_root, join, scan_steps, step_dir_name
-from checkpoint.save.plan_exchange import comparable_path, path_mismatch
-from checkpoint.tiers.manager_tier import build_local_tier, durable_or_none, merge_records, recover_tiers
-from checkpoint.types import STATE_DICT, RankInfo, checkpoint_path
-from planners.errors import (
-    CheckpointStateError,
-    DistributedCheckpointError,
-    IncompleteCheckpointError,
+from checkpoint.run.retention import check_count
+from checkpoint.run.steps import StepRecord, check_run_root, join, scan_steps, step_dir_name
+from checkpoint.save.plan_exchange import comparable_path
+from checkpoint.tiers.manager_tier import (
+    abandoned_steps,
+    build_local_tier,
+    durable_or_none,
+    load_named,
+    merge_records,
+    recover_tiers,
 )
+from checkpoint.types import STATE_DICT, RankInfo, checkpoint_path
+from planners.errors import CheckpointStateError, DistributedCheckpointError
 from storage.redact import display_url
 from storage.spec import StorageSpec
 
 logger = logging.getLogger(__name__)
-
-_INCOMPLETE = "it has no readable metadata.json (the save was interrupted, or the file is damaged)"
 
 
 class CheckpointManager:
@@ -107,10 +110,10 @@ class CheckpointManager:
         incremental: bool = False, full_every: int = 10,  # checkpoint.manager.incremental
     ) -> None:
         root = checkpoint_path(root, what="root")
-        _check_count("keep_last", keep_last, optional=True)
-        _check_count("keep_every", keep_every, optional=True)
-        _check_count("interval_steps", interval_steps)
-        _check_count("preemption_check_steps", preemption_check_steps)
+        check_count("keep_last", keep_last, optional=True)
+        check_count("keep_every", keep_every, optional=True)
+        check_count("interval_steps", interval_steps)
+        check_count("preemption_check_steps", preemption_check_steps)
         self.root = root.rstrip("/")
         self.keep_last, self.keep_every = keep_last, keep_every
         self._policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
@@ -127,12 +130,21 @@ class CheckpointManager:
         self._newest: int | None = None  # newest step saved or loaded by this manager
         self._damaged: set[int] = set()  # complete steps a load found unreadable (re-saving overwrites)
         self._unloadable: set[int] = set()  # damaged steps still in place: retention leaves them alone
-        self._resumed: int | None = None  # the step this manager loaded: retention never deletes it
+        self._resumed: int | None = None  # the step this manager loaded: protected (resume_protected)
+        self._committed: set[int] = set()  # steps this manager saved and saw committed
+        self._from: str | None = None  # the tier the last load read from (`resumed_from`)
         self._warned: set[str] = set()  # listing problems already logged (one warning each)
         self._preempted = False
         self._closed = False
         self._local = build_local_tier(
-            local_root, local_interval_steps, local_keep_last, replicas, local_address, self._group
+            local_root,
+            local_interval_steps,
+            local_keep_last,
+            replicas,
+            local_address,
+            self._group,
+            durable=self._root,
+            durable_root=comparable_path(self.root),
         )
 
     # --- queries (any rank, no collective) --------------------------------------------------------
@@ -146,6 +158,11 @@ class CheckpointManager:
         """The newest complete step, or None when there is none."""
         complete = [r.step for r in self.steps() if r.complete]
         return max(complete) if complete else None
+
+    @property
+    def resumed_from(self) -> str | None:
+        """Where the last `load()` read its step from: "local" (the node-local tier), "durable", or None."""
+        return self._from
 
     @property
     def preempted(self) -> bool:
@@ -180,7 +197,8 @@ class CheckpointManager:
             self.wait_until_finished()  # durable before the scheduler's SIGKILL
             self._notice.clear()
             self._preempted = True
-            logger.warning("preemption signal: step %d saved and durable at %s", step, self._step_url(step))
+            where = display_url(join(self.root, step_dir_name(step)))
+            logger.warning("preemption signal: step %d saved and durable at %s", step, where)
         return True
 
     def _check_preemption(self, step: int) -> bool:
@@ -196,8 +214,10 @@ class CheckpointManager:
         # previous write is not raised here: the checkpointer's save() below raises it.
         if previous is not None and previous[1].exception() is None:
             self._purge(committed=previous[0])
-        saver = self._local.uploading(self._ckpt, step) if upload and self._local else self._ckpt
-        result = saver.save(state, path, overwrite=step in self._damaged)
+        replace = step in self._damaged or step in abandoned_steps(self._local)  # never a good step's place
+        uploading = upload and self._local is not None and not replace
+        saver = self._local.uploading(self._ckpt, step) if uploading and self._local else self._ckpt
+        result = saver.save(state, path, overwrite=replace)
         self._newest = step
         if result is None:
             logger.info("step %d saved to %s in %.3fs", step, display_url(path), time.perf_counter() - start)
@@ -242,7 +262,8 @@ class CheckpointManager:
         """
         if self._rank != 0:
             return
-        protected = {committed} if self._resumed is None else {committed, self._resumed}
+        self._committed.add(committed)
+        protected = {committed} | resume_protected(self._resumed, self._committed, self._policy)
         try:
             prune(self._root(), self._policy, protected, unloadable=self._unloadable, warned=self._warned)
         except Exception as e:
@@ -276,17 +297,26 @@ class CheckpointManager:
         self.wait_until_finished()
         self._root()  # every rank checks the root (not a checkpoint itself) before any collective
         found = self._shared_listing()
+        if step is not None and self._local is not None:
+            load = lambda: self._load_named(state, step, found, strict)  # noqa: E731
+            self._newest = load_named(self._local, state, step, found, strict, load, self._durable_listing)
+            self._from = self._local.resumed_from
+            return self._newest
         if step is not None:
             return self._load_named(state, step, found, strict)
         if self._local is not None:  # the local tier first, the durable steps as fallback
             self._newest = recover_tiers(self._local, state, found, strict, self._try_load)
+            self._from = self._local.resumed_from
             return self._newest
         complete = [(path, r) for path, r in found if r.complete]
-        self._damaged |= {r.step for _, r in found if not r.complete}  # saving such a step replaces it
+        # An incomplete step (its marker definitely absent) is replaced by a save of its step; an
+        # unknown one (its marker could not be read) is tried like a complete one, never replaced.
+        self._damaged |= {r.step for _, r in found if not r.complete and r.known}
         for _, record in found if self._rank == 0 else ():  # one warning per job, not per rank
-            if not record.complete and (not complete or record.step > complete[0][1].step):
-                logger.warning("skipping step %d at %s: %s", record.step, record.path, _INCOMPLETE)
-        for path, record in reversed(complete):
+            if not record.complete and record.known and (not complete or record.step > complete[0][1].step):
+                logger.warning("skipping step %d at %s: %s", record.step, record.path, INCOMPLETE)
+        candidates = [(path, r) for path, r in found if r.complete or not r.known]
+        for path, record in reversed(candidates):
             if self._try_load(state, path, record, strict):
                 return record.step
         logger.info("no loadable step under %s: starting fresh", display_url(self.root))
@@ -295,38 +325,17 @@ class CheckpointManager:
     def _load_named(
         self, state: STATE_DICT, step: int, found: list[tuple[str, StepRecord]], strict: bool
     ) -> int:
-        match = [(path, r) for path, r in found if r.step == step]
-        if not match:
-            raise FileNotFoundError(f"no step {step} under {display_url(self.root)}")
-        path, record = match[0]
-        try:  # an incomplete step too: the load names why its metadata cannot be read (e.g. too large)
-            self._try_load(state, path, record, strict, skip_damaged=False)  # raises unless loaded
-        except FileNotFoundError as e:  # IncompleteCheckpointError is one too
-            if record.complete:
-                raise
-            raise IncompleteCheckpointError(f"step {step} at {record.path}: {_INCOMPLETE}") from e
-        return step
+        return load_step(self._try_load, state, step, found, strict, self.root)
 
     def _durable_listing(self) -> list[tuple[StorageSpec, StepRecord]]:
         """The durable steps; with a local tier, an unreachable root holds none (recovery goes on)."""
         if self._local is None:
             return scan_steps(self._root(), warned=self._warned)
-        return durable_or_none(lambda: scan_steps(self._root(), warned=self._warned), self.root)
+        return durable_or_none(lambda: scan_steps(self._root(), warned=self._warned), self.root, self._local)
 
     def _shared_listing(self) -> list[tuple[str, StepRecord]]:
         """Rank 0's listing of the run, the same on every rank (one listing instead of one per rank)."""
-        # Paths, not specs, are shared: a spec would carry the storage options (credentials) over the wire.
-        records = [(s.path, r) for s, r in self._durable_listing()] if self._rank == 0 else None
-        if self._group is None:
-            return records
-        roots: list[Any] = [None] * dist.get_world_size(self._group)
-        dist.all_gather_object(roots, comparable_path(self.root), group=self._group)
-        mismatch = path_mismatch(roots, call="CheckpointManager (its root)")
-        if mismatch is not None:  # every rank sees every root, so all raise here together
-            raise mismatch
-        box = [records]
-        dist.broadcast_object_list(box, src=0, group=self._group)
-        return box[0]
+        return shared_listing(self._durable_listing if self._rank == 0 else None, self.root, self._group)
 
     def _try_load(
         self, state: STATE_DICT, path: str, record: StepRecord, strict: bool, *, skip_damaged: bool = True
@@ -335,7 +344,7 @@ class CheckpointManager:
         attempt = attempt_load(self._ckpt, path, state, strict, self._group)
         error = attempt.error
         if attempt.worst == LOADED:
-            self._newest = self._resumed = record.step
+            self._newest, self._resumed, self._from = record.step, record.step, "durable"
             logger.info("loaded step %d from %s in %.3fs", record.step, record.path, attempt.seconds)
             return True
         if attempt.worst == FAILED or not skip_damaged:
@@ -385,16 +394,6 @@ class CheckpointManager:
             check_run_root(spec)
             self._root_spec = spec
         return self._root_spec
-
-    def _step_url(self, step: int) -> str:
-        return display_url(join(self.root, step_dir_name(step)))
-
-
-def _check_count(name: str, value: Any, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
 
 
 __all__ = ["CheckpointManager", "StepRecord"]

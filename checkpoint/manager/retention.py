@@ -1,11 +1,13 @@
-"""Retention for `CheckpointManager`: which steps of a run to delete once a save is committed.
+"""Retention for `CheckpointManager`: deleting the durable steps the policy no longer keeps.
 
-The choice is pure (`steps_to_delete`: records in, records out) so every rule is tested without
-storage; `prune` lists the run, applies it and deletes (rank 0 only, in the trainer thread, after a
-commit). The rules, in order of precedence:
+The choice is pure (`checkpoint.run.retention.steps_to_delete`: records in, records out) so every
+rule is tested without storage; `prune` lists the run, applies it and deletes (rank 0 only, in the
+trainer thread, after a commit). The rules, in order of precedence:
 
 - never delete a *protected* step: the step this manager resumed from (the one step known to
-  load) and the step whose commit triggered this purge, whatever `keep_last` says;
+  load) until `keep_last` newer steps committed in this run, and the step whose commit
+  triggered this purge, whatever `keep_last` says;
+- never delete an *unknown* step (its metadata could not be read): no evidence either way;
 - never touch an *unloadable* step (complete on storage, but a load found it damaged and it could
   not be renamed aside): it does not count as complete, so it can neither take the place of a good
   step among the newest `keep_last` nor be deleted as one; it stays for inspection;
@@ -20,64 +22,17 @@ A step directory that is a symbolic link loses only the link (`manager_steps.rem
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection
 
-from checkpoint.manager.steps import StepRecord, quarantine_step, remove_step, scan_steps
-from checkpoint.manager.sweep import referenced_files, sweep_step
+from checkpoint.run.retention import Deletion, RetentionPolicy, resume_protected, steps_to_delete
+from checkpoint.run.steps import quarantine_step, remove_step, scan_steps
+from checkpoint.run.sweep import referenced_files, sweep_step
 from storage.redact import display_url
 from storage.spec import StorageSpec
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetentionPolicy:
-    """How many steps to keep: the newest `keep_last` (None: all) and multiples of `keep_every`."""
-
-    keep_last: int | None = None
-    keep_every: int | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Deletion:
-    """One step retention deletes, and why ("old": superseded; "incomplete": a failed save's leftover)."""
-
-    record: StepRecord
-    reason: str
-
-
-def steps_to_delete(
-    records: Sequence[StepRecord],
-    policy: RetentionPolicy,
-    *,
-    protected: Collection[int] = (),
-    unloadable: Collection[int] = (),
-) -> list[Deletion]:
-    """The steps of `records` (oldest first) that retention deletes, in that order.
-
-    Args:
-        records: the run's steps, oldest first (as `scan_steps` lists them).
-        policy: how many complete steps to keep.
-        protected: steps never deleted (the one resumed from, the one just committed).
-        unloadable: complete steps a load found damaged: neither counted as complete nor deleted.
-    """
-    complete = [r.step for r in records if r.complete and r.step not in unloadable]
-    if not complete:
-        return []
-    keep = set(complete if policy.keep_last is None else complete[-policy.keep_last :])
-    if policy.keep_every is not None:
-        keep |= {s for s in complete if s % policy.keep_every == 0}
-    keep |= {complete[-1], *protected}
-    deletions = []
-    for record in records:
-        if record.step in keep or record.step in unloadable:
-            continue
-        if record.complete:
-            deletions.append(Deletion(record=record, reason="old"))
-        elif record.step < complete[-1]:
-            deletions.append(Deletion(record=record, reason="incomplete"))
-    return deletions
+__all__ = ["Deletion", "RetentionPolicy", "prune", "quarantine", "resume_protected", "steps_to_delete"]
 
 
 def prune(
@@ -96,10 +51,10 @@ def prune(
     )
     if not chosen:
         return
-    # Incremental steps (checkpoint.manager.sweep): mark what the kept steps reference, first.
+    # Incremental steps (checkpoint.run.sweep): mark what the kept steps reference, first.
     # A kept step whose metadata could not be read (unknown) makes the mark fail: nothing is deleted.
     doomed = {d.record.step for d in chosen}
-    kept = [s for s, r in found if r.step not in doomed and (r.complete or not getattr(r, "known", True))]
+    kept = [s for s, r in found if r.step not in doomed and (r.complete or not r.known)]
     marked = referenced_files(kept)
     if marked is None:
         return

@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-import torch
 import torch.distributed as dist
+
+from checkpoint.run.agreement import max_over_ranks
 
 
 class PreemptionNotice:
@@ -83,10 +84,4 @@ def agreement_group() -> dist.ProcessGroup | None:
     return dist.new_group(backend="gloo")  # collective: every rank builds the manager at the same point
 
 
-def max_over_ranks(value: int, group: dist.ProcessGroup | None) -> int:
-    """The largest `value` any rank passed; collective over `group` (None: this rank's own)."""
-    if group is None:
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t.item())
+__all__ = ["PreemptionNotice", "agreement_group", "max_over_ranks"]

@@ -16,6 +16,11 @@ Order, and why:
 
 A rank that died leaves its files, and its directory stays; the next save at that path deletes them
 as leftovers, as after any crash. Nothing here raises: the save's own error is what the caller sees.
+
+The evidence each delete needs: a verdict from the coordinator saying this save's metadata never went
+out (`clean_failed_save`), or, for a rank interrupted while it wrote (`take_back_interrupted`), that its
+write result was never handed to the coordinator, so no metadata can name its files; each name deleted
+carries this save's id, and a directory goes only when it was created by this save and is empty.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ def clean_failed_save(storage: CheckpointStorage | None, exchange: Exchange, pre
     """Delete this rank's shard files of the failed save; the coordinator then its marker and new dirs.
 
     Collective over the commit's exchange: every rank that got the refusal calls it. Never raises.
+    Evidence required (checked by the caller, `checkpoint.save.commit.exchange_verdict`): the
+    coordinator's verdict says this save's metadata never went out; every name deleted carries
+    this save's id; directories go only when created by this save and listed empty.
     """
     removed = _remove_own_files(storage, prepared)
     try:
@@ -65,8 +73,33 @@ def clean_failed_save(storage: CheckpointStorage | None, exchange: Exchange, pre
         logger.warning("could not remove the directories of failed save %s", prepared.save_id, exc_info=True)
 
 
+def take_back_interrupted(storage: CheckpointStorage | None, prepared: PreparedSave) -> None:
+    """A rank interrupted (Ctrl-C) while writing its files: delete them; the coordinator its marker and dirs.
+
+    Runs before this rank handed its write result to the commit, so the coordinator can never publish
+    metadata naming its files (and the coordinator itself publishes only after its own write), which
+    is the evidence the deletes need. Local to this rank: an interrupted process cannot count on the
+    others for an exchange. The coordinator removes the directories the save created only where a
+    listing shows them empty (another rank still writing keeps them). Never raises.
+    """
+    _remove_own_files(storage, prepared)
+    if prepared.rank != COORDINATOR or storage is None:
+        return
+    lease.release_quietly(storage, prepared.save_id)
+    try:
+        storage.remove_created_dirs(prepared.created_dirs)
+    except Exception:
+        logger.warning(
+            "could not remove the directories of interrupted save %s", prepared.save_id, exc_info=True
+        )
+
+
 def _remove_own_files(storage: CheckpointStorage | None, prepared: PreparedSave) -> bool:
-    """Delete this rank's files of the save; True when none is left (a rank without storage wrote none)."""
+    """Delete this rank's files of the save; True when none is left (a rank without storage wrote none).
+
+    Only names this rank's part of the plan gives this save (each carries the save id); the caller
+    holds the evidence that the save's metadata does not name them.
+    """
     names = own_file_names(prepared)
     if storage is None or not names:  # a rank whose storage did not open wrote nothing
         return True

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 
+from checkpoint.save import arrival
 from planners.errors import CheckpointTimeoutError, DistributedCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,13 @@ class ProcessGroupExchange:
             lambda: dist.broadcast_object_list(box, src=self._global[COORDINATOR], group=self.group),
         )
         return box[0]
+
+    def meet(self) -> None:
+        """Before a save's first exchange: wait in the store, not in a collective, for every rank (save/arrival.py)."""
+        if self._store is not None:
+            arrival.meet(
+                self._store, self._prefix, rank=self.rank, ranks=self._global, warn_secs=WAIT_WARNING_SECS
+            )
 
     def _run(self, op: str, collective: Callable[[], None]) -> None:
         step = self._arrive()

@@ -14,6 +14,14 @@ deletes files of other saves that can no longer commit (see
 `checkpoint.save.lease` for which ones). Every rank learns the verdict, so all
 raise together; when it refused the save before its metadata could have gone
 out, every rank first takes back its shard files (`checkpoint.save.abort`).
+
+Deletes are decided on evidence, never on a missing success signal: this save's
+files go only when the coordinator knows its metadata never went out (it refused
+before the publish, or, for a dead writer, `commit_stand_in` read the path's
+`metadata.json` successfully and it does not hold this save's id); other saves'
+leftovers go only after the committed metadata was read back and holds this save's
+id. A rank that cannot learn the verdict (the exchange broke) reads the metadata
+itself: if it holds this save's id, the save is committed, whatever the exchange said.
 """
 
 from __future__ import annotations
@@ -70,7 +78,73 @@ def commit_save(
         on_coordinator,
         url=prepared.url,
         clean=(lambda: not published[0], lambda: clean_failed_save(storage, exchange, prepared)),
+        committed=lambda: metadata_holds(storage, prepared.save_id) is True,
     )
+
+
+def commit_stand_in(
+    storage: CheckpointStorage | None, exchange: Exchange, prepared: PreparedSave, result: RankWriteResult
+) -> None:
+    """A dead writer's part in the commit, run by its trainer with the writer's failure as `result`.
+
+    The writer may have died at any point of the commit: before its result was sent, after the
+    coordinator published the metadata, during the leftover removal, the barrier or `post_commit`.
+    On the coordinator the verdict therefore comes from storage, not from the dead writer's missing
+    report: the path's `metadata.json` holding this save's id means the save IS committed (every rank
+    learns success, nothing is deleted); a metadata read that succeeds and shows no such id (absent,
+    or another save's) means it never went out, and every rank takes back its files; a read that
+    fails leaves it unknown, and the save fails with everything kept.
+
+    Raises:
+        DistributedCheckpointError: the save is not committed (or that cannot be known).
+    """
+    holds: list[bool | None] = [None]
+
+    def on_coordinator(results: list[RankWriteResult]) -> tuple[Any, tuple[dict[int, str], Any]]:
+        holds[0] = metadata_holds(storage, prepared.save_id)
+        if holds[0] is True:
+            logger.warning(
+                "rank %d: its writer process failed after save %s was committed at %s; the checkpoint stands",
+                prepared.rank,
+                prepared.save_id,
+                prepared.url,
+            )
+            return None, ({}, None)
+        failures = {r.rank: r.error for r in results if r.error is not None}
+        if holds[0] is None:
+            failures[COORDINATOR] = (
+                f"{failures.get(COORDINATOR, 'its writer process failed')}; whether the metadata of save "
+                f"{prepared.save_id} was published could not be read, so every file at {prepared.url} is kept"
+            )
+        return None, (failures, None)
+
+    exchange_verdict(
+        exchange,
+        result,
+        on_coordinator,
+        url=prepared.url,
+        clean=(lambda: holds[0] is False, lambda: clean_failed_save(storage, exchange, prepared)),
+        committed=lambda: metadata_holds(storage, prepared.save_id) is True,
+    )
+
+
+def metadata_holds(storage: CheckpointStorage | None, save_id: str) -> bool | None:
+    """Whether the path's `metadata.json` holds save `save_id`: the evidence every delete of a commit needs.
+
+    Returns True when it was read and holds that id (the save is committed), False when it was read and
+    holds another id or is definitely absent (`FileNotFoundError`), and None when it could not be read
+    (no storage, an I/O error, a file that does not parse): unknown, which must mean keep.
+    """
+    if storage is None:
+        return None
+    try:
+        doc = read_metadata_document(storage)
+    except FileNotFoundError:
+        return False
+    except Exception:
+        logger.warning("cannot read the metadata at %s", storage.url, exc_info=True)
+        return None
+    return doc.get("save_id") == save_id
 
 
 def exchange_verdict(
@@ -82,6 +156,7 @@ def exchange_verdict(
     *,
     url: str,
     clean: tuple[Callable[[], bool], Callable[[], None]] | None = None,
+    committed: Callable[[], bool] | None = None,
 ) -> Any:
     """The commit's exchange (collective): gather results, `on_coordinator` decides, every rank learns it.
 
@@ -91,7 +166,39 @@ def exchange_verdict(
     (`checkpoint.tiers.upload`) differ only in that function. `clean`: on a failure, whether the
     coordinator knows the metadata never went out (asked on the coordinator), and the clean-up every
     rank then runs together (`checkpoint.save.abort.clean_failed_save`); None: nothing is cleaned.
+    `committed`: asked on a rank whose exchange broke before it learnt the verdict; True (the storage
+    shows the save committed) makes that rank return None instead of raising the exchange's error.
     """
+    try:
+        value, doc = _decide(exchange, result, on_coordinator, clean)
+    except Exception:
+        if committed is not None and committed():
+            logger.warning(
+                "rank %d: the commit exchange for %s failed, but its metadata shows the save committed",
+                exchange.rank,
+                url,
+                exc_info=True,
+            )
+            return None
+        raise
+    outcome, exists = _read_verdict(doc)
+    failed = outcome or exists is not None
+    if failed and clean is not None and isinstance(doc, dict) and doc.get("clean") is True:
+        clean[1]()  # every rank decides alike: the same verdict
+    if exists is not None:
+        raise CheckpointExistsError(exists)
+    if outcome:
+        raise DistributedCheckpointError(f"save to {url} failed; the checkpoint was not committed", outcome)
+    return value
+
+
+def _decide(
+    exchange: Exchange,
+    result: RankWriteResult,
+    on_coordinator: Callable[..., tuple[Any, tuple[dict[int, str], BaseException | None]]],
+    clean: tuple[Callable[[], bool], Callable[[], None]] | None,
+) -> tuple[Any, Any]:
+    """Gather the results, let the coordinator decide, broadcast: `(value, verdict document)`."""
     docs = exchange.gather(result_to_json(result))
     verdict: dict[str, Any] | None = None
     value = None
@@ -103,16 +210,7 @@ def exchange_verdict(
             "exists": str(error) if error else None,
             "clean": clean is not None and clean[0](),  # the metadata never went out: files may go
         }
-    doc = exchange.broadcast(verdict)
-    outcome, exists = _read_verdict(doc)
-    failed = outcome or exists is not None
-    if failed and clean is not None and isinstance(doc, dict) and doc.get("clean") is True:
-        clean[1]()  # every rank decides alike: the same verdict
-    if exists is not None:
-        raise CheckpointExistsError(exists)
-    if outcome:
-        raise DistributedCheckpointError(f"save to {url} failed; the checkpoint was not committed", outcome)
-    return value
+    return value, exchange.broadcast(verdict)
 
 
 def _read_results(docs: list[Any]) -> list[RankWriteResult]:
@@ -222,8 +320,10 @@ def check_stored_sizes(storage: CheckpointStorage, results: list[RankWriteResult
 def remove_leftovers(storage: CheckpointStorage, metadata: Metadata) -> None:
     """Delete files of other saves at this path that can no longer commit (only names shardsafe writes).
 
-    Saves with a live in-progress marker keep their files; and if another save has committed since this
-    one (the metadata's save id changed), nothing is deleted: that save's own cleanup runs instead.
+    Evidence required: the path's metadata, read back just before the delete, holds this save's id (so
+    no file it names is among those deleted), and each deleted name is a shard file or marker of another
+    save id without a live in-progress marker. Saves with a live marker keep their files; if another save
+    has committed since this one, or the metadata cannot be read back, nothing is deleted.
     """
     try:
         names = storage.list_names()
@@ -231,7 +331,7 @@ def remove_leftovers(storage: CheckpointStorage, metadata: Metadata) -> None:
         stale = leftover_names(names, keep=live | {metadata.save_id})  # live saves may still commit
         if not stale and not stale_markers:
             return
-        if _committed_save_id(storage) != metadata.save_id:
+        if metadata_holds(storage, metadata.save_id) is not True:  # the evidence: our metadata, read back
             logger.info(
                 "another save committed at %s after %s; leaving cleanup to it", storage.url, metadata.save_id
             )
@@ -239,11 +339,3 @@ def remove_leftovers(storage: CheckpointStorage, metadata: Metadata) -> None:
         storage.remove(stale + stale_markers)
     except Exception:  # the new checkpoint is committed; leftovers only cost space
         logger.warning("could not remove stale files at %s", storage.url, exc_info=True)
-
-
-def _committed_save_id(storage: CheckpointStorage) -> str | None:
-    """The save id in the committed metadata (read capped), or None when it cannot be read."""
-    try:
-        return read_metadata_document(storage).get("save_id")
-    except Exception:
-        return None

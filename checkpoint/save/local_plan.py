@@ -13,6 +13,7 @@ or the staging copy (async). Nothing here does I/O or joins an exchange;
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from planners.dtypes import dtype_name
 from planners.errors import InvalidStateDictError
 from planners.placement import Layout
 from planners.save_plan import LocalChunk, LocalPlan, chunk_layouts, plan_local
+from planners.union import MAX_COMPARED_BYTES, MAX_COMPARED_TOTAL_BYTES
 from planners.values import JSON, encode_value
 
 
@@ -63,6 +65,32 @@ def describe_local(flat: FlatStateDict, rank: int, *, allow_pickle: bool) -> Loc
         structure=flat.structure,
         layouts=chunk_layouts(chunks),
     )
+
+
+def value_digests(local: LocalSave) -> dict[str, str]:
+    """Digests of this rank's plain tensors small enough to compare across ranks (`planners.union`).
+
+    A plain tensor is taken as replicated; comparing digests is how a rank-dependent one (a sample
+    counter, an RNG state, an unseeded module) is caught. Only tensors up to `MAX_COMPARED_BYTES`,
+    and at most `MAX_COMPARED_TOTAL_BYTES` per rank, are hashed, and only when the plan is made
+    (not on a save that reuses it): each costs a host copy on a GPU.
+    """
+    out: dict[str, str] = {}
+    budget = MAX_COMPARED_TOTAL_BYTES
+    for fqn, layout in local.layouts.items():
+        if layout is not None:
+            continue
+        t = local.tensors[fqn]
+        nbytes = _nbytes(t)
+        if nbytes > MAX_COMPARED_BYTES or nbytes > budget:
+            continue
+        budget -= nbytes
+        try:
+            raw = t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
+        except (RuntimeError, TypeError):  # a layout with no flat byte view: not compared, still saved
+            continue
+        out[fqn] = hashlib.blake2b(raw, digest_size=16).hexdigest()
+    return out
 
 
 def describe_or_error(state_dict: Any, rank: int, *, allow_pickle: bool) -> LocalSave | BaseException:

@@ -34,15 +34,17 @@ import torch
 
 from checkpoint.config import CheckpointWriterConfig
 from checkpoint.options import SaveOptions
+from checkpoint.save.abort import take_back_interrupted
 from checkpoint.save.barriers import Barrier
 from checkpoint.save.collectives import Exchange, StoreExchange
-from checkpoint.save.commit import commit_save
+from checkpoint.save.commit import commit_save, commit_stand_in, metadata_holds
 from checkpoint.save.hooks import CommitHook, run_post_commit
 from checkpoint.save.incremental import base_name, plan_incremental
 from checkpoint.save.lease import LeaseKeeper
 from checkpoint.save.local_plan import LocalSave
 from checkpoint.save.protocol import PlanCache, PreparedSave, plan_save, timed
 from checkpoint.save.shard_files import write_rank_files
+from planners.errors import PostCommitHookError
 from planners.metadata_build import RankWriteResult
 from storage.backend import CheckpointStorage
 from storage.spec import StorageAccess, StorageSpec
@@ -194,12 +196,16 @@ def write_and_commit(
     try:
         with heartbeat:
             with timed("write", phase_secs):
-                result = _write(storage, prepared, source, steps.io_threads)
+                try:
+                    result = _write(storage, prepared, source, steps.io_threads)
+                except KeyboardInterrupt:  # Ctrl-C in a sync save: its result never reached the commit
+                    take_back_interrupted(storage, prepared)
+                    raise
             result = run_pre_commit(steps.hook, path, result)
             with timed("commit", phase_secs):
                 commit_save(storage, exchange, prepared, result)
         if steps.barrier is not None:
-            steps.barrier.execute_barrier(key=prepared.save_id)
+            _run_barrier(steps.barrier, path, prepared)
         if steps.hook is not None:
             run_post_commit(steps.hook, path, rank=prepared.rank)
     finally:
@@ -209,22 +215,47 @@ def write_and_commit(
 
 
 def commit_failure(
-    spec: StorageSpec, exchange: Exchange, prepared: PreparedSave, error: BaseException
-) -> None:
-    """Take a dead writer's part in the commit, so the other ranks fail now, not at their timeout.
+    spec: StorageSpec, exchange: Exchange | None, prepared: PreparedSave, error: BaseException
+) -> bool:
+    """Take a dead writer's part in the commit, so the other ranks learn the outcome now, not at their timeout.
 
-    The commit runs with this rank's failure as its write result: the coordinator publishes
-    nothing and every rank learns the outcome. Should the writer have done its part before
-    dying, the same exchange keys are written again, which changes nothing the coordinator
-    has not read yet.
+    The writer may have died before, during or after the commit, so the outcome is read from
+    storage (`checkpoint.save.commit.commit_stand_in`), never assumed from the missing report: the
+    path's metadata holding this save's id means the save is committed, and nothing is deleted.
+    Should the writer have done its part before dying, the same exchange keys are written again,
+    which changes nothing the coordinator has not read yet. `exchange`: None when the commit store
+    cannot be reached; the storage is still read.
+
+    Returns:
+        Whether the save is committed: its metadata, read after the exchange, holds its save id.
     """
-    source = TensorSource(error=f"{type(error).__name__}: {error}")
+    storage, _ = _open(spec, prepared)
+    result = RankWriteResult(rank=prepared.rank, error=f"{type(error).__name__}: {error}")
     try:
-        write_and_commit(
-            spec, exchange, prepared, source, path=prepared.url, steps=CommitSteps(), phase_secs={}
-        )
-    except Exception:  # expected: the save failed on every rank, as intended
+        if exchange is not None:
+            heartbeat = (
+                exchange.heartbeat() if isinstance(exchange, StoreExchange) else contextlib.nullcontext()
+            )
+            with heartbeat:
+                commit_stand_in(storage, exchange, prepared, result)
+    except Exception:  # the save failed on every rank, or the exchange broke: storage tells which
         logger.debug("stand-in commit for rank %d ended", prepared.rank, exc_info=True)
+    try:
+        return metadata_holds(storage, prepared.save_id) is True
+    finally:
+        if storage is not None:
+            storage.close()
+
+
+def _run_barrier(barrier: Barrier, path: str, prepared: PreparedSave) -> None:
+    """The barrier after a commit; its failure says the checkpoint is committed (a missing peer is no verdict)."""
+    try:
+        barrier.execute_barrier(key=prepared.save_id)
+    except Exception as e:
+        raise PostCommitHookError(
+            f"rank {prepared.rank}: the checkpoint at {path} IS committed and loadable (save {prepared.save_id}), "
+            f"but the barrier after the commit failed: {type(e).__name__}: {e}"
+        ) from e
 
 
 def run_pre_commit(hook: CommitHook | None, path: str, result: RankWriteResult) -> RankWriteResult:
@@ -232,7 +263,7 @@ def run_pre_commit(hook: CommitHook | None, path: str, result: RankWriteResult) 
     if hook is None or result.error is not None:
         return result
     try:
-        hook.pre_commit(path, rank=result.rank)
+        hook.pre_commit(path, rank=result.rank, files=tuple(sorted(result.files)))
     except Exception as e:  # fails the save on every rank, through the commit exchange
         return dataclasses.replace(result, error=f"pre_commit hook failed: {type(e).__name__}: {e}")
     return result

@@ -4,25 +4,36 @@ Run on a save whose plan is not cached (the first save, or after any rank's
 state dict changed). Four exchanges, each sized by the number of distinct
 structures rather than by chunks x ranks:
 
-1. gather: each rank's (plan fingerprint, structure digest), 2 x 64 bytes;
-2. broadcast: the lowest rank of each distinct digest, and the rank ->
-   structure table as run lengths;
-3. gather: those representatives send their structure (others send None);
+1. gather: each rank's (plan fingerprint, structure digest, digest of its
+   small plain tensors' values), 3 x 64 bytes;
+2. broadcast: the lowest rank of each distinct structure digest, the rank ->
+   structure table as run lengths, and the lowest rank of each distinct
+   (structure, values) pair;
+3. gather: those representatives send their structure, nesting tree and
+   values (a stage's values rank 0 lacks), and the value representatives
+   their per-key digests of small plain tensors (others None);
 4. broadcast: the checked structures, or the error that names keys and ranks.
+
+The coordinator keeps the union of the trees for the metadata, and warns
+about plain tensors whose values differ between ranks (`planners.union`).
 
 Before any of these, the first exchange of every save (`checkpoint.save.protocol`)
 carries each rank's path, as `comparable_path` spells it, so that ranks
 passing different paths all fail (`path_mismatch`) before anything is written.
 
-Then every rank computes its own writes (`planners.global_plan.writes_of`)
+Then every rank computes its own writes (`planners.world_layout.writes_of`)
 and packs them with its rank-local tensors into shard files. The
 coordinator keeps the per-key records the metadata needs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from checkpoint.save.collectives import COORDINATOR, Exchange
@@ -35,13 +46,17 @@ from planners.global_plan import (
     run_lengths,
     structure_of,
     tensor_records,
-    writes_of,
 )
 from planners.grid import grid_fields
 from planners.placement import Layout
 from planners.save_plan import GlobalPlan, LocalPlan, RankPlan, WriteItem, pack_files
+from planners.union import replica_mismatches, union_tree
+from planners.values import JSON
 from planners.world_check import check_world
+from planners.world_layout import writes_of
 from storage.redact import display_url
+
+logger = logging.getLogger(__name__)
 
 
 def local_structure(
@@ -75,58 +90,107 @@ def _chunk_problem(item: WriteItem, layout: Layout | None) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgreedWorld:
+    """The outcome of the exchange: the checked world, and on the coordinator what the metadata needs."""
+
+    world: WorldStructure
+    fingerprints: list[str]  # coordinator only: every rank's plan fingerprint
+    tree: JSON = None  # coordinator only: the union of every structure's nesting (`planners.union`)
+    values: dict[str, JSON] = field(default_factory=dict)  # coordinator only: values its own dict lacks
+
+
 def agree_world(
-    structure: RankStructure | BaseException, fingerprint: str, exchange: Exchange
-) -> tuple[WorldStructure, list[str]]:
-    """Exchanges 1-4 above (collective). Returns the checked world and, on the coordinator, every fingerprint.
+    structure: RankStructure | BaseException,
+    fingerprint: str,
+    exchange: Exchange,
+    *,
+    tree: JSON = None,
+    digests: Mapping[str, str] | None = None,
+    values: Mapping[str, JSON] | None = None,
+) -> AgreedWorld:
+    """Exchanges 1-4 above (collective). Returns the checked world; on the coordinator also every
+    fingerprint and the union of the ranks' nesting `tree`s.
 
     A rank whose own plan is inconsistent passes its error as `structure`; it
-    travels in the first exchange, so every rank raises it.
+    travels in the first exchange, so every rank raises it. `digests` (key ->
+    digest of a small plain tensor's bytes) are compared across ranks: the
+    coordinator warns about keys whose values differ (`planners.union`).
 
     Raises:
         InvalidStateDictError: on every rank, when the structures disagree.
     """
-    mine = structure if isinstance(structure, BaseException) else (fingerprint, structure.digest())
+    digests = dict(digests or {})
+    values_digest = hashlib.sha256(repr(sorted(digests.items())).encode()).hexdigest()
+    mine = (
+        structure
+        if isinstance(structure, BaseException)
+        else (fingerprint, structure.digest(), values_digest)
+    )
     got = exchange.gather(mine)
     reps_msg: Any = None
     if exchange.rank == COORDINATOR:
         assert got is not None
         errors = [e for e in got if isinstance(e, BaseException)]
-        reps_msg = errors[0] if errors else _representatives([d for _, d in got])
+        reps_msg = errors[0] if errors else _representatives([(d, v) for _, d, v in got])
     reps_msg = exchange.broadcast(reps_msg)
     if isinstance(reps_msg, BaseException):
         raise reps_msg
     assert isinstance(structure, RankStructure)
-    rep_ranks, runs = reps_msg
-    sent = exchange.gather(structure if exchange.rank in rep_ranks else None)
+    rep_ranks, runs, value_ranks = reps_msg
+    rep = exchange.rank in rep_ranks
+    sent = exchange.gather(
+        (
+            structure if rep else None,
+            tree if rep else None,
+            digests if exchange.rank in value_ranks else None,
+            dict(values or {}) if rep else None,
+        )
+    )
     answer: Any = None
+    union: JSON = None
+    others: dict[str, JSON] = {}
     if exchange.rank == COORDINATOR:
         assert sent is not None
         world = WorldStructure(
-            structures=tuple(sent[r] for r in rep_ranks), rank_structure=from_run_lengths(runs)
+            structures=tuple(sent[r][0] for r in rep_ranks), rank_structure=from_run_lengths(runs)
         )
         try:
             check_world(world)
             answer = world.structures
+            union = union_tree([sent[r][1] for r in rep_ranks])
+            own = sent[COORDINATOR][3]
+            for r in rep_ranks:  # values of other stages that the coordinator's own dict lacks
+                others.update((k, v) for k, v in sent[r][3].items() if k not in own and k not in others)
+            for message in replica_mismatches([(r, sent[r][2]) for r in value_ranks]):
+                logger.warning("%s", message)
+                warnings.warn(message, UserWarning, stacklevel=2)
         except Exception as e:  # travels to every rank, so all fail together
             answer = e
     answer = exchange.broadcast(answer)
     if isinstance(answer, BaseException):
         raise answer
     world = WorldStructure(structures=answer, rank_structure=from_run_lengths(runs))
-    return world, [f for f, _ in got] if got is not None else []
+    fingerprints = [f for f, _, _ in got] if got is not None else []
+    return AgreedWorld(world=world, fingerprints=fingerprints, tree=union, values=others)
 
 
-def _representatives(digests: Sequence[str]) -> tuple[tuple[int, ...], list[tuple[int, int]]]:
+def _representatives(
+    digests: Sequence[tuple[str, str]],
+) -> tuple[tuple[int, ...], list[tuple[int, int]], tuple[int, ...]]:
+    """The lowest rank of each distinct structure, the rank -> structure runs, and the lowest rank of each
+    distinct (structure, values) pair: those send their value digests, so every distinct value is seen."""
     index: dict[str, int] = {}
     reps: list[int] = []
     table = []
-    for rank, d in enumerate(digests):
+    pairs: dict[tuple[str, str], int] = {}
+    for rank, (d, v) in enumerate(digests):
         if d not in index:
             index[d] = len(reps)
             reps.append(rank)
         table.append(index[d])
-    return tuple(reps), run_lengths(table)
+        pairs.setdefault((d, v), rank)
+    return tuple(reps), run_lengths(table), tuple(sorted(pairs.values()))
 
 
 def rank_plan(world: WorldStructure, plan: LocalPlan, *, rank: int, max_file_bytes: int) -> RankPlan:
@@ -141,13 +205,15 @@ def rank_plan(world: WorldStructure, plan: LocalPlan, *, rank: int, max_file_byt
     return RankPlan(rank=rank, files=pack_files(rank, items, max_file_bytes))
 
 
-def draft_plan(world: WorldStructure) -> GlobalPlan:
-    """What the coordinator's metadata needs of the plan: the tensor records (no per-rank files)."""
+def draft_plan(world: WorldStructure, tree: JSON = None) -> GlobalPlan:
+    """What the coordinator's metadata needs of the plan: the tensor records (no per-rank files), and
+    the union of the ranks' nesting `tree`s (None: the coordinator's own is the whole)."""
     return GlobalPlan(
         world_size=world.world_size,
         rank_plans=(),
         tensors=tensor_records(world),
         grid_fields=grid_fields(world),
+        structure=tree,
     )
 
 

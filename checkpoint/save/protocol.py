@@ -39,8 +39,8 @@ from typing import Any
 
 from checkpoint.options import SaveOptions
 from checkpoint.save import lease
-from checkpoint.save.collectives import COORDINATOR, Exchange
-from checkpoint.save.local_plan import LocalSave, describe_local, describe_or_error
+from checkpoint.save.collectives import COORDINATOR, Exchange, ProcessGroupExchange
+from checkpoint.save.local_plan import LocalSave, describe_local, describe_or_error, value_digests
 from checkpoint.save.plan_exchange import (
     agree_world,
     comparable_path,
@@ -57,6 +57,7 @@ from planners.errors import (
 from planners.metadata import METADATA_FILE
 from planners.metadata_build import MetadataDraft, RankWriteResult, WrittenChunk
 from planners.save_plan import FilePlan, GlobalPlan, RankPlan
+from planners.union import value_senders
 from planners.values import JSON
 from storage.backend import CheckpointStorage
 
@@ -120,6 +121,10 @@ class PlanCache:
     digests: list[str] | None = None  # coordinator only
     rank_plan: RankPlan | None = None
     draft_plan: GlobalPlan | None = None  # coordinator only
+    # Values the coordinator's state dict lacks (a pipeline stage's optimizer param_groups) travel to it
+    # in every save's first exchange, from the lowest rank holding each (`planners.union.value_senders`).
+    value_keys: tuple[str, ...] = ()  # the keys this rank sends
+    extra_values: dict[str, JSON] | None = None  # coordinator only: what this save's ranks sent
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,8 +184,9 @@ def prepare_save(
             _replan(local, exchange, cache, max_file_bytes=max_file_bytes, url=storage.url)
         except Exception:
             if exchange.rank == COORDINATOR:  # no rank writes anything of this save: its marker goes now
+                # Evidence: the marker carries this save's id, and the plan failed before any write.
                 lease.release_quietly(storage, decision.save_id)
-                storage.remove_created_dirs()  # and so does a directory it made
+                storage.remove_created_dirs()  # and so does a directory it made, if listed empty
             raise
     return _prepared(local, exchange, storage.url, cache, decision, overwrite=overwrite)
 
@@ -196,13 +202,22 @@ def _agree_decision(
     lease_secs: float,
 ) -> _Decision:
     """Gather plan digests (or local errors) and paths; the coordinator decides; every rank raises its refusal."""
-    mine = portable_error(local) if isinstance(local, BaseException) else local.plan.fingerprint()
-    gathered = exchange.gather((mine, where))
+    if isinstance(local, BaseException):
+        mine: Any = portable_error(local)
+        extras: dict[str, JSON] = {}
+    else:
+        mine = local.plan.fingerprint()
+        extras = {k: local.values[k] for k in cache.value_keys if k in local.values}
+    # In the store first: a rank that skipped save() is named, not met by one of its training collectives.
+    if isinstance(exchange, ProcessGroupExchange):
+        exchange.meet()
+    gathered = exchange.gather((mine, where, extras))
     decision = None
     if exchange.rank == COORDINATOR:
         assert gathered is not None
-        mismatch = path_mismatch([url for _, url in gathered])
-        digests = [d for d, _ in gathered]
+        mismatch = path_mismatch([url for _, url, _ in gathered])
+        digests = [d for d, _, _ in gathered]
+        cache.extra_values = {k: v for _, _, sent in gathered for k, v in sent.items()}
         decision = (
             _Decision(save_id="", reuse=False, error=mismatch)
             if mismatch is not None
@@ -223,7 +238,10 @@ def _prepared(
     draft = None
     if exchange.rank == COORDINATOR:
         assert cache.draft_plan is not None
-        draft = MetadataDraft(global_plan=cache.draft_plan, values=local.values, structure=local.structure)
+        # The union of every rank's nesting (pipeline stages hold different keys), else this rank's own.
+        tree = cache.draft_plan.structure if cache.draft_plan.structure is not None else local.structure
+        values = {**(cache.extra_values or {}), **local.values}  # stage-only values, then rank 0's own
+        draft = MetadataDraft(global_plan=cache.draft_plan, values=values, structure=tree)
     return PreparedSave(
         url=url,
         save_id=decision.save_id,
@@ -287,7 +305,7 @@ def _decide(
             )
         lease.claim(storage, save_id, lease_secs)
     except Exception as e:
-        storage.remove_created_dirs()
+        storage.remove_created_dirs()  # evidence: made by this prepare() a moment ago, and listed empty
         return _Decision(save_id=save_id, reuse=False, error=portable_error(e))
     return _Decision(
         save_id=save_id,
@@ -302,11 +320,17 @@ def _replan(local: LocalSave, exchange: Exchange, cache: PlanCache, *, max_file_
     cache.digests = None
     fingerprint = local.plan.fingerprint()
     structure = local_structure(local.plan, local.layouts, rank=exchange.rank)
-    world, fingerprints = agree_world(structure, fingerprint, exchange)
-    cache.rank_plan = rank_plan(world, local.plan, rank=exchange.rank, max_file_bytes=max_file_bytes)
+    digests = value_digests(local)  # small plain tensors, compared across ranks (planners/union.py)
+    agreed = agree_world(
+        structure, fingerprint, exchange, tree=local.structure, digests=digests, values=local.values
+    )
+    cache.rank_plan = rank_plan(agreed.world, local.plan, rank=exchange.rank, max_file_bytes=max_file_bytes)
+    cache.value_keys = value_senders(agreed.world).get(exchange.rank, ())
     if exchange.rank == COORDINATOR:
-        cache.draft_plan = draft_plan(world)
-        cache.digests = fingerprints
+        cache.extra_values = {**(cache.extra_values or {}), **agreed.values}
+    if exchange.rank == COORDINATOR:
+        cache.draft_plan = draft_plan(agreed.world, agreed.tree)
+        cache.digests = agreed.fingerprints
 
 
 def timed(label: str, timings: dict[str, float]):

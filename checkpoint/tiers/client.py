@@ -16,9 +16,10 @@ import os
 import urllib.parse
 from typing import Any
 
+from checkpoint.run.identity import LocalTag, parse_tag
 from checkpoint.tiers.server import SHA256_HEADER, TOKEN_HEADER
 from checkpoint.tiers.tier_files import holdings_from_json
-from planners.errors import StorageError
+from planners.errors import InvalidCheckpointError, StorageError
 from planners.tier_placement import StepHolding
 
 # Seconds a request may take before the peer counts as unreachable (a replica PUT: per socket operation).
@@ -26,13 +27,18 @@ REQUEST_TIMEOUT_SECS = 120.0
 # Largest listing body read from a peer.
 MAX_LISTING_BYTES = 64 * 1024 * 1024
 HASH_PIECE_BYTES = 4 * 1024 * 1024
+# Total seconds one read from a peer may take (a frozen peer: recovery moves on to the next holder),
+# and how often it is tried; `PEER_TIMEOUT_ENV` overrides the seconds.
+PEER_READ_TIMEOUT_SECS = 60.0
+PEER_READ_ATTEMPTS = 2
+PEER_TIMEOUT_ENV = "SHARDSAFE_PEER_TIMEOUT_SECS"
 
 
-def _connection(base_url: str) -> tuple[http.client.HTTPConnection, str]:
+def _connection(base_url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
     parts = urllib.parse.urlsplit(base_url)
     if parts.scheme != "http" or parts.hostname is None or parts.port is None:
         raise ValueError(f"a local tier server URL is http://host:port, got {base_url!r}")
-    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=REQUEST_TIMEOUT_SECS), parts.path
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout), parts.path
 
 
 def request(
@@ -44,9 +50,10 @@ def request(
     body: Any = None,
     headers: dict | None = None,
     max_bytes: int = MAX_LISTING_BYTES,
+    timeout: float = REQUEST_TIMEOUT_SECS,
 ) -> tuple[int, bytes]:
-    """One request; (status, body). Transport failures raise `OSError`."""
-    conn, _ = _connection(base_url)
+    """One request; (status, body). Transport failures raise `OSError` (`timeout`: per socket operation)."""
+    conn, _ = _connection(base_url, timeout)
     try:
         conn.request(method, path, body=body, headers={TOKEN_HEADER: token, **(headers or {})})
         response = conn.getresponse()
@@ -88,7 +95,7 @@ def put_file(base_url: str, token: str, step_dir: str, path: str, *, node: int) 
 def list_node(base_url: str, token: str, *, node: int) -> dict[int, StepHolding]:
     """What node `node` holds; `StorageError` when it cannot be reached or refuses."""
     try:
-        status, body = request(base_url, token, "GET", "/v1/steps")
+        status, body = request(base_url, token, "GET", "/v1/steps", timeout=peer_timeout_secs())
     except OSError as e:
         raise StorageError(f"node {node}'s local tier ({base_url}) cannot be reached: {e}") from e
     if status != 200:
@@ -96,19 +103,68 @@ def list_node(base_url: str, token: str, *, node: int) -> dict[int, StepHolding]
     return holdings_from_json(json.loads(body), where=f"node {node} ({base_url})")
 
 
+def list_node_tags(
+    base_url: str, token: str, *, node: int
+) -> tuple[dict[int, StepHolding], dict[int, LocalTag | None]]:
+    """What node `node` holds and each step's tag (None: none, or not a valid one)."""
+    try:
+        status, body = request(base_url, token, "GET", "/v1/steps", timeout=peer_timeout_secs())
+    except OSError as e:
+        raise StorageError(f"node {node}'s local tier ({base_url}) cannot be reached: {e}") from e
+    if status != 200:
+        raise StorageError(f"node {node}'s local tier ({base_url}) refused a listing ({status})")
+    where = f"node {node} ({base_url})"
+    doc = json.loads(body)
+    held = holdings_from_json(doc, where=where)
+    tags: dict[int, LocalTag | None] = {}
+    for item in doc:
+        raw = item.get("tag") if isinstance(item, dict) else None
+        try:
+            tags[int(item["step"])] = (
+                None if raw is None else parse_tag(json.dumps(raw).encode(), where=where)
+            )
+        except (InvalidCheckpointError, TypeError, ValueError):
+            tags[int(item["step"])] = None
+    return held, tags
+
+
+def peer_timeout_secs() -> float:
+    """The total seconds one peer read may take (`PEER_TIMEOUT_ENV`, else `PEER_READ_TIMEOUT_SECS`)."""
+    raw = os.environ.get(PEER_TIMEOUT_ENV)
+    try:
+        value = float(raw) if raw else PEER_READ_TIMEOUT_SECS
+    except ValueError:
+        raise ValueError(f"{PEER_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{PEER_TIMEOUT_ENV} must be > 0 seconds, got {raw!r}")
+    return value
+
+
 def quarantine(base_url: str, token: str, step_dir: str, name: str, *, node: int) -> bool:
     """Ask node `node` to rename its copy aside; False when it could not (already gone, unreachable)."""
     try:
-        status, _ = request(base_url, token, "POST", f"/v1/quarantine/{step_dir}/{name}")
+        status, _ = request(
+            base_url, token, "POST", f"/v1/quarantine/{step_dir}/{name}", timeout=peer_timeout_secs()
+        )
     except OSError:
         return False
     return status == 200
 
 
 def peer_storage(base_url: str, token: str, step_dir: str) -> Any:
-    """A read-only `FsspecStorage` on a peer's step directory, over fsspec's HTTP file system."""
+    """A read-only `FsspecStorage` on a peer's step directory, over fsspec's HTTP file system.
+
+    Each request's total time is bounded (`peer_timeout_secs`) and tried `PEER_READ_ATTEMPTS` times,
+    so a frozen peer costs seconds, not aiohttp's default 300 s times the storage's six attempts.
+    """
+    import aiohttp
+
+    from storage.remote import TransferConfig
+    from storage.retry import RetryPolicy
     from storage.spec import StorageSpec
 
-    options = {"headers": {TOKEN_HEADER: token}, "simple_links": False}
-    spec = StorageSpec.resolve(f"{base_url}/v1/files/{step_dir}", storage_options=options)
+    timeout = aiohttp.ClientTimeout(total=peer_timeout_secs())
+    options = {"headers": {TOKEN_HEADER: token}, "simple_links": False, "client_kwargs": {"timeout": timeout}}
+    transfer = TransferConfig(retry=RetryPolicy(max_attempts=PEER_READ_ATTEMPTS))
+    spec = StorageSpec.resolve(f"{base_url}/v1/files/{step_dir}", storage_options=options, transfer=transfer)
     return spec.open()

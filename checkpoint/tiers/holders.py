@@ -1,23 +1,28 @@
 """A read-only storage for one step of the local tier: each file read from its nearest verified holder.
 
 Recovery hands `load_checkpoint` this storage instead of one directory: each
-file name maps to its holders, nearest first (this node's own disk, read
-with direct reads into the target tensors; then peers, read over HTTP through
-fsspec's HTTP file system by byte range). Only the ranges a rank needs are
-read, and every byte is checked against the metadata's checksums by the
-ordinary loader. When a copy fails (its checksum, or it went missing), the
+file name maps to its holders, nearest first (this node's own disk, then
+peers, read over HTTP through fsspec's HTTP file system by byte range). Both
+read straight into the target tensors (`read_ranges_into`, the loader's path
+for remote storage): a peer's parts land as they arrive, own-disk bytes pass
+through one bounded scratch buffer; each part is checked against the
+metadata's checksums before it lands, so only verified bytes reach a target
+and a load never holds a second copy of the state. Only the ranges a rank
+needs are read. When a copy fails (its checksum, or it went missing), the
 recovery calls `drop` and loads again: the copy is quarantined on its node
 and the next holder serves that file.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from planners.errors import CheckpointError
+
+# Bytes read from this node's disk per part (then checked, then copied into the target).
+LOCAL_PART_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,16 +40,6 @@ class HolderStorage:
     def __init__(self, url: str, holders: dict[str, list[Holder]]) -> None:
         self.url = url
         self._holders = {name: list(h) for name, h in holders.items()}
-        self._route()
-
-    def _route(self) -> None:
-        """Direct reads into the targets only while every file is read from this node's disk.
-
-        The loader asks a storage once whether it reads into caller buffers; over HTTP that would
-        cost one request per checksum block, so a step read partly from peers uses range reads.
-        """
-        local = all(callable(getattr(h[0].storage, "reading", None)) for h in self._holders.values() if h)
-        self.reading = self._reading if local else None
 
     def __repr__(self) -> str:
         return f"HolderStorage({self.url!r})"
@@ -58,9 +53,7 @@ class HolderStorage:
 
     def drop(self, name: str) -> Holder:
         """Stop reading `name` from its current holder (it failed); returns that holder."""
-        dropped = self._holders[name].pop(0)
-        self._route()
-        return dropped
+        return self._holders[name].pop(0)
 
     def copies_left(self) -> int:
         return sum(len(h) for h in self._holders.values())
@@ -71,11 +64,35 @@ class HolderStorage:
     def read_ranges(self, name: str, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
         return self.current(name).storage.read_ranges(name, ranges)
 
-    @contextlib.contextmanager
-    def _reading(self, name: str) -> Iterator[Callable[[int, memoryview], None]]:
-        """Direct reads from this node's disk (see `_route`)."""
-        with self.current(name).storage.reading(name) as read_into:
-            yield read_into
+    def read_ranges_into(
+        self,
+        name: str,
+        ranges: Sequence[tuple[int, memoryview]],
+        *,
+        align: int = 1,
+        check: Callable[[int, int, memoryview], None] | None = None,
+    ) -> None:
+        """Fill each `(offset, out)` straight from the current holder of `name`, each part checked first.
+
+        A peer: its storage's own `read_ranges_into` (parts in flight at once). This node's disk: parts
+        of `LOCAL_PART_BYTES` (a multiple of `align`) read into one scratch buffer, passed to `check`,
+        then copied into `out`: never a second copy of the target.
+        """
+        storage = self.current(name).storage
+        if callable(getattr(storage, "read_ranges_into", None)):
+            storage.read_ranges_into(name, ranges, align=align, check=check)
+            return
+        part = max(align, LOCAL_PART_BYTES // align * align)
+        longest = max((len(out) for _, out in ranges), default=0)
+        scratch = memoryview(bytearray(min(part, longest)))
+        with storage.reading(name) as read_into:
+            for index, (offset, out) in enumerate(ranges):
+                for start in range(0, len(out), part):
+                    piece = scratch[: min(part, len(out) - start)]
+                    read_into(offset + start, piece)
+                    if check is not None:
+                        check(index, start, piece)
+                    out[start : start + len(piece)] = piece
 
     def size(self, name: str) -> int:
         return self.current(name).storage.size(name)

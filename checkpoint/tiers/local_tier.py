@@ -9,60 +9,68 @@ checkpointer for local saves (a second writer process per rank, so a local
 save never waits for a durable one), whose commit hook (`checkpoint.tiers.replicate`) copies each file to its
 replica nodes before the commit.
 
-A local save at step N: the ranks agree that every node has room for it (else
-it is skipped with one warning), stage (the only time the training thread
-blocks) and return. The next local save, `wait()` and `close()` first wait for
-the save in flight; then the ranks meet once (so rank 0's metadata has reached
-every node) and each node's local rank 0 deletes local steps past
-`keep_last`. A failed local save is logged, never raised: the durable tier is
-the one that must not fail quietly.
+The tier belongs to its run (`checkpoint.run.identity`): it holds the run's
+record (run id, timelines), stores it in the durable root at its first local
+save, and tags every local step with it (`checkpoint.tiers.local_steps`).
+Steps of other runs are never used nor deleted.
+
+A local save at step N: each node's local rank 0 checks that the node has room
+for it, recreates a `local_root` deleted under it, and empties and tags the
+step directory; the ranks agree (one all-reduce) and a save that any node
+cannot take is skipped with a warning. Then they stage (the only time the
+training thread blocks) and return. The next local save, `wait()` and
+`close()` first wait for the save in flight; then the ranks meet once (so rank
+0's metadata has reached every node) and each node's local rank 0 applies
+retention to this run's steps. The tier may only make a restart faster: any
+failure of it (a peer outage, a full or deleted disk, a failed write reported
+again by its checkpointer) costs at most that local save, with a warning, and
+is never raised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import shutil
-import socket
-from collections.abc import Mapping
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from checkpoint.manager.signals import max_over_ranks
-from checkpoint.manager.steps import STEP_DIR_RE, StepRecord, step_dir_name
-from checkpoint.state.flatten import RankLocal
+from checkpoint.run.agreement import max_over_ranks
+from checkpoint.run.identity import LocalTag, RunRecord, newest_record
+from checkpoint.run.steps import StepRecord, step_dir_name
+from checkpoint.tiers.local_steps import (
+    clean_leftovers,
+    list_tags,
+    other_nodes,
+    prepare_step_dir,
+    prune,
+    warn_foreign,
+    write_node_marker,
+)
+from checkpoint.tiers.node import (
+    NodeLayout,
+    all_gather,
+    estimate_node_bytes,
+    node_address,
+    node_env,
+    shared,
+)
 from checkpoint.tiers.replicate import ReplicaHook
+from checkpoint.tiers.run_record import read_durable, store_durable
 from checkpoint.tiers.server import TierServer
-from checkpoint.tiers.tier_files import TEMP_MARK, list_holdings, local_records
-from planners.metadata import METADATA_FILE
+from checkpoint.tiers.tier_files import local_records
+from planners.errors import CheckpointPathError
 from planners.tier_placement import commit_targets, effective_replicas
 
 logger = logging.getLogger(__name__)
 
-# Where a node's server listens when neither `local_address` nor this variable says: the host's address.
-ADDRESS_ENV = "SHARDSAFE_NODE_ADDR"
 # Free space kept beyond a local save's estimate (bytes), so a tier never fills `/dev/shm` to the brim.
 FREE_SPACE_MARGIN_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NodeLayout:
-    """Where this rank runs: its node (torchrun's GROUP_RANK), rank on the node, and every node's server."""
-
-    rank: int
-    node: int
-    local_rank: int
-    local_world_size: int
-    servers: Mapping[int, str]
-
-    @property
-    def num_nodes(self) -> int:
-        return len(self.servers)
 
 
 class LocalTier:
@@ -77,20 +85,43 @@ class LocalTier:
         replicas: int,
         group: dist.ProcessGroup | None,
         address: str | None = None,
+        durable: Callable[[], Any] | None = None,
+        durable_root: str = "",
     ) -> None:
         self.root = os.path.abspath(local_root)
         self.interval_steps, self.keep_last, self.group = interval_steps, keep_last, group
-        node, local_rank, local_world = _node_env()
+        self.durable_root, self._durable = durable_root, durable
+        node, local_rank, local_world = node_env()
         self._server: TierServer | None = None
-        token = _shared(secrets.token_hex(16), group)
+        # The run's record as rank 0 read it from the durable root: (record, stored); (None, False)
+        # when it could not be read (recovery then takes the newest history of this root's tags).
+        self.record, self._stored = shared(self._read_record() if _rank(group) == 0 else None, group)
+        self._rolled_back = False  # the record changed since it was last stored (a rollback)
+        self.resumed_from: str | None = None  # "local" or "durable": where recovery found its step
+        token, nonce = shared((secrets.token_hex(16), secrets.token_hex(8)), group)
+        self._marker: str | None = None
         if local_rank == 0:
-            clean_leftovers(self.root)
-            host = address or os.environ.get(ADDRESS_ENV) or socket.gethostbyname(socket.gethostname())
+            clean_leftovers(self.root, self.record)
+            self._marker = write_node_marker(self.root, nonce, node)
+            host = node_address(address)
             self._server = TierServer(self.root, host=host, token=token, node=node)
         url = self._server.start() if self._server is not None else None
-        rank = dist.get_rank() if group is not None else 0
-        entries = _all_gather((node, local_rank, url), group)
+        rank = _rank(group)
+        entries = all_gather((node, local_rank, url), group)
         servers = {n: u for n, lr, u in entries if lr == 0 and u is not None}
+        # Every node wrote its marker before the gather above: one seen here from another node of this
+        # job means the nodes share one directory (an NFS path), and "replicas" would be one file.
+        others = other_nodes(self.root, nonce, node) if local_rank == 0 else []
+        if max_over_ranks(int(bool(others)), group):
+            self._drop_marker()
+            if self._server is not None:
+                self._server.stop()
+            raise CheckpointPathError(
+                f"local_root {self.root} is shared by several nodes of this job"
+                + (f" (node {node} sees node(s) {others} there)" if others else " (another node saw it)")
+                + "; the local tier needs a directory of each node's own (a /dev/shm or local NVMe path), "
+                "else replicas overwrite one file and protect nothing"
+            )
         self.layout = NodeLayout(
             rank=rank, node=node, local_rank=local_rank, local_world_size=local_world, servers=servers
         )
@@ -117,6 +148,63 @@ class LocalTier:
         self._newest: int | None = None
         self._uploader: Any = None  # built at the first durable save by upload (collective)
         self._upload: tuple[int, Future[None]] | None = None  # the upload in flight or last failed
+        if local_rank == 0 and self.record is not None:
+            warn_foreign(self.root, self.record)
+
+    # --- the run's record ---------------------------------------------------------------------------
+
+    def _read_record(self) -> tuple[RunRecord | None, bool]:
+        """Rank 0: the durable root's record; a new one where it has none; None where it cannot be read."""
+        return (
+            (RunRecord.new(), False)
+            if self._durable is None
+            else read_durable(self._durable, self.durable_root)
+        )
+
+    def settle_record(self, tags: list[LocalTag]) -> RunRecord:
+        """The record to use when the durable one could not be read: the newest history of this root's
+        tags, else a new run (collective: rank 0 decides)."""
+        if self.record is None:
+            chosen = newest_record(tags, self.durable_root) or RunRecord.new()
+            self.record = shared(chosen if self.layout.rank == 0 else None, self.group)
+        return self.record
+
+    def roll_back(self, step: int | None, abandoned: Any = ()) -> None:
+        """Start a new timeline branched at `step` (None: before step 0); collective.
+
+        Local steps of the old timeline after `step` are abandoned: each node deletes its own at
+        once (retention), and recovery never uses them anywhere, whatever node still holds one.
+        """
+        assert self.record is not None
+        record = self.record.rolled_back(-1 if step is None else step, abandoned)
+        self.record = shared(record if self.layout.rank == 0 else None, self.group)
+        self._rolled_back, self._stored = True, False
+        if self.layout.rank == 0:
+            logger.warning(
+                "local tier: resumed at step %s below the newest step of the run's history; later local "
+                "steps of the old timeline are abandoned and never resumed",
+                step,
+            )
+        self._store_record()
+        if self.layout.local_rank == 0:
+            self._prune(keep=set())
+
+    def _store_record(self) -> None:
+        """Store the record in the durable root (rank 0; collective agreement on the outcome)."""
+        stored = self.record
+        if self.layout.rank == 0 and self.record is not None and self._durable is not None:
+            stored = store_durable(
+                self._durable, self.record, first=not self._rolled_back, where=self.durable_root
+            )
+        ok = stored is not None
+        self.record, self._stored = shared((stored or self.record, ok), self.group)
+
+    def _own_steps(self) -> list[int]:
+        return [r.step for r in local_records(self.root)]
+
+    def _tag(self) -> LocalTag:
+        assert self.record is not None
+        return LocalTag(record=self.record, durable_root=self.durable_root)
 
     # --- saves ------------------------------------------------------------------------------------
 
@@ -129,14 +217,36 @@ class LocalTier:
         return step % self.interval_steps == 0 and (self._newest is None or step > self._newest)
 
     def save(self, step: int, state: Any) -> bool:
-        """Start a local save of `state` at `step` (every rank); False when the ranks agreed to skip it."""
+        """Start a local save of `state` at `step` (every rank); False when it is skipped (with a warning)."""
         self.wait()
-        copies = self.layout.num_nodes if self.layout.node == 0 else 1 + self.replicas  # see commit_targets
-        need = _estimate_node_bytes(state, self.layout.local_world_size, copies - 1)
-        free = shutil.disk_usage(self.root).free
-        short = free < need + FREE_SPACE_MARGIN_BYTES
-        if max_over_ranks(int(short), self.group):
-            if short and self.layout.local_rank == 0:
+        if self.record is None:
+            self.settle_record([t for t in list_tags(self.root, self._own_steps()).values() if t is not None])
+        if not self._stored:
+            self._store_record()
+        problem = self._prepare(step, state) if self.layout.local_rank == 0 else 0
+        if max_over_ranks(problem, self.group):
+            return False
+        path = os.path.join(self.root, step_dir_name(step))
+        try:
+            write = self._start(state, path)
+        except Exception as e:  # raised on every rank together (the plan exchange carries it)
+            logger.warning("local tier: the local save of step %d did not start and is skipped: %s", step, e)
+            return False
+        self._pending, self._newest = (step, write), step
+        return True
+
+    def _prepare(self, step: int, state: Any) -> int:
+        """Local rank 0: room on this node, and a clean step directory of this run (0), else why not."""
+        try:
+            if not os.path.isdir(self.root):
+                logger.warning(
+                    "local tier: %s is gone (deleted while the job ran?); recreating it", self.root
+                )
+                os.makedirs(self.root, exist_ok=True)
+            copies = self.layout.num_nodes if self.layout.node == 0 else 1 + self.replicas  # commit_targets
+            need = estimate_node_bytes(state, self.layout.local_world_size, copies - 1)
+            free = shutil.disk_usage(self.root).free
+            if free < need + FREE_SPACE_MARGIN_BYTES:
                 logger.warning(
                     "local tier: skipping the local save of step %d: node %d has %d bytes free in %s, "
                     "the step and its replicas need about %d",
@@ -146,17 +256,26 @@ class LocalTier:
                     self.root,
                     need,
                 )
-            return False
-        path = os.path.join(self.root, step_dir_name(step))
-        os.makedirs(path, exist_ok=True)  # the save prepares the directory on the coordinator's node only
+                return 1
+            return 0 if prepare_step_dir(self.root, step, self._tag()) is not None else 2
+        except Exception as e:
+            logger.warning(
+                "local tier: skipping the local save of step %d on node %d: %s", step, self.layout.node, e
+            )
+            return 2
+
+    def _start(self, state: Any, path: str) -> Future[Any]:
         if self._ckpt is None:
             from checkpoint.builder import make_async_checkpointer
 
             self._ckpt = make_async_checkpointer(commit_hook=self._hook)
-        stage, write = self._ckpt.save(state, path, overwrite=True, path_per_node=True)
+        try:
+            stage, write = self._ckpt.save(state, path, overwrite=True, path_per_node=True)
+        except Exception as e:  # the failure of the previous local save, reported once: start afresh
+            logger.info("local tier: the previous local save's failure was reported again: %s", e)
+            stage, write = self._ckpt.save(state, path, overwrite=True, path_per_node=True)
         stage.result()
-        self._pending, self._newest = (step, write), step
-        return True
+        return write
 
     def wait(self) -> None:
         """Wait for the local save in flight (every rank); log its failure; then apply retention."""
@@ -179,7 +298,17 @@ class LocalTier:
             )
         if self.layout.local_rank == 0:
             uploading = self._upload is not None and not self._upload[1].done()
-            prune(self.root, self.keep_last, keep={self._upload[0]} if uploading else set())
+            self._prune(keep={self._upload[0]} if uploading and self._upload else set())
+
+    def _prune(self, keep: set[int]) -> None:
+        if self.record is None:
+            return
+        try:
+            prune(self.root, self.record, self.keep_last, keep=keep)
+        except Exception as e:
+            logger.warning(
+                "local tier: retention in %s failed (retried after the next local save): %s", self.root, e
+            )
 
     # --- durable saves by upload (`checkpoint.tiers.upload`) ---------------------------------------
 
@@ -221,10 +350,17 @@ class LocalTier:
             self._upload = None
         return state == 2
 
+    def _drop_marker(self) -> None:
+        if self._marker is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._marker)
+            self._marker = None
+
     def close(self) -> None:
         try:
             self.wait()
         finally:
+            self._drop_marker()
             if self._uploader is not None:
                 self._uploader.close()
             if self._ckpt is not None:
@@ -235,101 +371,26 @@ class LocalTier:
     # --- queries ----------------------------------------------------------------------------------
 
     def records(self) -> list[StepRecord]:
-        """This node's committed local steps, as records of the tier `local`."""
-        return local_records(self.root)
+        """This node's committed local steps of this run's current history, as records of the tier `local`."""
+        record = self.record
+        if record is None:
+            return []
+        found = local_records(self.root)
+        tags = list_tags(self.root, [r.step for r in found])
+        return [r for r in found if usable(tags[r.step], record, r.step)]
 
     def loaded(self, step: int) -> None:
         self._newest = step
 
 
-def prune(root: str, keep_last: int, keep: set[int] | frozenset[int] = frozenset()) -> None:
-    """Keep this node's newest `keep_last` committed steps and `keep` (a step uploading); delete the rest."""
-    held = list_holdings(root)
-    committed = sorted(s for s, h in held.items() if h.committed)
-    if not committed:
-        return
-    keep = set(committed[-keep_last:]) | set(keep)
-    for step in sorted(held):
-        if step not in keep and step < committed[-1]:
-            _remove_step_dir(os.path.join(root, step_dir_name(step)))
-            logger.info("local tier: deleted step %d from %s", step, root)
+def usable(tag: LocalTag | None, record: RunRecord, step: int) -> bool:
+    """Whether a local step with `tag` belongs to `record`'s run and its current history."""
+    return (
+        tag is not None
+        and tag.record.run_id == record.run_id
+        and record.on_history(tag.record.timeline, step)
+    )
 
 
-def clean_leftovers(root: str) -> None:
-    """At start: temporary names of interrupted receipts, and incomplete steps older than the newest
-    committed one (they can never be loaded). Newer incomplete ones may hold verified copies a
-    recovery can still use; the first commit of this job's own local save prunes them."""
-    os.makedirs(root, exist_ok=True)
-    for name in os.listdir(root):
-        directory = os.path.join(root, name)
-        if STEP_DIR_RE.fullmatch(name) and os.path.isdir(directory) and not os.path.islink(directory):
-            for entry in os.listdir(directory):
-                if TEMP_MARK in entry:
-                    os.unlink(os.path.join(directory, entry))
-    held = list_holdings(root)
-    committed = [s for s, h in held.items() if h.committed]
-    for step, h in held.items():
-        if not h.committed and committed and step < max(committed):
-            _remove_step_dir(os.path.join(root, step_dir_name(step)))
-            logger.info("local tier: removed leftover incomplete step %d from %s", step, root)
-
-
-def _remove_step_dir(directory: str) -> None:
-    """The commit marker first, so a deletion cut short leaves an incomplete step, never a false one."""
-    try:
-        os.unlink(os.path.join(directory, METADATA_FILE))
-    except FileNotFoundError:
-        pass
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def _node_env() -> tuple[int, int, int]:
-    """(node, local rank, ranks on this node) from torchrun's variables; one node without them."""
-    if "GROUP_RANK" in os.environ and "LOCAL_RANK" in os.environ:
-        return (
-            int(os.environ["GROUP_RANK"]),
-            int(os.environ["LOCAL_RANK"]),
-            int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-        )
-    if dist.is_available() and dist.is_initialized():
-        return 0, dist.get_rank(), dist.get_world_size()
-    return 0, 0, 1
-
-
-def _shared(value: Any, group: dist.ProcessGroup | None) -> Any:
-    """Rank 0's `value` on every rank."""
-    if group is None:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
-
-
-def _all_gather(value: Any, group: dist.ProcessGroup | None) -> list[Any]:
-    if group is None:
-        return [value]
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, value, group=group)
-    return out
-
-
-def _estimate_node_bytes(state: Any, local_world_size: int, replicas: int) -> int:
-    """Bytes a local save needs on this node: this rank's tensors, times its node's ranks and copies."""
-    return _tensor_bytes(state) * local_world_size * (1 + replicas)
-
-
-def _tensor_bytes(value: Any, depth: int = 0) -> int:
-    if depth > 64:
-        return 0
-    if isinstance(value, torch.Tensor):
-        local = value.to_local() if hasattr(value, "to_local") else value
-        return local.numel() * local.element_size()
-    if isinstance(value, Mapping):
-        return sum(_tensor_bytes(v, depth + 1) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v, depth + 1) for v in value)
-    if isinstance(value, RankLocal):
-        return _tensor_bytes(value.value, depth + 1)
-    if callable(getattr(value, "state_dict", None)):
-        return _tensor_bytes(value.state_dict(), depth + 1)
-    return 0
+def _rank(group: dist.ProcessGroup | None) -> int:
+    return dist.get_rank() if group is not None else 0

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from checkpoint.manager.steps import StepRecord
+from checkpoint.run.identity import AbandonedStep
+from checkpoint.run.steps import StepRecord
 from planners.errors import CheckpointError
+from storage.metadata_file import read_metadata_document
 from storage.redact import display_url
 
 if TYPE_CHECKING:  # the tier (and aiohttp, its server's dependency) is imported only when used
@@ -31,6 +33,8 @@ def build_local_tier(
     replicas: int,
     address: str | None,
     group: dist.ProcessGroup | None,
+    durable: Callable[[], Any] | None = None,
+    durable_root: str = "",
 ) -> LocalTier | None:
     """The manager's local tier (collective), or None without a `local_root`.
 
@@ -40,7 +44,10 @@ def build_local_tier(
         keep_last: committed local steps each node keeps.
         replicas: other nodes holding a verified copy of each local file (ring placement).
         address: where this node's tier server listens and peers reach it (default:
-            `$SHARDSAFE_NODE_ADDR`, else the address of the host name).
+            `$SHARDSAFE_NODE_ADDR`, else the address of the interface that routes to the job's
+            master; see `checkpoint.tiers.node.node_address`).
+        durable: the durable root's spec (a callable, resolved at first use): the run record lives there.
+        durable_root: the durable root's path as every rank compares it (tags name it).
 
     Raises:
         ValueError: an option is out of range.
@@ -68,20 +75,79 @@ def build_local_tier(
         replicas=replicas,
         group=group,
         address=address,
+        durable=durable,
+        durable_root=durable_root,
     )
 
 
 def durable_or_none(
-    listing: Callable[[], list[tuple[Any, StepRecord]]], root: str
+    listing: Callable[[], list[tuple[Any, StepRecord]]], root: str, tier: LocalTier | None = None
 ) -> list[tuple[Any, StepRecord]]:
-    """The durable root's steps, or none when it cannot be listed (recovery then uses the local tier)."""
+    """The durable root's steps, or none when it cannot be listed (recovery then uses the local tier).
+
+    Steps a rollback abandoned (`RunRecord.abandoned`, matched by save id) are left out: they are
+    never loaded, and retention never sees them (they stay until a save of that step replaces them).
+    """
     try:
-        return listing()
+        found = listing()
     except (OSError, CheckpointError) as e:
         logger.warning(
             "durable root %s cannot be listed, counting no durable steps: %s", display_url(root), e
         )
         return []
+    record = None if tier is None else tier.record
+    if record is None or not record.abandoned:
+        return found
+    numbers = {a.step for a in record.abandoned}  # only those steps' save ids are read
+    return [
+        (spec, r)
+        for spec, r in found
+        if r.step not in numbers or not record.abandoned_save(r.step, _save_id(spec))
+    ]
+
+
+def abandoned_steps(tier: LocalTier | None) -> set[int]:
+    """Durable step numbers a rollback abandoned: a save of one replaces what is there."""
+    return set() if tier is None or tier.record is None else {a.step for a in tier.record.abandoned}
+
+
+def _save_id(spec: Any) -> str | None:
+    try:
+        storage = spec.open()
+        try:
+            value = read_metadata_document(storage).get("save_id")
+        finally:
+            storage.close()
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def load_named(
+    tier: LocalTier,
+    state: Any,
+    step: int,
+    found: list[tuple[str, StepRecord]],
+    strict: bool,
+    load_durable: Callable[[], int],
+    durable_specs: Callable[[], list[tuple[Any, StepRecord]]],
+) -> int:
+    """`load(step=N)` with a local tier: the durable step if the run has it, else the local one;
+    then a rollback when the run's history holds newer steps (collective; `durable_specs` on rank 0)."""
+    from checkpoint.tiers.recovery import after_named_load, load_local_step
+
+    complete = sorted(r.step for _, r in found if r.complete)
+    tier.resumed_from = "local"
+    if step in complete or not load_local_step(tier, state, step, strict=strict):
+        tier.resumed_from = "durable"
+        load_durable()  # raises FileNotFoundError naming the step when neither tier has it
+    abandoned = []
+    if tier.layout.rank == 0:
+        for spec, r in durable_specs():
+            if r.complete and r.step > step and (save_id := _save_id(spec)) is not None:
+                abandoned.append(AbandonedStep(step=r.step, save_id=save_id))
+    after_named_load(tier, step, complete, abandoned)
+    return step
 
 
 def recover_tiers(

@@ -3,11 +3,14 @@
 `recover` is what `CheckpointManager.load` runs when the manager has a local
 tier; every rank calls it at the same point:
 
-1. Rank 0 asks every node's server of this job what it holds and shares the
-   answer (an unreachable node holds nothing). The steps the job can rebuild
-   are those whose every file has a copy on some node
-   (`planners.tier_placement.rebuildable_steps`); a step with missing copies is
-   never tried.
+1. Rank 0 asks every node's server of this job what it holds, with each
+   step's tag, and shares the answer (an unreachable node holds nothing). Only
+   copies whose node tagged the step with this run, on the current timeline's
+   history (`checkpoint.run.identity`), count: another run's step 3 is never
+   this run's step 3, and a step a rollback abandoned is never resumed. The
+   steps the job can rebuild are those whose every file has such a copy on
+   some node (`planners.tier_placement.rebuildable_steps`); a step with
+   missing copies is never tried.
 2. The candidates are these steps and the durable ones, newest first; at one
    step the local tier is tried before the durable one.
 3. A local candidate: each rank reads the metadata and then only its byte
@@ -19,6 +22,10 @@ tier; every rank calls it at the same point:
    all-reduce): all loaded, or the step is damaged for someone and every rank
    moves to the next candidate. A target that does not fit raises on every
    rank, as the manager's own loads do.
+4. A resume below the newest step of the history (newer steps were damaged or
+   could not be rebuilt, or the caller asked for an older step) starts a new
+   timeline there (`LocalTier.roll_back`), so the newer steps are abandoned in
+   both tiers and retention keeps the new steps instead of them.
 """
 
 from __future__ import annotations
@@ -33,13 +40,13 @@ from typing import Any
 import torch.distributed as dist
 
 from checkpoint.load.loader import load_checkpoint
-from checkpoint.manager.attempt import DAMAGED, FAILED, LOADED
-from checkpoint.manager.signals import max_over_ranks
-from checkpoint.manager.steps import step_dir_name
 from checkpoint.options import LoadOptions
+from checkpoint.run.agreement import DAMAGED, FAILED, LOADED, max_over_ranks
+from checkpoint.run.identity import LocalTag
+from checkpoint.run.steps import step_dir_name
 from checkpoint.tiers import client
 from checkpoint.tiers.holders import Holder, HolderStorage
-from checkpoint.tiers.local_tier import LocalTier
+from checkpoint.tiers.local_tier import LocalTier, usable
 from planners.errors import CorruptCheckpointError, DistributedCheckpointError, InvalidCheckpointError
 from planners.metadata import METADATA_FILE
 from planners.metadata_parse import parse_metadata
@@ -52,23 +59,38 @@ _FILE_RE = re.compile(r"shard-[0-9a-f]{8,32}-r\d{5,}-\d{3,}\.safetensors|metadat
 # What makes one copy unusable (the next holder is tried), as opposed to a target that does not fit.
 _COPY_FAILURES = (InvalidCheckpointError, FileNotFoundError, OSError)
 Listings = dict[int, dict[int, StepHolding]]
+Tags = dict[int, dict[int, LocalTag | None]]
 
 
 def gather_listings(tier: LocalTier) -> Listings:
-    """Every reachable node's holdings, as rank 0 saw them, on every rank."""
-    listings: Listings | None = None
+    """Every reachable node's holdings of this run's current history, as rank 0 saw them, on every rank.
+
+    Settles the tier's run record first when the durable one could not be read (collective).
+    """
+    found: tuple[Listings, Tags] | None = None
     if tier.layout.rank == 0:
-        listings = {}
+        found = ({}, {})
         for node, url in sorted(tier.layout.servers.items()):
             try:
-                listings[node] = client.list_node(url, tier.token, node=node)
+                found[0][node], found[1][node] = client.list_node_tags(url, tier.token, node=node)
             except (OSError, InvalidCheckpointError) as e:
                 logger.warning("local tier: node %d cannot be listed, counting it as empty: %s", node, e)
-    if tier.group is None:
-        return listings or {}
-    box = [listings]
-    dist.broadcast_object_list(box, src=0, group=tier.group)
-    return box[0]
+    if tier.group is not None:
+        box = [found]
+        dist.broadcast_object_list(box, src=0, group=tier.group)
+        found = box[0]
+    assert found is not None
+    listings, tags = found
+    record = tier.settle_record([t for node in tags.values() for t in node.values() if t is not None])
+    return {
+        node: {s: h for s, h in held.items() if usable(tags[node].get(s), record, s)}
+        for node, held in listings.items()
+    }
+
+
+def head_of(listings: Listings) -> int | None:
+    """The newest step some node holds committed on the current history."""
+    return max((s for held in listings.values() for s, h in held.items() if h.committed), default=None)
 
 
 def recover(
@@ -84,15 +106,42 @@ def recover(
     local = rebuildable_steps(listings)
     if tier.layout.rank == 0:
         logger.info("local tier: rebuildable steps %s; durable steps %s", local[:8], durable_steps[-8:][::-1])
+    head = max([s for s in (head_of(listings), *durable_steps) if s is not None], default=None)
     for step in sorted(set(local) | set(durable_steps), reverse=True):
         if step in local and _try_local(tier, state, step, listings, strict):
-            tier.loaded(step)
-            return step
+            return _resumed(tier, step, head, "local")
         if step in durable_steps and try_durable(step):
-            tier.loaded(step)
-            logger.info("resumed step %d from the durable tier", step)
-            return step
+            return _resumed(tier, step, head, "durable")
+    tier.resumed_from = None
+    if head is not None:
+        tier.roll_back(None)
     return None
+
+
+def load_local_step(tier: LocalTier, state: Any, step: int, *, strict: bool) -> bool:
+    """Load `step` from the local tier (every rank; `load(step=N)` of a step only the local tier holds)."""
+    listings = gather_listings(tier)
+    if step not in rebuildable_steps(listings):
+        return False
+    return _try_local(tier, state, step, listings, strict)
+
+
+def after_named_load(tier: LocalTier, step: int, durable_steps: list[int], abandoned: Any) -> None:
+    """After `load(step=N)`: a rollback when the history holds newer steps (collective)."""
+    head = max([s for s in (head_of(gather_listings(tier)), *durable_steps) if s is not None], default=None)
+    tier.loaded(step)
+    if head is not None and step < head:
+        tier.roll_back(step, abandoned)
+
+
+def _resumed(tier: LocalTier, step: int, head: int | None, where: str) -> int:
+    tier.loaded(step)
+    tier.resumed_from = where
+    if where == "durable" and tier.layout.rank == 0:
+        logger.info("resumed step %d from the durable tier", step)
+    if head is not None and step < head:
+        tier.roll_back(step)
+    return step
 
 
 def _try_local(tier: LocalTier, state: Any, step: int, listings: Listings, strict: bool) -> bool:

@@ -12,7 +12,11 @@ work at the two points the save protocol offers:
   only once every file has 1 + replicas verified copies.
 - `post_commit` (the coordinator, once `metadata.json` is written on its
   node): it sends the metadata, the commit marker, to every other node, so
-  each node can list and serve the step as committed.
+  each node can list and serve the step as committed. Every node is tried,
+  whatever failed before; the error names each node that missed it.
+
+A rank replicates exactly the files its write reported (`files`, passed by
+the save pipeline), never whatever else lies in the step directory.
 
 The hook is a frozen record, pickled once to reach the writer process.
 """
@@ -26,6 +30,7 @@ from typing import Any
 
 from checkpoint.save.hooks import CommitHook
 from checkpoint.tiers.client import put_file
+from planners.errors import StorageError
 from planners.metadata import METADATA_FILE, SHARD_FILE_RE
 
 logger = logging.getLogger(__name__)
@@ -53,11 +58,12 @@ class ReplicaHook(CommitHook):
     def pre_commit(self, path: str, **kwargs: Any) -> None:
         rank = int(kwargs["rank"])
         step_dir = os.path.basename(path.rstrip("/"))
-        names = sorted(
-            n
-            for n in os.listdir(path)
-            if (m := SHARD_FILE_RE.fullmatch(n)) is not None and int(m["rank"]) == rank
-        )
+        written = kwargs.get("files")
+        if written is None:  # a pipeline that does not report them: this rank's files in the directory
+            written = [
+                n for n in os.listdir(path) if (m := SHARD_FILE_RE.fullmatch(n)) and int(m["rank"]) == rank
+            ]
+        names = sorted(n for n in written if SHARD_FILE_RE.fullmatch(n) is not None)
         for node, url in self.targets:
             for name in names:
                 put_file(url, self.token, step_dir, os.path.join(path, name), node=node)
@@ -74,5 +80,14 @@ class ReplicaHook(CommitHook):
         if int(kwargs["rank"]) != 0:
             return
         step_dir = os.path.basename(path.rstrip("/"))
+        missed = {}
         for node, url in self.everyone:
-            put_file(url, self.token, step_dir, os.path.join(path, METADATA_FILE), node=node)
+            try:
+                put_file(url, self.token, step_dir, os.path.join(path, METADATA_FILE), node=node)
+            except StorageError as e:
+                missed[node] = e
+        if missed:
+            raise StorageError(
+                f"the commit marker of {step_dir} did not reach node(s) {sorted(missed)} (the others have it): "
+                + "; ".join(f"node {n}: {e}" for n, e in sorted(missed.items()))
+            )

@@ -6,7 +6,8 @@ on the address the job uses to reach that node. Every request must carry the
 job's random token (`TOKEN_HEADER`, compared in constant time); other jobs'
 requests get 401. Routes:
 
-- `GET /v1/steps`: the node's holdings (`tier_files.list_holdings`) as JSON.
+- `GET /v1/steps`: the node's holdings (`tier_files.list_holdings`) as JSON,
+  each step with its tag (`checkpoint.run.identity`: which run, which timeline).
 - `HEAD|GET /v1/files/<step-dir>/<file>`: the file, or one byte range of it
   (`Range: bytes=a-b`, answered 206), so fsspec's HTTP file system reads a
   peer with the same reader code as S3.
@@ -15,11 +16,18 @@ requests get 401. Routes:
   temporary name while its SHA-256 is computed; it must equal `SHA256_HEADER`,
   then the file's own checksums are checked (`tier_files.verify_received`),
   and only then is it renamed into place (201). A failed check is 422.
-- `POST /v1/quarantine/<step-dir>/<file>`: renames a copy that failed a
-  load's checksum aside (it is never served again) and logs a warning.
+- `POST /v1/quarantine/<step-dir>/<file>`: a reader says a copy failed its
+  checksum. The holder re-verifies its own copy first (the reader may have bad
+  RAM or a bad NIC): only a copy that fails the holder's own check is renamed
+  aside (200); a copy that verifies stays and is served (409).
 
 Names are checked against the format's patterns before any path is built
-(`..`, absolute paths, other names: 403); symbolic links are refused (403).
+(`..`, absolute paths, unpadded step names, other names: 403); symbolic links
+and anything but a regular file (a FIFO, a device) are refused (403). Files
+are opened and read off the event loop, so a slow disk never stalls the other
+requests. Refusals are logged as warnings at most once per `REFUSAL_LOG_SECS`
+(with a count of those not logged), so a flood of bad requests cannot flood
+the log.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from typing import Any
 
 from aiohttp import web
 
+from checkpoint.tiers.local_steps import list_tags
 from checkpoint.tiers.tier_files import (
     QUARANTINE_MARK,
     TEMP_MARK,
@@ -63,6 +72,10 @@ MAX_PUT_BYTES = 1 << 40
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 # Seconds to wait for the server thread to start listening.
 START_TIMEOUT_SECS = 30.0
+# At most one warning about refused requests per this many seconds (the others are counted).
+REFUSAL_LOG_SECS = 60.0
+# Mode of a received replica: the same as a file the node's own save wrote (before the umask).
+REPLICA_MODE = 0o644
 
 
 class TierServer:
@@ -139,8 +152,8 @@ class TierServer:
     @web.middleware
     async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
         """The token first, then every path error becomes a refusal that says why."""
-        given = request.headers.get(TOKEN_HEADER, "")
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
+        given = request.headers.get(TOKEN_HEADER, "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, self.token.encode()):
             return _refuse(401, f"node {self.node}: wrong or missing {TOKEN_HEADER}: not this job's request")
         if "/../" in request.raw_path or request.raw_path.startswith("//"):
             return _refuse(403, f"node {self.node}: path {request.raw_path!r} leaves the local tier; refused")
@@ -154,8 +167,8 @@ class TierServer:
             return _refuse(404, f"node {self.node}: {request.path} is not held here")
 
     async def _steps(self, request: web.Request) -> web.Response:
-        held = await asyncio.get_running_loop().run_in_executor(None, list_holdings, self.root)
-        return web.json_response(holdings_to_json(held))
+        doc = await asyncio.get_running_loop().run_in_executor(None, _listing, self.root)
+        return web.json_response(doc)
 
     def _file_path(self, request: web.Request, *, create: bool = False) -> tuple[int, str, str]:
         step, step_dir, name = checked_names(request.match_info["step_dir"], request.match_info["name"])
@@ -163,7 +176,8 @@ class TierServer:
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         _, directory, name = self._file_path(request)
-        fd, size = open_regular(os.path.join(directory, name))
+        loop = asyncio.get_running_loop()
+        fd, size = await loop.run_in_executor(None, open_regular, os.path.join(directory, name))
         try:
             start, end = _byte_range(request.headers.get("Range"), size)
             partial = "Range" in request.headers
@@ -221,7 +235,7 @@ class TierServer:
 
     async def _receive(self, request: web.Request, path: str) -> str:
         digest = hashlib.sha256()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, REPLICA_MODE)
         try:
             async for piece in request.content.iter_chunked(SERVE_PIECE_BYTES):
                 digest.update(piece)
@@ -232,10 +246,25 @@ class TierServer:
 
     async def _quarantine(self, request: web.Request) -> web.Response:
         step, directory, name = self._file_path(request)
+        loop = asyncio.get_running_loop()
+        fd, _ = await loop.run_in_executor(None, open_regular, os.path.join(directory, name))
+        os.close(fd)
+        try:
+            await loop.run_in_executor(None, verify_received, directory, name, name)
+        except InvalidCheckpointError as e:
+            logger.warning(
+                "node %d: own copy of %s of step %d fails its checks: %s", self.node, name, step, e
+            )
+        else:
+            return _refuse(
+                409,
+                f"node {self.node}: step {step} file {name}: this node's copy passes its own checks; it is "
+                "kept (the reader's check may have failed on the reader's side)",
+            )
         aside = f"{name}{QUARANTINE_MARK}{int(time.time())}"
         os.rename(os.path.join(directory, name), os.path.join(directory, aside))
         logger.warning(
-            "node %d: quarantined %s of step %d (it failed its checksum in a load) as %s",
+            "node %d: quarantined %s of step %d (it failed its checksum in a load and here) as %s",
             self.node,
             name,
             step,
@@ -244,9 +273,33 @@ class TierServer:
         return web.Response(status=200, text=json.dumps({"quarantined": aside}))
 
 
+_refusals = {"last": 0.0, "unlogged": 0}
+
+
 def _refuse(status: int, message: str) -> web.Response:
-    logger.warning("local tier request refused (%d): %s", status, message)
+    """A refusal that says why; logged as a warning at most once per `REFUSAL_LOG_SECS`."""
+    now = time.monotonic()
+    if now - _refusals["last"] >= REFUSAL_LOG_SECS or _refusals["last"] == 0.0:
+        more = (
+            f" ({_refusals['unlogged']} more refused since the last warning)" if _refusals["unlogged"] else ""
+        )
+        logger.warning("local tier request refused (%d): %s%s", status, message, more)
+        _refusals["last"], _refusals["unlogged"] = now, 0
+    else:
+        _refusals["unlogged"] += 1
+        logger.debug("local tier request refused (%d): %s", status, message)
     return web.Response(status=status, text=message + "\n")
+
+
+def _listing(root: str) -> list[dict[str, Any]]:
+    """The holdings of `root` as JSON, each step with its tag (None when it has no valid one)."""
+    held = list_holdings(root)
+    tags = list_tags(root, sorted(held))
+    doc = holdings_to_json(held)
+    for item in doc:
+        tag = tags.get(item["step"])
+        item["tag"] = None if tag is None else json.loads(tag.to_bytes())
+    return doc
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import os
 import stat
 from typing import Any
 
-from checkpoint.manager.steps import StepRecord, parse_step_dir, step_dir_name
+from checkpoint.run.steps import STEP_DIGITS, StepRecord, modified_at, parse_step_dir, step_dir_name
 from planners.checksums import bad_blocks
 from planners.errors import InvalidCheckpointError, TierPathError
 from planners.grid import CHECKSUM_ENTRY
@@ -44,8 +44,10 @@ TEMP_MARK = ".receiving-"
 def checked_names(step_dir: str, name: str) -> tuple[int, str, str]:
     """(step, step directory, file name) of a request, or `TierPathError` naming what is wrong."""
     step = parse_step_dir(step_dir)
-    if step is None:
-        raise TierPathError(f"{step_dir!r} is not a step directory (step-<digits>); only those are served")
+    if step is None or step_dir != step_dir_name(step):  # `step-1` would make a directory never listed
+        raise TierPathError(
+            f"{step_dir!r} is not a step directory (step-<{STEP_DIGITS} digits>); only those are served"
+        )
     if name != METADATA_FILE and SHARD_FILE_RE.fullmatch(name) is None:
         raise TierPathError(
             f"{name!r} is not a shard file or {METADATA_FILE}; the local tier serves nothing else"
@@ -66,8 +68,8 @@ def step_directory(root: str, step_dir: str, *, create: bool = False) -> str:
 
 def open_regular(path: str) -> tuple[int, int]:
     """A read descriptor and the size of a regular file, never through a symbolic link."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         if os.path.islink(path):
             raise TierPathError(f"{path}: is a symbolic link") from None
@@ -197,15 +199,24 @@ def local_records(local_root: str) -> list[StepRecord]:
         if held.committed:
             nbytes = sum(n for name, n in held.required.items() if name != METADATA_FILE)
             path = os.path.join(local_root, step_dir_name(step))
+            storage = LocalStorage(path)
             out.append(
                 StepRecord(
                     step=step,
                     path=path,
                     complete=True,
                     nbytes=nbytes,
-                    world_size=None,
-                    saved_at=None,
+                    world_size=_world_size(storage),
+                    saved_at=modified_at(storage, METADATA_FILE),
                     tiers=("local",),
                 )
             )
     return out
+
+
+def _world_size(storage: LocalStorage) -> int | None:
+    try:
+        value = json.loads(storage.read_bytes(METADATA_FILE, max_bytes=MAX_METADATA_BYTES))["world_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

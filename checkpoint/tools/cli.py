@@ -36,16 +36,19 @@ from checkpoint.tools.cli_common import (
     shared_options,
 )
 from checkpoint.tools.diff import diff_checkpoints
+from checkpoint.tools.not_a_run import explain_not_a_run
 from checkpoint.tools.verify import EXIT_OK, EXIT_PROBLEMS, verify
 from planners.dtypes import itemsize
-from planners.errors import InvalidCheckpointError, PickleNotAllowedError
+from planners.errors import CheckpointPathError, InvalidCheckpointError, PickleNotAllowedError
 from planners.metadata import FORMAT_NAME, METADATA_FILE, Metadata
-from planners.references import references_summary
+from planners.references import references_line, references_summary
 from planners.values import decode_value
 from storage.spec import StorageSpec, specs_for
 
 # Longest value shown whole in `inspect`'s table (characters); `--json` shows every value whole.
 MAX_VALUE_CHARS = 60
+# Top-level prefixes suggested when `inspect --keys` matches nothing.
+MAX_PREFIXES_SHOWN = 10
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,6 +88,9 @@ def ls_command(
             from checkpoint.tiers.tier_files import local_records
 
             records = merge_records(records, local_records(local_root))
+        reason = explain_not_a_run(spec, root) if not records else None
+        if reason is not None:  # a checkpoint or a folder of them, not an empty run: exit 2
+            raise CheckpointPathError(reason)
     if as_json:
         out.emit({"root": root, "steps": [r.to_json() for r in records]})
         return
@@ -144,8 +150,25 @@ def inspect_command(
     else:
         _print_inspect(out, doc)
     if pattern is not None and not doc["tensors"] and not doc["values"]:
-        out.err.print(f"no keys match {pattern!r} (a glob over the full keys, e.g. 'model.*')", markup=False)
+        out.err.print(
+            f"no keys match {pattern!r} (a glob over the full keys); {_prefixes(metadata, pattern)}",
+            markup=False,
+        )
         sys.exit(EXIT_PROBLEMS)
+
+
+def _prefixes(m: Metadata, pattern: str) -> str:
+    """The checkpoint's top-level prefixes, as globs to try, and the pattern one level deeper if that matches."""
+    keys = [*m.tensors, *m.values, *m.rank_local]
+    deeper = f"*.{pattern}"
+    hits = sum(fnmatch.fnmatchcase(k, deeper) for k in keys)
+    nested = f"{deeper!r} matches {hits} key(s); " if hits else ""
+    tops = sorted({k.split(".", 1)[0] + (".*" if "." in k else "") for k in keys})
+    if not tops:
+        return "the checkpoint holds no keys"
+    shown = ", ".join(repr(t) for t in tops[:MAX_PREFIXES_SHOWN])
+    more = f", ... ({len(tops)} in all)" if len(tops) > MAX_PREFIXES_SHOWN else ""
+    return f"{nested}its top-level keys: {shown}{more}"
 
 
 def _read_or_explain(storage: Any, path: str) -> Metadata:
@@ -224,16 +247,10 @@ def _print_inspect(out: Output, doc: dict) -> None:
     out.console.print(
         f"{doc['path']}\n  format {doc['format']} v{doc['version']}, save {doc['save_id']}, "
         f"saved by {doc['world_size']} rank(s) at {saved}\n"
-        f"  {doc['files']} shard file(s), {human_bytes(doc['nbytes'])} ({doc['nbytes']} bytes)",
+        f"  {doc['files']} shard file(s), {human_bytes(doc['nbytes'])} ({doc['nbytes']} bytes)"
+        + references_line(doc["referenced"]),
         markup=False,
     )
-    if doc["referenced"]["files"]:
-        ref = doc["referenced"]
-        out.console.print(
-            f"  references {human_bytes(ref['nbytes'])} ({ref['nbytes']} bytes) in {ref['files']} file(s) of "
-            f"checkpoint(s) {', '.join(ref['checkpoints'])}",
-            markup=False,
-        )
     if doc["tensors"]:
         table = Table("key", "dtype", "shape", "chunks", "bytes", title="tensors", title_justify="left")
         for t in doc["tensors"]:
@@ -368,13 +385,9 @@ def _print_diff(out: Output, report: Any) -> None:
 
 def _register_interop() -> None:
     """`export-hf` and `import-dcp` live in their own module, which adds them to `main`."""
-    from checkpoint.tools import (  # they import `main`'s module lazily: no import cycle
-        consolidate,
-        interop_cli,
-    )
+    from checkpoint.tools import interop_cli  # it imports `main`'s module lazily: no import cycle
 
     interop_cli.register(main)
-    consolidate.register(main)  # incremental checkpoints (checkpoint.tools.consolidate)
 
 
 _register_interop()

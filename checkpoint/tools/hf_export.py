@@ -123,7 +123,8 @@ def export_hf(
         path: a committed shardsafe checkpoint (local path, fsspec URL or `StorageSpec`).
         out: the output directory (local path, fsspec URL or `StorageSpec`); created if needed.
         prefix: export only the keys under this key path, without it (`"model"` or `"model."`:
-            `model.0.weight` becomes `0.weight`; `model_ema.w` is not selected).
+            `model.0.weight` becomes `0.weight`; `model_ema.w` is not selected). Required when the
+            checkpoint holds several top-level subtrees of tensors and one is an optimizer's.
         dtype: cast floating-point tensors to it (e.g. `"bfloat16"`); integer and bool tensors keep theirs.
         max_shard_size: largest output file before splitting, e.g. `"5GB"` (GB = 10**9).
         overwrite: replace an existing Hugging Face layout in `out` (default: refuse).
@@ -135,7 +136,8 @@ def export_hf(
 
     Raises:
         CheckpointExistsError: `out` already holds a Hugging Face layout and `overwrite` is False.
-        ValueError: `prefix` selects no tensor, or a bad `dtype`/`max_shard_size`.
+        ValueError: `prefix` selects no tensor; no `prefix` although the tensors are a training state
+            (a model's subtree and an optimizer's, see `training_subtrees`); a bad `dtype`/`max_shard_size`.
 
     Example: `export_hf("/ckpt/step-1000", "/export/hf", prefix="model.", dtype="bfloat16")`.
     """
@@ -167,12 +169,18 @@ def _export(
     _clear_output(target, overwrite=overwrite)
     total = sum(e.nbytes for e in entries)
     tick = (lambda n: progress(n, total)) if progress is not None else None
-    for name, group in zip(names, groups):
-        _write_file(target, name, [entries[i] for i in group], reader, tick)
-    if len(groups) > 1:
-        weight_map = {entries[i].name: name for name, group in zip(names, groups) for i in group}
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        target.publish(INDEX_FILE, json.dumps(index, indent=2).encode())
+    written = False
+    try:
+        for name, group in zip(names, groups):
+            _write_file(target, name, [entries[i] for i in group], reader, tick)
+        if len(groups) > 1:
+            weight_map = {entries[i].name: name for name, group in zip(names, groups) for i in group}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            target.publish(INDEX_FILE, json.dumps(index, indent=2).encode())
+        written = True
+    finally:
+        if not written:  # a corrupt chunk, a failed write, an interrupt: take back what this export made
+            _take_back(target, [*names, INDEX_FILE])
     logger.info(
         "exported %d tensors of %s to %s in %d file(s)", len(entries), source.url, target.url, len(names)
     )
@@ -205,7 +213,30 @@ def key_prefix(prefix: str | None) -> str:
     return "" if not prefix else prefix if prefix.endswith(".") else f"{prefix}."
 
 
+def training_subtrees(metadata: Metadata) -> dict[str, int]:
+    """Top-level subtree -> tensor count, when the tensors are a training state rather than one model.
+
+    A training state is several top-level subtrees of tensors, one of which is an optimizer's
+    (its keys run `<top>.state.<...>`, as `Optimizer.state_dict()` and DCP's optimizer state dict
+    nest them). A plain model's state dict, whose top level is its modules, is not one: empty dict.
+    """
+    counts: dict[str, int] = {}
+    optimizer = False
+    for key in metadata.tensors:
+        top, _, rest = key.partition(".")
+        counts[top] = counts.get(top, 0) + 1
+        optimizer = optimizer or rest.startswith("state.")
+    return dict(sorted(counts.items())) if optimizer and len(counts) > 1 else {}
+
+
 def _select(metadata: Metadata, prefix: str | None, cast: torch.dtype | None, *, where: str) -> list[_Entry]:
+    if prefix is None and (subtrees := training_subtrees(metadata)):
+        listed = ", ".join(f"{top!r} ({n} tensors)" for top, n in subtrees.items())
+        raise ValueError(
+            f"{where} holds a training state, not one model: its tensors are under {listed}, and one of them "
+            "is an optimizer's; pass prefix= (--prefix) naming the model's subtree, e.g. "
+            f"--prefix {next(iter(subtrees))}"
+        )
     entries = []
     under = key_prefix(prefix)
     for key, record in metadata.tensors.items():
@@ -240,6 +271,20 @@ def _located(reader: ChunkReader, entries: list[_Entry]) -> list[_Entry]:
             reader.require_bytes(e.source, chunk)
         out.append(e)
     return out
+
+
+def _take_back(target: CheckpointStorage, names: list[str]) -> None:
+    """Remove the output files of a failed export and the directories `prepare()` made for it.
+
+    Evidence: `_clear_output` ran first, so any file with these names was either absent or removed
+    (overwrite=True) before this export began: each one here is this export's. Directories that
+    existed before are never touched (`remove_created_dirs`).
+    """
+    try:
+        target.remove(names)
+        target.remove_created_dirs()
+    except Exception:  # the export's own error is what the caller needs; this one only goes to the log
+        logger.warning("could not remove the partial export at %s", target.url, exc_info=True)
 
 
 def _file_names(count: int) -> list[str]:

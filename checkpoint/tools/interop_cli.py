@@ -20,6 +20,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+from checkpoint.tools import consolidate
 from checkpoint.tools.cli_common import Output, exit_on_errors, parse_storage_options, shared_options
 from checkpoint.tools.dcp_import import DEFAULT_MAX_FILE_BYTES, import_dcp
 from checkpoint.tools.hf_export import (
@@ -30,15 +31,19 @@ from checkpoint.tools.hf_export import (
     parse_size,
 )
 
+# Skipped keys (or, past this many, top-level subtrees) named in `export-hf`'s note.
+MAX_SKIPPED_NAMED = 10
+
 
 def register(group: click.Group) -> None:
-    """Add `export-hf` and `import-dcp` to the `shardsafe` command group."""
+    """Add `export-hf`, `import-dcp` and `consolidate` to the `shardsafe` command group."""
     export = click.command(
         "export-hf", short_help="Write a checkpoint's tensors as Hugging Face safetensors."
     )
     group.add_command(export(_export_options(shared_options(export_hf_command))))
     dcp = click.command("import-dcp", short_help="Convert a torch.distributed.checkpoint directory.")
     group.add_command(dcp(_import_options(shared_options(import_dcp_command))))
+    consolidate.register(group)  # incremental checkpoints (checkpoint.tools.consolidate)
 
 
 def _export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -132,11 +137,9 @@ def _report_export(
         "total_bytes": result.total_bytes,
         "skipped": list(result.skipped),
     }
-    line = (
-        f"exported {result.tensors} tensors ({result.total_bytes} bytes) to {out}: {', '.join(result.files)}"
-    )
+    line = f"exported {_count(result.tensors, 'tensor')} ({result.total_bytes} bytes) to {out}: {', '.join(result.files)}"
     notes = (
-        [f"not exported (not tensors, or rank-local): {', '.join(result.skipped)}"] if result.skipped else []
+        [f"not exported (not tensors, or rank-local): {_summary(result.skipped)}"] if result.skipped else []
     )
     if prefix:
         notes.insert(
@@ -145,6 +148,22 @@ def _report_export(
             "written without it",
         )
     _report(ui, doc, line, as_json=as_json, note="\n".join(notes))
+
+
+def _summary(keys: tuple[str, ...]) -> str:
+    """Skipped keys for a person: all of a few; past that, counts per top-level subtree (`--json` has them all)."""
+    if len(keys) <= MAX_SKIPPED_NAMED:
+        return ", ".join(keys)
+    counts: dict[str, int] = {}
+    for key in keys:
+        top, dot, _ = key.partition(".")
+        counts[top + (".*" if dot else "")] = counts.get(top + (".*" if dot else ""), 0) + 1
+    groups = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{k} ({n})" for k, n in groups[:MAX_SKIPPED_NAMED])
+    more = (
+        f", and {len(groups) - MAX_SKIPPED_NAMED} more subtree(s)" if len(groups) > MAX_SKIPPED_NAMED else ""
+    )
+    return f"{len(keys)} keys: {shown}{more} (--json lists every key)"
 
 
 def _report(ui: Output, doc: dict, line: str, *, as_json: bool, note: str = "") -> None:
@@ -191,8 +210,15 @@ def import_dcp_command(
         "total_bytes": result.total_bytes,
         "files": list(result.files),
     }
-    line = f"imported {result.tensors} tensors ({result.total_bytes} bytes) and {result.values} values into {out}"
+    line = (
+        f"imported {_count(result.tensors, 'tensor')} ({result.total_bytes} bytes) and "
+        f"{_count(result.values, 'value')} into {out}"
+    )
     _report(ui, doc, line, as_json=as_json)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 @contextmanager

@@ -2,7 +2,8 @@
 
 An incremental step (`planners.references`) reads some of its bytes from files of earlier steps
 of the run. Deleting an earlier step whole would leave those references dangling, so retention
-(`checkpoint.manager.retention.prune`, rank 0, in the trainer thread) becomes a mark and sweep:
+(`checkpoint.manager.retention.prune`, rank 0, in the trainer thread; the sweep lives with the
+run's other retention rules) becomes a mark and sweep:
 
 1. mark (`referenced_files`): read the metadata of every step retention keeps and collect, per
    step directory, the files they reference. Evidence first: if any kept step's metadata cannot

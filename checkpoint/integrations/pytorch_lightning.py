@@ -1,0 +1,87 @@
+"""PyTorch Lightning (the `pytorch_lightning` package) saving and resuming through shardsafe (extra `lightning`).
+
+`ShardsafeModelParallelStrategy` replaces `ModelParallelStrategy` (FSDP2 / TP) and
+`ShardsafeCheckpointIO` is a `CheckpointIO` plugin for DDP and single-device runs; what they do
+is `checkpoint.integrations.lightning_common`'s, the same for both Lightning packages. This module
+serves `pytorch_lightning`; a user with both packages installed picks by import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from checkpoint.integrations import require
+
+require("pytorch_lightning", extra="lightning")
+
+from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # noqa: E402
+from pytorch_lightning.strategies import ModelParallelStrategy  # noqa: E402
+
+from checkpoint.config import CheckpointerConfig  # noqa: E402
+from checkpoint.integrations.lightning_common import (  # noqa: E402
+    LIGHTNING_KEY,
+    CheckpointIOFiles,
+    StrategyCheckpoints,
+    plain,
+)
+
+__all__ = ["LIGHTNING_KEY", "ShardsafeCheckpointIO", "ShardsafeModelParallelStrategy", "plain"]
+
+
+class ShardsafeModelParallelStrategy(StrategyCheckpoints, ModelParallelStrategy):
+    """`ModelParallelStrategy` whose checkpoints are shardsafe checkpoints.
+
+    Args:
+        asynchronous: save through a writer process per rank; a save returns once staged.
+        allow_pickle: store (and load) values of the Lightning checkpoint that JSON cannot hold.
+        storage_options: fsspec options for remote checkpoint paths.
+        config: shardsafe tunables (its `storage_options` are replaced by the argument when given).
+        **kwargs: `ModelParallelStrategy`'s own arguments (`data_parallel_size`, ...); its defaults
+            ("auto": one data-parallel rank per node) work too.
+
+    Example:
+        >>> trainer = Trainer(strategy=ShardsafeModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    """
+
+    def __init__(
+        self,
+        *,
+        asynchronous: bool = False,
+        allow_pickle: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        config: CheckpointerConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            asynchronous=asynchronous,
+            allow_pickle=allow_pickle,
+            storage_options=storage_options,
+            config=config,
+            **kwargs,
+        )
+
+
+class ShardsafeCheckpointIO(CheckpointIOFiles, CheckpointIO):
+    """A `CheckpointIO` plugin writing each checkpoint as a single-rank shardsafe checkpoint.
+
+    Lightning calls it on global rank 0 only (DDP, single device), so it never takes part in
+    a collective. Loading returns the dict Lightning saved, tensors as plain CPU tensors
+    moved by `map_location`.
+
+    Args:
+        allow_pickle: store (and load) values JSON cannot hold, pickled.
+        storage_options: fsspec options for remote checkpoint paths.
+        config: shardsafe tunables (its `storage_options` are replaced by the argument when given).
+
+    Example:
+        >>> trainer = Trainer(strategy="ddp", plugins=[ShardsafeCheckpointIO()])
+    """
+
+    def __init__(
+        self,
+        *,
+        allow_pickle: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        config: CheckpointerConfig | None = None,
+    ) -> None:
+        super().__init__(allow_pickle=allow_pickle, storage_options=storage_options, config=config)
