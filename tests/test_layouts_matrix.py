@@ -63,12 +63,13 @@ def test_every_source_layout_holds_the_reference(saved):
         _assert_equal(seen[layout], _expected(layout), layout)
 
 
-def test_each_layout_reshards_into_fsdp_on_three_ranks_as_dcp_does(saved):
+@pytest.mark.parametrize("world_size", [3, 1])
+def test_each_layout_reshards_into_fsdp_on_three_ranks_and_one_as_dcp_does(saved, world_size):
     root, _ = saved
-    got = run_ranks(lw.load_into, 3, root, "fsdp", lw.SOURCES, timeout_secs=600)[0]
+    got = run_ranks(lw.load_into, world_size, root, "fsdp", lw.SOURCES, timeout_secs=600)[0]
     for layout in lw.SOURCES:
-        _assert_equal(got[(layout, "dcp")], _expected(layout), f"dcp {layout}")
-        _assert_equal(got[(layout, "shardsafe")], _expected(layout), f"shardsafe {layout}")
+        _assert_equal(got[(layout, "dcp")], _expected(layout), f"dcp {layout} on {world_size}")
+        _assert_equal(got[(layout, "shardsafe")], _expected(layout), f"shardsafe {layout} on {world_size}")
 
 
 def test_each_layout_reshards_into_the_pipeline_and_submesh_layouts(saved):
@@ -90,6 +91,13 @@ def test_one_process_without_a_target_sees_every_rank_s_keys(saved, tmp_path):
         theirs = torch.load(dcp_file, weights_only=True)
         _assert_equal(theirs, _expected(layout), f"dcp {layout}")
         _assert_equal(ours, _expected(layout), f"shardsafe {layout}")
+        # And into a plain target (no process group): every key of every stage, strict.
+        target = {k: torch.zeros_like(v) for k, v in _expected(layout).items()}
+        nested = {"model": {k[len("model.") :]: v for k, v in target.items() if k.startswith("model.")}}
+        nested.update({k: v for k, v in target.items() if not k.startswith("model.")})
+        _assert_equal(
+            ckpt.load(os.path.join(root, "shardsafe", layout), nested, strict=True), _expected(layout), layout
+        )
     _assert_equal(ckpt.load(os.path.join(root, "async", "pp_fsdp")), _expected("pp_fsdp"), "async pp_fsdp")
     # A value held by stage 1 only reaches the metadata, also on a save that reuses the plan.
     assert ckpt.load(os.path.join(root, "shardsafe", "pp_fsdp"))["stage1_lr"] == 0.5

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import checkpoint
 from checkpoint.testing.ranks import RankFailures, run_ranks
 from checkpoint.tiers import client
-from checkpoint.tiers.node import node_address, route_to
+from checkpoint.tiers.node import loopback_refusal, node_address, route_to
 from checkpoint.tiers.replicate import ReplicaHook
 from checkpoint.tiers.server import TOKEN_HEADER
 from planners.errors import StorageError
@@ -352,6 +352,16 @@ def test_the_default_address_routes_to_the_master_and_the_variable_wins(monkeypa
     monkeypatch.setenv("SHARDSAFE_NODE_ADDR", "10.1.2.3")
     assert node_address(None, master="192.0.2.77") == "10.1.2.3"
     assert node_address("10.9.9.9", master="192.0.2.77") == "10.9.9.9"
+    # The refusal, as a rule (this VM cannot make a loopback route to a non-loopback master): a Debian
+    # host name resolving to 127.0.1.1 while the master is 10.0.0.5 is refused, same-host loopback is not.
+    refusal = loopback_refusal("127.0.1.1", "node-a.example", "10.0.0.5")
+    assert (
+        refusal is not None
+        and "is loopback (127.0.1.1)" in str(refusal)
+        and "SHARDSAFE_NODE_ADDR" in str(refusal)
+    )
+    assert loopback_refusal("127.0.1.1", "localhost", "127.0.0.1") is None
+    assert loopback_refusal("10.0.0.7", "node-a.example", "10.0.0.5") is None
 
 
 # --- item 13: a frozen peer costs a bounded time ------------------------------------------------------

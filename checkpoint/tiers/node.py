@@ -56,12 +56,20 @@ def node_address(address: str | None, master: str | None = None) -> str:
     if not master:
         return "127.0.0.1"  # one process, no job: nothing else needs to reach it
     found = route_to(master)
-    if _loopback(found) and not _loopback(_resolve(master)):
-        raise CheckpointError(
-            f"local tier: this node's address towards the job's master {master} is loopback ({found}); "
-            f"peers on other hosts could not reach it; pass local_address= or set {ADDRESS_ENV}"
-        )
+    refusal = loopback_refusal(found, master, _resolve(master))
+    if refusal is not None:
+        raise refusal
     return found
+
+
+def loopback_refusal(found: str, master: str, master_address: str) -> CheckpointError | None:
+    """The error for a loopback `found` address when the master (`master_address`) is not loopback."""
+    if not _loopback(found) or _loopback(master_address):
+        return None
+    return CheckpointError(
+        f"local tier: this node's address towards the job's master {master} is loopback ({found}); "
+        f"peers on other hosts could not reach it; pass local_address= or set {ADDRESS_ENV}"
+    )
 
 
 def route_to(host: str) -> str:
