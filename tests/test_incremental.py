@@ -505,3 +505,14 @@ def test_incremental_chain_on_s3_with_retention(s3_endpoint, s3_bucket, s3_fs):
 def _doc_s3(fs, path: str) -> dict:
     with fs.open(f"{path.removeprefix('s3://')}/{METADATA_FILE}", "rb") as f:
         return json.loads(f.read())
+
+
+def test_manager_refuses_incremental_with_a_local_tier_and_bad_full_every(tmp_path):
+    ckpt = checkpoint.make_sync_checkpointer()
+    with pytest.raises(ValueError, match=r"incremental=True cannot be combined with a node-local tier"):
+        checkpoint.CheckpointManager(
+            str(tmp_path / "run"), checkpointer=ckpt, incremental=True, local_root=str(tmp_path / "local")
+        )
+    with pytest.raises(ValueError, match=r"full_every must be an int >= 1, got 0"):
+        checkpoint.CheckpointManager(str(tmp_path / "run"), checkpointer=ckpt, incremental=True, full_every=0)
+    ckpt.close()

@@ -22,6 +22,28 @@ from typing import Any
 from checkpoint.run.steps import join, parse_step_dir
 
 
+def incremental_saves(
+    checkpointer: Any, root: str, incremental: bool, full_every: int, *, local_root: str | None
+) -> Any:
+    """The checkpointer the manager saves through: `IncrementalSaves` around it when `incremental`.
+
+    Raises:
+        ValueError: `full_every` is not an int >= 1, or `incremental` is combined with a node-local
+            tier (`local_root`): the tier's uploads bypass the checkpointer, so the chain could not
+            know which step is the newest committed one; not supported yet.
+    """
+    if type(incremental) is not bool:
+        raise ValueError(f"incremental must be a bool, got {incremental!r}")
+    if not incremental:
+        return checkpointer
+    if local_root is not None:
+        raise ValueError(
+            "incremental=True cannot be combined with a node-local tier (local_root) yet: "
+            "leave one of them out"
+        )
+    return IncrementalSaves(checkpointer, root, full_every)
+
+
 class IncrementalSaves:
     """A checkpointer whose saves under `root` reference the previous committed step (see module docstring)."""
 

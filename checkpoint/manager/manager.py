@@ -37,7 +37,7 @@ from typing import Any
 
 from checkpoint.checkpointer import Checkpointer
 from checkpoint.manager.attempt import FAILED, LOADED, attempt_load
-from checkpoint.manager.incremental import IncrementalSaves
+from checkpoint.manager.incremental import incremental_saves
 from checkpoint.manager.listing import INCOMPLETE, load_step, shared_listing
 from checkpoint.manager.retention import RetentionPolicy, prune, quarantine, resume_protected
 from checkpoint.manager.signals import PreemptionNotice, agreement_group
@@ -118,7 +118,7 @@ class CheckpointManager:
         self.keep_last, self.keep_every = keep_last, keep_every
         self._policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
         self.interval_steps, self.preemption_check_steps = interval_steps, preemption_check_steps
-        self._ckpt = IncrementalSaves(checkpointer, self.root, full_every) if incremental else checkpointer
+        self._ckpt = incremental_saves(checkpointer, self.root, incremental, full_every, local_root=local_root)
         self._storage_options = (
             storage_options if storage_options is not None else checkpointer.storage_options
         )
