@@ -55,7 +55,9 @@ class SaveOptions:
         if type(self.incremental) is not bool:
             raise TypeError(f"save(incremental=...) must be a bool, got {self.incremental!r}")
         if self.base is not None and not isinstance(self.base, (str, os.PathLike)):
-            raise TypeError(f"save(base=...) must be a path (str or os.PathLike), got {type(self.base).__name__}")
+            raise TypeError(
+                f"save(base=...) must be a path (str or os.PathLike), got {type(self.base).__name__}"
+            )
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> SaveOptions:

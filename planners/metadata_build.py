@@ -93,7 +93,9 @@ def build_metadata(
     reports = [r.incremental for r in results]
     references = build_references(reports)
     # A save that references no file keeps the previous version, so older readers still read it.
-    version = REFERENCES_SINCE_VERSION if references is not None and references.files else PLAIN_FORMAT_VERSION
+    version = (
+        REFERENCES_SINCE_VERSION if references is not None and references.files else PLAIN_FORMAT_VERSION
+    )
     grids = draft.global_plan.grid_fields.get("grids", {})
     return Metadata(
         version=version,
@@ -108,7 +110,6 @@ def build_metadata(
         **draft.global_plan.grid_fields,
         references=references,
     )
-
 
 
 def _file_records(results: Sequence[RankWriteResult]) -> dict[str, FileRecord]:

@@ -289,7 +289,15 @@ def test_console_script_is_declared_in_pyproject_and_resolves_to_the_group() -> 
     module, attr = scripts["shardsafe"].split(":")
     group = getattr(importlib.import_module(module), attr)
     assert isinstance(group, click.Group)
-    assert sorted(group.commands) == ["consolidate", "diff", "export-hf", "import-dcp", "inspect", "ls", "verify"]
+    assert sorted(group.commands) == [
+        "consolidate",
+        "diff",
+        "export-hf",
+        "import-dcp",
+        "inspect",
+        "ls",
+        "verify",
+    ]
 
 
 def test_console_script_is_installed_and_runs(run_root: Path) -> None:

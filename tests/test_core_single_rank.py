@@ -175,7 +175,11 @@ def test_files_are_safetensors_and_metadata_is_json(ckpt, tmp_path):
             assert torch.equal(f.get_tensor("b.c"), torch.ones(2, 2, dtype=torch.bfloat16))
             assert f.metadata()["format"] == "shardsafe"
     doc = json.loads((tmp_path / "c" / METADATA_FILE).read_text())
-    assert doc["format"] == "shardsafe" and doc["version"] == PLAIN_FORMAT_VERSION and doc["values"] == {"step": 3}
+    assert (
+        doc["format"] == "shardsafe"
+        and doc["version"] == PLAIN_FORMAT_VERSION
+        and doc["values"] == {"step": 3}
+    )
     assert doc["tensors"]["a"]["shape"] == [10] and doc["tensors"]["a"]["dtype"] == "float32"
 
 

@@ -107,7 +107,9 @@ def test_golden_checkpoints_verify(version, name):
     assert (report.ok, report.problems, report.leftovers, report.pickled_keys) == (True, (), (), ())
     assert len(metadata.files) == (1 if name == "single" else 2)
     referenced = {} if metadata.references is None else metadata.references.files
-    assert (version >= REFERENCES_SINCE_VERSION) == bool(referenced)  # version 3: incremental, beside its base
+    assert (version >= REFERENCES_SINCE_VERSION) == bool(
+        referenced
+    )  # version 3: incremental, beside its base
     assert report.files_checked == len(metadata.files) + len(referenced)
 
 

@@ -23,7 +23,7 @@ from checkpoint.run.steps import join, parse_step_dir
 
 
 def incremental_saves(
-    checkpointer: Any, root: str, incremental: bool, full_every: int, *, local_root: str | None
+    checkpointer: Any, root: str, incremental: bool, full_every: int, local_root: str | None
 ) -> Any:
     """The checkpointer the manager saves through: `IncrementalSaves` around it when `incremental`.
 

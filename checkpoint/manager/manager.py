@@ -107,7 +107,8 @@ class CheckpointManager:
         local_keep_last: int = 2,
         replicas: int = 1,
         local_address: str | None = None,
-        incremental: bool = False, full_every: int = 10,  # checkpoint.manager.incremental
+        incremental: bool = False,
+        full_every: int = 10,  # checkpoint.manager.incremental
     ) -> None:
         root = checkpoint_path(root, what="root")
         check_count("keep_last", keep_last, optional=True)
@@ -118,7 +119,7 @@ class CheckpointManager:
         self.keep_last, self.keep_every = keep_last, keep_every
         self._policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
         self.interval_steps, self.preemption_check_steps = interval_steps, preemption_check_steps
-        self._ckpt = incremental_saves(checkpointer, self.root, incremental, full_every, local_root=local_root)
+        self._ckpt = incremental_saves(checkpointer, root, incremental, full_every, local_root)
         self._storage_options = (
             storage_options if storage_options is not None else checkpointer.storage_options
         )

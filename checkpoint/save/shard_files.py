@@ -42,7 +42,9 @@ def write_rank_files(
         if prepared.incremental is not None:  # checkpoint.save.incremental: leave out what the base holds
             split = split_items(prepared.incremental, prepared.files, tensors)
             files = split.files
-        done = _map_files(lambda fp: _write_file(storage, prepared, fp, tensors), files, io_threads=io_threads)
+        done = _map_files(
+            lambda fp: _write_file(storage, prepared, fp, tensors), files, io_threads=io_threads
+        )
     except Exception as e:
         logger.exception("rank %d: writing shard files to %s failed", prepared.rank, prepared.url)
         return RankWriteResult(rank=prepared.rank, error=f"{type(e).__name__}: {e}")

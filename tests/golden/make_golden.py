@@ -116,7 +116,9 @@ def main() -> None:
         raise SystemExit(f"{out} exists: golden checkpoints of a released version are never rewritten")
     if FORMAT_VERSION >= 3:  # incremental checkpoints (planners.references), each beside its base
         _save_single_incremental(os.path.join(out, "single"), os.path.join(out, "single-base"))
-        run_ranks(_save_two_ranks_incremental, 2, os.path.join(out, "two_rank"), os.path.join(out, "two_rank-base"))
+        run_ranks(
+            _save_two_ranks_incremental, 2, os.path.join(out, "two_rank"), os.path.join(out, "two_rank-base")
+        )
     else:
         checkpoint.make_sync_checkpointer().save(single_rank_state(), os.path.join(out, "single"))
         run_ranks(_save_two_ranks, 2, os.path.join(out, "two_rank"))
