@@ -114,3 +114,23 @@ def test_retention_with_references_under_sigkill_at_every_step_of_the_sweep(tmp_
         sweep(root)  # the next prune finishes the sweep
         assert _files(root) == after, k
         _check_retained(root)
+
+
+def test_retention_waits_while_a_save_is_in_flight_in_an_incremental_run(tmp_path):
+    """The grace period: a save in flight (live in-progress marker) may be about to reference a dropped step."""
+    from checkpoint.save.lease import claim, release_quietly
+    from storage.spec import StorageSpec
+
+    root = str(tmp_path / "run")
+    _make_run(root)
+    before = _files(root)
+    flight = StorageSpec.resolve(f"{root}/step-5").open()
+    flight.prepare()
+    claim(flight, "0123456789ab", 600.0)  # a save of step 5 in flight, renewed by this (live) process
+    sweep(root)
+    assert _files(root) == before | {"step-5/.inprogress-0123456789ab.json"}  # nothing deleted
+    release_quietly(flight, "0123456789ab")
+    flight.close()
+    sweep(root)  # the save ended: the purge goes ahead
+    assert not os.path.exists(os.path.join(root, "step-2")) and os.listdir(os.path.join(root, "step-1"))
+    _check_retained(root)

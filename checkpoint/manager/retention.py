@@ -26,7 +26,8 @@ from collections.abc import Collection
 
 from checkpoint.run.retention import Deletion, RetentionPolicy, resume_protected, steps_to_delete
 from checkpoint.run.steps import quarantine_step, remove_step, scan_steps
-from checkpoint.run.sweep import referenced_files, sweep_step
+from checkpoint.run.sweep import INCREMENTAL_RUN, referenced_files, sweep_step
+from checkpoint.save.lease import live_save_ids
 from storage.redact import display_url
 from storage.spec import StorageSpec
 
@@ -56,8 +57,10 @@ def prune(
     doomed = {d.record.step for d in chosen}
     kept = [s for s, r in found if r.step not in doomed and (r.complete or not r.known)]
     marked = referenced_files(kept)
-    if marked is None:
-        return
+    if marked is None or (
+        INCREMENTAL_RUN in marked and _save_in_flight([s for s, r in found if not r.complete])
+    ):
+        return  # no evidence, or a save in flight may be about to reference a dropped step: next purge
     for deletion in chosen:
         spec = specs[deletion.record.step]
         keep = marked.get(spec.root.rstrip("/").rsplit("/", 1)[-1], set())
@@ -66,6 +69,19 @@ def prune(
         else:
             remove_step(spec)
         logger.info("deleted %s step %d (%s)", deletion.reason, deletion.record.step, deletion.record.path)
+
+
+def _save_in_flight(incomplete: list[StorageSpec]) -> bool:
+    """Whether one of these step directories holds a live in-progress marker (an unreadable one counts)."""
+    for spec in incomplete:
+        storage = spec.open()
+        try:
+            if live_save_ids(storage, storage.list_names(), own="")[0]:
+                logger.info("retention waits: a save is in flight at %s", spec.url)
+                return True
+        finally:
+            storage.close()
+    return False
 
 
 def quarantine(root: StorageSpec, path: str, step: int) -> bool:

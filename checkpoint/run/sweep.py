@@ -18,9 +18,11 @@ steps need: a step without metadata is an incomplete step to the listing, older 
 complete one, so the next prune sweeps it again with a fresh mark; referenced files are never
 among the deleted. What a crash can leak is the rest of the interrupted step, until then.
 
-A save in flight references only what its base holds or references, and its base (the newest
-committed step when the save started) is kept and marked; the manager also protects it by
-step, so no time-based grace period is needed for saves that the manager runs.
+A save in flight references only what its base holds or references. The manager's base is the
+newest committed step, which retention keeps; for any other saver (a base named by hand), the
+grace is the save's own in-progress marker: while a run that saves incrementally has a save in
+flight (a live marker in a step directory), retention deletes nothing and waits for the next purge
+(`checkpoint.manager.retention.prune`), however long the save takes.
 """
 
 from __future__ import annotations
@@ -37,12 +39,17 @@ from storage.spec import StorageSpec
 
 logger = logging.getLogger(__name__)
 
+# The key of `referenced_files`' answer that says the run saves incrementally (never a step name:
+# step directories never contain a slash).
+INCREMENTAL_RUN = "/incremental"
+
 
 def referenced_files(kept: Sequence[StorageSpec]) -> dict[str, set[str]] | None:
     """Per step directory name, the files that the kept complete steps `kept` reference.
 
     Returns None when the metadata of a kept step cannot be read or parsed: the caller then
-    deletes nothing (an error while gathering the evidence means keep).
+    deletes nothing (an error while gathering the evidence means keep). A run whose kept steps
+    record chunk hashes (incremental saves) gets an entry under `INCREMENTAL_RUN`, even if empty.
     """
     marked: dict[str, set[str]] = {}
     for spec in kept:
@@ -57,6 +64,8 @@ def referenced_files(kept: Sequence[StorageSpec]) -> dict[str, set[str]] | None:
         finally:
             storage.close()
         refs = metadata.references
+        if refs is not None:
+            marked.setdefault(INCREMENTAL_RUN, set())
         for name, f in ({} if refs is None else refs.files).items():
             marked.setdefault(f.checkpoint, set()).add(name)
     return marked
