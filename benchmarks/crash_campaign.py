@@ -5,7 +5,8 @@ under a second; each spawns its own async writer process). The job resumes from 
 complete step (`CheckpointManager.load`), checks the values it got bit for bit, then trains: every step
 changes the state, saves it (`keep_last=2`) and waits until the save is committed, and only then writes
 "saved <step>" to its ledger. The driver SIGKILLs both ranks at a random moment (uniform within
-`--window-secs` of the resume, so it lands in staging, writing, the commit, the clean-up or retention);
+`--window-secs` of the resume, or, every other iteration, of the first step the job was told is saved,
+so it lands in staging, writing, the commit, the clean-up or retention);
 their writer processes exit on their own once their trainer is gone.
 
 An iteration passes only if:
@@ -81,7 +82,9 @@ class CampaignResult:
         )
 
 
-def _rank_main(rank: int, port: int, root: str, options: dict | None, ledger: str, started: Any) -> None:
+def _rank_main(
+    rank: int, port: int, root: str, options: dict | None, ledger: str, started: Any, first_saved: Any
+) -> None:
     """One rank of one job: resume, check, then train and save until killed."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE)
@@ -112,6 +115,7 @@ def _rank_main(rank: int, port: int, root: str, options: dict | None, ledger: st
         mgr.wait_until_finished()  # committed: only now is this rank told the step is saved
         with open(ledger, "a") as f:
             f.write(f"saved {step}\n")
+        first_saved.set()
 
 
 def _read_ledger(path: Path) -> tuple[list[tuple[str, str]], list[int]]:
@@ -160,8 +164,11 @@ def run_campaign(
         ledger_files = [ledgers / f"iter{i}-rank{r}.txt" for r in range(WORLD_SIZE)]
         port = free_port()
         events = [ctx.Event() for _ in range(WORLD_SIZE)]
+        first_saved = ctx.Event()
         procs = [
-            ctx.Process(target=_rank_main, args=(r, port, root, options, str(ledger_files[r]), events[r]))
+            ctx.Process(
+                target=_rank_main, args=(r, port, root, options, str(ledger_files[r]), events[r], first_saved)
+            )
             for r in range(WORLD_SIZE)
         ]
         for proc in procs:
@@ -169,7 +176,11 @@ def run_campaign(
         deadline = time.monotonic() + START_TIMEOUT_SECS
         started = all(e.wait(max(0.0, deadline - time.monotonic())) for e in events)
         if started and not last:
-            # A random moment: some iterations die before their first save commits, most during one.
+            # Odd iterations: the window opens at the resume, so kills land in the first save too (its
+            # staging, writing, commit); even ones: once a save was told, so every run makes progress
+            # however slow the storage is.
+            if i % 2 == 0:
+                first_saved.wait(START_TIMEOUT_SECS)
             alive = [p.sentinel for p in procs]
             multiprocessing.connection.wait(alive, timeout=rng.uniform(0.0, window_secs))
         _kill_job(procs)

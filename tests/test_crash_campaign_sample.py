@@ -27,6 +27,7 @@ def _assert_passed(result) -> None:
     assert result.passed and result.iterations == ITERATIONS, result
     assert result.resumes_checked == 2 * (ITERATIONS + 1), result  # both ranks of every job resumed
     assert result.jobs_failed == result.committed_lost == result.resume_older_than_told == 0, result
+    assert result.steps_told_saved > 0, result  # the even iteration is killed only after a told save
 
 
 def test_crash_campaign_sample_on_disk(tmp_path: Path) -> None:

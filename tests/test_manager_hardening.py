@@ -25,7 +25,7 @@ from click.testing import CliRunner
 import checkpoint
 from checkpoint import CheckpointManager, CommitHook
 from checkpoint.manager.steps import StepRecord
-from checkpoint.save.commit import _committed_save_id
+from checkpoint.save.commit import metadata_holds
 from checkpoint.save.lease import live_save_ids, marker_name
 from checkpoint.tools.cli import main as cli_main
 from planners.errors import InvalidCheckpointError
@@ -283,7 +283,7 @@ def test_huge_sparse_metadata_and_markers_are_refused_before_they_are_read(
         "steps": lambda: [(r.step, r.complete) for r in mgr.steps()],
         "load": lambda: mgr.load(target),
         "load_named": lambda: mgr.load(target, step=20),
-        "commit_reread": lambda: _committed_save_id(step20),
+        "commit_reread": lambda: metadata_holds(step20, "bbbbbbbb0002"),
         "lease": lambda: live_save_ids(marker, marker.list_names(), own="x")[0],
     }
     with caplog.at_level(logging.WARNING):
