@@ -516,3 +516,14 @@ def test_manager_refuses_incremental_with_a_local_tier_and_bad_full_every(tmp_pa
     with pytest.raises(ValueError, match=r"full_every must be an int >= 1, got 0"):
         checkpoint.CheckpointManager(str(tmp_path / "run"), checkpointer=ckpt, incremental=True, full_every=0)
     ckpt.close()
+
+
+def test_a_save_where_nothing_changed_writes_only_an_empty_shard_file(ckpt, tmp_path):
+    root = tmp_path / "run"
+    state = {"a": torch.arange(1000.0), "b": torch.ones(10, 10)}
+    ckpt.save(state, str(root / "step-1"), incremental=True)
+    ckpt.save(state, str(root / "step-2"), base=str(root / "step-1"))
+    assert (ckpt.last_save.files_written, ckpt.last_save.bytes_written) == (1, 88)  # a header, no tensor
+    loaded = ckpt.load(str(root / "step-2"))
+    assert torch.equal(loaded["a"], state["a"]) and torch.equal(loaded["b"], state["b"])
+    assert checkpoint.verify(str(root / "step-2")).ok
