@@ -74,3 +74,15 @@ def sweep(root: str, kill_before: int = 0) -> int:
     finally:
         LocalStorage.remove = remove
     return calls[0]
+
+
+def save_unchanged_dtensors(rank: int, world_size: int, root: str) -> int:
+    """Save the golden two-rank state twice, the second referencing the first; returns bytes written."""
+    from tests.golden.make_golden import two_rank_state
+
+    ckpt = checkpoint.make_sync_checkpointer()
+    ckpt.save(two_rank_state(rank, world_size), f"{root}/step-1", incremental=True)
+    ckpt.save(two_rank_state(rank, world_size), f"{root}/step-2", base=f"{root}/step-1")
+    written = ckpt.last_save.bytes_written
+    ckpt.close()
+    return written

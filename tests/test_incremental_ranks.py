@@ -15,7 +15,7 @@ import checkpoint
 from checkpoint.config import CheckpointWriterConfig
 from checkpoint.testing.ranks import run_ranks
 from planners.metadata import METADATA_FILE
-from tests.incremental_workers import load_incremental, save_incremental_chain, sweep
+from tests.incremental_workers import load_incremental, save_incremental_chain, save_unchanged_dtensors, sweep
 
 
 @pytest.mark.multiproc
@@ -134,3 +134,18 @@ def test_retention_waits_while_a_save_is_in_flight_in_an_incremental_run(tmp_pat
     sweep(root)  # the save ended: the purge goes ahead
     assert not os.path.exists(os.path.join(root, "step-2")) and os.listdir(os.path.join(root, "step-1"))
     _check_retained(root)
+
+
+@pytest.mark.multiproc
+def test_unchanged_dtensors_on_2_ranks_are_all_referenced_and_load_on_1(tmp_path):
+    from tests.golden.make_golden import two_rank_global
+
+    root = str(tmp_path / "run")
+    written = run_ranks(save_unchanged_dtensors, 2, root)
+    assert max(written) < 300  # each rank: one shard file with its rank-local tensor and a header
+    ckpt = checkpoint.make_sync_checkpointer()
+    loaded = ckpt.load(f"{root}/step-2")
+    assert all(torch.equal(loaded["model"][k], v) for k, v in two_rank_global().items())
+    assert [t.tolist() for t in loaded["rng"]] == [[0, 10], [1, 11]]
+    assert checkpoint.verify(f"{root}/step-2").ok
+    ckpt.close()
