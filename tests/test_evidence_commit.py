@@ -70,6 +70,10 @@ def _killed_after_commit(rank: int, world_size: int, root: str) -> dict[str, Any
         start = time.monotonic()
         error = ckpt.save(_state(2), path, overwrite=True)[1].exception(timeout=BARRIER_TIMEOUT_SECS * 2)
         secs = time.monotonic() - start
+        if rank == 0:
+            os.remove(f"{root}/hang")  # the slow registry recovers
+        # The next save goes on: the previous one is committed, only its hook failed.
+        ckpt.save(_state(3), f"{root}/next")[1].result(timeout=BARRIER_TIMEOUT_SECS)
     finally:
         ckpt.close()
     return {
@@ -99,3 +103,7 @@ def test_writer_killed_in_post_commit_keeps_the_committed_checkpoint(tmp_path: P
     reader.close()
     assert torch.equal(loaded["w"], _expected(2)) and loaded["step"] == 2
     assert sum(1 for n in names if n.endswith(".safetensors")) == 2, names
+    reader = checkpoint.make_sync_checkpointer()
+    following = reader.load(str(tmp_path / "next"))
+    reader.close()
+    assert torch.equal(following["w"], _expected(3)) and following["step"] == 3

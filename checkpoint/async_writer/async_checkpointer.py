@@ -32,7 +32,7 @@ from checkpoint.options import SaveOptions
 from checkpoint.save.pipeline import PlannedSave, SaveStats, plan_step
 from checkpoint.save.protocol import PlanCache
 from checkpoint.types import STATE_DICT
-from planners.errors import WriterProcessError
+from planners.errors import PostCommitHookError, WriterProcessError
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ class AsyncCheckpointer(Checkpointer):
         Raises:
             TypeError: an unknown keyword argument.
             CheckpointExistsError, InvalidStateDictError, PickleNotAllowedError: as a sync save.
-            WriterProcessError: the previous async save failed (its error is the cause), so
+            WriterProcessError: the previous async save failed (its error is the cause; a
+                `PostCommitHookError` is only logged: that save is committed), so
                 this one did not start; DistributedCheckpointError when another rank's did.
         """
         options = SaveOptions.from_kwargs(kwargs)
@@ -142,6 +143,11 @@ class AsyncCheckpointer(Checkpointer):
             return None
         try:
             future.result()  # bounded: the writer thread's own waits all time out
+            return None
+        except PostCommitHookError as e:
+            # The checkpoint is committed; only the hook failed. Refusing the next save for it
+            # would lose a step of a training loop over a registry outage.
+            logger.warning("the previous async save to %s is committed, but its hook failed: %s", self._write_path, e)
             return None
         except Exception as e:
             error = WriterProcessError(
