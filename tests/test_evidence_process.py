@@ -116,7 +116,7 @@ def test_an_async_checkpointer_without_a_main_guard_says_so_in_a_few_lines(tmp_p
     assert out.returncode == 1, text  # the script's own write.result() raised
     last = text.strip().splitlines()[-1]
     assert last.startswith(
-        "planners.errors.WriterProcessError: writer process of rank 0 could not start: "
+        "checkpoint.WriterProcessError: writer process of rank 0 could not start: "
     ), last
     assert f'{script} creates an async checkpointer outside `if __name__ == "__main__":`' in last, last
     assert "bootstrapping phase" not in text, text
