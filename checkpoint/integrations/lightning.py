@@ -8,8 +8,6 @@ serves `lightning.pytorch`; a user with both packages installed picks by import.
 
 from __future__ import annotations
 
-from typing import Any
-
 from checkpoint.integrations import require
 
 require("lightning.pytorch", extra="lightning")
@@ -17,7 +15,6 @@ require("lightning.pytorch", extra="lightning")
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
-from checkpoint.config import CheckpointerConfig  # noqa: E402
 from checkpoint.integrations.lightning_common import (  # noqa: E402
     LIGHTNING_KEY,
     CheckpointIOFiles,
@@ -43,23 +40,6 @@ class ShardsafeModelParallelStrategy(StrategyCheckpoints, ModelParallelStrategy)
         >>> trainer = Trainer(strategy=ShardsafeModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
     """
 
-    def __init__(
-        self,
-        *,
-        asynchronous: bool = False,
-        allow_pickle: bool = False,
-        storage_options: dict[str, Any] | None = None,
-        config: CheckpointerConfig | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            asynchronous=asynchronous,
-            allow_pickle=allow_pickle,
-            storage_options=storage_options,
-            config=config,
-            **kwargs,
-        )
-
 
 class ShardsafeCheckpointIO(CheckpointIOFiles, CheckpointIO):
     """A `CheckpointIO` plugin writing each checkpoint as a single-rank shardsafe checkpoint.
@@ -76,12 +56,3 @@ class ShardsafeCheckpointIO(CheckpointIOFiles, CheckpointIO):
     Example:
         >>> trainer = Trainer(strategy="ddp", plugins=[ShardsafeCheckpointIO()])
     """
-
-    def __init__(
-        self,
-        *,
-        allow_pickle: bool = False,
-        storage_options: dict[str, Any] | None = None,
-        config: CheckpointerConfig | None = None,
-    ) -> None:
-        super().__init__(allow_pickle=allow_pickle, storage_options=storage_options, config=config)
