@@ -126,6 +126,7 @@ def test_every_subcommand_help_is_whole_in_the_group_help() -> None:
     assert code == 0
     commands = out.split("Commands:\n", 1)[1].splitlines()
     assert [line.split()[0] for line in commands] == [
+        "consolidate",
         "diff",
         "export-hf",
         "import-dcp",
@@ -134,4 +135,4 @@ def test_every_subcommand_help_is_whole_in_the_group_help() -> None:
         "verify",
     ]
     assert not any(line.rstrip().endswith("...") for line in commands), out
-    assert "  ls          List the steps of a run, oldest first." in commands
+    assert "  ls           List the steps of a run, oldest first." in commands
