@@ -21,11 +21,11 @@ QUICK_TESTS := tests/test_planner.py tests/test_global_plan.py tests/test_save_p
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test,bench,dev,lightning,torchtitan]'
+	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e '.[test,bench,dev,lightning,torchtitan]'
 	touch $@
 
 demo: setup
