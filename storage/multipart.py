@@ -204,7 +204,11 @@ class PartUpload:
         raise StorageError(f"{self._where}: {problem}")
 
     def abort(self) -> None:
-        """Stop the upload and discard its parts (best effort: see the log line when it fails)."""
+        """Stop the upload and discard its parts (best effort: see the log line when it fails).
+
+        Evidence: the parts belong to this writer's own upload id, which nothing else can reference
+        (an unfinished multipart upload is not an object).
+        """
         if self._done:
             return
         self._done = True

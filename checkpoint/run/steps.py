@@ -312,6 +312,9 @@ def modified_at(storage: CheckpointStorage, name: str) -> dt.datetime | None:
 def remove_step(step: StorageSpec) -> None:
     """Delete one step directory: the commit marker first, then the rest (see the module docstring).
 
+    Deletes without checking: the caller holds the evidence (retention's verdict on a step whose
+    metadata it read successfully, or a step it found definitely incomplete and older than a complete one).
+
     A step directory that is a symbolic link loses only the link: the files behind it belong to
     whoever linked them in, and may be outside the run.
     """

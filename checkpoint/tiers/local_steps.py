@@ -102,7 +102,10 @@ def prepare_step_dir(root: str, step: int, tag: LocalTag) -> str | None:
 
 
 def _empty(directory: str, entries: list[str]) -> None:
-    """Remove a step directory's files: the commit marker first (see `remove_step_dir`)."""
+    """Remove a step directory's files: the commit marker first (see `remove_step_dir`).
+
+    Evidence: the caller read the directory's tag and found it this run's, or the directory empty.
+    """
     for name in sorted(entries, key=lambda n: n != METADATA_FILE):
         path = os.path.join(directory, name)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -117,7 +120,11 @@ def _empty(directory: str, entries: list[str]) -> None:
 def prune(
     root: str, record: RunRecord, keep_last: int, keep: set[int] | frozenset[int] = frozenset()
 ) -> None:
-    """Delete what `local_steps_to_delete` picks among this node's steps (this run's only)."""
+    """Delete what `local_steps_to_delete` picks among this node's steps (this run's only).
+
+    Evidence: each step's tag, read successfully, names this run, and the policy drops it; a step
+    without a readable tag is another run's for this purpose and stays.
+    """
     for found, reason in local_steps_to_delete(local_steps(root), record, keep_last, keep=keep):
         remove_step_dir(os.path.join(root, step_dir_name(found.step)))
         logger.info("local tier: deleted %s step %d from %s", reason, found.step, root)
@@ -159,7 +166,11 @@ def warn_foreign(root: str, record: RunRecord) -> None:
 
 
 def remove_step_dir(directory: str) -> None:
-    """The commit marker first, so a deletion cut short leaves an incomplete step, never a false one."""
+    """The commit marker first, so a deletion cut short leaves an incomplete step, never a false one.
+
+    Deletes without checking: callers reach it only through `prune` or `clean_leftovers`, which hold
+    the evidence (this run's tag, read successfully, and the policy's verdict).
+    """
     try:
         os.unlink(os.path.join(directory, METADATA_FILE))
     except FileNotFoundError:
