@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,7 +144,7 @@ class Metadata:
             "checksum_block_bytes": self.checksum_block_bytes,
             "files": {n: {"nbytes": f.nbytes, "rank": f.rank} for n, f in sorted(self.files.items())},
             "tensors": {
-                k: {"dtype": t.dtype, "shape": list(t.shape), "chunks": [_chunk_json(c) for c in t.chunks]}
+                k: {"dtype": t.dtype, "shape": list(t.shape), "chunks": [chunk_json(c) for c in t.chunks]}
                 if k not in self.grids
                 else {"dtype": t.dtype, "shape": list(t.shape), "grid": grid_json(self.grids[k])}
                 for k, t in self.tensors.items()
@@ -152,7 +153,7 @@ class Metadata:
             "values": self.values,
             "rank_local": {
                 k: [
-                    {"tensor": {"dtype": t[0], **_chunk_json(t[1])}} if t is not None else {"value": v}
+                    {"tensor": {"dtype": t[0], **chunk_json(t[1])}} if t is not None else {"value": v}
                     for t, v in zip(r.tensors, r.values)
                 ]
                 for k, r in self.rank_local.items()
@@ -167,7 +168,8 @@ class Metadata:
         return seal(doc)
 
 
-def _chunk_json(c: ChunkRecord) -> dict[str, Any]:
+def chunk_json(c: ChunkRecord) -> dict[str, Any]:
+    """One chunk as the metadata document writes it."""
     return {
         "offsets": list(c.box.offsets),
         "sizes": list(c.box.sizes),
@@ -177,3 +179,23 @@ def _chunk_json(c: ChunkRecord) -> dict[str, Any]:
         "nbytes": c.nbytes,
         "crc32c": list(c.checksums),
     }
+
+
+def first_byte_overlap(chunks: Iterable[tuple[str, ChunkRecord]], *, label: str = "file") -> str | None:
+    """Where two of `chunks` (`(key, chunk)` pairs) claim the same bytes of one file, or None.
+
+    Each byte of a shard file belongs to at most one chunk; `label` names the kind of file in the message.
+    """
+    by_file: dict[str, list[tuple[int, int, str]]] = {}
+    for fqn, c in chunks:
+        if c.nbytes:
+            by_file.setdefault(c.file, []).append((c.offset_bytes, c.offset_bytes + c.nbytes, fqn))
+    for name, spans in by_file.items():
+        spans.sort()
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                return (
+                    f"{label} {name}: the bytes of key {second!r} from offset {start} overlap those of key "
+                    f"{first!r} (ending at {end}); each byte of a file belongs to one chunk"
+                )
+    return None

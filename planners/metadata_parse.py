@@ -36,6 +36,7 @@ from planners.metadata import (
     Metadata,
     RankLocalRecord,
     TensorRecord,
+    first_byte_overlap,
 )
 from planners.references import as_file_records, parse_referenced_files, parse_references
 
@@ -153,21 +154,9 @@ def byte_overlap_problem(
     same bytes), so a load would allocate far more than the files hold.
     Chunks of one tensor overlapping in the tensor are `tiling_problem`'s.
     """
-    by_file: dict[str, list[tuple[int, int, str]]] = {}
     chunks = [(fqn, c) for fqn, t in tensors.items() for c in t.chunks]
     chunks += [(fqn, e[1]) for fqn, r in rank_local.items() for e in r.tensors if e is not None]
-    for fqn, c in chunks:
-        if c.nbytes:
-            by_file.setdefault(c.file, []).append((c.offset_bytes, c.offset_bytes + c.nbytes, fqn))
-    for name, spans in by_file.items():
-        spans.sort()
-        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
-            if start < end:
-                return (
-                    f"file {name}: the bytes of key {second!r} from offset {start} overlap those of key "
-                    f"{first!r} (ending at {end}); each byte of a file belongs to one chunk"
-                )
-    return None
+    return first_byte_overlap(chunks)
 
 
 class _Validator:

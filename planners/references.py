@@ -32,7 +32,14 @@ from typing import Any
 
 from planners.boxes import Box
 from planners.grid import GridIndex, GridRecord
-from planners.metadata import MAX_FILE_BYTES, SHARD_FILE_RE, ChunkRecord, FileRecord
+from planners.metadata import (
+    MAX_FILE_BYTES,
+    SHARD_FILE_RE,
+    ChunkRecord,
+    FileRecord,
+    chunk_json,
+    first_byte_overlap,
+)
 
 # The first format version whose metadata may reference files of another checkpoint.
 REFERENCES_SINCE_VERSION = 3
@@ -111,18 +118,7 @@ class References:
 
 
 def _indexed_json(e: IndexedChunk) -> dict[str, Any]:
-    c = e.chunk
-    return {
-        "offsets": list(c.box.offsets),
-        "sizes": list(c.box.sizes),
-        "file": c.file,
-        "key": c.key,
-        "offset_bytes": c.offset_bytes,
-        "nbytes": c.nbytes,
-        "crc32c": list(c.checksums),
-        "head": e.head,
-        **({"xxh3": e.xxh3} if e.xxh3 is not None else {}),
-    }
+    return {**chunk_json(e.chunk), "head": e.head, **({"xxh3": e.xxh3} if e.xxh3 is not None else {})}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -294,21 +290,8 @@ def _referenced_overlap(
     chunks: Mapping[str, Mapping[tuple[int, ...], IndexedChunk]], files: Mapping[str, ReferencedFile]
 ) -> str | None:
     """Where two indexed chunks claim the same bytes of a referenced file, or None."""
-    by_file: dict[str, list[tuple[int, int, str]]] = {}
-    for fqn, entries in chunks.items():
-        for e in entries.values():
-            c = e.chunk
-            if c.file in files and c.nbytes:
-                by_file.setdefault(c.file, []).append((c.offset_bytes, c.offset_bytes + c.nbytes, fqn))
-    for name, spans in by_file.items():
-        spans.sort()
-        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
-            if start < end:
-                return (
-                    f"referenced file {name}: the bytes of key {second!r} from offset {start} overlap those of "
-                    f"key {first!r} (ending at {end}); each byte of a file belongs to one chunk"
-                )
-    return None
+    referenced = ((fqn, e.chunk) for fqn, entries in chunks.items() for e in entries.values())
+    return first_byte_overlap(((fqn, c) for fqn, c in referenced if c.file in files), label="referenced file")
 
 
 def as_file_records(files: Mapping[str, ReferencedFile]) -> dict[str, FileRecord]:
