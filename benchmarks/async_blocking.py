@@ -71,7 +71,7 @@ def _dcp_process_kwargs() -> dict[str, Any]:
 
         kwargs["async_checkpointer_type"] = AsyncCheckpointerType.PROCESS
     if "async_stager" in params:
-        from torch.distributed.checkpoint.async_writer.staging import DefaultStager, StagingOptions
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         kwargs["async_stager"] = DefaultStager(
             StagingOptions(

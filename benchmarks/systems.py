@@ -99,7 +99,7 @@ class DcpSystem:
             self._async_kwargs["async_checkpointer_type"] = AsyncCheckpointerType.PROCESS
             options.append("async_checkpointer_type=PROCESS")
         try:
-            from torch.distributed.checkpoint.async_writer.staging import DefaultStager, StagingOptions
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
         except ImportError:
             DefaultStager = None  # noqa: N806  (older torch: the FileSystemWriter stages)
         if DefaultStager is not None and "async_stager" in params:

@@ -5,7 +5,7 @@ length, a JSON header (padded with spaces to a multiple of 8), then the
 tensors' bytes back to back in header order. The header is known before any
 data, so the file is written front to back in bounded slices, never
 assembled in memory; the crc32c of each checksum block is computed on the
-slices as they go out.
+slices as they go out, on a second thread while each slice is written.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import math
 import struct
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -125,21 +126,50 @@ def write_entries(
     head_bytes: int,
     block_bytes: int,
 ) -> list[WrittenTensor]:
-    """Stream each entry's bytes after a header of `head_bytes`, checksumming every block as it goes."""
-    written = []
+    """Stream each entry's bytes after a header of `head_bytes`, checksumming every block as it goes.
+
+    The checksums of a slice are computed on a second thread while the slice is written: a write
+    mostly waits for the disk (dirty-page throttling) with the CPU idle, so the CRC costs no time
+    there (a 256 MiB file written and synced on this project's 2-core VM: 109 ms with the CRC
+    before each write, 94 ms beside it, 90 ms with no CRC). The bytes checksummed are the bytes
+    written: both read the same memory, which does not change during the save (the caller's
+    tensors while a sync save blocks, the staging buffer of an async one).
+    """
     # Slices hold whole checksum blocks so each block's crc is taken from one slice.
     slice_bytes = max(block_bytes, WRITE_SLICE_BYTES // block_bytes * block_bytes)
-    for (key, tensor), (start, n) in zip(entries, ranges):
-        data = tensor_bytes(tensor)
-        checksums = []
-        for s in range(0, n, slice_bytes):
-            piece = data[s : s + slice_bytes]
-            checksums.extend(block_checksums(piece, block_bytes))
-            write_exact(f, piece)
-        written.append(
-            WrittenTensor(key=key, offset_bytes=head_bytes + start, nbytes=n, checksums=tuple(checksums))
+    if sum(n for _, n in ranges[: len(entries)]) <= slice_bytes:  # one slice: a thread would only cost
+        return [
+            _write_entry(f, key, tensor, start, n, head_bytes, block_bytes, slice_bytes, None)
+            for (key, tensor), (start, n) in zip(entries, ranges)
+        ]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardsafe-crc") as pool:
+        return [
+            _write_entry(f, key, tensor, start, n, head_bytes, block_bytes, slice_bytes, pool)
+            for (key, tensor), (start, n) in zip(entries, ranges)
+        ]
+
+
+def _write_entry(
+    f: BinaryIO,
+    key: str,
+    tensor: torch.Tensor,
+    start: int,
+    n: int,
+    head_bytes: int,
+    block_bytes: int,
+    slice_bytes: int,
+    pool: ThreadPoolExecutor | None,
+) -> WrittenTensor:
+    data = tensor_bytes(tensor)
+    sums: list[Future[list[int]] | list[int]] = []
+    for s in range(0, n, slice_bytes):
+        piece = data[s : s + slice_bytes]
+        sums.append(
+            pool.submit(block_checksums, piece, block_bytes) if pool else block_checksums(piece, block_bytes)
         )
-    return written
+        write_exact(f, piece)
+    checksums = tuple(c for part in sums for c in (part.result() if isinstance(part, Future) else part))
+    return WrittenTensor(key=key, offset_bytes=head_bytes + start, nbytes=n, checksums=checksums)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from checkpoint.async_writer.client import CheckpointProcess
+from checkpoint.async_writer.early_stage import EarlyStager
 from checkpoint.async_writer.staging import CheckpointStager, StagedSave, staging_layout
 from checkpoint.checkpointer import Checkpointer
 from checkpoint.load.reader import CheckpointReader
@@ -56,6 +57,7 @@ class AsyncCheckpointer(Checkpointer):
     ) -> None:
         super().__init__()
         self._stager = checkpoint_stager
+        self._early = EarlyStager(checkpoint_stager)
         self._process = checkpoint_process
         self._reader = reader
         self._rank_info = checkpoint_process.rank_info
@@ -95,16 +97,21 @@ class AsyncCheckpointer(Checkpointer):
         """
         options = SaveOptions.from_kwargs(kwargs)
         previous = self._previous_failure(path)
-        planned = plan_step(
-            state_dict,
-            path,
-            options=options,
-            exchange=self._exchange,
-            cache=self._cache,
-            config=self._writer_config,
-            storage=self._process.storage,
-            failure=previous,
-        )
+        try:
+            planned = plan_step(
+                state_dict,
+                path,
+                options=options,
+                exchange=self._exchange,
+                cache=self._cache,
+                config=self._writer_config,
+                storage=self._process.storage,
+                failure=previous,
+                on_local=self._early.start,  # the copy runs while the plan is agreed
+            )
+        except BaseException:
+            self._early.drop()
+            raise
         try:
             staged_future, self._write_future = self._stage_and_queue(planned, path)
         except Exception:
@@ -118,15 +125,18 @@ class AsyncCheckpointer(Checkpointer):
         """Stage this rank's chunks and queue the write; the save's lease ends with the write."""
         tensors = planned.local.tensors
         layout = staging_layout(planned.prepared.files, tensors)
-        if not self._stager.fits(layout):
-            self._process.release_buffer()  # the writer unmaps the old buffer before a new one exists
         phase_secs = {"plan": planned.plan_secs}
         stage_start = time.perf_counter()
-        try:
-            staged = self._stager.stage(tensors, layout)
-        except Exception as e:  # the write still runs, to fail the commit on every rank together
-            logger.exception("staging for %s failed on rank %d", path, self._rank_info.global_rank)
-            staged = StagedSave.failed(layout, e)
+        staged = self._early.take(layout)  # started before the agreement, on the layout agreed now
+        if staged is None:
+            if not self._stager.fits(layout):
+                self._process.release_buffer()  # the writer unmaps the old buffer before a new one exists
+            try:
+                staged = self._stager.stage(tensors, layout)
+            except Exception as e:  # the write still runs, to fail the commit on every rank together
+                logger.exception("staging for %s failed on rank %d", path, self._rank_info.global_rank)
+                staged = StagedSave.failed(layout, e)
+        self._early.remember(planned.local, planned.prepared.files)
         staged.future.add_done_callback(
             lambda _: phase_secs.__setitem__("stage", time.perf_counter() - stage_start)
         )

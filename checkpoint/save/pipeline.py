@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,11 +140,12 @@ def plan_step(
     config: CheckpointWriterConfig,
     storage: StorageAccess,
     failure: BaseException | None = None,
+    on_local: Callable[[LocalSave], None] | None = None,
 ) -> PlannedSave:
     """Steps 1 and 2 on a trainer rank (collective): resolve the storage, agree the plan, keep the lease.
 
     `failure` replaces this rank's local step (a previous async save failed), so every rank
-    raises together. Raises what `checkpoint.save.protocol.plan_save` raises.
+    raises together; `on_local` as in `plan_save`. Raises what `checkpoint.save.protocol.plan_save` raises.
     """
     start = time.perf_counter()
     base = None if options.base is None else base_name(path, os.fspath(options.base), storage)
@@ -160,6 +161,7 @@ def plan_step(
             max_file_bytes=config.max_file_bytes,
             lease_secs=config.save_lease_secs,
             failure=failure,
+            on_local=on_local,
         )
     finally:
         storage.close()

@@ -33,7 +33,7 @@ import logging
 import pickle
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,12 +267,17 @@ def plan_save(
     max_file_bytes: int,
     lease_secs: float = 300.0,
     failure: BaseException | None = None,
+    on_local: Callable[[LocalSave], None] | None = None,
 ) -> tuple[LocalSave, PreparedSave]:
     """Steps 1 and 2 for a trainer rank (collective); `failure` replaces this rank's local step.
 
-    `options` are the save() keyword arguments, typed at the API boundary.
+    `options` are the save() keyword arguments, typed at the API boundary. `on_local` sees this
+    rank's local step before the agreement starts (an async save starts staging there,
+    `checkpoint.async_writer.early_stage`); it must not raise.
     """
     local = failure or describe_or_error(state_dict, exchange.rank, allow_pickle=options.allow_pickle)
+    if on_local is not None and isinstance(local, LocalSave):
+        on_local(local)
     prepared = prepare_save(
         local,
         exchange,
