@@ -158,6 +158,19 @@ def _raw_write(root: str, rank: int, nbytes: int) -> float:
     return seconds
 
 
+def _settle() -> None:
+    """Untimed, between measurements: write back what the previous one left dirty in the page cache.
+
+    torch-checkpointing never fsyncs, so its saves leave about 1 GiB dirty per run; the kernel
+    wrote it back during whichever save came next, which made that system's figures depend on
+    the order (in the 2026-12-07 00:10 run shardsafe's sync saves took 0.22-0.29 s after `dd`
+    and 0.54-0.61 s after the peers, the order alternating run by run). Each measurement now
+    starts with no other system's writes pending.
+    """
+    os.sync()
+    dist.barrier()
+
+
 def save_side(rank: int, world_size: int, cfg: BenchConfig) -> dict[Key, list[float]]:
     """The save scenarios, both systems in these ranks; keeps one checkpoint of each for the loads."""
     mesh = init_device_mesh(cfg.spec.device, (world_size,))
@@ -183,6 +196,7 @@ def save_side(rank: int, world_size: int, cfg: BenchConfig) -> dict[Key, list[fl
 
 def _first_saves(cfg: BenchConfig, state: dict, system: Sysm, sampler: RssSampler, rec: Recorder) -> _Kept:
     """A system's first sync and first async save; what they leave behind: writer processes, trainer memory."""
+    _settle()
     rss, pids = sampler.rss(), sampler.descendants()
     sync_path, async_path = (
         f"{cfg.root}/save/{system.name}-first-sync",
@@ -216,9 +230,11 @@ def _measure_saves(
     nbytes = local_nbytes(state)
     for i in range(cfg.repeats):
         rec.add("async_blocking", "block_s", COPY, "s", synced(copy.run))
+        _settle()
         rec.add("durable_save", "sync_s", RAW_WRITE, "s", _raw_write(cfg.root, rank, nbytes))
         paths = []
         for system in systems if i % 2 == 0 else systems[::-1]:
+            _settle()
             mine = kept[system.name]
             if system.async_missing is None:
                 path = f"{cfg.root}/save/{system.name}-async-{i}"
