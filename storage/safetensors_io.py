@@ -137,39 +137,34 @@ def write_entries(
     """
     # Slices hold whole checksum blocks so each block's crc is taken from one slice.
     slice_bytes = max(block_bytes, WRITE_SLICE_BYTES // block_bytes * block_bytes)
-    if sum(n for _, n in ranges[: len(entries)]) <= slice_bytes:  # one slice: a thread would only cost
-        return [
-            _write_entry(f, key, tensor, start, n, head_bytes, block_bytes, slice_bytes, None)
-            for (key, tensor), (start, n) in zip(entries, ranges)
-        ]
+
+    def write_one(
+        key: str, tensor: torch.Tensor, start: int, n: int, pool: ThreadPoolExecutor | None
+    ) -> WrittenTensor:
+        data = tensor_bytes(tensor)
+        sums: list[Future[list[int]]] = []
+        for s in range(0, n, slice_bytes):
+            piece = data[s : s + slice_bytes]
+            sums.append(
+                pool.submit(block_checksums, piece, block_bytes)
+                if pool
+                else _done(block_checksums(piece, block_bytes))
+            )
+            write_exact(f, piece)
+        checksums = tuple(c for part in sums for c in part.result())
+        return WrittenTensor(key=key, offset_bytes=head_bytes + start, nbytes=n, checksums=checksums)
+
+    jobs = list(zip(entries, ranges))
+    if sum(n for _, (_, n) in jobs) <= slice_bytes:  # one slice: a second thread would only cost
+        return [write_one(key, tensor, start, n, None) for (key, tensor), (start, n) in jobs]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardsafe-crc") as pool:
-        return [
-            _write_entry(f, key, tensor, start, n, head_bytes, block_bytes, slice_bytes, pool)
-            for (key, tensor), (start, n) in zip(entries, ranges)
-        ]
+        return [write_one(key, tensor, start, n, pool) for (key, tensor), (start, n) in jobs]
 
 
-def _write_entry(
-    f: BinaryIO,
-    key: str,
-    tensor: torch.Tensor,
-    start: int,
-    n: int,
-    head_bytes: int,
-    block_bytes: int,
-    slice_bytes: int,
-    pool: ThreadPoolExecutor | None,
-) -> WrittenTensor:
-    data = tensor_bytes(tensor)
-    sums: list[Future[list[int]] | list[int]] = []
-    for s in range(0, n, slice_bytes):
-        piece = data[s : s + slice_bytes]
-        sums.append(
-            pool.submit(block_checksums, piece, block_bytes) if pool else block_checksums(piece, block_bytes)
-        )
-        write_exact(f, piece)
-    checksums = tuple(c for part in sums for c in (part.result() if isinstance(part, Future) else part))
-    return WrittenTensor(key=key, offset_bytes=head_bytes + start, nbytes=n, checksums=checksums)
+def _done(value: list[int]) -> Future[list[int]]:
+    future: Future[list[int]] = Future()
+    future.set_result(value)
+    return future
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
