@@ -126,11 +126,14 @@ def _tensor_records(
     for fqn, extra in referenced.items():
         chunks[fqn].extend(extra)
     return {
-        fqn: TensorRecord(
-            dtype=dtype, shape=shape, chunks=tuple(sorted(chunks[fqn], key=lambda c: c.box.offsets))
-        )
+        fqn: TensorRecord(dtype=dtype, shape=shape, chunks=_in_box_order(chunks[fqn]))
         for fqn, (dtype, shape) in plan.tensors.items()
     }
+
+
+def _in_box_order(chunks: list[ChunkRecord]) -> tuple[ChunkRecord, ...]:
+    # Most keys of a large state dict have one chunk or none (grid keys): no sort to pay for them.
+    return tuple(chunks) if len(chunks) < 2 else tuple(sorted(chunks, key=lambda c: c.box.offsets))
 
 
 def _rank_local_records(results: Sequence[RankWriteResult]) -> dict[str, RankLocalRecord]:

@@ -42,6 +42,7 @@ from planners.errors import InvalidStateDictError
 from planners.global_plan import (
     ChunkWrite,
     Mesh,
+    TensorDescriptor,
     WorldStructure,
     assign_shared,
     plain_key_sets,
@@ -83,11 +84,14 @@ def key_layouts(world: WorldStructure) -> WorldLayouts:
         return cached
     layouts = _plain_layouts(world)
     combined: dict[tuple[tuple[int, int], ...], tuple[Mesh, bool]] = {}
+    by_fqn: dict[int, dict[str, TensorDescriptor]] = {}  # per structure, built once (a scan per key was quadratic)
     for fqn, key in _mesh_groups(world).items():
         if fqn in layouts:
             _refuse_mixed(world, fqn, key)
         first = world.structures[key[0][0]]
-        t = next(t for t in first.tensors if t.fqn == fqn)
+        if key[0][0] not in by_fqn:
+            by_fqn[key[0][0]] = {t.fqn: t for t in first.tensors}
+        t = by_fqn[key[0][0]][fqn]
         if len(key) == 1:
             mesh = first.meshes[key[0][1]]
             layouts[fqn] = Layout(mesh_shape=mesh.shape, placements=t.placements, ranks=mesh.ranks)
