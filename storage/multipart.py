@@ -33,6 +33,9 @@ MiB = 1024 * 1024
 # S3 rejects parts under 5 MiB (all but the last) and uploads of more than 10,000 parts.
 MIN_PART_BYTES = 5 * MiB
 MAX_PARTS = 10_000
+# Connections beyond the parts or reads in flight, so that the save's small requests (the commit's, the
+# lease's renewals) never wait for a connection behind a file's parts.
+SPARE_CONNECTIONS = 4
 # Part size doubles after every this many parts, so a file of any size fits in MAX_PARTS parts while
 # ordinary files keep the configured part size.
 _PARTS_PER_SIZE_STEP = 1_000
@@ -280,3 +283,21 @@ def speaks_s3(fs: Any) -> bool:
         and callable(getattr(fs, "split_path", None))
         and not getattr(fs, "asynchronous", False)
     )
+
+
+def widen_connection_pool(fs: Any, in_flight: int) -> None:
+    """Let an s3fs client open `in_flight + SPARE_CONNECTIONS` connections, unless its options chose a pool.
+
+    s3fs builds its botocore client at the first request, with botocore's pool of 10 connections: more
+    parts in flight than connections would queue for one, and a file would move at the speed of 10
+    streams however many parts are sent. The file system is fsspec's cached instance, shared with
+    whoever uses the same options; a larger pool only allows more connections, it opens none. A client
+    built before (by another user of the instance) keeps its pool: the parts then queue, as before.
+    """
+    options = getattr(fs, "config_kwargs", None)
+    if not isinstance(options, dict) or "max_pool_connections" in options:
+        return  # not s3fs, or the user chose (`storage_options={"config_kwargs": {...}}`)
+    if getattr(fs, "_s3", None) is not None:
+        logger.debug("s3fs client already built; its connection pool stays as it is")
+        return
+    fs.config_kwargs = {**options, "max_pool_connections": in_flight + SPARE_CONNECTIONS}

@@ -30,7 +30,7 @@ import fsspec.asyn
 from planners.errors import CheckpointError, CheckpointExistsError, InvalidCheckpointError, StorageError
 from storage.checked_stream import CheckedStream
 from storage.local import not_a_directory, too_large_message
-from storage.multipart import MIN_PART_BYTES, PartUpload, S3Parts, speaks_s3
+from storage.multipart import MIN_PART_BYTES, PartUpload, S3Parts, speaks_s3, widen_connection_pool
 from storage.redact import Redactor
 from storage.remote_read import PartCheck, Remote, fetch_ranges, read_ranges_into
 from storage.retry import (
@@ -44,18 +44,16 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MiB = 1024 * 1024
-# Part size of streamed uploads: large enough that per-request overhead is small, small enough that
-# the parts in flight (times this) stay a modest amount of memory, and that a 64 MiB shard file keeps
-# all MAX_PARTS_IN_FLIGHT requests busy (16 MiB parts gave such a file 4 streams: a save through a
-# 10 MB/s-per-connection link reached 3.0-3.65x one stream against 7.7x for loads; issue 26, item 6).
-# 8 MiB is also the AWS CLI's default part size.
-UPLOAD_PART_BYTES = 8 * MiB
-# Parts of one storage's files in flight at once: enough to fill a link that a single request
-# cannot (one TCP stream), and below the default connection pool of s3fs (10).
-MAX_PARTS_IN_FLIGHT = 8
+# Part size of streamed uploads: S3's minimum, so a file spreads over as many parallel requests as possible
+# (a 64 MiB shard file: 13 parts, all in flight; 8 MiB parts gave it 8 streams and a save through a 10 MB/s-
+# per-connection link 4.7x one stream, issue 26 item 6). Part buffers: (MAX_PARTS_IN_FLIGHT + 2) x this.
+UPLOAD_PART_BYTES = MIN_PART_BYTES
+# Parts of one storage's files in flight at once: enough to fill a link that a single request cannot (one
+# TCP stream each). The s3fs connection pool is widened to match (`storage.multipart.widen_connection_pool`).
+MAX_PARTS_IN_FLIGHT = 16
 # Byte ranges longer than this are fetched as several concurrent ranged GETs.
 READ_PART_BYTES = 16 * MiB
-# Ranged reads of one file in flight at once: as many streams as uploads use, within s3fs's pool (10).
+# Ranged reads of one file in flight at once (a load reads up to `io_threads` files at once).
 MAX_READS_IN_FLIGHT = 8
 # Protocols with buckets instead of directories: nothing to create, and a missing bucket is an error.
 _OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
@@ -125,6 +123,10 @@ class FsspecStorage:
         self._object_store = self._s3 or bool(_OBJECT_STORE_PROTOCOLS.intersection(_protocols(fs)))
         self._created = False  # prepare() made the directory (file systems with real directories)
         self._part_slots = threading.BoundedSemaphore(self.transfer.max_parts_in_flight)
+        if self._s3:
+            widen_connection_pool(
+                fs, max(self.transfer.max_parts_in_flight, self.transfer.max_reads_in_flight)
+            )
 
     def __repr__(self) -> str:
         return f"FsspecStorage({self.url!r})"

@@ -500,6 +500,69 @@ def test_s3_upload_keeps_several_parts_in_flight(s3_endpoint, s3_bucket) -> None
 
 
 @pytest.mark.s3
+def test_s3_upload_by_default_sends_sixteen_parts_of_5_mib_at_once(s3_endpoint, s3_bucket, s3_fs) -> None:
+    """Issue 26 item 6: a file spreads over 16 parallel part requests, with connections for all of them.
+
+    The barrier holds the first 16 parts until all 16 are in flight together (8 MiB parts, 8 in flight
+    never get there); the 17th follows once one is done. s3fs's client is built with a pool of 20
+    connections (16 parts, 4 spare), where botocore's default of 10 would queue six of the parts.
+    """
+    options = {**s3_endpoint.storage_options, "part_barrier": 16, "tag": uuid.uuid4().hex}
+    storage = open_storage(f"is3://{_bucket_name(s3_bucket)}/ckpt", storage_options=options)
+    data = bytes(range(256)) * (80 * MiB // 256) + b"!"
+
+    with storage.open_write("shard") as f:
+        f.write(data)
+
+    assert storage.read_bytes("shard") == data
+    fs = fsspec.filesystem("is3", **options)
+    assert fs.calls["upload_part"] == 17
+    assert s3_fs.info(f"{_bucket_name(s3_bucket)}/ckpt/shard")["ETag"].strip('"').endswith("-17")
+    assert fs.config_kwargs["max_pool_connections"] == 20
+    assert fs.s3._endpoint.http_session._max_pool_connections == 20  # the client as built
+
+
+@pytest.mark.s3
+def test_a_connection_pool_chosen_in_the_storage_options_is_kept(s3_endpoint, s3_bucket) -> None:
+    options = {
+        **s3_endpoint.storage_options,
+        "config_kwargs": {"max_pool_connections": 12},
+        "tag": uuid.uuid4().hex,
+    }
+    storage = open_storage(f"is3://{_bucket_name(s3_bucket)}/ckpt", storage_options=options)
+
+    assert storage.exists("shard") is False  # the first request builds the client
+
+    fs = fsspec.filesystem("is3", **options)
+    assert fs.config_kwargs == {"max_pool_connections": 12}
+    assert fs.s3._endpoint.http_session._max_pool_connections == 12
+
+
+@pytest.mark.s3
+def test_a_part_that_fails_for_good_aborts_the_upload_and_leaves_no_object(
+    s3_endpoint, s3_bucket, s3_fs
+) -> None:
+    """Part 1 is refused while other parts are in flight: the upload is aborted, nothing is stored."""
+    options = {**s3_endpoint.storage_options, "inject": {"upload_part": ["denied"]}, "tag": uuid.uuid4().hex}
+    url = f"is3://{_bucket_name(s3_bucket)}/ckpt"
+    storage = open_storage(url, storage_options=options)
+    data = bytes(range(256)) * (40 * MiB // 256)
+
+    with pytest.raises(StorageError, match=rf"{url}/shard: upload part 1 failed: PermissionError") as e:
+        with storage.open_write("shard") as f:
+            f.write(data)
+
+    assert type(e.value) is StorageError
+    assert storage.exists("shard") is False
+    calls = fsspec.filesystem("is3", **options).calls
+    assert calls["create_multipart_upload"] == 1
+    assert calls["abort_multipart_upload"] == 1
+    assert calls["complete_multipart_upload"] == 0
+    listed = s3_fs.call_s3("list_multipart_uploads", Bucket=_bucket_name(s3_bucket))
+    assert [u["Key"] for u in listed.get("Uploads", [])] == []
+
+
+@pytest.mark.s3
 def test_wrong_credentials_fail_at_once_naming_the_path(s3_endpoint, s3_bucket) -> None:
     secret = f"wrong-secret-{uuid.uuid4().hex}"
     options = {**s3_endpoint.storage_options, "secret": secret, "tag": uuid.uuid4().hex}

@@ -71,14 +71,21 @@ class S3Endpoint:
 class SeaweedS3Server:
     """One ``weed server`` process tree with its data, config and log under ``root``.
 
+    Args:
+        root: directory for the server's data, config and log.
+        volume_size_limit_mib: size at which a SeaweedFS volume is full. Small volumes keep a test's disk
+            use small; but each time one fills, the next write waits about 0.2 s while the master grows a
+            new one, which a benchmark would count against the request that happened to come next.
+
     Example:
         >>> server = SeaweedS3Server(tmp_path)  # doctest: +SKIP
         >>> endpoint = server.start()  # doctest: +SKIP
         >>> server.stop()  # doctest: +SKIP
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, volume_size_limit_mib: int = 64) -> None:
         self.root = root
+        self.volume_size_limit_mib = volume_size_limit_mib
         self.log_path = root / "weed.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._ports: dict[str, int] = {}
@@ -156,7 +163,7 @@ class SeaweedS3Server:
             f"-s3.localSocket={self.root / 's3.sock'}",
             f"-filer.localSocket={self.root / 'filer.sock'}",
             "-master.telemetry=false",
-            "-master.volumeSizeLimitMB=64",
+            f"-master.volumeSizeLimitMB={self.volume_size_limit_mib}",
             "-volume.max=0",  # as many volumes as the disk allows, one per bucket
             "-volume.preStopSeconds=0",
         ]
