@@ -168,9 +168,11 @@ _WIDE_ROWS = textwrap.dedent(
 
 def test_diff_of_wide_rows_stays_within_a_few_blocks(tmp_path):
     """[1, N] float32 tensors of 16 MiB, 1 MiB blocks: the peak resident size of the comparing process
-    grows by less than 16 MiB: a few blocks per side in flight, as float32 and float64, plus the read
-    threads' buffers (8.3 MiB measured on the merged tree). A row per block would need 16 MiB per
-    side, 32 MiB more in float64; the old code grew by 148 MiB."""
+    grows by less than 24 MiB: a few blocks per side in flight, as float32 and float64, plus the read
+    threads' buffers and their allocator arenas (5-8 MiB measured in the development venv, 11-14 MiB
+    in a fresh CI venv of the same packages, 16.3 MiB once in a CI run). A row per block would need
+    16 MiB per side, 32 MiB more in float64, so at least 32 MiB more than that; the old code grew by
+    148 MiB."""
     n = 4 << 20
     full = torch.arange(n, dtype=torch.float32).reshape(1, n)
     other = full.clone()
@@ -190,4 +192,4 @@ def test_diff_of_wide_rows_stays_within_a_few_blocks(tmp_path):
     ).stdout
     result = json.loads(out)
     assert result["tensors"] == [["w", False, 3.0]]
-    assert result["growth"] < 16 * 1024 * 1024, result["growth"]
+    assert result["growth"] < 24 * 1024 * 1024, result["growth"]
