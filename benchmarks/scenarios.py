@@ -227,8 +227,9 @@ def _measure_saves(
 ) -> None:
     """Steady state: `cfg.repeats` runs of every system's async and sync save, and the references.
 
-    The references sit in shardsafe's slot: the plain copy right before its async save, the `dd`
-    write right before its sync save. This VM's disk slows down after a few GB of writes (a
+    The references sit in shardsafe's slot: the plain copy just before and just after its async
+    save (their mean: the copy's own time drifts by up to 2x between runs on the shared cores),
+    the `dd` write right before its sync save. This VM's disk slows down after a few GB of writes (a
     burst allowance: 256 MiB took 0.25 s from `dd` at the start of a run and 1 s after 4 GB), so a
     reference taken at the start of each run, before every system wrote, flattered the reference:
     shardsafe's sync saves took 0.22 s when its turn came first and 1.1-1.2 s when it came last.
@@ -240,8 +241,7 @@ def _measure_saves(
         for system in systems if i % 2 == 0 else systems[::-1]:
             _settle()
             mine = kept[system.name]
-            if system.name == OURS:
-                rec.add("async_blocking", "block_s", COPY, "s", synced(copy.run))
+            before = synced(copy.run) if system.name == OURS else 0.0
             if system.async_missing is None:
                 path = f"{cfg.root}/save/{system.name}-async-{i}"
                 dist.barrier()
@@ -252,7 +252,8 @@ def _measure_saves(
                 rec.add("memory", "async_trainer_bytes", system.name, "bytes", slowest(mine.added(peaks)))
                 rec.add("memory", "async_writers_bytes", system.name, "bytes", slowest(peaks.writers_bytes))
                 paths.append(path)
-            if system.name == OURS:
+            if system.name == OURS:  # the copy's mean of just before and just after the async save
+                rec.add("async_blocking", "block_s", COPY, "s", (before + synced(copy.run)) / 2)
                 _settle()
                 rec.add("durable_save", "sync_s", RAW_WRITE, "s", _raw_write(cfg.root, rank, nbytes))
                 _settle()
