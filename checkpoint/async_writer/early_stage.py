@@ -49,7 +49,7 @@ class EarlyStager:
     def start(self, local: LocalSave) -> None:
         """Stage `local` on the previous layout if this rank's plan did not change (the plan step's hook)."""
         self._early = None
-        if self._last is None or local.plan.fingerprint() != self._last[0]:
+        if self._last is None or local.fingerprint != self._last[0]:
             return
         try:
             layout = staging_layout(self._last[1], local.tensors)
@@ -78,4 +78,4 @@ class EarlyStager:
 
     def remember(self, local: LocalSave, files: tuple[FilePlan, ...]) -> None:
         """The plan and files this rank staged for the save that just started, for the next save's guess."""
-        self._last = (local.plan.fingerprint(), files)
+        self._last = (local.fingerprint, files)

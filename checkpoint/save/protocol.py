@@ -206,7 +206,7 @@ def _agree_decision(
         mine: Any = portable_error(local)
         extras: dict[str, JSON] = {}
     else:
-        mine = local.plan.fingerprint()
+        mine = local.fingerprint
         extras = {k: local.values[k] for k in cache.value_keys if k in local.values}
     # In the store first: a rank that skipped save() is named, not met by one of its training collectives.
     if isinstance(exchange, ProcessGroupExchange):
@@ -323,7 +323,7 @@ def _decide(
 def _replan(local: LocalSave, exchange: Exchange, cache: PlanCache, *, max_file_bytes: int, url: str) -> None:
     """Agree on structures and derive this rank's files (checkpoint/save/plan_exchange.py); no chunk list travels."""
     cache.digests = None
-    fingerprint = local.plan.fingerprint()
+    fingerprint = local.fingerprint
     structure = local_structure(local.plan, local.layouts, rank=exchange.rank)
     digests = value_digests(local)  # small plain tensors, compared across ranks (planners/union.py)
     agreed = agree_world(
