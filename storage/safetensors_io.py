@@ -14,7 +14,7 @@ import json
 import math
 import struct
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -142,16 +142,16 @@ def write_entries(
         key: str, tensor: torch.Tensor, start: int, n: int, pool: ThreadPoolExecutor | None
     ) -> WrittenTensor:
         data = tensor_bytes(tensor)
-        sums: list[Future[list[int]]] = []
+        parts: list[Any] = []  # per slice: its checksums, or their future on the pool
         for s in range(0, n, slice_bytes):
             piece = data[s : s + slice_bytes]
-            sums.append(
+            parts.append(
                 pool.submit(block_checksums, piece, block_bytes)
                 if pool
-                else _done(block_checksums(piece, block_bytes))
+                else block_checksums(piece, block_bytes)
             )
             write_exact(f, piece)
-        checksums = tuple(c for part in sums for c in part.result())
+        checksums = tuple(c for part in parts for c in (part.result() if pool else part))
         return WrittenTensor(key=key, offset_bytes=head_bytes + start, nbytes=n, checksums=checksums)
 
     jobs = list(zip(entries, ranges))
@@ -159,12 +159,6 @@ def write_entries(
         return [write_one(key, tensor, start, n, None) for (key, tensor), (start, n) in jobs]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardsafe-crc") as pool:
         return [write_one(key, tensor, start, n, pool) for (key, tensor), (start, n) in jobs]
-
-
-def _done(value: list[int]) -> Future[list[int]]:
-    future: Future[list[int]] = Future()
-    future.set_result(value)
-    return future
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -28,15 +28,13 @@ from checkpoint import (
 )
 from checkpoint.async_writer.staging import ALIGN_BYTES, staging_layout
 from checkpoint.testing.ranks import run_ranks
-from planners.boxes import full_box
-from planners.dtypes import dtype_name
 from planners.errors import (
     DistributedCheckpointError,
     IncompleteCheckpointError,
     WriterProcessError,
 )
-from planners.save_plan import FilePlan, WriteItem
 from tests.dist_states import build_state, check_state
+from tests.file_plans import one_file_plan
 
 BIG_SHAPE = (1024, 2048)  # 8 MiB of float32: enough that a leaked copy per save would show in the RSS
 
@@ -60,20 +58,6 @@ def _shm_segments() -> list[str]:
     return sorted(n for n in os.listdir("/dev/shm") if not n.startswith("sem."))
 
 
-def _file_plans(tensors: dict[str, torch.Tensor]) -> tuple[FilePlan, ...]:
-    items = tuple(
-        WriteItem(
-            fqn=k,
-            dtype=dtype_name(t.dtype, key=k),
-            global_shape=tuple(t.shape),
-            box=full_box(t.shape),
-            nbytes=t.numel() * t.element_size(),
-        )
-        for k, t in tensors.items()
-    )
-    return (FilePlan(stem="r0-0", items=items),)
-
-
 # --- the stager on its own ------------------------------------------------------------------------
 
 
@@ -84,7 +68,7 @@ def test_stager_reuses_one_buffer_and_copies_the_values_of_the_moment() -> None:
     }
     stager = DefaultStager(CheckpointStagerConfig(use_async_staging=True))
     try:
-        layout = staging_layout(_file_plans(tensors), tensors)
+        layout = staging_layout(one_file_plan(tensors), tensors)
         assert [(t.fqn, t.offset_bytes, t.nbytes) for t in layout.tensors] == [
             ("a", 0, 40),
             ("b", ALIGN_BYTES, 32),
@@ -102,7 +86,7 @@ def test_stager_reuses_one_buffer_and_copies_the_values_of_the_moment() -> None:
             pointers.append(stager.buffer.data_ptr())
         assert stager.allocations == 1 and len(set(pointers)) == 1
         bigger = {**tensors, "c": torch.ones(100, dtype=torch.float32)}
-        new_layout = staging_layout(_file_plans(bigger), bigger)
+        new_layout = staging_layout(one_file_plan(bigger), bigger)
         assert stager.fits(layout) and not stager.fits(new_layout)
         stager.stage(bigger, new_layout).future.result(timeout=30)
         assert stager.allocations == 2 and stager.buffer.numel() == new_layout.nbytes
@@ -385,7 +369,7 @@ def test_cuda_staging_is_ordered_after_pending_work_and_pinned(tmp_path: Path) -
         torch.cuda.synchronize()
         t.mul_(2)  # still queued on the current stream when staging starts: the copy must see it
         tensors = {"t": t}
-        layout = staging_layout(_file_plans(tensors), tensors)
+        layout = staging_layout(one_file_plan(tensors), tensors)
         staged = stager.stage(tensors, layout)
         staged.future.result(timeout=60)
         t.fill_(-1)

@@ -22,24 +22,8 @@ from checkpoint.async_writer.staging import staging_layout
 from checkpoint.save.local_plan import describe_local
 from checkpoint.state.flatten import flatten_state_dict
 from checkpoint.testing.ranks import run_ranks
-from planners.boxes import full_box
-from planners.dtypes import dtype_name
 from planners.errors import CheckpointExistsError
-from planners.save_plan import FilePlan, WriteItem
-
-
-def _files(tensors: dict[str, torch.Tensor]) -> tuple[FilePlan, ...]:
-    items = tuple(
-        WriteItem(
-            fqn=k,
-            dtype=dtype_name(t.dtype, key=k),
-            global_shape=tuple(t.shape),
-            box=full_box(t.shape),
-            nbytes=t.numel() * t.element_size(),
-        )
-        for k, t in tensors.items()
-    )
-    return (FilePlan(stem="r0-0", items=items),)
+from tests.file_plans import one_file_plan
 
 
 def test_a_kept_guess_stages_the_values_of_the_moment_and_a_wrong_one_is_awaited_and_dropped() -> None:
@@ -49,25 +33,25 @@ def test_a_kept_guess_stages_the_values_of_the_moment_and_a_wrong_one_is_awaited
     try:
         local = describe_local(flatten_state_dict(tensors), 0, allow_pickle=False)
         early.start(local)  # nothing staged before: no guess
-        assert early.take(staging_layout(_files(tensors), tensors)) is None
-        layout = staging_layout(_files(tensors), tensors)
+        assert early.take(one_file_plan(tensors)) is None
+        layout = staging_layout(one_file_plan(tensors), tensors)
         stager.stage(tensors, layout).future.result(timeout=30)
-        early.remember(local, _files(tensors))
+        early.remember(local, one_file_plan(tensors))
 
         tensors["a"].add_(5)
         early.start(describe_local(flatten_state_dict(tensors), 0, allow_pickle=False))
-        staged = early.take(layout)
+        staged = early.take(one_file_plan(tensors))
         assert staged is not None and early.hits == 1
         staged.future.result(timeout=30)
         tensors["a"].add_(1)  # the training moves on after the stage future: the copy must not follow
         assert torch.equal(layout.views(stager.buffer)["a"], torch.arange(1000, dtype=torch.float32) + 5)
 
-        # The agreed layout differs (only "a" is this rank's now): the early copy ends before take() returns.
+        # The agreed files differ (only "a" is this rank's now): the early copy ends before take() returns.
         early.start(describe_local(flatten_state_dict(tensors), 0, allow_pickle=False))
         running = early._early
         assert running is not None
         only_a = {"a": tensors["a"]}
-        assert early.take(staging_layout(_files(only_a), only_a)) is None
+        assert early.take(one_file_plan(only_a)) is None
         assert running.staged.future.done() and early.hits == 1
 
         # A changed plan (a new shape) is never guessed.

@@ -124,11 +124,13 @@ class AsyncCheckpointer(Checkpointer):
     def _stage_and_queue(self, planned: PlannedSave, path: str) -> tuple[Future[None], Future[None]]:
         """Stage this rank's chunks and queue the write; the save's lease ends with the write."""
         tensors = planned.local.tensors
-        layout = staging_layout(planned.prepared.files, tensors)
         phase_secs = {"plan": planned.plan_secs}
         stage_start = time.perf_counter()
-        staged = self._early.take(layout)  # started before the agreement, on the layout agreed now
+        staged = self._early.take(
+            planned.prepared.files
+        )  # started before the agreement, on the files agreed now
         if staged is None:
+            layout = staging_layout(planned.prepared.files, tensors)
             if not self._stager.fits(layout):
                 self._process.release_buffer()  # the writer unmaps the old buffer before a new one exists
             try:
@@ -157,7 +159,9 @@ class AsyncCheckpointer(Checkpointer):
         except PostCommitHookError as e:
             # The checkpoint is committed; only the hook failed. Refusing the next save for it
             # would lose a step of a training loop over a registry outage.
-            logger.warning("the previous async save to %s is committed, but its hook failed: %s", self._write_path, e)
+            logger.warning(
+                "the previous async save to %s is committed, but its hook failed: %s", self._write_path, e
+            )
             return None
         except Exception as e:
             error = WriterProcessError(

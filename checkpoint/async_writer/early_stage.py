@@ -24,7 +24,7 @@ import logging
 from concurrent.futures import wait
 from dataclasses import dataclass
 
-from checkpoint.async_writer.staging import CheckpointStager, StagedSave, StagingLayout, staging_layout
+from checkpoint.async_writer.staging import CheckpointStager, StagedSave, staging_layout
 from checkpoint.save.local_plan import LocalSave
 from planners.save_plan import FilePlan
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Early:
-    layout: StagingLayout
+    files: tuple[FilePlan, ...]  # the previous save's files, which `staged.layout` packs
     staged: StagedSave
 
 
@@ -44,7 +44,7 @@ class EarlyStager:
         self._stager = stager
         self._last: tuple[str, tuple[FilePlan, ...]] | None = None  # (plan fingerprint, files) last staged
         self._early: _Early | None = None
-        self.hits = 0  # saves whose early staging was kept (read by tests and benchmarks)
+        self.hits = 0  # saves whose early staging was kept (tests read it)
 
     def start(self, local: LocalSave) -> None:
         """Stage `local` on the previous layout if this rank's plan did not change (the plan step's hook)."""
@@ -55,16 +55,20 @@ class EarlyStager:
             layout = staging_layout(self._last[1], local.tensors)
             if not self._stager.fits(layout):
                 return
-            self._early = _Early(layout=layout, staged=self._stager.stage(local.tensors, layout))
+            self._early = _Early(files=self._last[1], staged=self._stager.stage(local.tensors, layout))
         except Exception:  # the guess failed to start; the save stages after the agreement as before
             logger.debug("early staging did not start", exc_info=True)
 
-    def take(self, layout: StagingLayout) -> StagedSave | None:
-        """The early staging if it staged `layout` (the agreed one); else None, after the early copy ended."""
+    def take(self, files: tuple[FilePlan, ...]) -> StagedSave | None:
+        """The early staging if it staged the agreed `files`; else None, after the early copy ended.
+
+        Same plan (fingerprint) and same files give the same layout, so the agreed layout is not
+        computed again on a kept guess (a reused plan hands back the very tuple remembered).
+        """
         early, self._early = self._early, None
         if early is None:
             return None
-        if early.layout == layout:
+        if early.files == files:
             self.hits += 1
             return early.staged
         wait([early.staged.future])  # its error, if any, belongs to a staging nobody keeps

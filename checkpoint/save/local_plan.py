@@ -38,10 +38,10 @@ class LocalSave:
     values: dict[str, JSON]
     rank_local_values: dict[str, JSON]
     structure: JSON
-    layouts: dict[str, Layout | None] = field(default_factory=dict)  # fqn -> DTensor layout (None: plain)
     # The plan's digest, computed once: the agreement and the async stager's guess both compare it, and
     # hashing the plan's repr costs about 50 ms for 10,000 keys.
-    fingerprint: str = ""
+    fingerprint: str
+    layouts: dict[str, Layout | None] = field(default_factory=dict)  # fqn -> DTensor layout (None: plain)
 
 
 def describe_local(flat: FlatStateDict, rank: int, *, allow_pickle: bool) -> LocalSave:
